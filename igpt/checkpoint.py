@@ -1,0 +1,140 @@
+"""Checkpoints: safetensors weights + JSON config + palette + training state, written atomically.
+
+A checkpoint is a directory::
+
+    step-0001000/
+      model.safetensors   weights of the uncompiled GPT (strictly loaded)
+      config.json         {"format": "igpt", "model": {...}, "palette_fingerprint": ..., "step": ..., ...}
+      palette.npz         the palette the ids were made with (igpt.palette format)
+      train_state.pt      optimizer, data position and RNG state (pretraining checkpoints only)
+
+A run directory holds ``checkpoints/step-*``; ``load(run_dir)`` takes the newest complete one. Each
+directory is assembled under a temporary name and renamed into place, so a crash (even SIGKILL) leaves
+either the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from igpt.config import ModelConfig
+from igpt.model import GPT
+from igpt.palette import Palette
+
+WEIGHTS, CONFIG, PALETTE, STATE = "model.safetensors", "config.json", "palette.npz", "train_state.pt"
+FORMAT_VERSION = 1
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, info: dict[str, Any] | None = None,
+                    train_state: dict[str, Any] | None = None) -> Path:
+    """Write a complete checkpoint directory atomically. ``model`` must be the uncompiled module."""
+    ckpt_dir = Path(ckpt_dir)
+    if model.config.n_vocab != palette.k:
+        raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {palette.k} colours")
+    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS))
+    palette.save(tmp / PALETTE)
+    config = {"format": "igpt", "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
+              "palette_fingerprint": palette.fingerprint(), **(info or {})}
+    write_json_atomic(tmp / CONFIG, config)
+    if train_state is not None:
+        torch.save(train_state, tmp / STATE)
+    if ckpt_dir.exists():  # replace an older checkpoint of the same name: move it aside, then swap
+        old = ckpt_dir.with_name(f".{ckpt_dir.name}.old-{os.getpid()}")
+        os.replace(ckpt_dir, old)
+        os.replace(tmp, ckpt_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, ckpt_dir)
+    return ckpt_dir
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / CONFIG).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    for old in step_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if (path / WEIGHTS).exists():
+        return path
+    ckpts = step_checkpoints(path)
+    if ckpts:
+        return ckpts[-1]
+    raise ValueError(f"{path} is neither an igpt checkpoint (no {WEIGHTS}) nor a run directory with "
+                     f"checkpoints/step-*")
+
+
+def read_config(ckpt_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((ckpt_dir / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {ckpt_dir / CONFIG}: {e}") from None
+    if config.get("format") != "igpt":
+        raise ValueError(f"{ckpt_dir / CONFIG} is not an igpt checkpoint config")
+    return config
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, dict[str, Any]]:
+    """Load (model in eval mode, palette, config dict). Weights are loaded strictly: a missing,
+    unexpected or mis-shaped tensor is an error naming it."""
+    ckpt_dir = resolve_checkpoint(path)
+    config = read_config(ckpt_dir)
+    model = GPT(ModelConfig.from_dict(config["model"]))
+    state = load_file(str(ckpt_dir / WEIGHTS))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir / WEIGHTS}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{ckpt_dir / WEIGHTS}: tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"the config implies {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=True)
+    palette = Palette.load(ckpt_dir / PALETTE)
+    if palette.fingerprint() != config["palette_fingerprint"]:
+        raise ValueError(f"{ckpt_dir / PALETTE} has fingerprint {palette.fingerprint()} but the checkpoint "
+                         f"records {config['palette_fingerprint']}")
+    return model.to(device).eval(), palette, config
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette]:
+    """``igpt.load``: the model (eval mode) and its palette from a checkpoint or run directory."""
+    model, palette, _ = load_checkpoint(path, device)
+    return model, palette
+
+
+def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
+    path = ckpt_dir / STATE
+    if not path.exists():
+        raise ValueError(f"{ckpt_dir} has no {STATE}: it cannot be resumed (was it exported, not trained?)")
+    return torch.load(path, map_location="cpu", weights_only=True)

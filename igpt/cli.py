@@ -1,0 +1,168 @@
+"""Command line: ``igpt <command>`` (also ``python -m igpt``). Flags are generated from the config dataclasses,
+so every default and help text is defined once, in ``igpt.config``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from igpt.config import PRESETS, DataConfig, ModelConfig, TrainConfig
+
+log = logging.getLogger("igpt")
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, preset_fields: bool = False) -> None:
+    """One flag per dataclass field (``n_layer`` -> ``--n-layer``) with the field's help. With
+    ``preset_fields`` the default is None so that an unset flag keeps the preset's value."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + ("" if preset_fields else f" (default: {f.default})")
+        kw: dict[str, Any] = {"dest": f.name, "help": help_text,
+                              "default": None if preset_fields else f.default}
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(f.default) if f.default is not None else str
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        group.add_argument(flag, **kw)
+
+
+def build(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+    """Instantiate ``cls`` from parsed flags; flags left at None fall back to ``base`` (a preset)."""
+    values = dict(base or {})
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)
+
+
+# ---- commands ----
+
+def cmd_palette_fit(args: argparse.Namespace) -> None:
+    from igpt.data import open_split
+    from igpt.palette import Palette
+
+    images = open_split(args.data, "train", n_px=args.n_px, val_fraction=0.0, resize=args.resize)
+    if images.pixels is None:
+        raise ValueError(f"--data {args.data} holds palette ids, not pixels: there is nothing to fit")
+    palette = Palette.fit(images.pixels, k=args.k, iters=args.iters, seed=args.seed, progress=True)
+    palette.save(args.out)
+    meta = palette.meta
+    print(f"palette {palette.fingerprint()}: {palette.k} colours from {meta.get('n_pixels', '?')} pixels, "
+          f"RMSE {meta.get('mse_uint8', float('nan')) ** 0.5:.2f} (0..255 scale) -> {args.out}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from igpt.data import prepare
+    from igpt.palette import Palette
+
+    palette = Palette.load(args.palette) if args.palette else None
+    meta = prepare(args.data, args.out, n_px=args.n_px, palette=palette, val_fraction=args.val_fraction,
+                   seed=args.seed, resize=args.resize, on_error=args.on_error)
+    splits = ", ".join(f"{k} {v['n']}" for k, v in meta["splits"].items())
+    print(f"prepared {meta['kind']} at {args.n_px}x{args.n_px} ({splits}) -> {args.out}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from igpt.train import pretrain
+
+    if args.resume:
+        result = pretrain(None, None, None, args.resume, resume=True)
+    else:
+        if args.out is None:
+            raise ValueError("pretrain needs --out RUN_DIR (or --resume RUN_DIR)")
+        model_cfg = build(ModelConfig, args, PRESETS[args.preset])
+        result = pretrain(model_cfg, build(TrainConfig, args), build(DataConfig, args), args.out)
+    val = result.get("val")
+    val_text = f", val {val['loss']:.4f} nats/token ({val['bits']:.4f} bits)" if val else ""
+    print(f"train loss {result['train']['loss']:.4f} nats/token{val_text}; checkpoint {result['checkpoint']}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from igpt.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, seed=args.seed)
+
+
+# ---- parser ----
+
+def _palette_parser(sub: Any) -> None:
+    p = sub.add_parser("palette", help="fit a k-means colour palette")
+    psub = p.add_subparsers(dest="palette_command", required=True, help="palette action")
+    fit = psub.add_parser("fit", help="fit a palette on the training pixels of --data")
+    fit.add_argument("--data", required=True, help="dataset (any format 'igpt prepare' accepts)")
+    fit.add_argument("--out", required=True, help="output: .npy (OpenAI's kmeans_centers layout) or .npz")
+    fit.add_argument("--k", type=int, default=512, help="number of colours (default: 512)")
+    fit.add_argument("--iters", type=int, default=30, help="maximum Lloyd iterations (default: 30)")
+    fit.add_argument("--seed", type=int, default=0, help="seed for initialisation (default: 0)")
+    fit.add_argument("--n-px", type=int, default=32, help="downscale images to this side first (default: 32)")
+    fit.add_argument("--resize", default="center", choices=("center", "squash"), help="resize mode")
+    fit.set_defaults(func=cmd_palette_fit)
+
+
+def _prepare_parser(sub: Any) -> None:
+    p = sub.add_parser("prepare", help="convert a dataset into a memory-mapped cache of pixels or ids")
+    p.add_argument("--data", required=True, help="source dataset")
+    p.add_argument("--out", required=True, help="cache directory to write")
+    p.add_argument("--n-px", type=int, required=True, help="image side after downscaling")
+    p.add_argument("--palette", default=None, help="palette file: store ids instead of pixels")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation carved from train (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation carve (default: 0)")
+    p.add_argument("--resize", default="center", choices=("center", "squash"), help="resize mode")
+    p.add_argument("--on-error", default="stop", choices=("stop", "skip"),
+                   help="an unreadable image stops the run, or is skipped and counted (default: stop)")
+    p.set_defaults(func=cmd_prepare)
+
+
+def _pretrain_parser(sub: Any) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a model (AR or BERT)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="igpt-s", choices=sorted(PRESETS), help="model shape")
+    p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl, palette)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest checkpoint with its saved configs")
+    add_fields(p, ModelConfig, title="model (overrides the preset)", preset_fields=True)
+    add_fields(p, TrainConfig, title="training")
+    add_fields(p, DataConfig, title="data")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="palette -> prepare -> pretrain -> probe -> samples on scikit-learn digits")
+    p.add_argument("--out", default="igpt-demo", help="output directory (default: igpt-demo)")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps (default: 300)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.set_defaults(func=cmd_demo)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do")
+    for add in (_palette_parser, _prepare_parser, _pretrain_parser, _demo_parser):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"igpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The 512-colour palette of iGPT: k-means centres over RGB pixels scaled to [-1, 1].
+
+Formulas follow OpenAI's ``utils.py:color_quantize`` / ``run.py:sample`` and Hugging Face's
+``ImageGPTImageProcessor`` (reference igpt.md section 4):
+
+- normalise: ``x = pixels / 127.5 - 1`` (float32);
+- encode:    ``id = argmin_k ||c_k||^2 - 2 x.c_k`` (``||x||^2`` is the same for every k, so it is dropped);
+- decode:    ``pixels = uint8(rint(127.5 * (c_id + 1)))``.
+
+``Palette.fit`` is weighted k-means on the *distinct* colours of the pixels: pixels are uint8 RGB, so a few
+million of them hold far fewer distinct values, and k-means on (colour, count) pairs is exactly k-means on
+the pixels themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+EXTENSIONS = (".npy", ".npz")  # .npy: OpenAI's kmeans_centers.npy layout; .npz: centres plus our fit metadata
+_RANGE_SLACK = 1e-6  # centres may sit a float32 rounding outside [-1, 1]
+_INIT_SAMPLE = 100_000  # k-means++ seeds from at most this many distinct colours; Lloyd then uses all of them
+# Rows per (rows, K) distance block. On CPU, 2048 rows (4 MiB at K=512) stay in cache and run several times
+# faster than 1 << 18 rows; a GPU wants big blocks to stay busy (1 << 18 rows: 512 MiB at K=512).
+_CPU_CHUNK = 2048
+_ACCEL_CHUNK = 1 << 18
+
+
+class _LloydResult(NamedTuple):
+    centers: torch.Tensor  # (K, 3) float32, on the device the points live on
+    labels: torch.Tensor  # (U,) int64, nearest centre of each point under `centers`
+    inertia: float  # weighted mean of ||x - c_label||^2, per pixel (summed over the 3 channels)
+    iters_run: int  # centre updates performed
+
+
+def _as_pixels(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3) ndarray or tensor -> tensor (..., 3), sharing memory where possible."""
+    if isinstance(pixels, np.ndarray):
+        if pixels.dtype != np.uint8:
+            raise ValueError(
+                f"pixels must be uint8 RGB values in 0..255, got dtype {pixels.dtype}; "
+                "scale floats to 0..255 and convert with .astype(np.uint8)"
+            )
+        arr = np.ascontiguousarray(pixels)
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. np.load mmap)
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
+    elif isinstance(pixels, torch.Tensor):
+        if pixels.dtype != torch.uint8:
+            raise ValueError(
+                f"pixels must be uint8 RGB values in 0..255, got dtype {pixels.dtype}; "
+                "scale floats to 0..255 and convert with .to(torch.uint8)"
+            )
+        t = pixels
+    else:
+        raise TypeError(f"pixels must be a numpy array or torch tensor, got {type(pixels).__name__}")
+    if t.ndim < 1 or t.shape[-1] != 3:
+        raise ValueError(f"pixels must have a last dimension of 3 (R, G, B), got shape {tuple(t.shape)}")
+    return t
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3) -> float32 (N, 3) in [-1, 1], exactly as OpenAI and Hugging Face scale pixels."""
+    return pixels.to(torch.float32) / 127.5 - 1
+
+
+def _nearest(x: torch.Tensor, centers: torch.Tensor, c_sq: torch.Tensor, ramp: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centre for each row of x (n, 3): argmin_k ||c_k||^2 - 2 x.c_k, first on ties.
+
+    c_sq is ||c_k||^2 (K,) and ramp is arange(K) as float32, both on x's device.
+    """
+    k = centers.shape[0]
+    d = torch.addmm(c_sq, x, centers.T, alpha=-2)  # (n, K)
+    best = d.amin(1, keepdim=True)  # (n, 1)
+    # Same result as d.argmin(1), but twice as fast on CPU, where argmin over the last dim is not vectorised
+    # and amin is: minimal entries become their index j, the others K + j, and the smallest is the answer.
+    return d.ne_(best).mul_(k).add_(ramp).amin(1).to(torch.int64)
+
+
+def _assign(points: torch.Tensor, centers: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre of each point (U, 3) float32 and its exact squared distance, in blocks of chunk rows."""
+    c_sq = (centers * centers).sum(1)  # (K,)
+    ramp = torch.arange(centers.shape[0], dtype=torch.float32, device=centers.device)
+    labels = torch.empty(points.shape[0], dtype=torch.int64, device=points.device)
+    for s in range(0, points.shape[0], chunk):
+        labels[s : s + chunk] = _nearest(points[s : s + chunk], centers, c_sq, ramp)
+    # Recomputed directly rather than from the expansion, which loses precision for points near a centre.
+    sq = (points - centers[labels]).pow(2).sum(1)  # (U,)
+    return labels, sq
+
+
+def _unique_colours(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3) -> distinct colours uint8 (U, 3) and how often each occurs, int64 (U,)."""
+    p = pixels.to(torch.int32)
+    packed = (p[:, 0] << 16) | (p[:, 1] << 8) | p[:, 2]  # (N,) one 24-bit int per colour
+    values, counts = torch.unique(packed, return_counts=True)  # sorted, so the result is deterministic
+    colours = torch.stack([(values >> 16) & 255, (values >> 8) & 255, values & 255], dim=1)
+    return colours.to(torch.uint8), counts
+
+
+def _kmeans_pp(points: torch.Tensor, weights: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) weighted by counts: (U, 3) CPU points -> (k, 3).
+
+    Runs on a seeded subsample of the distinct colours; a uniform sample of them, still weighted by their
+    counts, keeps the pixel distribution on average. Points are distinct, so the k picks are distinct.
+    """
+    n_sample = max(_INIT_SAMPLE, k)
+    if points.shape[0] > n_sample:
+        keep = torch.randperm(points.shape[0], generator=gen)[:n_sample]
+        points, weights = points[keep], weights[keep]
+    cols = points.T.contiguous()  # (3, M): column-wise distances are ~8x faster than rows of 3 on CPU
+    picks = [_draw(weights, gen)]
+    d2 = (cols - cols[:, picks[0], None]).pow_(2).sum(0)  # (M,) squared distance to the nearest pick
+    for _ in range(1, k):
+        picks.append(_draw(weights * d2, gen))
+        torch.minimum(d2, (cols - cols[:, picks[-1], None]).pow_(2).sum(0), out=d2)
+    return points[torch.tensor(picks)].clone()
+
+
+def _draw(weights: torch.Tensor, gen: torch.Generator) -> int:
+    """One index drawn with probability proportional to weights (M,) float64; 20x faster than multinomial."""
+    cdf = weights.cumsum(0)  # (M,)
+    u = torch.rand(1, generator=gen, dtype=torch.float64) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[0] - 1))
+
+
+def _update_centers(
+    points: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, sq: torch.Tensor, centers: torch.Tensor
+) -> torch.Tensor:
+    """One weighted Lloyd update; empty clusters move to the points that currently cost the most.
+
+    Runs on the CPU whatever the device: it is O(U), and CPU index_add_ is deterministic where CUDA's
+    float atomics are not, so a fixed seed gives the same palette run after run.
+    """
+    p, w, lab, cost = points.cpu().double(), weights.cpu(), labels.cpu(), sq.cpu().double() * weights.cpu()
+    k = centers.shape[0]
+    mass = torch.zeros(k, dtype=torch.float64).index_add_(0, lab, w)  # (K,)
+    sums = torch.zeros(k, 3, dtype=torch.float64).index_add_(0, lab, p * w[:, None])  # (K, 3)
+    new = centers.cpu().double()
+    alive = mass > 0
+    new[alive] = sums[alive] / mass[alive, None]
+    dead = (~alive).nonzero().squeeze(1)
+    if dead.numel():
+        # topk returns distinct points, so distinct dead clusters get distinct new centres.
+        new[dead] = p[torch.topk(cost, dead.numel()).indices]
+    return new.to(torch.float32).to(centers.device)
+
+
+def _lloyd(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    centers: torch.Tensor,
+    iters: int,
+    tol: float = 0.0,
+    chunk: int | None = None,
+    progress: bool = False,
+) -> _LloydResult:
+    """Weighted Lloyd iterations from `centers` (K, 3) on points (U, 3) float32 with weights (U,).
+
+    Stops after `iters` updates, or once an update lowers the weighted inertia by less than `tol` of
+    its previous value. The labels and inertia returned belong to the centres returned.
+    """
+    weights = weights.to(device=points.device, dtype=torch.float64)
+    chunk = _default_chunk(points.device) if chunk is None else chunk
+    total = float(weights.sum())
+    labels, sq = _assign(points, centers, chunk)
+    inertia = float((sq.double() * weights).sum())
+    run = 0
+    with tqdm(total=iters, disable=not progress, desc="k-means", unit="iter") as bar:
+        for _ in range(iters):
+            centers = _update_centers(points, weights, labels, sq, centers)
+            labels, sq = _assign(points, centers, chunk)
+            new = float((sq.double() * weights).sum())
+            run += 1
+            bar.update(1)
+            bar.set_postfix(inertia=f"{new / total:.3g}")
+            converged = inertia - new <= tol * inertia
+            inertia = new
+            if converged:
+                break
+    return _LloydResult(centers, labels, inertia / total, run)
+
+
+def _default_chunk(device: torch.device) -> int:
+    return _CPU_CHUNK if device.type == "cpu" else _ACCEL_CHUNK
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Palette:
+    """K colours in [-1, 1] (K = 512 in the paper); maps uint8 pixels to ids and back."""
+
+    def __init__(self, centers: np.ndarray | torch.Tensor) -> None:
+        if isinstance(centers, torch.Tensor):
+            c = centers.detach().to(device="cpu", dtype=torch.float32).clone()
+        else:
+            c = torch.from_numpy(np.array(centers, dtype=np.float32))
+        if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] < 2:
+            raise ValueError(f"palette centres must have shape (K, 3) with K >= 2, got {tuple(c.shape)}")
+        if not torch.isfinite(c).all():
+            raise ValueError("palette centres must be finite")
+        if c.abs().max() > 1 + _RANGE_SLACK:
+            raise ValueError(f"palette centres must lie in [-1, 1], got values up to {c.abs().max():.6g}")
+        self.centers = c  # (K, 3) float32
+        self.meta: dict[str, Any] = {}
+        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # per-device copies, built on use
+
+    @property
+    def k(self) -> int:
+        return self.centers.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Palette(k={self.k}, fingerprint={self.fingerprint()})"
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(centres (K, 3), ||c||^2 (K,), arange(K) float32, decoded colours uint8 (K, 3)) on device."""
+        if device not in self._tables:
+            c = self.centers.to(device)
+            # torch.round rounds half to even, exactly as np.rint does.
+            decoded = torch.round(127.5 * (c + 1)).clamp_(0, 255).to(torch.uint8)  # (K, 3)
+            ramp = torch.arange(self.k, dtype=torch.float32, device=device)
+            self._tables[device] = (c, (c * c).sum(1), ramp, decoded)
+        return self._tables[device]  # type: ignore[return-value]
+
+    def to(self, device: str | torch.device) -> "Palette":
+        """A palette with the same centres and meta whose centres live on device."""
+        out = Palette(self.centers.cpu())
+        out.centers = self.centers.to(device)
+        out.meta = dict(self.meta)
+        return out
+
+    def encode(self, pixels: np.ndarray | torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """uint8 pixels (..., 3) -> int64 ids (...), on the pixels' device (CPU for numpy input).
+
+        Works through `chunk` pixels at a time, so memory stays O(chunk * K); None picks 2048 on CPU,
+        1 << 18 on other devices.
+        """
+        px = _as_pixels(pixels)
+        flat = px.reshape(-1, 3)  # (N, 3)
+        chunk = _default_chunk(flat.device) if chunk is None else chunk
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        c, c_sq, ramp, _ = self._on(flat.device)
+        ids = torch.empty(flat.shape[0], dtype=torch.int64, device=flat.device)
+        # Normalise per block too: a float32 copy of all the pixels would be 4x their size.
+        for s in range(0, flat.shape[0], chunk):
+            ids[s : s + chunk] = _nearest(_normalise(flat[s : s + chunk]), c, c_sq, ramp)
+        return ids.reshape(px.shape[:-1])
+
+    def decode(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """ids (...) in [0, K) -> uint8 pixels (..., 3) = rint(127.5 * (c_id + 1)), on the ids' device."""
+        if isinstance(ids, np.ndarray):
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+            if ids.size and (ids.min() < 0 or ids.max() >= self.k):  # checked before a uint64 could wrap
+                raise ValueError(f"ids must lie in [0, {self.k}), got values {ids.min()}..{ids.max()}")
+            t = torch.from_numpy(ids.astype(np.int64))
+        elif isinstance(ids, torch.Tensor):
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+            t = ids.to(torch.int64)
+            if t.numel() and bool((t.min() < 0) | (t.max() >= self.k)):
+                raise ValueError(f"ids must lie in [0, {self.k}), got values {int(t.min())}..{int(t.max())}")
+        else:
+            raise TypeError(f"ids must be a numpy array or torch tensor, got {type(ids).__name__}")
+        return self._on(t.device)[3][t]
+
+    def fingerprint(self) -> str:
+        """16 hex chars of sha256 over the float32 little-endian centres: names a palette in metadata."""
+        raw = self.centers.detach().cpu().numpy().astype("<f4").tobytes()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    @classmethod
+    def fit(
+        cls,
+        pixels: np.ndarray | torch.Tensor,
+        k: int = 512,
+        iters: int = 30,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        max_pixels: int = 5_000_000,
+        tol: float = 1e-4,
+        progress: bool = False,
+    ) -> "Palette":
+        """Weighted k-means (k-means++ init, Lloyd) over the distinct colours of uint8 pixels (..., 3).
+
+        Deterministic for a fixed seed and device. ``meta`` records the fit: ``inertia`` is the mean squared
+        distance per pixel in [-1, 1] units (summed over channels), ``mse_uint8`` the mean squared error per
+        channel value in 0..255 units of decode(encode(pixels)) against the pixels used.
+        """
+        if k < 2 or iters < 0 or max_pixels < 1 or tol < 0:
+            raise ValueError(
+                "fit needs k >= 2, iters >= 0, max_pixels >= 1, tol >= 0; "
+                f"got {k=} {iters=} {max_pixels=} {tol=}"
+            )
+        dev = _default_device(device)
+        flat = _as_pixels(pixels).reshape(-1, 3)  # (N, 3)
+        gen = torch.Generator().manual_seed(seed)  # CPU generator: the same draws whatever the device
+        n_given = flat.shape[0]
+        if n_given > max_pixels:
+            flat = flat[torch.randperm(n_given, generator=gen)[:max_pixels].to(flat.device)]
+
+        colours, counts = _unique_colours(flat.to(dev))  # (U, 3) uint8, (U,) int64
+        if colours.shape[0] < k:
+            n = colours.shape[0]
+            raise ValueError(f"cannot fit k={k} colours: the pixels hold only {n} distinct colours")
+        points, weights = _normalise(colours), counts.to(torch.float64)  # (U, 3), (U,)
+        init = _kmeans_pp(points.cpu(), weights.cpu(), k, gen)
+        res = _lloyd(points, weights, init.to(dev), iters, tol=tol, progress=progress)
+
+        palette = cls(res.centers)
+        # res.labels is encode() of the distinct colours under the final centres: this is decode(encode(p)).
+        err = (palette._on(dev)[3][res.labels].float() - colours.float()).pow(2).sum(1)  # (U,)
+        mse = float((err.double() * weights).sum() / (3 * weights.sum()))
+        palette.meta = dict(
+            k=k, iters_run=res.iters_run, seed=seed, n_pixels=int(flat.shape[0]), n_pixels_given=int(n_given),
+            n_unique=int(colours.shape[0]), inertia=res.inertia, mse_uint8=mse,
+        )  # fmt: skip
+        return palette
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write .npy (OpenAI's layout: plain (K, 3) float32) or .npz (centres + meta JSON), atomically."""
+        path = Path(path)
+        ext = _check_extension(path)
+        centers = self.centers.detach().cpu().numpy().astype(np.float32)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            # Through a file handle: np.save / np.savez would append an extension to the temp name.
+            with os.fdopen(fd, "wb") as f:
+                if ext == ".npy":
+                    np.save(f, centers)
+                else:
+                    np.savez(f, centers=centers, meta=np.array(json.dumps(self.meta)))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Palette":
+        """Read a palette written by save(), or OpenAI's kmeans_centers.npy (float32 or float64)."""
+        path = Path(path)
+        ext = _check_extension(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"palette file {path} does not exist")
+        meta: dict[str, Any] = {}
+        if ext == ".npy":
+            centers = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                if "centers" not in z.files:
+                    raise ValueError(f"palette file {path} has no 'centers' array (found {z.files})")
+                centers = z["centers"]
+                if "meta" in z.files:
+                    meta = json.loads(str(z["meta"]))
+        if centers.ndim != 2 or centers.shape[1:] != (3,):
+            raise ValueError(f"palette file {path} holds an array of shape {centers.shape}, expected (K, 3)")
+        if not np.issubdtype(centers.dtype, np.floating):
+            raise ValueError(f"palette file {path} holds dtype {centers.dtype}, expected float32 or float64")
+        try:
+            palette = cls(centers.astype(np.float32))
+        except ValueError as e:
+            raise ValueError(f"palette file {path}: {e}") from e
+        palette.meta = meta
+        return palette
+
+
+def _check_extension(path: Path) -> str:
+    ext = path.suffix.lower()
+    if ext not in EXTENSIONS:
+        raise ValueError(f"palette file {path} must end in one of {', '.join(EXTENSIONS)}")
+    return ext
+
+
+def check_fingerprint(expected: str | None, palette: Palette, what: str) -> None:
+    """Raise if `what` (a dataset, a checkpoint) records a palette other than `palette`; None skips it."""
+    if expected is not None and expected != palette.fingerprint():
+        raise ValueError(
+            f"{what} was made with palette {expected}, but the palette given is {palette.fingerprint()}; "
+            "use the same palette file"
+        )

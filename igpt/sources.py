@@ -1,0 +1,459 @@
+"""Readers that turn a ``--data`` spec into splits of pixels (or, for OpenAI's files, palette ids).
+
+``read_source(spec, n_px)`` tries these layouts, in this order, and stops at the first that matches:
+
+1. ``digits`` (the literal word): scikit-learn's bundled 8x8 digits, values 0..16 scaled to 0..255 and
+   replicated to RGB; a fixed 20% test split (``default_rng(0)``). A folder called ``digits`` is ``./digits``.
+2. OpenAI's pre-quantized files: a prefix ``P`` with ``P_trX.npy`` (``P_vaX``/``P_teX`` and one-hot
+   ``P_trY``/... optional), or a directory holding exactly one ``*_trX.npy``. These are ids, not pixels.
+3. ``*.npz`` with ``x_train`` (uint8 NHWC or NHW) and optionally ``y_train``, ``x_val``, ``y_val``,
+   ``x_test``, ``y_test``, ``label_names`` (the layout of shared/data/cifar10.npz).
+4. CIFAR-10 python folder (``data_batch_1``..``5``, ``test_batch``) or its parent (``cifar-10-batches-py``).
+5. CIFAR-100 python folder (``train``, ``test`` files; fine labels) or its parent (``cifar-100-python``).
+6. STL-10 binary folder (``train_X.bin``...) or its parent (``stl10_binary``); ``unlabeled_X.bin`` is memory-mapped.
+7. An image folder: sub-folders named only ``train``/``val``/``test`` map to those splits; other sub-folders
+   are classes (sorted names, images found recursively); images directly inside are one unlabelled "train".
+
+Every image reaches ``n_px`` through ``to_n_px``. The CIFAR pickles are read with an unpickler that only
+rebuilds numpy arrays, but pickles are still only meant for files you trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from igpt.config import N_VOCAB  # OpenAI's files hold ids of their 512-colour palette
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+RESIZE_MODES = ("center", "squash")
+FORMATS = ("'digits'; an OpenAI prefix P with P_trX.npy; a .npz with x_train; a CIFAR-10/100 python folder; "
+           "an STL-10 binary folder; a folder of images (class sub-folders, train/val/test sub-folders, or flat)")
+_SPLIT_DIRS = ("train", "val", "test")
+_CHUNK = 1024  # images resized per step, so a memory-mapped source is never copied whole
+# PIL reports broken files through any of these, depending on the plugin and where decoding stops.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass
+class RawSplit:
+    pixels: np.ndarray | None  # (N, n_px, n_px, 3) uint8, already resized
+    ids: np.ndarray | None  # (N, T) uint16, only for OpenAI's pre-quantized files
+    labels: np.ndarray | None  # (N,) int64, or None when unlabelled
+    classes: list[str] | None
+
+
+def _filter(src: float, dst: float) -> Image.Resampling:
+    # Shrinking: box = the mean of the source pixels each output pixel covers, the area filter that does not
+    # alias. Enlarging: bicubic, since a box filter would only repeat pixels.
+    return Image.Resampling.BOX if dst < src else Image.Resampling.BICUBIC
+
+
+def _resize(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Resample one axis at a time so each axis gets its own filter (PIL is separable, so this equals one call)."""
+    if img.width != width:
+        img = img.resize((width, img.height), _filter(img.width, width), reducing_gap=None)
+    if img.height != height:
+        img = img.resize((width, height), _filter(img.height, height), reducing_gap=None)
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited over white: the colour under a transparent pixel is
+    arbitrary (often black or stale data), and white is what the image looks like on a page or a viewer."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit greyscale: PIL's convert("L") clips at 255 instead of scaling, so scale 0..65535 -> 0..255.
+        grey = np.asarray(img).astype(np.float64) / 257.0  # (H, W)
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        raise ValueError("32-bit float images (mode 'F') have no agreed 0..255 range")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # "L", "1", "P", "CMYK", "YCbCr", ...
+
+
+def to_n_px(img: Image.Image | np.ndarray, n_px: int, mode: str = "center") -> np.ndarray:
+    """An image -> uint8 (n_px, n_px, 3).
+
+    ``center``: the paper's eval pipeline (shorter side -> n_px, centre crop). The centred square of side
+    min(H, W) is cut first in source pixels (the same region, resampled once instead of twice), then resized.
+    ``squash``: both sides to n_px, ignoring the aspect ratio. Shrinking uses a box (area) filter, enlarging
+    bicubic. An image already n_px x n_px comes back unchanged.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {mode!r}")
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (1, 3))):
+            raise ValueError(f"to_n_px expects uint8 (H, W), (H, W, 1) or (H, W, 3), got {img.dtype} {img.shape}")
+        img = Image.fromarray(np.ascontiguousarray(img[..., 0] if img.ndim == 3 and img.shape[2] == 1 else img))
+    img = to_rgb(img)
+    if mode == "center":
+        side = min(img.width, img.height)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return np.array(_resize(img, n_px, n_px), dtype=np.uint8)  # (n_px, n_px, 3), a writable copy
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Decode one file to an RGB PIL image; ValueError naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            # Camera photos store their rotation in EXIF; apply it so pixels are what a viewer shows.
+            return to_rgb(ImageOps.exif_transpose(img))  # a loaded copy, valid after the file closes
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{path} is not a readable image: {e}") from e
+
+
+def load_image(path: str | os.PathLike, n_px: int, resize: str = "center") -> np.ndarray:
+    """One image file -> uint8 (n_px, n_px, 3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    return to_n_px(open_image(path), n_px, resize)
+
+
+def _resize_array(x: np.ndarray, n_px: int, mode: str) -> np.ndarray:
+    """(N, H, W, 3) uint8 (possibly a memmap view) -> (N, n_px, n_px, 3) in memory, a chunk at a time."""
+    out = np.empty((len(x), n_px, n_px, 3), np.uint8)
+    for start in range(0, len(x), _CHUNK):
+        chunk = np.ascontiguousarray(x[start:start + _CHUNK])  # (<=_CHUNK, H, W, 3)
+        if chunk.shape[1:3] == (n_px, n_px):
+            out[start:start + len(chunk)] = chunk
+        else:
+            for i, im in enumerate(chunk):
+                out[start + i] = to_n_px(im, n_px, mode)
+    return out
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def _walk_images(root: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted walk = stable order
+        found += [Path(dirpath, f) for f in sorted(filenames) if _is_image(Path(f))]
+    return found
+
+
+def _entries(root: Path) -> tuple[list[Path], list[Path]]:
+    entries = sorted(e for e in root.iterdir() if not e.name.startswith("."))
+    return [e for e in entries if e.is_dir()], [e for e in entries if e.is_file() and _is_image(e)]
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
+    """One image folder -> (paths, labels (N,) int64, classes), or (paths, None, None) when flat."""
+    root = Path(root)
+    subdirs, files = _entries(root)
+    if subdirs and files:
+        raise ValueError(f"{root}: holds both images and sub-folders ({subdirs[0].name}/...); expected one "
+                         "sub-folder per class or images only")
+    if files:
+        return files, None, None
+    if not subdirs:
+        raise ValueError(f"{root}: no images found (extensions {', '.join(sorted(IMAGE_EXTS))})")
+    paths, labels = [], []
+    for k, d in enumerate(subdirs):
+        found = _walk_images(d)
+        if not found:  # a class without examples is almost always a copying mistake
+            raise ValueError(f"{d}: class folder holds no images; remove it or fill it")
+        paths += found
+        labels += [k] * len(found)
+    return paths, np.asarray(labels, np.int64), [d.name for d in subdirs]
+
+
+def _decode_all(paths: list[Path], n_px: int, resize: str, on_error: str, where: Path
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize on a thread pool (PIL releases the GIL while decoding). Returns pixels
+    (M, n_px, n_px, 3) and the (N,) bool mask of the paths kept (all but the unreadable, for on_error="skip")."""
+    out = np.empty((len(paths), n_px, n_px, 3), np.uint8)
+    ok = np.ones(len(paths), bool)
+
+    def work(i: int) -> None:
+        try:
+            out[i] = to_n_px(open_image(paths[i]), n_px, resize)
+        except ValueError:
+            if on_error == "stop":
+                raise
+            ok[i] = False
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(paths), 4 * _CHUNK):  # chunked, so "stop" does not wait for the whole folder
+            list(pool.map(work, range(start, min(start + 4 * _CHUNK, len(paths)))))
+    if not ok.all():
+        bad = [str(paths[i]) for i in np.flatnonzero(~ok)[:5]]
+        log.warning("%s: skipped %d unreadable image(s), e.g. %s", where, int((~ok).sum()), ", ".join(bad))
+    if not ok.any():
+        raise ValueError(f"{where}: none of its {len(paths)} image(s) could be read, e.g. {paths[0]}")
+    return (out if ok.all() else out[ok]), ok
+
+
+def _read_folder(root: Path, n_px: int, resize: str, on_error: str, classes: list[str] | None = None
+                 ) -> RawSplit:
+    paths, labels, own = list_image_folder(root)
+    if labels is not None and classes is not None:  # map this folder's classes onto the shared list
+        labels = np.asarray([classes.index(c) for c in own], np.int64)[labels]
+    pixels, ok = _decode_all(paths, n_px, resize, on_error, root)
+    if labels is not None:
+        labels = labels[ok]
+    return RawSplit(pixels, None, labels, (classes or own) if labels is not None else None)
+
+
+def split_folders(root: str | os.PathLike) -> list[Path]:
+    """The train/val/test sub-folders when those are all root holds (a split layout), else []."""
+    subdirs, files = _entries(Path(root))
+    return subdirs if subdirs and not files and all(d.name in _SPLIT_DIRS for d in subdirs) else []
+
+
+def _read_image_tree(root: Path, n_px: int, resize: str, on_error: str) -> dict[str, RawSplit]:
+    split_dirs = split_folders(root)
+    if not split_dirs:
+        return {"train": _read_folder(root, n_px, resize, on_error)}
+    # train/val/test layout: one class list for all splits (the sorted union), so label k means the same
+    # class in every split.
+    names = sorted({c.name for d in split_dirs for c in _entries(d)[0]})
+    return {d.name: _read_folder(d, n_px, resize, on_error, names or None) for d in split_dirs}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds dicts, lists, bytes and numpy arrays only, so a tampered pickle cannot call anything else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        old = module.replace("numpy._core", "numpy.core")  # numpy 2 writes numpy._core, numpy 1 numpy.core
+        if (old, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a plain CIFAR pickle")
+        try:  # numpy 2 first: its numpy.core is a shim that warns on every use
+            return super().find_class(old.replace("numpy.core", "numpy._core"), name)
+        except ImportError:
+            return super().find_class(old, name)
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable CIFAR python pickle: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(d).__name__}")
+    return d
+
+
+def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    d = _load_pickle(path)
+    if b"data" not in d or label_key not in d:
+        raise ValueError(f"{path}: expected keys b'data' and {label_key!r}, found {sorted(d, key=str)}")
+    data = d[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{path}: b'data' must be uint8 (N, 3072), got {getattr(data, 'dtype', type(data))} "
+                         f"{getattr(data, 'shape', '')}")
+    x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3): a row is R plane | G plane | B plane
+    y = np.asarray(d[label_key], np.int64)  # (N,)
+    if y.shape != (len(x),):
+        raise ValueError(f"{path}: {len(x)} images but labels of shape {y.shape}")
+    return x, y
+
+
+def _cifar_names(path: Path, key: bytes) -> list[str] | None:
+    names = _load_pickle(path).get(key) if path.is_file() else None
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names] if names is not None else None
+
+
+# Python-pickle CIFAR layouts: (train files, test file, label key, names file, names key).
+_CIFAR10 = (tuple(f"data_batch_{k}" for k in range(1, 6)), "test_batch", b"labels", "batches.meta", b"label_names")
+_CIFAR100 = (("train",), "test", b"fine_labels", "meta", b"fine_label_names")
+
+
+def _read_cifar(root: Path, layout: tuple, n_px: int, resize: str) -> dict[str, RawSplit]:
+    train_files, test_file, key, names_file, names_key = layout
+    missing = [f for f in (*train_files, test_file) if not (root / f).is_file()]
+    if missing:
+        raise ValueError(f"{root}: incomplete CIFAR python folder, missing {', '.join(missing)}")
+    classes = _cifar_names(root / names_file, names_key)
+    parts = [_cifar_batch(root / f, key) for f in train_files]
+    x_te, y_te = _cifar_batch(root / test_file, key)
+    x_tr, y_tr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return {"train": RawSplit(_resize_array(x_tr, n_px, resize), None, y_tr, classes),
+            "test": RawSplit(_resize_array(x_te, n_px, resize), None, y_te, classes)}
+
+
+def _stl_images(path: Path) -> np.ndarray:
+    per_image = 3 * 96 * 96
+    size = path.stat().st_size
+    if size == 0 or size % per_image:
+        raise ValueError(f"{path}: {size} bytes is not a whole number of 3x96x96 STL-10 images")
+    x = np.memmap(path, np.uint8, mode="r", shape=(size // per_image, 3, 96, 96))
+    # Each image is stored column-major per channel: axis 2 is the column, axis 3 the row.
+    return x.transpose(0, 3, 2, 1)  # (N, 96, 96, 3), still a memmap view
+
+
+def _stl_labels(path: Path, n: int) -> np.ndarray:
+    y = np.fromfile(path, np.uint8).astype(np.int64)  # 1..10
+    if y.shape != (n,) or (n and y.min() < 1):
+        raise ValueError(f"{path}: expected {n} labels in 1..10, got {len(y)} (min {y.min() if len(y) else '-'})")
+    return y - 1
+
+
+def _read_stl10(root: Path, n_px: int, resize: str) -> dict[str, RawSplit]:
+    names_file = root / "class_names.txt"
+    classes = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()] \
+        if names_file.is_file() else None
+    out = {}
+    for split in ("train", "test", "unlabeled"):
+        if not (root / f"{split}_X.bin").is_file():
+            continue
+        x = _stl_images(root / f"{split}_X.bin")
+        y_file = root / f"{split}_y.bin"
+        labels = _stl_labels(y_file, len(x)) if y_file.is_file() else None
+        out[split] = RawSplit(_resize_array(x, n_px, resize), None, labels, classes if labels is not None else None)
+    return out
+
+
+def _npz_images(x: np.ndarray, path: Path, key: str, n_px: int, resize: str) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise ValueError(f"{path}: {key} must be uint8 pixels, got {x.dtype}")
+    if x.ndim == 3 or (x.ndim == 4 and x.shape[3] == 1):  # greyscale (N, H, W[, 1]) -> RGB
+        x = np.repeat(x.reshape(x.shape[:3])[..., None], 3, axis=3)
+    if x.ndim != 4 or x.shape[3] != 3:
+        raise ValueError(f"{path}: {key} must be (N, H, W, 3) NHWC, got shape {x.shape}")
+    return _resize_array(x, n_px, resize)
+
+
+def _read_npz(path: Path, n_px: int, resize: str) -> dict[str, RawSplit]:
+    with np.load(path) as z:
+        if "x_train" not in z.files:
+            raise ValueError(f"{path}: no 'x_train' array (found {', '.join(z.files) or 'none'}); expected "
+                             "x_train [y_train, x_val, y_val, x_test, y_test, label_names]")
+        classes = [str(n) for n in z["label_names"]] if "label_names" in z.files else None
+        out = {}
+        for split in ("train", "val", "test"):
+            if f"x_{split}" not in z.files:
+                continue
+            x = _npz_images(z[f"x_{split}"], path, f"x_{split}", n_px, resize)
+            labels = None
+            if f"y_{split}" in z.files:
+                labels = np.asarray(z[f"y_{split}"]).astype(np.int64)
+                labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
+                if labels.shape != (len(x),):
+                    raise ValueError(f"{path}: y_{split} has shape {labels.shape}, expected ({len(x)},)")
+            out[split] = RawSplit(x, None, labels, classes if labels is not None else None)
+    return out
+
+
+def _openai_ids(path: Path, n_px: int) -> np.ndarray:
+    x = np.load(path, mmap_mode="r")
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"{path}: expected integer ids (N, T), got {x.dtype} {x.shape}")
+    if x.shape[1] != n_px * n_px:
+        raise ValueError(f"{path}: sequences have T={x.shape[1]} but n_px={n_px} needs T={n_px * n_px}")
+    out = np.empty(x.shape, np.uint16)  # (N, T)
+    for start in range(0, len(x), 16 * _CHUNK):
+        chunk = np.asarray(x[start:start + 16 * _CHUNK])
+        if chunk.size and (chunk.min() < 0 or chunk.max() >= N_VOCAB):
+            raise ValueError(f"{path}: ids must be in 0..{N_VOCAB - 1}, found {chunk.min()}..{chunk.max()}")
+        out[start:start + len(chunk)] = chunk
+    return out
+
+
+def _openai_labels(path: Path, n: int) -> np.ndarray:
+    y = np.load(path, mmap_mode="r")  # (N, C) one-hot; ImageNet's is ~5 GB as float32, so read it in chunks
+    if y.ndim != 2 or len(y) != n:
+        raise ValueError(f"{path}: expected one-hot labels ({n}, C), got shape {y.shape}")
+    labels = np.empty(n, np.int64)
+    for start in range(0, n, 16 * _CHUNK):
+        chunk = np.asarray(y[start:start + 16 * _CHUNK])
+        if ((chunk != 0).sum(1) != 1).any():
+            raise ValueError(f"{path}: rows must be one-hot (exactly one non-zero entry)")
+        labels[start:start + len(chunk)] = chunk.argmax(1)
+    return labels
+
+
+def _read_openai(prefix: str, n_px: int) -> dict[str, RawSplit]:
+    out = {}
+    for split, tag in (("train", "tr"), ("val", "va"), ("test", "te")):
+        x_file, y_file = Path(f"{prefix}_{tag}X.npy"), Path(f"{prefix}_{tag}Y.npy")
+        if x_file.is_file():
+            ids = _openai_ids(x_file, n_px)
+            out[split] = RawSplit(None, ids, _openai_labels(y_file, len(ids)) if y_file.is_file() else None, None)
+    return out
+
+
+def _read_digits(n_px: int, resize: str) -> dict[str, RawSplit]:
+    from sklearn.datasets import load_digits  # lazy: scikit-learn is only needed for this toy source
+
+    d = load_digits()
+    grey = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
+    x = _resize_array(np.repeat(grey[..., None], 3, axis=3), n_px, resize)  # (1797, n_px, n_px, 3)
+    y = d.target.astype(np.int64)
+    # A fixed test split, independent of user seeds, so every run evaluates on the same images.
+    perm = np.random.default_rng(0).permutation(len(x))
+    n_test = round(0.2 * len(x))
+    test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    classes = [str(k) for k in range(10)]
+    return {"train": RawSplit(x[train], None, y[train], classes), "test": RawSplit(x[test], None, y[test], classes)}
+
+
+def _find_child(root: Path, marker: str, parent_name: str) -> Path | None:
+    """root itself when it holds ``marker``, else root/parent_name when that does, else None."""
+    for d in (root, root / parent_name):
+        if (d / marker).is_file():
+            return d
+    return None
+
+
+def read_source(spec: str, n_px: int, *, resize: str = "center", on_error: str = "stop") -> dict[str, RawSplit]:
+    """Read a ``--data`` spec into {"train"|"val"|"test"|"unlabeled": RawSplit} (see the module docstring).
+
+    ``on_error`` ("stop" or "skip") decides what an unreadable image in a folder does: raise naming it,
+    or be left out with one warning that counts them.
+    """
+    if n_px < 1:
+        raise ValueError(f"--n-px must be >= 1, got {n_px}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"--on-error must be 'stop' or 'skip', got {on_error!r}")
+    spec = str(spec)
+    if spec == "digits":
+        return _read_digits(n_px, resize)
+    if Path(f"{spec}_trX.npy").is_file():
+        return _read_openai(spec, n_px)
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _read_npz(path, n_px, resize)
+    if not path.is_dir():
+        what = "no such file or directory" if not path.exists() else "not a recognised data file"
+        raise ValueError(f"--data {spec}: {what}; accepted: {FORMATS}")
+    if d := _find_child(path, "data_batch_1", "cifar-10-batches-py"):
+        return _read_cifar(d, _CIFAR10, n_px, resize)
+    if d := _find_child(path, "train", "cifar-100-python"):
+        return _read_cifar(d, _CIFAR100, n_px, resize)
+    if d := _find_child(path, "train_X.bin", "stl10_binary"):
+        return _read_stl10(d, n_px, resize)
+    openai = sorted(path.glob("*_trX.npy"))
+    if len(openai) > 1:
+        raise ValueError(f"--data {spec}: several OpenAI files ({', '.join(p.name for p in openai)}); "
+                         "pass the prefix, e.g. DIR/cifar10")
+    if openai:
+        return _read_openai(str(openai[0])[:-len("_trX.npy")], n_px)
+    subdirs, files = _entries(path)
+    if not subdirs and not files:
+        raise ValueError(f"--data {spec}: no images or known dataset files found; accepted: {FORMATS}")
+    return _read_image_tree(path, n_px, resize, on_error)

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from igpt.cli import main, make_parser
+
+
+def test_help_lists_every_command_and_every_flag_has_help():
+    parser = make_parser()
+    text = parser.format_help()
+    for command in ("palette", "prepare", "pretrain", "demo"):
+        assert command in text
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"igpt {name} {action.option_strings} has no help"
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "igpt", "pretrain", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--objective" in out.stdout and "--n-layer" in out.stdout
+
+
+def test_palette_prepare_pretrain_resume_end_to_end(tmp_path, capsys):
+    pal, cache, run = tmp_path / "pal.npz", tmp_path / "cache", tmp_path / "run"
+    assert main(["palette", "fit", "--data", "digits", "--k", "16", "--n-px", "8", "--out", str(pal)]) == 0
+    assert main(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(pal), "--out", str(cache)]) == 0
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["kind"] == "ids" and set(meta["splits"]) >= {"train", "val", "test"}
+    args = ["pretrain", "--preset", "igpt-nano", "--data", str(cache), "--palette", str(pal), "--out", str(run),
+            "--max-steps", "4", "--batch-size", "16", "--eval-every", "2", "--ckpt-every", "2", "--device", "cpu"]
+    assert main(args) == 0
+    assert "checkpoint" in capsys.readouterr().out
+    run_cfg = json.loads((run / "run.json").read_text())
+    assert run_cfg["model"]["n_layer"] == 2 and run_cfg["model"]["n_vocab"] == 16
+    assert run_cfg["train"]["max_steps"] == 4
+    assert main(["pretrain", "--resume", str(run)]) == 0  # already finished: loads and stops at once
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines if '"train"' in l] == [4]
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
+    code = main(["pretrain", "--preset", "igpt-nano", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "nope" in err
+    other = tmp_path / "other.npz"
+    assert main(["palette", "fit", "--data", "digits", "--k", "8", "--n-px", "8", "--out", str(other)]) == 0
+    assert main(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(other), "--out", str(tmp_path / "c")]) == 0
+    pal16 = tmp_path / "p16.npz"
+    assert main(["palette", "fit", "--data", "digits", "--k", "16", "--n-px", "8", "--out", str(pal16)]) == 0
+    capsys.readouterr()
+    code = main(["pretrain", "--preset", "igpt-nano", "--data", str(tmp_path / "c"), "--palette", str(pal16),
+                 "--out", str(tmp_path / "r2"), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "palette" in err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--objective", "gan"])
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "samples.png" in out and "<- best" in out
+    for name in ("samples.png", "probe.png", "summary.json", "palette.npz"):
+        assert (tmp_path / "demo" / name).exists(), name
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert len(summary["probe_acc"]) == 5  # embeddings, 3 block inputs, final norm of the 4-layer demo model

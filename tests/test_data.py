@@ -1,0 +1,482 @@
+"""Readers (igpt.sources) and the prepared cache (igpt.data), on tiny files of every format made in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt import data as data_mod
+from igpt.data import ImageSet, check_palette, open_split, prepare, split_indices
+from igpt.sources import list_image_folder, load_image, read_source, to_n_px
+
+SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-small.npz"
+
+
+def rand_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """(n, h, w, 3) uint8 noise: no symmetry, so any flip or transpose shows."""
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def smooth_image(h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8 gradients, which JPEG keeps close (noise it would not)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, 128)], -1).astype(np.uint8)
+
+
+class TinyPalette:
+    """Nearest-centre quantizer with the Palette interface (encode, fingerprint), independent of igpt.palette."""
+
+    def __init__(self, k: int, seed: int) -> None:
+        self.centers = np.random.default_rng(seed).uniform(-1, 1, (k, 3))  # (K, 3) in [-1, 1]
+        self.seed = seed
+
+    def encode(self, pixels: np.ndarray):
+        import torch
+
+        x = np.asarray(pixels, np.float64) / 127.5 - 1.0  # (..., 3)
+        d = ((x[..., None, :] - self.centers) ** 2).sum(-1)  # (..., K)
+        return torch.from_numpy(d.argmin(-1).astype(np.int64))
+
+    def fingerprint(self) -> str:
+        return f"tiny-{len(self.centers)}-{self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def npz_file(tmp_path: Path) -> tuple[Path, dict]:
+    arrays = dict(x_train=rand_images(20, 8, 8, 1), y_train=np.arange(20, dtype=np.uint8) % 3,
+                  x_test=rand_images(4, 8, 8, 2), y_test=np.array([0, 1, 2, 0], np.uint8),
+                  label_names=np.array(["a", "b", "c"]))
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **arrays)
+    return path, arrays
+
+
+def write_cifar(root: Path, batches: dict[str, tuple[np.ndarray, list[int]]], label_key: bytes,
+                meta_name: str, meta: dict, protocol: int) -> None:
+    root.mkdir(parents=True)
+    for name, (x, y) in batches.items():
+        rows = x.transpose(0, 3, 1, 2).reshape(len(x), 3072)  # a row = R plane | G plane | B plane
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": rows, label_key: y, b"batch_label": name.encode()}, f, protocol=protocol)
+    with open(root / meta_name, "wb") as f:
+        pickle.dump(meta, f, protocol=protocol)
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    x = rand_images(12, 32, 32, 3)
+    y = [k % 10 for k in range(12)]
+    names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
+    batches = {n: (x[2 * i:2 * i + 2], y[2 * i:2 * i + 2]) for i, n in enumerate(names)}
+    root = tmp_path / "parent" / "cifar-10-batches-py"
+    write_cifar(root, batches, b"labels", "batches.meta",
+                {b"label_names": [f"c{k}".encode() for k in range(10)]}, protocol=4)
+    return root, x, np.asarray(y)
+
+
+def write_stl(root: Path, x: np.ndarray, split: str, labels: np.ndarray | None) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{split}_X.bin").write_bytes(np.ascontiguousarray(x.transpose(0, 3, 2, 1)).tobytes())  # column-major
+    if labels is not None:
+        (root / f"{split}_y.bin").write_bytes(labels.astype(np.uint8).tobytes())
+
+
+def save_png(path: Path, img: Image.Image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def labelled_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "folder"
+    x = rand_images(3, 8, 8, 4)
+    save_png(root / "cat" / "a.png", Image.fromarray(x[0]))
+    save_png(root / "cat" / "b.JPG", Image.fromarray(smooth_image(8, 8)))
+    (root / "cat" / "notes.txt").write_text("not an image, ignored")
+    save_png(root / "dog" / "grey.png", Image.fromarray(x[2, :, :, 0]))  # mode L
+    rgba = np.concatenate([x[0], np.full((8, 8, 1), 255, np.uint8)], axis=2)
+    rgba[0, 0, 3] = 0
+    save_png(root / "dog" / "rgba.png", Image.fromarray(rgba))
+    pal = Image.fromarray(x[1]).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    save_png(root / "dog" / "sub" / "pal.png", pal)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def test_npz_reader_shapes_labels_orientation(npz_file):
+    path, arrays = npz_file
+    splits = read_source(str(path), 8)
+    assert sorted(splits) == ["test", "train"]
+    tr = splits["train"]
+    assert tr.pixels.dtype == np.uint8 and np.array_equal(tr.pixels, arrays["x_train"])
+    assert tr.labels.dtype == np.int64 and np.array_equal(tr.labels, arrays["y_train"])
+    assert tr.classes == ["a", "b", "c"] and tr.ids is None
+    assert read_source(str(path), 4)["test"].pixels.shape == (4, 4, 4, 3)
+
+
+def test_npz_without_x_train(tmp_path):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"bad\.npz.*x_train.*images"):
+        read_source(str(tmp_path / "bad.npz"), 4)
+
+
+def test_cifar10_python(cifar10_dir):
+    root, x, y = cifar10_dir
+    for spec in (root, root.parent):  # the folder itself or the parent holding cifar-10-batches-py
+        s = read_source(str(spec), 32)
+        assert np.array_equal(s["train"].pixels, x[:10]) and np.array_equal(s["test"].pixels, x[10:])
+        assert np.array_equal(s["train"].labels, y[:10]) and s["train"].labels.dtype == np.int64
+        assert s["test"].classes == [f"c{k}" for k in range(10)]
+    assert read_source(str(root), 16)["train"].pixels.shape == (10, 16, 16, 3)
+
+
+def test_cifar10_incomplete(cifar10_dir):
+    root, _, _ = cifar10_dir
+    (root / "data_batch_3").unlink()
+    with pytest.raises(ValueError, match="data_batch_3"):
+        read_source(str(root), 32)
+
+
+def test_cifar100_python(tmp_path):
+    x = rand_images(5, 32, 32, 5)
+    root = tmp_path / "cifar-100-python"
+    write_cifar(root, {"train": (x[:3], [5, 99, 0]), "test": (x[3:], [1, 2])}, b"fine_labels", "meta",
+                {b"fine_label_names": [f"f{k}".encode() for k in range(100)]}, protocol=2)
+    s = read_source(str(tmp_path), 32)
+    assert np.array_equal(s["train"].pixels, x[:3]) and np.array_equal(s["test"].pixels, x[3:])
+    assert s["train"].labels.tolist() == [5, 99, 0] and s["train"].classes[99] == "f99"
+
+
+def test_cifar_pickles_numpy1_names_and_refusal(cifar10_dir, tmp_path):
+    root, x, _ = cifar10_dir
+    batch = root / "data_batch_2"
+    rows = x[2:4].transpose(0, 3, 1, 2).reshape(2, 3072)
+    raw = pickle.dumps({b"data": rows, b"labels": [2, 3]}, protocol=2)  # text opcodes: names can be edited
+    batch.write_bytes(raw.replace(b"numpy._core", b"numpy.core"))  # the module name numpy 1 wrote
+    assert b"numpy.core.multiarray" in batch.read_bytes()
+    assert np.array_equal(read_source(str(root), 32)["train"].pixels, x[:10])
+    with open(batch, "wb") as f:  # a pickle that would call os.system must be refused, not run
+        pickle.dump({b"data": os.system, b"labels": []}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"data_batch_2.*refusing to load posix\.system"):
+        read_source(str(root), 32)
+
+
+def test_stl10_binary_column_major(tmp_path):
+    root = tmp_path / "stl10_binary"
+    x = rand_images(5, 96, 96, 6)
+    write_stl(root, x[:2], "train", np.array([1, 10]))
+    write_stl(root, x[2:3], "test", np.array([3]))
+    write_stl(root, x[3:], "unlabeled", None)
+    (root / "class_names.txt").write_text("\n".join(f"s{k}" for k in range(10)) + "\n")
+    s = read_source(str(tmp_path), 96)
+    assert np.array_equal(s["train"].pixels, x[:2]) and np.array_equal(s["unlabeled"].pixels, x[3:])
+    assert s["train"].labels.tolist() == [0, 9] and s["test"].classes[0] == "s0"
+    assert s["unlabeled"].labels is None
+    small = read_source(str(root), 32)
+    assert small["unlabeled"].pixels.shape == (2, 32, 32, 3)
+    expected = to_n_px(x[3], 32, "center")  # the same resize as every other reader
+    assert np.array_equal(small["unlabeled"].pixels[0], expected)
+
+
+def write_openai(prefix: Path, n: dict[str, int], t: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng, out = np.random.default_rng(seed), {}
+    for tag, count in n.items():
+        out[f"{tag}X"] = rng.integers(0, 512, (count, t))
+        out[f"{tag}Y"] = np.eye(10, dtype=np.float32)[rng.integers(0, 10, count)]
+    for key, arr in out.items():
+        np.save(f"{prefix}_{key}.npy", arr)
+    return out
+
+
+def test_openai_prequantized(tmp_path):
+    arrays = write_openai(tmp_path / "cifar10", {"tr": 6, "va": 2, "te": 3}, t=16)
+    for spec in (tmp_path / "cifar10", tmp_path):
+        s = read_source(str(spec), 4)
+        assert sorted(s) == ["test", "train", "val"] and s["train"].pixels is None
+        assert s["train"].ids.dtype == np.uint16 and np.array_equal(s["train"].ids, arrays["trX"])
+        assert np.array_equal(s["val"].labels, arrays["vaY"].argmax(1))
+    (tmp_path / "cifar10_teY.npy").unlink()
+    assert read_source(str(tmp_path / "cifar10"), 4)["test"].labels is None
+
+
+def test_openai_errors(tmp_path):
+    write_openai(tmp_path / "cifar10", {"tr": 3}, t=16)
+    with pytest.raises(ValueError, match=r"cifar10_trX\.npy.*T=16.*n_px=8"):
+        read_source(str(tmp_path / "cifar10"), 8)
+    np.save(tmp_path / "cifar10_trX.npy", np.full((3, 16), 512))
+    with pytest.raises(ValueError, match=r"cifar10_trX\.npy.*0\.\.511"):
+        read_source(str(tmp_path / "cifar10"), 4)
+    write_openai(tmp_path / "imagenet", {"tr": 3}, t=16)
+    with pytest.raises(ValueError, match=r"several OpenAI files.*cifar10_trX.*imagenet_trX"):
+        read_source(str(tmp_path), 4)
+
+
+def test_labelled_folder(labelled_dir):
+    s = read_source(str(labelled_dir), 8)
+    tr = s["train"]
+    assert list(s) == ["train"] and tr.classes == ["cat", "dog"]
+    assert tr.pixels.shape == (5, 8, 8, 3) and tr.labels.tolist() == [0, 0, 1, 1, 1]
+    x = rand_images(3, 8, 8, 4)
+    assert np.array_equal(tr.pixels[0], x[0])  # PNG: lossless and in the right orientation
+    assert np.abs(tr.pixels[1].astype(int) - smooth_image(8, 8)).mean() < 8  # JPEG: lossy, same picture
+    grey = tr.pixels[2]
+    assert np.array_equal(grey[..., 0], x[2, :, :, 0]) and (grey == grey[..., :1]).all()  # replicated
+    assert tr.pixels[3, 0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    assert np.array_equal(tr.pixels[3, 1:], x[0, 1:])  # opaque -> unchanged
+
+
+def test_split_layout_folder(tmp_path):
+    x = rand_images(4, 8, 8, 7)
+    for i, rel in enumerate(["train/a/0.png", "train/b/1.png", "test/b/2.png", "val/a/3.png"]):
+        save_png(tmp_path / rel, Image.fromarray(x[i]))
+    s = read_source(str(tmp_path), 8)
+    assert sorted(s) == ["test", "train", "val"]
+    assert s["train"].labels.tolist() == [0, 1] and s["test"].labels.tolist() == [1]
+    assert s["test"].classes == ["a", "b"] and np.array_equal(s["val"].pixels[0], x[3])
+
+
+def test_flat_folder(tmp_path):
+    x = rand_images(3, 10, 6, 8)
+    for i in range(3):
+        save_png(tmp_path / f"{i}.PNG", Image.fromarray(x[i]))
+    s = read_source(str(tmp_path), 6)
+    assert list(s) == ["train"] and s["train"].labels is None and s["train"].classes is None
+    assert np.array_equal(s["train"].pixels[0], x[0, 2:8])  # centre crop of the 10x6 image
+
+
+def test_corrupt_file_stop_and_skip(labelled_dir, caplog):
+    bad = labelled_dir / "cat" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        read_source(str(labelled_dir), 8)
+    with caplog.at_level(logging.WARNING):
+        s = read_source(str(labelled_dir), 8, on_error="skip")
+    assert len(s["train"].pixels) == 5 and s["train"].labels.tolist() == [0, 0, 1, 1, 1]
+    assert "skipped 1 unreadable" in caplog.text and "broken.png" in caplog.text
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        read_source(str(tmp_path / "empty"), 8)
+    save_png(tmp_path / "cls" / "a" / "0.png", Image.new("RGB", (4, 4)))
+    (tmp_path / "cls" / "b").mkdir()
+    with pytest.raises(ValueError, match=r"cls[/\\]b.*no images"):
+        read_source(str(tmp_path / "cls"), 8)
+    with pytest.raises(ValueError, match=r"nowhere.*accepted"):
+        read_source(str(tmp_path / "nowhere"), 8)
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "readme.md").write_text("hi")
+    with pytest.raises(ValueError, match=r"txt.*accepted"):
+        read_source(str(tmp_path / "txt"), 8)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="x.png"):
+        read_source(str(tmp_path / "bad"), 8, on_error="skip")  # zero usable images
+
+
+def test_digits():
+    s = read_source("digits", 8)
+    tr, te = s["train"], s["test"]
+    assert len(tr.pixels) + len(te.pixels) == 1797 and len(te.pixels) == 359
+    assert tr.pixels.dtype == np.uint8 and tr.pixels.max() == 255 and tr.classes == [str(k) for k in range(10)]
+    assert (tr.pixels == tr.pixels[..., :1]).all()
+    assert np.array_equal(te.labels, read_source("digits", 8)["test"].labels)  # fixed split
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def test_box_downscale_gives_block_means():
+    x = rand_images(1, 8, 8, 9)[0]
+    out = to_n_px(x, 4, "squash")
+    means = x.reshape(4, 2, 4, 2, 3).astype(float).mean(axis=(1, 3))
+    assert np.abs(out - means).max() <= 1.0  # PIL rounds after each axis
+    flat = np.repeat(np.repeat(x[:4, :4], 2, axis=0), 2, axis=1)  # constant 2x2 blocks
+    assert np.array_equal(to_n_px(flat, 4, "center"), x[:4, :4])
+
+
+def test_center_vs_squash():
+    x = np.zeros((8, 16, 3), np.uint8)
+    x[:, :4] = (255, 0, 0)
+    x[:, 4:12] = (0, 255, 0)
+    x[:, 12:] = (0, 0, 255)
+    center, squash = to_n_px(x, 8, "center"), to_n_px(x, 8, "squash")
+    assert (center == (0, 255, 0)).all()
+    assert (squash[:, :2] == (255, 0, 0)).all() and (squash[:, 6:] == (0, 0, 255)).all()
+    assert to_n_px(x, 16, "center").shape == (16, 16, 3)  # upscaling (bicubic)
+
+
+def test_image_modes_to_rgb():
+    grey16 = Image.fromarray(np.array([[0, 65535]], np.uint16))
+    assert to_n_px(grey16, 1, "squash").shape == (1, 1, 3)
+    assert to_n_px(grey16.resize((2, 2), Image.Resampling.NEAREST), 2, "center")[0, 1].tolist() == [255] * 3
+    one = Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1")
+    assert to_n_px(one, 2, "squash")[:, 1].tolist() == [[255] * 3, [255] * 3]
+    la = Image.fromarray(np.array([[[0, 0], [0, 255]]], np.uint8)).resize((2, 2), Image.Resampling.NEAREST)
+    assert to_n_px(la, 2, "center")[0].tolist() == [[255] * 3, [0] * 3]
+    pal = Image.fromarray(np.array([[0, 1]], np.uint8)).convert("P")
+    pal.putpalette([10, 20, 30, 40, 50, 60])
+    pal.info["transparency"] = 0
+    out = to_n_px(pal.resize((2, 2), Image.Resampling.NEAREST), 2, "center")
+    assert out[0].tolist() == [[255] * 3, [40, 50, 60]]
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image(tmp_path / "missing.png", 8)
+    (tmp_path / "fake.jpg").write_text("hello")
+    with pytest.raises(ValueError, match=r"fake\.jpg is not a readable image"):
+        load_image(tmp_path / "fake.jpg", 8)
+    save_png(tmp_path / "ok.png", Image.new("RGBA", (6, 4), (0, 0, 0, 0)))
+    assert (load_image(tmp_path / "ok.png", 4) == 255).all()
+
+
+def test_list_image_folder_rejects_mixed(tmp_path):
+    save_png(tmp_path / "a.png", Image.new("RGB", (2, 2)))
+    save_png(tmp_path / "c" / "b.png", Image.new("RGB", (2, 2)))
+    with pytest.raises(ValueError, match="both images and sub-folders"):
+        list_image_folder(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def test_split_indices_properties():
+    tr, va = split_indices(20, 0.1, 0)
+    assert len(va) == 2 and not set(tr) & set(va) and sorted([*tr, *va]) == list(range(20))
+    assert np.array_equal(va, split_indices(20, 0.1, 0)[1])
+    assert not np.array_equal(va, split_indices(20, 0.1, 1)[1])
+    assert len(split_indices(5, 0.01, 0)[1]) == 1 and len(split_indices(1, 0.5, 0)[1]) == 0
+    with pytest.raises(ValueError, match="val-fraction"):
+        split_indices(10, 1.0, 0)
+
+
+def test_open_split_val_carving(npz_file):
+    path, arrays = npz_file
+    kw = dict(n_px=8, val_fraction=0.25, seed=3)
+    train, val, full = (open_split(str(path), s, **kw) for s in ("train", "val", "train_all"))
+    assert len(val) == 5 and len(train) == 15 and len(full) == 20
+    rows = {r.tobytes() for r in full.pixels}
+    assert {r.tobytes() for r in train.pixels} | {r.tobytes() for r in val.pixels} == rows
+    assert not {r.tobytes() for r in train.pixels} & {r.tobytes() for r in val.pixels}
+    assert np.array_equal(full.pixels, arrays["x_train"])
+    assert np.array_equal(open_split(str(path), "val", **kw).pixels, val.pixels)
+    other = open_split(str(path), "val", n_px=8, val_fraction=0.25, seed=4)
+    assert not np.array_equal(other.pixels, val.pixels)
+    with pytest.raises(ValueError, match=r"'val'.*val_fraction is 0"):
+        open_split(str(path), "val", n_px=8, val_fraction=0.0)
+    with pytest.raises(ValueError, match=r"tiny\.npz.*'unlabeled'.*available: test, train, train_all, val"):
+        open_split(str(path), "unlabeled", n_px=8)
+    with pytest.raises(ValueError, match="unknown split"):
+        open_split(str(path), "dev", n_px=8)
+
+
+def assert_same(a: ImageSet, b: ImageSet) -> None:
+    for field in ("pixels", "ids", "labels"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None), field
+        if x is not None:
+            assert x.dtype == y.dtype and np.array_equal(x, y), field
+    assert a.n_px == b.n_px and a.classes == b.classes
+
+
+def test_prepare_roundtrip_pixels(npz_file, tmp_path):
+    path, _ = npz_file
+    meta = prepare(str(path), str(tmp_path / "cache"), n_px=8, val_fraction=0.2, seed=1, progress=False)
+    assert meta["kind"] == "pixels" and meta["splits"]["val"] == {"n": 4, "labeled": True}
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text()) == meta
+    for split in ("train", "val", "test", "train_all"):
+        cached = open_split(str(tmp_path / "cache"), split, n_px=8)
+        assert_same(cached, open_split(str(path), split, n_px=8, val_fraction=0.2, seed=1))
+    assert isinstance(open_split(str(tmp_path / "cache"), "train", n_px=8).pixels, np.memmap)
+    with pytest.raises(ValueError, match=r"n_px=8.*n_px=16.*"):
+        open_split(str(tmp_path / "cache"), "train", n_px=16)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_prepare_roundtrip_ids(npz_file, tmp_path):
+    path, _ = npz_file
+    palette = TinyPalette(8, seed=0)
+    meta = prepare(str(path), str(tmp_path / "cache"), n_px=4, palette=palette, progress=False)
+    assert meta["kind"] == "ids" and meta["palette_fingerprint"] == palette.fingerprint()
+    for split in ("train", "val", "train_all"):
+        cached = open_split(str(tmp_path / "cache"), split, n_px=4)
+        direct = open_split(str(path), split, n_px=4)
+        want = palette.encode(direct.pixels).numpy().reshape(len(direct), 16)
+        assert cached.ids.dtype == np.uint16 and np.array_equal(cached.ids, want)
+        assert np.array_equal(cached.labels, direct.labels) and cached.pixels is None
+    check_palette(cached, palette)
+    with pytest.raises(ValueError, match=r"cache.*tiny-8-0.*tiny-8-1"):
+        check_palette(cached, TinyPalette(8, seed=1))
+
+
+def test_prepare_openai_and_real_palette(tmp_path):
+    write_openai(tmp_path / "cifar10", {"tr": 6, "te": 2}, t=16)
+    meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "cache"), n_px=4, val_fraction=0.5, progress=False)
+    assert meta["kind"] == "ids" and meta["palette_fingerprint"] is None
+    for split in ("train", "val", "test", "train_all"):
+        assert_same(open_split(str(tmp_path / "cache"), split, n_px=4),
+                    open_split(str(tmp_path / "cifar10"), split, n_px=4, val_fraction=0.5))
+    ids = open_split(str(tmp_path / "cache"), "train", n_px=4)
+    check_palette(ids, TinyPalette(4, seed=0))  # OpenAI ids carry no fingerprint: nothing to check
+    palette_mod = pytest.importorskip("igpt.palette")
+    real = palette_mod.Palette(np.random.default_rng(0).uniform(-1, 1, (8, 3)).astype(np.float32))
+    meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "c2"), n_px=4, palette=real, progress=False)
+    assert meta["palette_fingerprint"] == real.fingerprint()
+
+
+def test_meta_json_written_last(npz_file, tmp_path, monkeypatch):
+    path, _ = npz_file
+    out = tmp_path / "cache"
+    prepare(str(path), str(out), n_px=8, progress=False)
+    assert (out / "meta.json").is_file()
+    real, calls = data_mod._write_atomic, []
+
+    def failing(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "_write_atomic", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(str(path), str(out), n_px=8, progress=False)
+    assert not (out / "meta.json").exists()  # the old, now inconsistent meta.json is gone too
+    with pytest.raises(ValueError, match="accepted"):
+        open_split(str(out), "train", n_px=8)
+    prepare(str(path), str(out), n_px=8, progress=False)
+    with pytest.raises(ValueError, match="already a prepared cache"):
+        prepare(str(out), str(tmp_path / "again"), n_px=8, progress=False)
+
+
+def test_bad_options(npz_file):
+    path, _ = npz_file
+    with pytest.raises(ValueError, match="--on-error"):
+        read_source(str(path), 8, on_error="ignore")
+    with pytest.raises(ValueError, match="--resize"):
+        open_split(str(path), "train", n_px=8, resize="fit")
+    with pytest.raises(ValueError, match="--val-fraction"):
+        open_split(str(path), "train", n_px=8, val_fraction=-0.1)
+
+
+def test_cifar10_small_shared():
+    if not SHARED_SMALL.is_file():
+        pytest.skip(f"{SHARED_SMALL} is not present (the shared data folder sits beside the repository)")
+    val = open_split(str(SHARED_SMALL), "val", n_px=32)
+    test = open_split(str(SHARED_SMALL), "test", n_px=32)
+    assert len(val) == 800 and val.pixels.shape == (800, 32, 32, 3) and val.pixels.dtype == np.uint8
+    assert len(test) == 2000 and test.classes[0] == "airplane" and set(test.labels.tolist()) == set(range(10))

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from igpt.objectives import bert_loss, masked_loss, nats_to_bits, objective_loss, sample_keep_mask
+
+
+def test_keep_mask_rate_and_seed():
+    keep = sample_keep_mask((256, 1024), 0.15, torch.Generator().manual_seed(0))
+    assert keep.dtype == torch.bool
+    assert abs((~keep).float().mean().item() - 0.15) < 0.005
+    again = sample_keep_mask((256, 1024), 0.15, torch.Generator().manual_seed(0))
+    assert torch.equal(keep, again)
+    assert not torch.equal(keep, sample_keep_mask((256, 1024), 0.15, torch.Generator().manual_seed(1)))
+
+
+def test_masked_loss_averages_per_example_over_masked_positions():
+    V = 5
+    logits = torch.randn(2, 4, V)
+    ids = torch.randint(0, V, (2, 4))
+    keep = torch.tensor([[False, True, True, True], [False, False, False, True]])
+    ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    expected = (ce[0, 0] + ce[1, :3].mean()) / 2  # example 1 has 3 masked positions, weighted per example
+    torch.testing.assert_close(masked_loss(logits, ids, keep), expected)
+
+
+def test_masked_loss_skips_examples_without_masks():
+    logits = torch.randn(2, 3, 4)
+    ids = torch.randint(0, 4, (2, 3))
+    keep = torch.tensor([[True, True, True], [False, True, True]])
+    ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    torch.testing.assert_close(masked_loss(logits, ids, keep), ce[1, 0])
+
+
+def test_bert_loss_uses_unmasked_context(nano_model):
+    ids = torch.randint(0, 16, (2, 16))
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[:, 3] = False
+    logits = nano_model(ids, causal=False, keep=keep)
+    expected = F.cross_entropy(logits[:, 3].float(), ids[:, 3])
+    torch.testing.assert_close(bert_loss(nano_model, ids, keep=keep), expected)
+
+
+def test_objective_dispatch_and_units(nano_model):
+    ids = torch.randint(0, 16, (2, 16))
+    assert objective_loss("ar", nano_model, ids, 0.15).item() > 0
+    with pytest.raises(ValueError, match="unknown objective"):
+        objective_loss("mlm", nano_model, ids, 0.15)
+    assert nats_to_bits(math.log(512)) == pytest.approx(9.0)
