@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -308,14 +308,14 @@ class Palette:
         dev = _default_device(device)
         flat = _as_pixels(pixels).reshape(-1, 3)  # (N, 3)
         gen = torch.Generator().manual_seed(seed)  # CPU generator: the same draws whatever the device
-        n_given = flat.shape[0]
+        n_given = int(flat.shape[0])
         if n_given > max_pixels:
             flat = flat[torch.randperm(n_given, generator=gen)[:max_pixels].to(flat.device)]
 
         colours, counts = _unique_colours(flat.to(dev))  # (U, 3) uint8, (U,) int64
-        if colours.shape[0] < k:
-            n = colours.shape[0]
-            raise ValueError(f"cannot fit k={k} colours: the pixels hold only {n} distinct colours")
+        n_unique = int(colours.shape[0])
+        if n_unique < k:
+            raise ValueError(f"cannot fit k={k} colours: the pixels hold only {n_unique} distinct colours")
         points, weights = _normalise(colours), counts.to(torch.float64)  # (U, 3), (U,)
         init = _kmeans_pp(points.cpu(), weights.cpu(), k, gen)
         res = _lloyd(points, weights, init.to(dev), iters, tol=tol, progress=progress)
@@ -324,10 +324,8 @@ class Palette:
         # res.labels is encode() of the distinct colours under the final centres: this is decode(encode(p)).
         err = (palette._on(dev)[3][res.labels].float() - colours.float()).pow(2).sum(1)  # (U,)
         mse = float((err.double() * weights).sum() / (3 * weights.sum()))
-        palette.meta = dict(
-            k=k, iters_run=res.iters_run, seed=seed, n_pixels=int(flat.shape[0]), n_pixels_given=int(n_given),
-            n_unique=int(colours.shape[0]), inertia=res.inertia, mse_uint8=mse,
-        )  # fmt: skip
+        palette.meta = dict(k=k, iters_run=res.iters_run, seed=seed, n_pixels=int(flat.shape[0]),
+                            n_pixels_given=n_given, n_unique=n_unique, inertia=res.inertia, mse_uint8=mse)
         return palette
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -335,17 +333,18 @@ class Palette:
         path = Path(path)
         ext = _check_extension(path)
         centers = self.centers.detach().cpu().numpy().astype(np.float32)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # A unique name in the same directory, so os.replace is atomic; opened normally so the umask applies.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            # Through a file handle: np.save / np.savez would append an extension to the temp name.
-            with os.fdopen(fd, "wb") as f:
+            # Through a file handle: np.save / np.savez would append an extension to a name lacking one.
+            with open(tmp, "xb") as f:
                 if ext == ".npy":
                     np.save(f, centers)
                 else:
                     np.savez(f, centers=centers, meta=np.array(json.dumps(self.meta)))
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     @classmethod
@@ -355,16 +354,10 @@ class Palette:
         ext = _check_extension(path)
         if not path.is_file():
             raise FileNotFoundError(f"palette file {path} does not exist")
-        meta: dict[str, Any] = {}
-        if ext == ".npy":
-            centers = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                if "centers" not in z.files:
-                    raise ValueError(f"palette file {path} has no 'centers' array (found {z.files})")
-                centers = z["centers"]
-                if "meta" in z.files:
-                    meta = json.loads(str(z["meta"]))
+        try:
+            centers, meta = _read(path, ext)
+        except ValueError as e:  # e.g. a pickled object array, or a file that is not .npy / .npz at all
+            raise ValueError(f"palette file {path} could not be read: {e}") from e
         if centers.ndim != 2 or centers.shape[1:] != (3,):
             raise ValueError(f"palette file {path} holds an array of shape {centers.shape}, expected (K, 3)")
         if not np.issubdtype(centers.dtype, np.floating):
@@ -375,6 +368,20 @@ class Palette:
             raise ValueError(f"palette file {path}: {e}") from e
         palette.meta = meta
         return palette
+
+
+def _read(path: Path, ext: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The raw centres array and meta dict of a palette file (meta is empty for .npy)."""
+    data = np.load(path, allow_pickle=False)  # an ndarray for .npy contents, an NpzFile for .npz
+    if isinstance(data, np.ndarray) != (ext == ".npy"):
+        raise ValueError(f"its contents do not match its {ext} extension")
+    if isinstance(data, np.ndarray):
+        return data, {}
+    with data:
+        if "centers" not in data.files:
+            raise ValueError(f"no 'centers' array (found {data.files})")
+        meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+        return data["centers"], meta
 
 
 def _check_extension(path: Path) -> str:

@@ -259,3 +259,11 @@ def test_file_errors_name_the_path(tmp_path):
     np.savez(wrong_npz, centers=np.zeros(6, np.float32))
     with pytest.raises(ValueError, match=re.escape(str(wrong_npz)) + r".*\(6,\)"):
         Palette.load(wrong_npz)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a palette")
+    mislabelled = tmp_path / "mislabelled.npz"
+    with open(mislabelled, "wb") as f:
+        np.save(f, pal.centers.numpy())  # .npy contents under an .npz name
+    for target in (junk, mislabelled):
+        with pytest.raises(ValueError, match=re.escape(str(target))):
+            Palette.load(target)
