@@ -1,49 +1,13 @@
-"""Command line: ``igpt <command>`` (also ``python -m igpt``). Flags are generated from the config dataclasses,
-so every default and help text is defined once, in ``igpt.config``."""
+"""Foundation commands: ``palette fit``, ``prepare``, ``pretrain`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
-import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
+from igpt.cli.args import add_fields, build
 from igpt.config import PRESETS, DataConfig, ModelConfig, TrainConfig
 
-log = logging.getLogger("igpt")
-
-
-def add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, preset_fields: bool = False) -> None:
-    """One flag per dataclass field (``n_layer`` -> ``--n-layer``) with the field's help. With
-    ``preset_fields`` the default is None so that an unset flag keeps the preset's value."""
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + ("" if preset_fields else f" (default: {f.default})")
-        kw: dict[str, Any] = {"dest": f.name, "help": help_text,
-                              "default": None if preset_fields else f.default}
-        if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = type(f.default) if f.default is not None else str
-            if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
-        group.add_argument(flag, **kw)
-
-
-def build(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
-    """Instantiate ``cls`` from parsed flags; flags left at None fall back to ``base`` (a preset)."""
-    values = dict(base or {})
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
-    return cls(**values)
-
-
-# ---- commands ----
 
 def cmd_palette_fit(args: argparse.Namespace) -> None:
     from igpt.data import open_split
@@ -90,8 +54,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(args.out, steps=args.steps, seed=args.seed)
 
-
-# ---- parser ----
 
 def _palette_parser(sub: Any) -> None:
     p = sub.add_parser("palette", help="fit a k-means colour palette")
@@ -142,27 +104,8 @@ def _demo_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
-    sub = parser.add_subparsers(dest="command", required=True, help="what to do")
+
+
+def register(sub: Any) -> None:
     for add in (_palette_parser, _prepare_parser, _pretrain_parser, _demo_parser):
         add(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    func: Callable[[argparse.Namespace], None] = args.func
-    try:
-        func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"igpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Command line: ``igpt <command>`` (also ``python -m igpt``).
+
+Each family of commands lives in its own module with a ``register(subparsers)`` function; flags come from
+the config dataclasses (``igpt.cli.args``), so every default and help text is defined once, in
+``igpt.config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from igpt.cli import pretrain
+
+COMMAND_MODULES = (pretrain,)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"igpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
