@@ -103,6 +103,7 @@ class FolderImages(torch.utils.data.Dataset):
             raise ValueError(f"{root}: not a directory of images")
         if split_folders(root):
             raise ValueError(f"{root}: holds train/val/test sub-folders; pass one of them, e.g. {root}/train")
+        self.root = root
         self.paths, self.labels, self.classes = list_image_folder(root)
         self.n_px, self.augment, self.seed, self.on_error = n_px, augment, seed, on_error
         self._warned: set[int] = set()

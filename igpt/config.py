@@ -103,8 +103,11 @@ class TrainConfig:
     beta2: float = arg(0.95, "Adam beta2 (0.999 caused loss spikes in the paper)")
     weight_decay: float = arg(0.0, "decoupled weight decay on matrices (the paper used none)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
-    augment: str = arg("none", "train-time augmentation of pixel caches: 'none' or 'cifar' "
-                       "(reflect-pad 4, random crop, horizontal flip)", choices=("none", "cifar"))
+    augment: str = arg("none", "train-time augmentation: 'none'; 'cifar' (reflect-pad 4, random crop, "
+                       "horizontal flip); 'imagenet' (image folders only: random short side in [256, 384], "
+                       "random 224 crop, downscale; decoded in --workers processes)",
+                       choices=("none", "cifar", "imagenet"))
+    workers: int = arg(4, "data-loader worker processes for --augment imagenet (0 = in the main process)")
     eval_every: int = arg(200, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = arg(8, "validation micro-batches per evaluation")
     log_every: int = arg(10, "steps between metric lines in metrics.jsonl")
@@ -133,8 +136,10 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps must be >= -1, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.augment not in ("none", "cifar"):
-            raise ValueError(f"--augment must be 'none' or 'cifar', got {self.augment!r}")
+        if self.augment not in ("none", "cifar", "imagenet"):
+            raise ValueError(f"--augment must be 'none', 'cifar' or 'imagenet', got {self.augment!r}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
 

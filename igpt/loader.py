@@ -8,12 +8,14 @@ and a resumed run sees exactly the batches an uninterrupted one would have seen.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from igpt.augment import cifar_augment
-from igpt.data import ImageSet
+from igpt.augment import FolderImages, cifar_augment
+from igpt.data import ImageSet, open_split, split_indices
+from igpt.sources import split_folders
 from igpt.palette import Palette
 from igpt.runtime import derived_generator
 
@@ -77,3 +79,65 @@ def fixed_batches(data: ImageSet, batch_size: int, n_batches: int, palette: Pale
     palette = palette.to(device)
     for start in range(0, n, batch_size):
         yield to_ids(data, np.arange(start, min(n, start + batch_size)), palette, device)
+
+
+class FolderStream:
+    """Batches from an image folder, decoded and given the paper's ImageNet-style augmentation (random short
+    side in [256, 384], random 224 crop, downscale) in DataLoader worker processes, so nothing but the file
+    list is held in memory. Same contract as ``BatchStream``: order from (seed, epoch), per-image randomness
+    from (seed, epoch, index) inside ``FolderImages``, state = (epoch, pos)."""
+
+    def __init__(self, images: FolderImages, index: np.ndarray, batch_size: int, seed: int, palette: Palette,
+                 device: torch.device, workers: int) -> None:
+        if len(index) < batch_size:
+            raise ValueError(f"{len(index)} training images is fewer than --batch-size {batch_size}")
+        self.images, self.index, self.batch_size, self.seed = images, index, batch_size, seed
+        self.palette, self.device, self.workers = palette.to(device), device, workers
+        self.epoch, self.pos, self._it = 0, 0, None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos, self._it = int(state["epoch"]), int(state["pos"]), None
+
+    def _epoch_iterator(self) -> Iterator:
+        perm = self.index[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.index))]
+        stop = len(perm) - len(perm) % self.batch_size  # drop the last partial batch
+        keys = [(self.epoch, int(i)) for i in perm[self.pos:stop]]
+        loader = torch.utils.data.DataLoader(self.images, batch_size=self.batch_size, sampler=keys,
+                                             num_workers=self.workers, persistent_workers=False,
+                                             pin_memory=self.device.type == "cuda")
+        return iter(loader)
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > len(self.index):
+            self.epoch, self.pos, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._it = self._epoch_iterator()
+        pixels, _ = next(self._it)  # (B, n, n, 3) uint8
+        self.pos += self.batch_size
+        n = pixels.shape[1]
+        return self.palette.encode(pixels.to(self.device, non_blocking=True)).view(len(pixels), n * n)
+
+
+def folder_splits(root: str, n_px: int, val_fraction: float, seed: int, on_error: str = "stop"
+                  ) -> tuple[FolderImages, np.ndarray, ImageSet | None]:
+    """For ``--augment imagenet``: the training folder (``root/train`` when root has split sub-folders),
+    the indices of its training images, and a centre-cropped validation ImageSet (``root/val``, else
+    ``val_fraction`` of the training folder carved with ``seed``; None when there is neither)."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise ValueError(f"--augment imagenet needs --data to be an image folder; {root} is not a directory")
+    has_splits = bool(split_folders(root_path))
+    train_root = root_path / "train" if has_splits else root_path
+    images = FolderImages(train_root, n_px, augment="imagenet", seed=seed, on_error=on_error)
+    if has_splits and (root_path / "val").is_dir():
+        return images, np.arange(len(images)), open_split(str(root_path), "val", n_px=n_px, on_error=on_error)
+    if val_fraction == 0:
+        return images, np.arange(len(images)), None
+    train_idx, val_idx = split_indices(len(images), val_fraction, seed)
+    view = FolderImages(train_root, n_px, augment="center", seed=seed, on_error=on_error)
+    pixels = np.stack([view[int(i)][0].numpy() for i in val_idx])
+    labels = None if images.labels is None else images.labels[val_idx]
+    return images, train_idx, ImageSet(n_px, pixels, None, labels, images.classes, None, f"{root} (val carve)")

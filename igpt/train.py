@@ -20,13 +20,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from igpt import checkpoint as ckpt
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data import ImageSet, check_palette, open_split
-from igpt.loader import BatchStream, fixed_batches
+from igpt.augment import FolderImages
+from igpt.loader import BatchStream, FolderStream, fixed_batches, folder_splits
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, nats_to_bits, objective_loss, sample_keep_mask
 from igpt.palette import Palette
@@ -34,6 +36,7 @@ from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dt
 
 log = logging.getLogger(__name__)
 RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
+PALETTE_FIT_IMAGES = 2000  # centre crops a palette is fitted on when training streams from a folder
 
 
 def lr_at(step: int, cfg: TrainConfig, warmup: int) -> float:
@@ -140,9 +143,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         seed_everything(cfg.seed)
-        kw = dict(n_px=model_cfg.n_px, val_fraction=data_cfg.val_fraction, seed=cfg.seed, resize=data_cfg.resize)
-        self.train_set = open_split(data_cfg.data, "train", **kw)
-        self.val_set = self._open_val(kw)
+        self.train_set, n_train, self.val_set, make_stream = self._open_data(model_cfg.n_px)
         if resume and (run_dir / "palette.npz").exists():
             self.palette = Palette.load(run_dir / "palette.npz")
             check_palette(self.train_set, self.palette)
@@ -152,10 +153,27 @@ class Trainer:
         self.model_cfg = replace(model_cfg, n_vocab=self.palette.k)
         self.model = GPT(self.model_cfg).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
-        self.stream = BatchStream(self.train_set, cfg.batch_size, cfg.seed, self.palette, self.device, cfg.augment)
-        self.warmup = warmup_steps(cfg, len(self.train_set))
+        self.stream = make_stream(self.palette)
+        self.warmup = warmup_steps(cfg, n_train)
         self.step = 0
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    def _open_data(self, n_px: int) -> tuple[ImageSet, int, ImageSet | None, Callable[[Palette], Any]]:
+        """(images to fit/check the palette on, number of training images, validation set or None, a
+        function palette -> batch stream)."""
+        cfg, dc = self.cfg, self.data_cfg
+        if cfg.augment == "imagenet":
+            images, train_idx, val = folder_splits(dc.data, n_px, dc.val_fraction, cfg.seed)
+            fit_idx = np.random.default_rng(cfg.seed).permutation(train_idx)[:PALETTE_FIT_IMAGES]
+            view = FolderImages(images.root, n_px, augment="center")
+            fit_set = ImageSet(n_px, np.stack([view[int(i)][0].numpy() for i in fit_idx]), None, None, None,
+                               None, dc.data)
+            return fit_set, len(train_idx), val if cfg.eval_every else None, lambda palette: FolderStream(
+                images, train_idx, cfg.batch_size, cfg.seed, palette, self.device, cfg.workers)
+        kw = dict(n_px=n_px, val_fraction=dc.val_fraction, seed=cfg.seed, resize=dc.resize)
+        train = open_split(dc.data, "train", **kw)
+        return train, len(train), self._open_val(kw), lambda palette: BatchStream(
+            train, cfg.batch_size, cfg.seed, palette, self.device, cfg.augment)
 
     def _open_val(self, kw: dict[str, Any]) -> ImageSet | None:
         if self.cfg.eval_every == 0:

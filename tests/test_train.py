@@ -5,8 +5,10 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +106,30 @@ def test_real_cifar_pretraining_lowers_validation_loss(tmp_path):
     torch.set_num_threads(2)
     result = pretrain(model, cfg, DataConfig(data=data), tmp_path / "run", progress=False)
     assert result["val"]["loss"] < math.log(512) - 2.0, result["val"]
+
+
+def test_imagenet_style_augmentation_streams_an_image_folder_and_resumes(tmp_path):
+    """--augment imagenet decodes and augments folder images in loader workers; the stream position is
+    part of the checkpoint, so a resumed run continues with the same batches."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(12):
+            w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) // 64 * 64  # few colours
+            Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
+    data = DataConfig(data=str(tmp_path / "imgs"), palette_k=16, val_fraction=0.2)
+    cfg = train_cfg(augment="imagenet", workers=0, max_steps=4, ckpt_every=2, eval_every=2)
+    straight = pretrain(MODEL, cfg, data, tmp_path / "a", progress=False)
+    assert straight["val"]["images"] == 5  # 20% of 24 carved, centre-cropped
+    # the first two steps are warm-up, whose learning rate does not depend on max_steps
+    pretrain(MODEL, replace(cfg, max_steps=2), data, tmp_path / "b", progress=False)
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    run["train"]["max_steps"] = 4
+    (tmp_path / "b" / "run.json").write_text(json.dumps(run))
+    pretrain(None, None, None, tmp_path / "b", resume=True, progress=False)
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-6)
+    pretrain(MODEL, replace(cfg, workers=2), data, tmp_path / "c", progress=False)  # decoded in 2 processes
+    assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "a"), rel=1e-6)
