@@ -44,7 +44,8 @@ def _reflect(idx: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(idx > size - 1, 2 * (size - 1) - idx, idx)
 
 
-def cifar_augment(pixels: torch.Tensor, generator: torch.Generator, *, pad: int = 4) -> torch.Tensor:
+def cifar_augment(pixels: torch.Tensor, generator: torch.Generator | None, *, pad: int = 4,
+                  params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, H, W, 3) uint8 on any device -> (B, H, W, 3): reflect-pad ``pad`` px, random HxW crop, random
     horizontal flip (p=0.5), per image. One gather: the padded image is never built. Any channel count and
     dtype work the same, e.g. an id grid (B, H, W, 1): crops and flips commute with per-pixel quantization."""
@@ -53,7 +54,9 @@ def cifar_augment(pixels: torch.Tensor, generator: torch.Generator, *, pad: int 
     b, h, w, _ = pixels.shape
     if not 0 <= pad < min(h, w):
         raise ValueError(f"cifar_augment: reflect padding of {pad} px needs images larger than {pad}, got {h}x{w}")
-    dy, dx, flip = cifar_augment_params(b, generator, pad)
+    # ``params`` (from cifar_augment_params) lets a data-parallel rank apply its slice of the draws made for
+    # the whole batch, so the augmentation does not depend on how many processes share the batch.
+    dy, dx, flip = params if params is not None else cifar_augment_params(b, generator, pad)
     rows = torch.arange(h)[None] + dy[:, None] - pad  # (B, H), in source coordinates before reflecting
     cols = torch.arange(w)[None].expand(b, w)
     cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None] - pad  # (B, W); flip = read the crop backwards

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt.augment import FolderImages, cifar_augment
+from igpt.augment import FolderImages, cifar_augment, cifar_augment_params
 from igpt.data import ImageSet, open_split, split_indices
 from igpt.sources import split_folders
 from igpt.palette import Palette
@@ -21,19 +21,25 @@ from igpt.runtime import derived_generator
 
 
 def to_ids(data: ImageSet, index: np.ndarray, palette: Palette, device: torch.device,
-           augment: str = "none", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images ``index`` of ``data`` as ids (B, T) int64 on ``device``. Pixels are moved as uint8 (4x less
-    traffic than ids) and quantized on the device; CIFAR augmentation is applied to pixels before
-    quantization, or to the id grid directly (crops and flips commute with per-pixel quantization)."""
+           augment: str = "none", generator: torch.Generator | None = None,
+           rows: slice = slice(None)) -> torch.Tensor:
+    """Images ``index[rows]`` of ``data`` as ids (B, T) int64 on ``device``. Pixels are moved as uint8 (4x
+    less traffic than ids) and quantized on the device; CIFAR augmentation is applied to pixels before
+    quantization, or to the id grid directly (crops and flips commute with per-pixel quantization). Its
+    draws are made for all of ``index`` and then sliced by ``rows`` (a data-parallel rank's share)."""
     n = data.n_px
+    params = cifar_augment_params(len(index), generator) if augment == "cifar" else None
+    if params is not None:
+        params = tuple(p[rows] for p in params)
+    index = index[rows]
     if data.pixels is not None:
         pixels = torch.from_numpy(np.ascontiguousarray(data.pixels[index])).to(device, non_blocking=True)
-        if augment == "cifar":
-            pixels = cifar_augment(pixels, generator)  # (B, n, n, 3)
+        if params is not None:
+            pixels = cifar_augment(pixels, None, params=params)  # (B, n, n, 3)
         return palette.encode(pixels).view(len(index), n * n)
     ids = torch.from_numpy(np.ascontiguousarray(data.ids[index]).astype(np.int64)).to(device)  # (B, T)
-    if augment == "cifar":
-        ids = cifar_augment(ids.view(-1, n, n, 1), generator).reshape(len(index), n * n)
+    if params is not None:
+        ids = cifar_augment(ids.view(-1, n, n, 1), None, params=params).reshape(len(index), n * n)
     return ids
 
 
@@ -42,12 +48,12 @@ class BatchStream:
     epoch is dropped, as image-gpt's ``iter_data(truncate=True)`` does."""
 
     def __init__(self, data: ImageSet, batch_size: int, seed: int, palette: Palette, device: torch.device,
-                 augment: str = "none") -> None:
+                 augment: str = "none", rows: slice = slice(None)) -> None:
         if len(data) < batch_size:
             raise ValueError(f"{data.source}: {len(data)} training images is fewer than --batch-size "
                              f"{batch_size}")
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.palette, self.device, self.augment = palette.to(device), device, augment
+        self.palette, self.device, self.augment, self.rows = palette.to(device), device, augment, rows
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation(0)
 
@@ -68,7 +74,7 @@ class BatchStream:
         index = self._perm[self.pos:self.pos + self.batch_size]
         generator = derived_generator(self.seed, self.epoch, self.pos) if self.augment != "none" else None
         self.pos += self.batch_size
-        return to_ids(self.data, index, self.palette, self.device, self.augment, generator)
+        return to_ids(self.data, index, self.palette, self.device, self.augment, generator, self.rows)
 
 
 def fixed_batches(data: ImageSet, batch_size: int, n_batches: int, palette: Palette,
@@ -88,11 +94,11 @@ class FolderStream:
     from (seed, epoch, index) inside ``FolderImages``, state = (epoch, pos)."""
 
     def __init__(self, images: FolderImages, index: np.ndarray, batch_size: int, seed: int, palette: Palette,
-                 device: torch.device, workers: int) -> None:
+                 device: torch.device, workers: int, rows: slice = slice(None)) -> None:
         if len(index) < batch_size:
             raise ValueError(f"{len(index)} training images is fewer than --batch-size {batch_size}")
         self.images, self.index, self.batch_size, self.seed = images, index, batch_size, seed
-        self.palette, self.device, self.workers = palette.to(device), device, workers
+        self.palette, self.device, self.workers, self.rows = palette.to(device), device, workers, rows
         self.epoch, self.pos, self._it = 0, 0, None
 
     def state_dict(self) -> dict[str, int]:
@@ -104,8 +110,11 @@ class FolderStream:
     def _epoch_iterator(self) -> Iterator:
         perm = self.index[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.index))]
         stop = len(perm) - len(perm) % self.batch_size  # drop the last partial batch
-        keys = [(self.epoch, int(i)) for i in perm[self.pos:stop]]
-        loader = torch.utils.data.DataLoader(self.images, batch_size=self.batch_size, sampler=keys,
+        # this rank's share of every global batch, in order
+        keys = [(self.epoch, int(i)) for start in range(self.pos, stop, self.batch_size)
+                for i in perm[start:start + self.batch_size][self.rows]]
+        share = len(range(self.batch_size)[self.rows])
+        loader = torch.utils.data.DataLoader(self.images, batch_size=share, sampler=keys,
                                              num_workers=self.workers, persistent_workers=False,
                                              pin_memory=self.device.type == "cuda")
         return iter(loader)
@@ -141,3 +150,35 @@ def folder_splits(root: str, n_px: int, val_fraction: float, seed: int, on_error
     pixels = np.stack([view[int(i)][0].numpy() for i in val_idx])
     labels = None if images.labels is None else images.labels[val_idx]
     return images, train_idx, ImageSet(n_px, pixels, None, labels, images.classes, None, f"{root} (val carve)")
+
+
+def _labels_of(data: ImageSet, index: np.ndarray, device: torch.device) -> torch.Tensor:
+    if data.labels is None:
+        raise ValueError(f"--data {data.source}: this split has no labels")
+    return torch.from_numpy(np.asarray(data.labels[index], dtype=np.int64)).to(device)  # (B,)
+
+
+class LabelledBatchStream(BatchStream):
+    """A BatchStream that also yields each batch's labels: ``next()`` -> (ids (B, T), labels (B,)). Same
+    order, augmentation and resumable state as the unlabelled stream (fine-tuning)."""
+
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, palette: Palette, device: torch.device,
+                 augment: str = "none") -> None:
+        _labels_of(data, np.arange(0), device)  # fail before the first batch, not at it
+        super().__init__(data, batch_size, seed, palette, device, augment)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        ids = super().next()
+        index = self._perm[self.pos - self.batch_size:self.pos]  # the images super().next() just read
+        return ids, _labels_of(self.data, index, self.device)
+
+
+def labelled_batches(data: ImageSet, batch_size: int, palette: Palette,
+                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """All of ``data`` in stored order, unaugmented, as (ids (B, T), labels (B,)); the last batch may be
+    smaller (evaluation)."""
+    _labels_of(data, np.arange(0), device)
+    palette = palette.to(device)
+    for start in range(0, len(data), batch_size):
+        index = np.arange(start, min(len(data), start + batch_size))
+        yield to_ids(data, index, palette, device), _labels_of(data, index, device)

@@ -1,5 +1,6 @@
 """Pretraining (paper section 3.4): Adam(0.9, 0.95), warm-up then cosine decay to 0, no dropout or weight
-decay by default, resumable from the last checkpoint with an identical loss curve.
+decay by default, resumable from the last checkpoint with an identical loss curve; data-parallel under
+``torchrun`` (see ``igpt.distributed``).
 
 Run layout (``--out RUN_DIR``)::
 
@@ -11,7 +12,7 @@ Run layout (``--out RUN_DIR``)::
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import time
@@ -22,49 +23,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from igpt import checkpoint as ckpt
+from igpt.augment import FolderImages
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data import ImageSet, check_palette, open_split
-from igpt.augment import FolderImages
+from igpt.distributed import World, barrier, init_distributed, mean_across, shutdown
 from igpt.loader import BatchStream, FolderStream, fixed_batches, folder_splits
 from igpt.model import GPT
-from igpt.objectives import ar_loss, bert_loss, nats_to_bits, objective_loss, sample_keep_mask
+from igpt.objectives import ar_loss, bert_loss, nats_to_bits, sample_keep_mask
+from igpt.optim import lr_at, make_optimizer, warmup_steps
 from igpt.palette import Palette
+from igpt.rundir import RUN_FILE, append_metrics, last_metrics, read_run, truncate_metrics
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
 
 log = logging.getLogger(__name__)
-RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
 PALETTE_FIT_IMAGES = 2000  # centre crops a palette is fitted on when training streams from a folder
-
-
-def lr_at(step: int, cfg: TrainConfig, warmup: int) -> float:
-    """Learning rate for 0-based ``step``: linear warm-up over ``warmup`` steps, then cosine to
-    ``lr * min_lr_ratio`` at ``max_steps``."""
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_steps(cfg: TrainConfig, n_train: int) -> int:
-    """Explicit steps, or (-1) one epoch as in the paper, capped at 10% of the run: the paper's runs are
-    1M steps long, where one epoch is ~1%; a short run would otherwise never leave warm-up."""
-    if cfg.warmup_steps >= 0:
-        return cfg.warmup_steps
-    epoch = math.ceil(n_train / (cfg.batch_size * cfg.grad_accum))
-    return max(1, min(epoch, cfg.max_steps // 10))
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam(W); weight decay, when asked for, applies to weight matrices only (not gains or embeddings)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n and "wpe" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "wte" not in n and "wpe" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -103,60 +79,41 @@ def resolve_palette(data_cfg: DataConfig, train: ImageSet, seed: int, device: to
     return Palette.fit(train.pixels, k=data_cfg.palette_k, seed=seed, device=device)
 
 
-def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the file holds one consistent curve."""
-    path = run_dir / METRICS_FILE
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
-
-
-def _last_metrics(run_dir: Path) -> dict[str, Any]:
-    """The last logged train and val records: what a resumed, already finished run reports."""
-    last: dict[str, Any] = {}
-    path = run_dir / METRICS_FILE
-    for line in path.read_text().splitlines() if path.exists() else []:
-        record = json.loads(line)
-        last[record.pop("split")] = {k: v for k, v in record.items() if k != "step"}
-    return last
-
-
-def _read_run(run_dir: Path) -> tuple[ModelConfig, TrainConfig, DataConfig]:
-    path = run_dir / RUN_FILE
-    if not path.exists():
-        raise ValueError(f"--resume {run_dir}: no {RUN_FILE} there, so it is not an igpt run directory")
-    run = json.loads(path.read_text())
-    return ModelConfig.from_dict(run["model"]), TrainConfig.from_dict(run["train"]), DataConfig(**run["data"])
-
-
 class Trainer:
-    """State of one pretraining run; ``pretrain`` is the entry point."""
+    """State of one pretraining run (one process of it under torchrun); ``pretrain`` is the entry point."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path,
-                 resume: bool) -> None:
-        self.cfg, self.data_cfg, self.run_dir = cfg, data_cfg, run_dir
-        self.device = resolve_device(cfg.device)
+                 resume: bool, world: World, device: str) -> None:
+        self.cfg, self.data_cfg, self.run_dir, self.world = cfg, data_cfg, run_dir, world
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.rows = world.slice(cfg.batch_size)  # this process's share of every micro-batch
         seed_everything(cfg.seed)
-        self.train_set, n_train, self.val_set, make_stream = self._open_data(model_cfg.n_px)
-        if resume and (run_dir / "palette.npz").exists():
-            self.palette = Palette.load(run_dir / "palette.npz")
-            check_palette(self.train_set, self.palette)
-        else:
-            self.palette = resolve_palette(data_cfg, self.train_set, cfg.seed, self.device)
-            self.palette.save(run_dir / "palette.npz")
+        self.train_set, self.n_train, self.val_set, make_stream = self._open_data(model_cfg.n_px)
+        self.palette = self._palette(resume)
         self.model_cfg = replace(model_cfg, n_vocab=self.palette.k)
-        self.model = GPT(self.model_cfg).to(self.device)
+        self.model = GPT(self.model_cfg).to(self.device)  # same seed on every rank: identical replicas
+        if cfg.objective == "bert":
+            self.model.sos.requires_grad_(False)  # BERT never reads the SOS vector (and DDP insists on use)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.stream = make_stream(self.palette)
-        self.warmup = warmup_steps(cfg, n_train)
+        self.warmup = warmup_steps(cfg, self.n_train)
         self.step = 0
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if world.size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.forward, device_ids=ids)
+
+    def _palette(self, resume: bool) -> Palette:
+        """The run's palette: the saved one on resume; else rank 0 fits or loads it and the others read it."""
+        path = self.run_dir / "palette.npz"
+        if not (resume and path.exists()):
+            if self.world.is_main:
+                resolve_palette(self.data_cfg, self.train_set, self.cfg.seed, self.device).save(path)
+            barrier(self.world)
+        palette = Palette.load(path)
+        check_palette(self.train_set, palette)
+        return palette
 
     def _open_data(self, n_px: int) -> tuple[ImageSet, int, ImageSet | None, Callable[[Palette], Any]]:
         """(images to fit/check the palette on, number of training images, validation set or None, a
@@ -169,11 +126,11 @@ class Trainer:
             fit_set = ImageSet(n_px, np.stack([view[int(i)][0].numpy() for i in fit_idx]), None, None, None,
                                None, dc.data)
             return fit_set, len(train_idx), val if cfg.eval_every else None, lambda palette: FolderStream(
-                images, train_idx, cfg.batch_size, cfg.seed, palette, self.device, cfg.workers)
+                images, train_idx, cfg.batch_size, cfg.seed, palette, self.device, cfg.workers, self.rows)
         kw = dict(n_px=n_px, val_fraction=dc.val_fraction, seed=cfg.seed, resize=dc.resize)
         train = open_split(dc.data, "train", **kw)
         return train, len(train), self._open_val(kw), lambda palette: BatchStream(
-            train, cfg.batch_size, cfg.seed, palette, self.device, cfg.augment)
+            train, cfg.batch_size, cfg.seed, palette, self.device, cfg.augment, self.rows)
 
     def _open_val(self, kw: dict[str, Any]) -> ImageSet | None:
         if self.cfg.eval_every == 0:
@@ -195,19 +152,33 @@ class Trainer:
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = int(state["step"])
-        _truncate_metrics(self.run_dir, self.step)
+        barrier(self.world)  # every rank has read the checkpoint before rank 0 may rewrite the metrics
+        if self.world.is_main:
+            truncate_metrics(self.run_dir, self.step)
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def save(self) -> None:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "stream": self.stream.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        info = {"step": self.step, "objective": self.cfg.objective, "n_px": self.model_cfg.n_px,
-                "data": self.data_cfg.data}
-        ckpt.save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.step:07d}", self.model, self.palette,
-                             info, state)
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        """Rank 0 writes the checkpoint (data-parallel replicas are identical); the others wait for it."""
+        if self.world.is_main:
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "stream": self.stream.state_dict(), "torch_rng": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            info = {"step": self.step, "objective": self.cfg.objective, "n_px": self.model_cfg.n_px,
+                    "data": self.data_cfg.data}
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.step:07d}", self.model,
+                                 self.palette, info, state)
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        barrier(self.world)
+
+    def _micro_loss(self, ids: torch.Tensor, micro: int) -> torch.Tensor:
+        if self.cfg.objective == "ar":
+            return ar_loss(self.forward, ids)
+        # The mask of the whole micro-batch is drawn from (seed, step, micro) and sliced, so it is the same
+        # after a resume and whatever the number of processes.
+        generator = derived_generator(self.cfg.seed, self.step, micro)
+        keep = sample_keep_mask((self.cfg.batch_size, ids.shape[1]), self.cfg.mask_prob, generator)
+        return bert_loss(self.forward, ids, keep=keep[self.rows].to(self.device))
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -217,11 +188,14 @@ class Trainer:
         total = 0.0
         for micro in range(cfg.grad_accum):
             ids = self.stream.next()
-            generator = derived_generator(cfg.seed, self.step, micro)  # BERT masks, identical after resume
-            with autocast(self.device, self.dtype):
-                loss = objective_loss(cfg.objective, self.forward, ids, cfg.mask_prob, generator)
-            (loss / cfg.grad_accum).backward()
+            last = micro == cfg.grad_accum - 1
+            sync = self.forward.no_sync() if self.world.size > 1 and not last else contextlib.nullcontext()
+            with sync:  # DDP averages gradients over ranks in the backward pass of the last micro-batch
+                with autocast(self.device, self.dtype):
+                    loss = self._micro_loss(ids, micro)
+                (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
+        total = mean_across(total, self.world, self.device)
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {self.step}; resume from the last "
                                      f"checkpoint with a lower --lr")
@@ -231,43 +205,63 @@ class Trainer:
         self.step += 1
         return {"loss": total, "bits": nats_to_bits(total), "lr": lr, "grad_norm": float(norm)}
 
-    def validate(self) -> dict[str, float]:
-        batches = fixed_batches(self.val_set, self.cfg.batch_size, self.cfg.eval_batches, self.palette, self.device)
-        return evaluate(self.forward, batches, self.cfg.objective, self.cfg.mask_prob, self.cfg.seed, self.dtype)
+    def validate(self) -> dict[str, float] | None:
+        """Validation loss, computed by rank 0 on the unwrapped model while the others wait."""
+        result = None
+        if self.world.is_main:
+            batches = fixed_batches(self.val_set, self.cfg.batch_size, self.cfg.eval_batches, self.palette,
+                                    self.device)
+            result = evaluate(self.model, batches, self.cfg.objective, self.cfg.mask_prob, self.cfg.seed,
+                              self.dtype)
+        barrier(self.world)
+        return result
+
+
+def _start_run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, world: World) -> None:
+    if ckpt.step_checkpoints(run_dir):
+        raise ValueError(f"--out {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                         f"or choose another --out")
+    barrier(world)  # every rank has looked before rank 0 writes
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        # Written before anything slow, so a run killed at any point can be resumed.
+        ckpt.write_json_atomic(run_dir / RUN_FILE, {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
+                                                   "data": data_cfg.to_dict()})
+    barrier(world)
 
 
 def pretrain(model_cfg: ModelConfig | None, cfg: TrainConfig | None, data_cfg: DataConfig | None,
              out_dir: str | Path, *, resume: bool = False, progress: bool = True,
              on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Pretrain a model into ``out_dir``; with ``resume=True`` the configs come from the run directory and
-    training continues from its newest checkpoint. Returns the last train and validation metrics."""
+    training continues from its newest checkpoint. Under torchrun every process calls this; only rank 0
+    writes files and shows progress. Returns the last train and validation metrics."""
     run_dir = Path(out_dir)
     if resume:
-        model_cfg, cfg, data_cfg = _read_run(run_dir)
-    else:
-        if ckpt.step_checkpoints(run_dir):
-            raise ValueError(f"--out {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                             f"or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
-        # Written before anything slow, so a run killed at any point can be resumed.
-        ckpt.write_json_atomic(run_dir / RUN_FILE, {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
-                                                   "data": data_cfg.to_dict()})
-    trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume)
-    if resume and ckpt.step_checkpoints(run_dir):
-        trainer.restore()
-    elif resume:
-        _truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
-    run = {"model": trainer.model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict()}
-    ckpt.write_json_atomic(run_dir / RUN_FILE, run)
-    log.info("%s: %s parameters, %d training images, warm-up %d steps, device %s", run_dir,
-             f"{trainer.model.num_params():,}", len(trainer.train_set), trainer.warmup, trainer.device)
-    return _loop(trainer, progress, on_step)
+        model_cfg, cfg, data_cfg = read_run(run_dir)
+    world, device = init_distributed(cfg.device)
+    try:
+        if not resume:
+            _start_run(model_cfg, cfg, data_cfg, run_dir, world)
+        trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
+        if resume and ckpt.step_checkpoints(run_dir):
+            trainer.restore()
+        elif resume and world.is_main:
+            truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
+        if world.is_main:
+            run = {"model": trainer.model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict()}
+            ckpt.write_json_atomic(run_dir / RUN_FILE, run)
+            log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s", run_dir,
+                     f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device)
+        return _loop(trainer, progress and world.is_main, on_step)
+    finally:
+        shutdown(world)
 
 
 def _loop(t: Trainer, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
-    cfg, images_per_step = t.cfg, t.cfg.batch_size * t.cfg.grad_accum
-    result: dict[str, Any] = _last_metrics(t.run_dir)
+    cfg, images_per_step, main = t.cfg, t.cfg.batch_size * t.cfg.grad_accum, t.world.is_main
+    result: dict[str, Any] = last_metrics(t.run_dir)
     bar = tqdm(total=cfg.max_steps, initial=t.step, disable=not progress, desc="pretrain", unit="step")
     t.model.train()
     tick = time.perf_counter()
@@ -277,11 +271,12 @@ def _loop(t: Trainer, progress: bool, on_step: Callable[[int, dict[str, float]],
         metrics["img_per_s"] = images_per_step / (now - tick)
         tick = now
         result["train"] = metrics
-        if t.step % cfg.log_every == 0 or t.step == cfg.max_steps:
-            _append_metrics(t.run_dir, {"step": t.step, "split": "train", **metrics})
+        if main and (t.step % cfg.log_every == 0 or t.step == cfg.max_steps):
+            append_metrics(t.run_dir, {"step": t.step, "split": "train", **metrics})
         if t.val_set is not None and (t.step % cfg.eval_every == 0 or t.step == cfg.max_steps):
-            result["val"] = t.validate()
-            _append_metrics(t.run_dir, {"step": t.step, "split": "val", **result["val"]})
+            if (val := t.validate()) is not None:
+                result["val"] = val
+                append_metrics(t.run_dir, {"step": t.step, "split": "val", **val})
             tick = time.perf_counter()
         if t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
             t.save()

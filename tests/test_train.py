@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.train import lr_at, pretrain, warmup_steps
+from igpt.optim import lr_at, warmup_steps
+from igpt.train import pretrain
 
 MODEL = ModelConfig.from_preset("igpt-nano")
 DATA = DataConfig(data="digits", palette_k=16)

@@ -1,0 +1,75 @@
+"""Data-parallel training under ``torchrun``: process-group set-up and the few collectives the loop needs.
+
+``torchrun --nproc_per_node=N -m igpt pretrain ...`` starts N processes with RANK, WORLD_SIZE and
+LOCAL_RANK in their environment; ``init_distributed`` reads them when training starts (never at import).
+A plain ``igpt pretrain`` has no such variables and runs as a world of one.
+
+The global batch does not depend on the number of processes: each step's micro-batch of ``--batch-size``
+images (and its augmentation draws and BERT masks) is chosen exactly as in a single process, and rank r
+takes the r-th contiguous slice of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer than this fails instead of hanging
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def slice(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items (n must divide evenly)."""
+        if n % self.size:
+            raise ValueError(f"--batch-size {n} is not divisible by the {self.size} processes")
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def init_distributed(device_name: str) -> tuple[World, str]:
+    """Join the torchrun process group if launched by torchrun. Returns the world and the device name
+    this rank should use (``cuda:LOCAL_RANK`` for GPUs; the CPU uses the gloo backend)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return World(), device_name
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available() or device_name.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(world.local_rank)
+        device_name = f"cuda:{world.local_rank}"
+    elif device_name == "auto":
+        device_name = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
+    return world, device_name
+
+
+def mean_across(value: float, world: World, device: torch.device) -> float:
+    """The mean of a per-rank scalar over all ranks (identity in a single process)."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world.size
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

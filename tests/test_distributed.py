@@ -1,0 +1,51 @@
+"""Data-parallel pretraining under torchrun (CPU, gloo): the result must not depend on the process count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+COMMON = ["pretrain", "--preset", "igpt-nano", "--data", "digits", "--palette-k", "16", "--max-steps", "4",
+          "--batch-size", "16", "--grad-accum", "2", "--warmup-steps", "1", "--eval-every", "2",
+          "--eval-batches", "2", "--ckpt-every", "2", "--log-every", "1", "--device", "cpu", "-q"]
+
+
+def run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "igpt"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "igpt"]
+    # -q must precede the sub-command
+    return subprocess.run(launcher + ["-q"] + args, capture_output=True, text=True, env=env, timeout=300)
+
+
+def curve(run_dir) -> dict[tuple[int, str], float]:
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], r["split"]): r["loss"] for r in records}
+
+
+@pytest.mark.parametrize("extra", [["--objective", "ar"], ["--objective", "bert", "--augment", "cifar"]])
+def test_two_processes_match_one(tmp_path, extra):
+    args = [a for a in COMMON if a != "-q"] + extra
+    for name, nproc in (("one", 1), ("two", 2)):
+        proc = run(args + ["--out", str(tmp_path / name)], nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert sorted(one) == sorted(two) and len(one) == 6  # 4 train + 2 val records, written once (rank 0)
+    assert list(two.values()) == pytest.approx(list(one.values()), rel=1e-5)
+    w1 = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000004" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "checkpoints" / "step-0000004" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_batch_must_split_evenly_across_processes(tmp_path):
+    args = [a for a in COMMON if a != "-q"]
+    args[args.index("--batch-size") + 1] = "15"
+    proc = run(args + ["--out", str(tmp_path / "r")], 2)
+    assert proc.returncode != 0 and "not divisible by the 2 processes" in proc.stderr
