@@ -118,6 +118,8 @@ class TrainConfig:
     dtype: str = arg("auto", "autocast dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'",
                      choices=("auto", "bf16", "fp32"))
     compile: bool = arg(False, "wrap the model in torch.compile")
+    fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and optimizer state across the "
+                     "processes (FSDP2 fully_shard) instead of replicating them (DDP)")
 
     def __post_init__(self) -> None:
         if self.objective not in ("ar", "bert"):

@@ -23,6 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -40,6 +44,7 @@ from igpt.rundir import RUN_FILE, append_metrics, last_metrics, read_run, trunca
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
 
 log = logging.getLogger(__name__)
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 PALETTE_FIT_IMAGES = 2000  # centre crops a palette is fitted on when training streams from a folder
 
 
@@ -95,12 +100,17 @@ class Trainer:
         self.model = GPT(self.model_cfg).to(self.device)  # same seed on every rank: identical replicas
         if cfg.objective == "bert":
             self.model.sos.requires_grad_(False)  # BERT never reads the SOS vector (and DDP insists on use)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.sharded = cfg.fsdp and world.size > 1
+        if self.sharded:  # each block its own unit, so only one block's parameters are gathered at a time
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)  # after sharding: it holds the shards
         self.stream = make_stream(self.palette)
         self.warmup = warmup_steps(cfg, self.n_train)
         self.step = 0
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        if world.size > 1:
+        if world.size > 1 and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.forward, device_ids=ids)
 
@@ -143,10 +153,11 @@ class Trainer:
 
     def restore(self) -> None:
         ckpt_dir = ckpt.resolve_checkpoint(self.run_dir)
-        model, _, _ = ckpt.load_checkpoint(ckpt_dir, self.device)
-        self.model.load_state_dict(model.state_dict())
+        model, _, _ = ckpt.load_checkpoint(ckpt_dir, "cpu")
         state = ckpt.load_train_state(ckpt_dir)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Full (unsharded, name-keyed) state dicts: a run resumes on any number of processes, DDP or FSDP.
+        set_model_state_dict(self.model, model.state_dict(), options=FULL_STATE)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_STATE)
         self.stream.load_state_dict(state["stream"])
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
@@ -158,16 +169,19 @@ class Trainer:
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def save(self) -> None:
-        """Rank 0 writes the checkpoint (data-parallel replicas are identical); the others wait for it."""
+        """Rank 0 writes the checkpoint; the others wait for it. Under FSDP the full weights and optimizer
+        state are gathered first (a collective every rank joins)."""
+        weights = get_model_state_dict(self.model, options=FULL_STATE)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
         if self.world.is_main:
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+            state = {"step": self.step, "optimizer": optimizer,
                      "stream": self.stream.state_dict(), "torch_rng": torch.get_rng_state()}
             if self.device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             info = {"step": self.step, "objective": self.cfg.objective, "n_px": self.model_cfg.n_px,
                     "data": self.data_cfg.data}
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.step:07d}", self.model,
-                                 self.palette, info, state)
+                                 self.palette, info, state, state_dict=weights)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
         barrier(self.world)
 
@@ -180,6 +194,14 @@ class Trainer:
         keep = sample_keep_mask((self.cfg.batch_size, ids.shape[1]), self.cfg.mask_prob, generator)
         return bert_loss(self.forward, ids, keep=keep[self.rows].to(self.device))
 
+    def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients across ranks only on the last micro-batch of a step."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+        elif self.world.size > 1 and not last:
+            return self.forward.no_sync()
+        return contextlib.nullcontext()
+
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         lr = lr_at(self.step, cfg, self.warmup)
@@ -188,9 +210,7 @@ class Trainer:
         total = 0.0
         for micro in range(cfg.grad_accum):
             ids = self.stream.next()
-            last = micro == cfg.grad_accum - 1
-            sync = self.forward.no_sync() if self.world.size > 1 and not last else contextlib.nullcontext()
-            with sync:  # DDP averages gradients over ranks in the backward pass of the last micro-batch
+            with self._grad_sync(micro == cfg.grad_accum - 1):  # gradients are averaged on the last one
                 with autocast(self.device, self.dtype):
                     loss = self._micro_loss(ids, micro)
                 (loss / cfg.grad_accum).backward()
@@ -200,21 +220,23 @@ class Trainer:
             raise FloatingPointError(f"loss became {total} at step {self.step}; resume from the last "
                                      f"checkpoint with a lower --lr")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss": total, "bits": nats_to_bits(total), "lr": lr, "grad_norm": float(norm)}
 
     def validate(self) -> dict[str, float] | None:
-        """Validation loss, computed by rank 0 on the unwrapped model while the others wait."""
+        """Validation loss on the unwrapped model: computed by rank 0 while the others wait, or under FSDP by
+        every rank (each forward pass gathers the shards), with rank 0 reporting it."""
         result = None
-        if self.world.is_main:
+        if self.world.is_main or self.sharded:
             batches = fixed_batches(self.val_set, self.cfg.batch_size, self.cfg.eval_batches, self.palette,
                                     self.device)
             result = evaluate(self.model, batches, self.cfg.objective, self.cfg.mask_prob, self.cfg.seed,
                               self.dtype)
         barrier(self.world)
-        return result
+        return result if self.world.is_main else None
 
 
 def _start_run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, world: World) -> None:

@@ -49,3 +49,24 @@ def test_batch_must_split_evenly_across_processes(tmp_path):
     args[args.index("--batch-size") + 1] = "15"
     proc = run(args + ["--out", str(tmp_path / "r")], 2)
     assert proc.returncode != 0 and "not divisible by the 2 processes" in proc.stderr
+
+
+def test_fsdp_matches_one_process_and_resumes_in_one(tmp_path):
+    """FSDP2 over two processes gives the single-process curve; its checkpoint (gathered to full,
+    name-keyed state) resumes in a single process and continues that curve."""
+    args = [a for a in COMMON if a != "-q"]
+    assert run(args + ["--out", str(tmp_path / "one")], 1).returncode == 0
+    proc = run(args + ["--fsdp", "--out", str(tmp_path / "fsdp")], 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(curve(tmp_path / "fsdp").values()) == pytest.approx(list(curve(tmp_path / "one").values()), rel=1e-5)
+
+    short = [a if a != "4" else "2" for a in args]  # --max-steps 2; warm-up 1, so steps 0-1 see the same lr
+    proc = run(short + ["--fsdp", "--out", str(tmp_path / "split")], 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_file = tmp_path / "split" / "run.json"
+    config = json.loads(run_file.read_text())
+    config["train"]["max_steps"] = 4
+    run_file.write_text(json.dumps(config))
+    proc = run(["pretrain", "--resume", str(tmp_path / "split")], 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(curve(tmp_path / "split").values()) == pytest.approx(list(curve(tmp_path / "one").values()), rel=1e-5)
