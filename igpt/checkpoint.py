@@ -39,7 +39,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, info: dict[str, Any] | None = None,
-                    train_state: dict[str, Any] | None = None) -> Path:
+                    train_state: dict[str, Any] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint directory atomically. ``model`` must be the uncompiled module."""
     ckpt_dir = Path(ckpt_dir)
     if model.config.n_vocab != palette.k:
@@ -47,7 +48,8 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, info: di
     tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # state_dict: the weights gathered from a sharded (FSDP) model, when model itself holds only shards
+    state = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or model.state_dict()).items()}
     save_file(state, str(tmp / WEIGHTS))
     palette.save(tmp / PALETTE)
     config = {"format": "igpt", "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
