@@ -111,6 +111,7 @@ class TrainConfig:
     eval_every: int = arg(200, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = arg(8, "validation micro-batches per evaluation")
     log_every: int = arg(10, "steps between metric lines in metrics.jsonl")
+    tensorboard: bool = arg(False, "also log metrics to TensorBoard in RUN/tensorboard (needs tensorboard)")
     ckpt_every: int = arg(500, "steps between checkpoints (one is always written at the end)")
     keep_last: int = arg(2, "how many step checkpoints to keep")
     seed: int = arg(0, "seed for initialisation, batch order, masks and augmentation")

@@ -41,3 +41,28 @@ def read_run(run_dir: Path) -> tuple[ModelConfig, TrainConfig, DataConfig]:
         raise ValueError(f"--resume {run_dir}: no {RUN_FILE} there, so it is not an igpt run directory")
     run = json.loads(path.read_text())
     return ModelConfig.from_dict(run["model"]), TrainConfig.from_dict(run["train"]), DataConfig(**run["data"])
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl and, with ``tensorboard=True``, mirrors every number to TensorBoard
+    under ``RUN/tensorboard`` as ``{split}/{name}`` against the step."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+        self.run_dir, self.writer = run_dir, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        append_metrics(self.run_dir, record)
+        if self.writer is not None:
+            for name, value in record.items():
+                if name not in ("step", "split") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record['split']}/{name}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -40,7 +40,7 @@ from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, nats_to_bits, sample_keep_mask
 from igpt.optim import lr_at, make_optimizer, warmup_steps
 from igpt.palette import Palette
-from igpt.rundir import RUN_FILE, append_metrics, last_metrics, read_run, truncate_metrics
+from igpt.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
 
 log = logging.getLogger(__name__)
@@ -276,13 +276,19 @@ def pretrain(model_cfg: ModelConfig | None, cfg: TrainConfig | None, data_cfg: D
             ckpt.write_json_atomic(run_dir / RUN_FILE, run)
             log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s", run_dir,
                      f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device)
-        return _loop(trainer, progress and world.is_main, on_step)
+        metrics_log = MetricsLog(run_dir, cfg.tensorboard) if world.is_main else None
+        try:
+            return _loop(trainer, metrics_log, progress and world.is_main, on_step)
+        finally:
+            if metrics_log is not None:
+                metrics_log.close()
     finally:
         shutdown(world)
 
 
-def _loop(t: Trainer, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
-    cfg, images_per_step, main = t.cfg, t.cfg.batch_size * t.cfg.grad_accum, t.world.is_main
+def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
+          on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
+    cfg, images_per_step = t.cfg, t.cfg.batch_size * t.cfg.grad_accum
     result: dict[str, Any] = last_metrics(t.run_dir)
     bar = tqdm(total=cfg.max_steps, initial=t.step, disable=not progress, desc="pretrain", unit="step")
     t.model.train()
@@ -293,12 +299,12 @@ def _loop(t: Trainer, progress: bool, on_step: Callable[[int, dict[str, float]],
         metrics["img_per_s"] = images_per_step / (now - tick)
         tick = now
         result["train"] = metrics
-        if main and (t.step % cfg.log_every == 0 or t.step == cfg.max_steps):
-            append_metrics(t.run_dir, {"step": t.step, "split": "train", **metrics})
+        if metrics_log and (t.step % cfg.log_every == 0 or t.step == cfg.max_steps):
+            metrics_log.write({"step": t.step, "split": "train", **metrics})
         if t.val_set is not None and (t.step % cfg.eval_every == 0 or t.step == cfg.max_steps):
             if (val := t.validate()) is not None:
                 result["val"] = val
-                append_metrics(t.run_dir, {"step": t.step, "split": "val", **val})
+                metrics_log.write({"step": t.step, "split": "val", **val})
             tick = time.perf_counter()
         if t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
             t.save()

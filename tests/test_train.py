@@ -134,3 +134,15 @@ def test_imagenet_style_augmentation_streams_an_image_folder_and_resumes(tmp_pat
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-6)
     pretrain(MODEL, replace(cfg, workers=2), data, tmp_path / "c", progress=False)  # decoded in 2 processes
     assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "a"), rel=1e-6)
+
+
+def test_tensorboard_logging_or_a_clear_error(tmp_path):
+    cfg = train_cfg(max_steps=2, tensorboard=True, eval_every=0)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            pretrain(MODEL, cfg, DATA, tmp_path / "run", progress=False)
+        return
+    pretrain(MODEL, cfg, DATA, tmp_path / "run", progress=False)
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
