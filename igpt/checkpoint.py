@@ -7,6 +7,8 @@ A checkpoint is a directory::
       config.json         {"format": "igpt", "model": {...}, "palette_fingerprint": ..., "step": ..., ...}
       palette.npz         the palette the ids were made with (igpt.palette format)
       train_state.pt      optimizer, data position and RNG state (pretraining checkpoints only)
+      classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]; config.json then has
+                          "objective": "finetune", "base_objective", "n_classes" and "classes"
 
 A run directory holds ``checkpoints/step-*``; ``load(run_dir)`` takes the newest complete one. Each
 directory is assembled under a temporary name and renamed into place, so a crash (even SIGKILL) leaves
@@ -29,6 +31,7 @@ from igpt.model import GPT
 from igpt.palette import Palette
 
 WEIGHTS, CONFIG, PALETTE, STATE = "model.safetensors", "config.json", "palette.npz", "train_state.pt"
+CLASSIFIER = "classifier.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -40,8 +43,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, info: dict[str, Any] | None = None,
                     train_state: dict[str, Any] | None = None,
+                    classifier: dict[str, torch.Tensor] | None = None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a complete checkpoint directory atomically. ``model`` must be the uncompiled module."""
+    """Write a complete checkpoint directory atomically. ``model`` must be the uncompiled module;
+    ``classifier`` (a fine-tuned head's tensors) goes to classifier.safetensors."""
     ckpt_dir = Path(ckpt_dir)
     if model.config.n_vocab != palette.k:
         raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {palette.k} colours")
@@ -57,6 +62,8 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, info: di
     write_json_atomic(tmp / CONFIG, config)
     if train_state is not None:
         torch.save(train_state, tmp / STATE)
+    if classifier is not None:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in classifier.items()}, str(tmp / CLASSIFIER))
     if ckpt_dir.exists():  # replace an older checkpoint of the same name: move it aside, then swap
         old = ckpt_dir.with_name(f".{ckpt_dir.name}.old-{os.getpid()}")
         os.replace(ckpt_dir, old)
@@ -107,7 +114,12 @@ def read_config(ckpt_dir: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, dict[str, Any]]:
     """Load (model in eval mode, palette, config dict). Weights are loaded strictly: a missing,
-    unexpected or mis-shaped tensor is an error naming it."""
+    unexpected or mis-shaped tensor is an error naming it. A Hugging Face ImageGPT directory (its config.json
+    says ``"model_type": "imagegpt"``) is converted on the fly by ``igpt.interop``."""
+    from igpt import interop  # imported here: interop itself builds on this module
+
+    if interop.is_hf_dir(path):
+        return interop.load_hf(path, device)
     ckpt_dir = resolve_checkpoint(path)
     config = read_config(ckpt_dir)
     model = GPT(ModelConfig.from_dict(config["model"]))
@@ -140,3 +152,22 @@ def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise ValueError(f"{ckpt_dir} has no {STATE}: it cannot be resumed (was it exported, not trained?)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[GPT, torch.nn.Linear, Palette, list[str] | None]:
+    """A fine-tuned checkpoint (or run directory): (model, head, palette, class names). The head maps the
+    mean over positions of the final norm's output, (B, d), to class logits (B, n_classes)."""
+    ckpt_dir = resolve_checkpoint(path)
+    model, palette, config = load_checkpoint(ckpt_dir, device)
+    if not (ckpt_dir / CLASSIFIER).exists():
+        raise ValueError(f"{ckpt_dir} has no {CLASSIFIER}: it is not a fine-tuned classifier (see igpt finetune)")
+    weight = load_file(str(ckpt_dir / CLASSIFIER)).get("head.weight")
+    n_classes = config.get("n_classes")
+    if weight is None or tuple(weight.shape) != (n_classes, model.config.n_embd):
+        raise ValueError(f"{ckpt_dir / CLASSIFIER}: expected head.weight of shape ({n_classes}, "
+                         f"{model.config.n_embd}), got {None if weight is None else tuple(weight.shape)}")
+    head = torch.nn.Linear(model.config.n_embd, n_classes, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return model, head.to(device).eval(), palette, config.get("classes")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,19 +57,13 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: "LayerCache | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, cache: "LayerCache | None" = None,
+                step: "DecodeStep | None" = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if cache is not None:
-            # Decoding: new queries attend to every cached key plus themselves; the causal mask is only
-            # needed within the new block, and SDPA's is_causal aligns to the top-left corner, so a
-            # multi-token step past a filled prefix needs an explicit mask.
-            k, v = cache.append(k, v)
-            mask = None
-            if T > 1 and causal:
-                S = k.shape[2]
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            k, v, mask = cache.update(k, v, causal, step)  # the keys so far (B, H, S, hd) and which to see
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             p = self.dropout if self.training else 0.0
@@ -100,19 +95,32 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, causal: bool, cache: "LayerCache | None" = None) -> torch.Tensor:
-        h = h + self.attn(self.ln_1(h), causal, cache)
+    def forward(self, h: torch.Tensor, causal: bool, cache: "LayerCache | None" = None,
+                step: "DecodeStep | None" = None) -> torch.Tensor:
+        h = h + self.attn(self.ln_1(h), causal, cache, step)
         return h + self.mlp(self.ln_2(h))
 
 
+class DecodeStep(NamedTuple):
+    """One token fed at a position held in a device tensor, attending a fixed number of cache slots, so that
+    every shape is static and one CUDA graph per ``width`` replays the step at any position."""
+
+    pos: torch.Tensor  # (1,) int64: the position being fed, whose key and value are written
+    width: int  # cache slots attended: pos < width <= n_ctx
+    mask: torch.Tensor | None  # (1, width) additive: 0 up to pos, -inf after; None when width == pos + 1
+
+
 class LayerCache:
-    """Pre-allocated keys and values of one layer: (B, H, n_ctx, hd) each, filled left to right."""
+    """Pre-allocated keys and values of one layer: (B, H, n_ctx, hd) each, filled left to right.
+
+    Zero-filled, not empty: a windowed step (``DecodeStep``) reads slots past its position and masks them,
+    and a NaN left in uninitialised memory would survive a -inf mask (0 * NaN = NaN)."""
 
     def __init__(self, B: int, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         shape = (B, config.n_head, config.n_ctx, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # slots written by append (not tracked by windowed steps)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -120,6 +128,23 @@ class LayerCache:
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               step: DecodeStep | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new keys and values (B, H, n, hd); return the keys and values to attend and the mask."""
+        if step is not None:
+            self.k.index_copy_(2, step.pos, k.to(self.k.dtype))  # a device-side index: no host sync
+            self.v.index_copy_(2, step.pos, v.to(self.v.dtype))
+            return self.k[:, :, :step.width], self.v[:, :, :step.width], step.mask
+        T = k.shape[2]
+        k, v = self.append(k, v)
+        mask = None
+        if T > 1 and causal:
+            # New queries see every cached key plus the new keys up to themselves. SDPA's is_causal aligns
+            # to the top-left corner, so a multi-token step past a filled prefix needs an explicit mask.
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(diagonal=S - T)
+        return k, v, mask
 
 
 class GPT(nn.Module):
@@ -229,4 +254,22 @@ class GPT(nn.Module):
         h = tok + self.wpe.weight[start:start + tok.shape[1]]
         for block, layer_cache in zip(self.blocks, cache):
             h = block(h, True, layer_cache)
+        return self.lm_head(self.ln_f(h[:, -1]))  # (B, V)
+
+    def decode_at(self, ids: torch.Tensor, pos: torch.Tensor, width: int, cache: list[LayerCache],
+                  masked: bool = True) -> torch.Tensor:
+        """One AR step with static shapes: ``ids`` (B, 1) is pixel ``pos - 1``, fed at position ``pos``
+        ((1,) int64 on the device, 1 <= pos < width), attending cache slots ``[0, width)`` with the slots
+        past ``pos`` masked. Returns logits (B, V) of pixel ``pos``. Nothing here depends on the value of
+        ``pos`` on the host, so a CUDA graph captured once per width replays every position in it.
+        ``masked=False`` is allowed only when ``width == pos + 1``. Does not advance ``cache[i].length``."""
+        mask = None
+        if masked:
+            slots = torch.arange(width, device=ids.device)
+            mask = torch.zeros(1, width, dtype=cache[0].k.dtype, device=ids.device)
+            mask = mask.masked_fill(slots > pos, float("-inf"))  # (1, width), broadcast over (B, H)
+        step = DecodeStep(pos, width, mask)
+        h = self.wte(ids) + self.wpe(pos)  # (B, 1, D)
+        for block, layer_cache in zip(self.blocks, cache):
+            h = block(h, True, layer_cache, step)
         return self.lm_head(self.ln_f(h[:, -1]))  # (B, V)

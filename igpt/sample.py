@@ -2,24 +2,85 @@
 
 ``sample(model, n)`` draws unconditional images; ``prefix`` (n, P) ids completes given first pixels (the
 paper's half-image completions keep the top rows). Each new pixel costs one token's work: the SOS and the
-prefix are fed in one pass, then one position per step.
+prefix are fed in one pass (``GPT.decode_step``), then one position per step (``GPT.decode_at``).
+
+Speed (see ``igpt.bench``): a step is bounded by reading the KV cache once, so the per-step work is kept
+static and small. The one-token step has fixed shapes: the position lives in a device tensor and attention
+covers the cache up to the next multiple of ``window`` slots, masking the slots past the position. On CUDA
+the step is captured as one CUDA graph per width (n_ctx / window graphs) and replayed, so a 24-layer step
+costs one launch instead of hundreds. Drawing happens outside the graph and never synchronises with the
+host (the exponential race below instead of ``torch.multinomial``, whose argument check reads the device).
+
+Precision: ``dtype=torch.bfloat16`` samples with a bf16 copy of the weights and a bf16 cache (what a GPU
+wants); the cache then holds half the bytes per step. On the CPU the default is fp32, and sampling with a
+KV cache equals ``sample_uncached`` token for token with the same generator (tests/test_sample.py).
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import dataclass
 
+import torch
+from tqdm.auto import tqdm
+
+from igpt.config import arg
 from igpt.model import GPT
-from igpt.runtime import autocast
+
+DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How ids are drawn, shared by ``igpt sample`` and ``igpt complete``."""
+
+    temperature: float = arg(1.0, "softmax temperature; 0 is the greedy argmax (the paper sampled at 1)")
+    top_k: int = arg(0, "draw only from the k most likely ids at each step; 0 = no top-k filter")
+    top_p: float = arg(1.0, "nucleus: draw only from the smallest set of ids whose probability reaches p; "
+                       "1 = no nucleus filter")
+    seed: int = arg(0, "seed of the draws (results also depend on the device and --batch-size)")
+    batch_size: int = arg(64, "images sampled at once")
+    device: str = arg("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = arg("auto", "weights and KV cache: 'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'",
+                     choices=DTYPES)
+    window: int = arg(64, "the one-token step attends the cache in multiples of this many slots (static "
+                      "shapes; one CUDA graph per multiple); 1 = exactly the filled slots")
+    cuda_graph: bool = arg(True, "on CUDA, replay the one-token step as CUDA graphs (no effect on the CPU)")
+    compile: bool = arg(False, "torch.compile the one-token step, fusing its small kernels (compiling takes "
+                        "a minute or more, so it pays off only for long jobs)")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.window < 1:
+            raise ValueError(f"--window must be >= 1, got {self.window}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    def filters(self) -> dict[str, float | int | None]:
+        """Keyword arguments of ``sample``/``infill``: the CLI's 0 and 1 mean 'off', the API's None."""
+        return {"temperature": self.temperature, "top_k": self.top_k or None,
+                "top_p": None if self.top_p >= 1.0 else self.top_p}
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A seeded generator on ``device``: draws happen where the logits are, without a copy to the host."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """Scale by 1/temperature, then set everything outside the top-k ids and outside the smallest set whose
-    probability reaches top_p (nucleus) to -inf. (B, V) -> (B, V) float32."""
+    probability reaches top_p (nucleus) to -inf. (..., V) -> (..., V) float32."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -30,13 +91,20 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logits
 
 
+def draw_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One id per row of probs (..., V): argmax(p / E) with E ~ Exp(1) i.i.d. picks id i with probability
+    p_i (the exponential race; torch.multinomial does the same after a check that syncs with the host).
+    An id of probability 0 can never win; E is kept above 0 so that no ratio is 0/0."""
+    e = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / e).argmax(dim=-1)
+
+
 def draw(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
          generator: torch.Generator | None) -> torch.Tensor:
-    """One id per row (B,) from logits (B, V); temperature 0 is the greedy argmax."""
+    """One id per row (...,) from logits (..., V); temperature 0 is the greedy argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return draw_from(filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
 
 
 def _check(model: GPT, n: int, prefix: torch.Tensor | None, temperature: float) -> None:
@@ -46,28 +114,132 @@ def _check(model: GPT, n: int, prefix: torch.Tensor | None, temperature: float) 
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if prefix is not None and (prefix.dim() != 2 or prefix.shape[0] != n or prefix.shape[1] > model.config.n_ctx):
         raise ValueError(f"prefix must be ({n}, P<={model.config.n_ctx}) ids, got {tuple(prefix.shape)}")
+    if prefix is not None and prefix.numel() and (prefix.min() < 0 or prefix.max() >= model.config.n_vocab):
+        raise ValueError(f"prefix ids must lie in [0, {model.config.n_vocab})")
+
+
+def low_precision_copy(model: GPT, dtype: torch.dtype) -> GPT:
+    """The model with every weight cast to ``dtype`` (built on the meta device: no second fp32 copy).
+    Sampling in bf16 this way needs no autocast casts per step, and its residual stream is bf16 too."""
+    if model.wte.weight.dtype == dtype:
+        return model
+    with torch.device("meta"):
+        low = GPT(model.config)
+    low.load_state_dict({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, assign=True)
+    return low.eval()
+
+
+class Sampler:
+    """Reusable sampling state for one model, batch size and dtype: the weights in ``dtype``, the KV cache,
+    the static step's inputs and, on CUDA, its captured graphs. ``sample`` builds one per batch size;
+    keep one to spread the graph captures over many batches (``igpt.bench`` does)."""
+
+    def __init__(self, model: GPT, batch: int, *, dtype: torch.dtype = torch.float32, window: int = 64,
+                 cuda_graph: bool | None = None, compile: bool = False) -> None:
+        self.device = model.wte.weight.device
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {self.device}")
+        self.model = low_precision_copy(model.eval(), dtype)
+        self.batch, self.window, self.T = batch, window, model.config.n_ctx
+        self.graphs_on = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        # dynamic=True: one compilation serves every width (the widths differ only in the cache slice)
+        self.decode_at = torch.compile(self.model.decode_at, dynamic=True) if compile else self.model.decode_at
+        self.cache = self.model.new_cache(batch, self.device, dtype)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # (B, 1) the pixel fed
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # (1,) where it is fed
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def width(self, pos: int) -> int:
+        """Cache slots a step at ``pos`` attends: the next multiple of the window, at most n_ctx."""
+        return min(self.T, math.ceil((pos + 1) / self.window) * self.window)
+
+    def _forward(self, width: int) -> torch.Tensor:
+        return self.decode_at(self.ids, self.pos, width, self.cache, masked=self.window > 1)
+
+    def _capture(self, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream first (lazy kernel and workspace initialisation cannot be captured);
+        # it writes the same key and value the replay writes, so it changes nothing.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._forward(width)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):  # every width shares one memory pool
+            logits = self._forward(width)
+        self.pool = graph.pool()
+        return graph, logits
+
+    def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """Feed ids (B, 1), pixel ``pos - 1``, at position ``pos``; logits (B, V) of pixel ``pos``."""
+        self.ids.copy_(ids)
+        self.pos.fill_(pos)  # a device-side fill: the host never waits
+        width = self.width(pos)
+        if not self.graphs_on:
+            return self._forward(width)
+        if width not in self.graphs:
+            self.graphs[width] = self._capture(width)
+        graph, logits = self.graphs[width]
+        graph.replay()
+        return logits
+
+    @torch.no_grad()
+    def run(self, prefix: torch.Tensor | None = None, *, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float | None = None, generator: torch.Generator | None = None,
+            bar: tqdm | None = None) -> torch.Tensor:
+        """One batch: ids (B, T) whose first P pixels are ``prefix`` (B, P)."""
+        B, T = self.batch, self.T
+        out = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        P = 0 if prefix is None else prefix.shape[1]
+        if prefix is not None:
+            out[:, :P] = prefix.to(self.device)
+        if P == T:
+            return out
+        for layer_cache in self.cache:
+            layer_cache.length = 0  # stale slots of an earlier batch are masked, and finite
+        logits = self.model.decode_step(out[:, :P], self.cache)  # SOS + prefix in one pass -> pixel P
+        for i in range(P, T):
+            out[:, i] = draw(logits, temperature, top_k, top_p, generator)
+            if i + 1 < T:
+                logits = self.step(out[:, i:i + 1], i + 1)
+            if bar is not None:
+                bar.update(1)
+        return out
 
 
 @torch.no_grad()
 def sample(model: GPT, n: int, *, prefix: torch.Tensor | None = None, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sample ids (n, T) with a KV cache, keeping ``prefix`` (n, P) as the first P pixels."""
+           dtype: torch.dtype = torch.float32, batch_size: int | None = None, window: int = 64,
+           cuda_graph: bool | None = None, compile: bool = False, progress: bool = False) -> torch.Tensor:
+    """Sample ids (n, T) with a KV cache, keeping ``prefix`` (n, P) as the first P pixels, ``batch_size``
+    images at a time (all n by default). ``generator`` must live on the model's device. ``cuda_graph``:
+    None = on CUDA only."""
     _check(model, n, prefix, temperature)
     device, T = model.wte.weight.device, model.config.n_ctx
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the model on {device}; "
+                         f"use make_generator(seed, device)")
+    batch_size = n if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    P = 0 if prefix is None else prefix.shape[1]
     out = torch.empty(n, T, dtype=torch.long, device=device)
-    known = prefix.to(device) if prefix is not None else out[:, :0]
-    out[:, :known.shape[1]] = known
-    if known.shape[1] == T:
-        return out
-    model.eval()
-    with autocast(device, dtype):
-        cache = model.new_cache(n, device, dtype)
-        logits = model.decode_step(known, cache)  # SOS + prefix in one pass -> logits of pixel P
-        for i in range(known.shape[1], T):
-            out[:, i] = draw(logits, temperature, top_k, top_p, generator)
-            if i + 1 < T:
-                logits = model.decode_step(out[:, i:i + 1], cache)
+    sampler: Sampler | None = None
+    starts = range(0, n, batch_size)
+    with tqdm(total=len(starts) * (T - P), desc="sample", unit="px", disable=not progress) as bar:
+        for start in starts:
+            stop = min(n, start + batch_size)
+            if sampler is None or sampler.batch != stop - start:  # the last, smaller batch needs its own
+                sampler = None  # free the old cache first
+                sampler = Sampler(model, stop - start, dtype=dtype, window=window, cuda_graph=cuda_graph,
+                                  compile=compile)
+            chunk = None if prefix is None else prefix[start:stop]
+            out[start:stop] = sampler.run(chunk, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          generator=generator, bar=bar)
     return out
 
 

@@ -63,3 +63,34 @@ def layer_plot(accs: dict[int, float], title: str, baseline: dict[int, float] | 
     d.text((left, 8), title, fill="black")
     d.text((W // 2 - 20, H - 18), "layer", fill="black")
     return img
+
+
+def hide_rows(pixels: np.ndarray, rows: int, fill: int = 128) -> np.ndarray:
+    """A copy of images (..., H, W, 3) with every row from ``rows`` on painted ``fill`` (the part a
+    completion has to invent)."""
+    out = np.array(pixels, copy=True)
+    out[..., rows:, :, :] = fill
+    return out
+
+
+def completion_figure(originals: np.ndarray, kept: np.ndarray, completions: np.ndarray, scale: int = 4,
+                      pad: int = 2, gap: int = 8) -> Image.Image:
+    """The paper's completion figure: one row per input, holding the quantized original, the kept part
+    (the rest grey) and then, after a wider ``gap``, the N completions. originals and kept are uint8
+    (M, H, W, 3), completions (M, N, H, W, 3)."""
+    originals, kept, completions = (np.asarray(a) for a in (originals, kept, completions))
+    if completions.ndim != 5 or originals.shape != kept.shape or originals.shape != (
+            completions.shape[:1] + completions.shape[2:]):
+        raise ValueError(f"completion_figure expects (M, H, W, 3), (M, H, W, 3) and (M, N, H, W, 3), got "
+                         f"{originals.shape}, {kept.shape} and {completions.shape}")
+    m, n, h, w, _ = completions.shape
+    cell_h, cell_w = h * scale, w * scale
+    width = pad + (2 + n) * (cell_w + pad) + gap
+    canvas = np.full((pad + m * (cell_h + pad), width, 3), 255, dtype=np.uint8)
+    for r in range(m):
+        top = pad + r * (cell_h + pad)
+        row = [originals[r], kept[r], *completions[r]]
+        for c, img in enumerate(row):
+            left = pad + c * (cell_w + pad) + (gap if c >= 2 else 0)
+            canvas[top:top + cell_h, left:left + cell_w] = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    return Image.fromarray(canvas)

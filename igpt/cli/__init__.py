@@ -12,9 +12,9 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from igpt.cli import pretrain
+from igpt.cli import bench, convert, evaluate, generate, pretrain
 
-COMMAND_MODULES = (pretrain,)
+COMMAND_MODULES = (pretrain, convert, evaluate, generate, bench)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,452 @@
+"""Weights in and out: OpenAI's released TensorFlow checkpoints and Hugging Face's ImageGPT directories.
+
+``hf_to_igpt`` / ``igpt_to_hf`` map Hugging Face ``ImageGPTForCausalImageModeling`` weights to ``GPT``'s and
+back; ``openai_to_igpt`` maps the released TF variables (read by ``igpt.tfbundle``, no TensorFlow needed).
+d = n_embd, V = palette colours (512), T = n_px**2, H = n_head, hd = d / H, i = block index.
+
+| Hugging Face (``transformer.`` + name)        | shape   | igpt (GPT)                  | shape   | how       |
+|-----------------------------------------------|---------|-----------------------------|---------|-----------|
+| wte.weight rows 0..V-1                        | [V+1,d] | wte.weight                  | [V, d]  | as is     |
+| wte.weight row V (the SOS id)                 |         | sos                         | [d]     | as is     |
+| wpe.weight, ln_f.weight, h.i.ln_1/ln_2.weight |         | same names (h.i -> blocks.i)|         | as is     |
+| h.i.attn.c_attn.weight                        | [d, 3d] | blocks.i.attn.c_attn.weight | [3d, d] | transpose |
+| h.i.attn.c_proj.weight                        | [d, d]  | blocks.i.attn.c_proj.weight | [d, d]  | transpose |
+| h.i.mlp.c_fc.weight                           | [d, 4d] | blocks.i.mlp.c_fc.weight    | [4d, d] | transpose |
+| h.i.mlp.c_proj.weight                         | [4d, d] | blocks.i.mlp.c_proj.weight  | [d, 4d] | transpose |
+| lm_head.weight (no prefix)                    | [V, d]  | lm_head.weight              | [V, d]  | as is     |
+| h.i.{attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj}.bias: iGPT has none; must be exactly 0, exported as 0 |
+| h.i.attn.bias, h.i.attn.masked_bias           |         | (old causal-mask buffers)   |         | ignored   |
+
+HF's Conv1D stores [in, out], ``nn.Linear`` [out, in]: hence the transposes. ``c_attn``'s output columns are
+[q | k | v], each in ``h * hd + e`` order, exactly our row order. HF's vocabulary has V + 1 ids, the last one
+the SOS, which its processor does *not* prepend: ``model(ids)`` here equals HF fed ``[V] + ids[:-1]``.
+
+| OpenAI TF                                 | shape          | igpt                        | how                      |
+|-------------------------------------------|----------------|-----------------------------|--------------------------|
+| model/wte, model/wpe, model/wtet          | [V,d] [T,d] [V,d] | wte, wpe, lm_head .weight | as is                    |
+| model/sos                                 | [d]            | sos                         | as is; BERT: absent, 0s  |
+| model/h{i}/ln_1/g, ln_2/g, model/ln_f/g   | [d]            | the norms' .weight          | as is                    |
+| model/h{i}/attn/q_proj, k_proj, v_proj    | [H, hd, d]     | blocks.i.attn.c_attn.weight | reshape(d, d), [q; k; v] |
+| model/h{i}/attn/c_proj                    | [H, hd, d]     | blocks.i.attn.c_proj.weight | reshape(d, d), transpose |
+| model/h{i}/mlp/c_fc/w, mlp/c_proj/w       | [d,4d] [4d,d]  | blocks.i.mlp.*.weight       | transpose                |
+| Adam slots, *_power, global_step, clf/*   |                | (training state)            | ignored                  |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from igpt.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint, write_json_atomic
+from igpt.config import ModelConfig
+from igpt.model import GPT, NORM_EPS
+from igpt.palette import Palette
+
+log = logging.getLogger(__name__)
+
+HF_CONFIG, HF_PROCESSOR = "config.json", "preprocessor_config.json"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded snapshots
+# ImageGPTConfig's defaults: save_pretrained writes only the values that differ from them.
+_HF_DEFAULTS: dict[str, Any] = dict(vocab_size=513, n_positions=1024, n_embd=512, n_layer=24, n_head=8,
+                                    n_inner=None, activation_function="quick_gelu", layer_norm_epsilon=1e-5,
+                                    scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                                    add_cross_attention=False)
+_HF_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+               "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+_HF_BIASES = ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
+_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+# ---- Hugging Face ----
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True for a directory whose config.json says ``"model_type": "imagegpt"`` (explicit, not key sniffing)."""
+    cfg = Path(path) / HF_CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "imagegpt"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _hf_model_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
+    """Our ModelConfig from an ImageGPT config.json; refuses settings GPT cannot reproduce."""
+    c = {**_HF_DEFAULTS, **{_HF_ALIASES.get(k, k): v for k, v in hf.items()}}
+    if c.get("model_type") != "imagegpt":
+        raise ValueError(f"{where}: model_type is {c.get('model_type')!r}, not 'imagegpt'")
+    d, T = int(c["n_embd"]), int(c["n_positions"])
+    n_px = math.isqrt(T)
+    fits = {"n_positions": n_px * n_px == T, "n_inner": c["n_inner"] in (None, 4 * d),
+            "activation_function": c["activation_function"] == "quick_gelu",
+            "layer_norm_epsilon": abs(c["layer_norm_epsilon"] - NORM_EPS) < 1e-12,
+            "scale_attn_weights": bool(c["scale_attn_weights"]),
+            "scale_attn_by_inverse_layer_idx": not c["scale_attn_by_inverse_layer_idx"],
+            "add_cross_attention": not c["add_cross_attention"]}
+    bad = next((key for key, ok in fits.items() if not ok), None)
+    if bad is not None:
+        raise ValueError(f"{where}: {bad} = {c[bad]!r} cannot be represented by igpt's model (it needs a square "
+                         "n_positions, n_inner 4*n_embd, quick_gelu, eps 1e-5, scaled attention, no cross-attention)")
+    try:
+        return ModelConfig(n_layer=int(c["n_layer"]), n_embd=d, n_head=int(c["n_head"]), n_px=n_px,
+                           n_vocab=int(c["vocab_size"]) - 1)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of ImageGPTForCausalImageModeling (without the 'transformer.' prefix) and its shape."""
+    d, V = cfg.n_embd, cfg.n_vocab
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V + 1, d), "wpe.weight": (cfg.n_ctx, d),
+                                          "ln_f.weight": (d,), "lm_head.weight": (V, d)}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        shapes.update({p + "ln_1.weight": (d,), p + "ln_2.weight": (d,),
+                       p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+                       p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+                       p + "mlp.c_fc.weight": (d, 4 * d), p + "mlp.c_fc.bias": (4 * d,),
+                       p + "mlp.c_proj.weight": (4 * d, d), p + "mlp.c_proj.bias": (d,)})
+    return shapes
+
+
+def _check_tensors(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                   where: str, shown: Callable[[str], str] = str) -> None:
+    """Raise naming the first missing, unexpected or mis-shaped tensor."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{where}: tensor {shown(missing[0])} is missing{more}")
+    unexpected = sorted(k for k in found if k not in expected)
+    if unexpected:
+        raise ValueError(f"{where}: unexpected tensor {shown(unexpected[0])} (shape {tuple(found[unexpected[0]])}); "
+                         "not an ImageGPTForCausalImageModeling / image-gpt model of the configured shape")
+    for k, shape in expected.items():
+        if tuple(found[k]) != shape:
+            raise ValueError(f"{where}: tensor {shown(k)} has shape {tuple(found[k])}, expected {shape} "
+                             "from the configuration")
+
+
+def hf_to_igpt(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any],
+               where: str = "Hugging Face weights") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """HF ImageGPT tensors (with or without the 'transformer.' prefix) -> (ModelConfig, GPT state dict)."""
+    cfg = _hf_model_config(hf_config, where)
+    original: dict[str, str] = {}
+    for key in state:
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers saved by old transformers versions; not weights
+        original[key.removeprefix("transformer.")] = key
+    src = {k: state[v] for k, v in original.items()}
+    _check_tensors({k: tuple(v.shape) for k, v in src.items()}, _hf_shapes(cfg), where,
+                   shown=lambda k: original.get(k, "transformer." * (k != "lm_head.weight") + k))
+    for i in range(cfg.n_layer):
+        for b in _HF_BIASES:
+            t = src[f"h.{i}.{b}"]
+            if t.count_nonzero():  # tolerance 0: any bias changes the function and GPT has nowhere to put it
+                raise ValueError(f"{where}: bias {original[f'h.{i}.{b}']} is not zero (max |b| = "
+                                 f"{t.abs().max().item():.3g}); iGPT has no biases, so this model cannot be "
+                                 "represented exactly")
+    f32 = {k: v.detach().to("cpu", torch.float32) for k, v in src.items()}
+    # wte and sos are cloned so that they do not share storage (safetensors refuses shared tensors)
+    out = {"wte.weight": f32["wte.weight"][:cfg.n_vocab].clone(), "sos": f32["wte.weight"][cfg.n_vocab].clone(),
+           "wpe.weight": f32["wpe.weight"], "ln_f.weight": f32["ln_f.weight"], "lm_head.weight": f32["lm_head.weight"]}
+    for i in range(cfg.n_layer):
+        for name in ("ln_1.weight", "ln_2.weight"):
+            out[f"blocks.{i}.{name}"] = f32[f"h.{i}.{name}"]
+        for name in _HF_TRANSPOSED:
+            out[f"blocks.{i}.{name}"] = f32[f"h.{i}.{name}"].T
+    return cfg, {k: v.contiguous() for k, v in out.items()}  # copies only the transposed matrices
+
+
+def igpt_to_hf(model: GPT) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """GPT -> (ImageGPTForCausalImageModeling state dict with zero biases, config.json dict)."""
+    cfg = model.config
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    out = {"transformer.wte.weight": torch.cat([sd["wte.weight"], sd["sos"][None]]),  # (V + 1, d): SOS last
+           "transformer.wpe.weight": sd["wpe.weight"], "transformer.ln_f.weight": sd["ln_f.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.n_layer):
+        p, q = f"transformer.h.{i}.", f"blocks.{i}."
+        for name in ("ln_1.weight", "ln_2.weight"):
+            out[p + name] = sd[q + name]
+        for name in _HF_TRANSPOSED:
+            out[p + name] = sd[q + name].T
+        for b in _HF_BIASES:
+            out[p + b] = torch.zeros(sd[q + b.replace(".bias", ".weight")].shape[0])
+    hf_config = {"architectures": ["ImageGPTForCausalImageModeling"], "model_type": "imagegpt",
+                 "vocab_size": cfg.n_vocab + 1, "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd,
+                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+                 "activation_function": "quick_gelu", "layer_norm_epsilon": NORM_EPS,
+                 # the paper trained without dropout; HF's defaults (0.1) would perturb fine-tuning there
+                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": 0.02,
+                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                 "reorder_and_upcast_attn": False, "tie_word_embeddings": False, "use_cache": True,
+                 "add_cross_attention": False}
+    return {k: v.contiguous() for k, v in out.items()}, hf_config
+
+
+def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.name.endswith(".safetensors"):
+            return load_file(str(path))
+        # weights_only: a pickle that needs anything but tensors is refused, never executed
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the parser trips on, the answer is: this file is not usable weights
+        raise ValueError(f"{path} cannot be read as weights (without executing pickled code): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _read_hf_weights(src: Path) -> tuple[dict[str, torch.Tensor], str]:
+    for name in HF_WEIGHTS:
+        if (src / name).is_file():
+            return _load_weight_file(src / name), str(src / name)
+    for name in HF_INDEXES:
+        index = src / name
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as e:
+                raise ValueError(f"{index} is not a weight index ({e})") from None
+            state: dict[str, torch.Tensor] = {}
+            for f in files:
+                if not (src / f).is_file():
+                    raise FileNotFoundError(f"{src / f} (listed in {index}) does not exist")
+                state.update(_load_weight_file(src / f))
+            return state, str(index)
+    raise FileNotFoundError(f"{src} has no {' or '.join(HF_WEIGHTS)} (nor a sharded index)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _read_hf_palette(src: Path, n_vocab: int) -> Palette:
+    """The palette is the processor's ``clusters`` (K, 3) in [-1, 1]."""
+    path = src / HF_PROCESSOR
+    clusters = _read_json(path).get("clusters")
+    if clusters is None:
+        raise ValueError(f"{path} has no 'clusters' (the colour palette)")
+    try:
+        palette = Palette(np.asarray(clusters, dtype=np.float32))
+    except ValueError as e:
+        raise ValueError(f"{path}: clusters: {e}") from None
+    if palette.k != n_vocab:
+        raise ValueError(f"{path} has {palette.k} clusters, but the model's vocabulary has {n_vocab} colours "
+                         f"(vocab_size {n_vocab + 1} includes the SOS id)")
+    return palette
+
+
+def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, dict[str, Any]]:
+    """(model in eval mode, palette, checkpoint-style config dict) from a local ImageGPT directory."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"Hugging Face directory {src} does not exist")
+    hf = _read_json(src / HF_CONFIG)
+    if hf.get("model_type") != "imagegpt":
+        raise ValueError(f"{src / HF_CONFIG}: model_type is {hf.get('model_type')!r}; not an ImageGPT directory")
+    cfg = _hf_model_config(hf, str(src / HF_CONFIG))
+    palette = _read_hf_palette(src, cfg.n_vocab)  # cheap checks before reading gigabytes of weights
+    state, where = _read_hf_weights(src)
+    cfg, sd = hf_to_igpt(state, hf, where)
+    model = _build(cfg, sd)
+    info = {"format": "igpt", "format_version": FORMAT_VERSION, "model": cfg.to_dict(),
+            "palette_fingerprint": palette.fingerprint(), "objective": "ar",
+            "source": {"format": "hf", "path": str(src)}}
+    return model.to(device).eval(), palette, info
+
+
+def save_hf(model: GPT, palette: Palette, out_dir: str | Path, objective: str = "ar") -> Path:
+    """Write an ImageGPT directory (config.json, model.safetensors, preprocessor_config.json) atomically."""
+    if objective != "ar":
+        raise ValueError(f"the checkpoint's objective is {objective!r}: Hugging Face's ImageGPT always attends "
+                         "causally, so a BERT model exported there would compute the wrong function")
+    if palette.k != model.config.n_vocab:
+        raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {palette.k} colours")
+    out = Path(out_dir)
+    check_new_output(out)
+    state, hf_config = igpt_to_hf(model)
+    n_px = model.config.n_px
+    processor = {"image_processor_type": "ImageGPTImageProcessor",
+                 "clusters": palette.centers.cpu().numpy().astype(np.float32).tolist(),
+                 "do_resize": True, "size": {"height": n_px, "width": n_px}, "resample": 2,
+                 # rescale 1/255 then normalise with mean = std = 0.5 is x / 127.5 - 1, our palette's scale
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_color_quantize": True}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(state, str(tmp / HF_WEIGHTS[0]), metadata={"format": "pt"})
+        write_json_atomic(tmp / HF_CONFIG, hf_config)
+        write_json_atomic(tmp / HF_PROCESSOR, processor)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---- OpenAI ----
+
+def _is_training_state(name: str) -> bool:
+    """Optimizer slots, step counters and the (never released) classifier head: not model weights."""
+    last = name.rsplit("/", 1)[-1]
+    return (not name.startswith("model/") or "/clf/" in name or last in ("Adam", "Adam_1", "adam_m", "adam_v")
+            or "AdamWeightDecayOptimizer" in name or last.endswith(("_step", "_power")))
+
+
+def _openai_shapes(cfg: ModelConfig, with_sos: bool) -> dict[str, tuple[int, ...]]:
+    d, V, H = cfg.n_embd, cfg.n_vocab, cfg.n_head
+    shapes: dict[str, tuple[int, ...]] = {"model/wte": (V, d), "model/wpe": (cfg.n_ctx, d),
+                                          "model/wtet": (V, d), "model/ln_f/g": (d,)}
+    if with_sos:
+        shapes["model/sos"] = (d,)
+    for i in range(cfg.n_layer):
+        p = f"model/h{i}/"
+        shapes.update({p + "ln_1/g": (d,), p + "ln_2/g": (d,), p + "mlp/c_fc/w": (d, 4 * d),
+                       p + "mlp/c_proj/w": (4 * d, d)})
+        shapes.update({p + f"attn/{x}": (H, cfg.head_dim, d) for x in ("q_proj", "k_proj", "v_proj", "c_proj")})
+    return shapes
+
+
+def openai_config(shapes: Mapping[str, tuple[int, ...]], where: str,
+                  objective: str | None = None) -> tuple[ModelConfig, str]:
+    """(ModelConfig, objective) read off the released variables' shapes; checks every tensor's shape.
+    The objective is 'ar' when ``model/sos`` exists, else 'bert', unless given."""
+    for name, rank in (("model/wte", 2), ("model/wpe", 2), ("model/h0/attn/q_proj", 3)):
+        if name not in shapes or len(shapes[name]) != rank:
+            what = "is missing" if name not in shapes else f"has shape {tuple(shapes[name])}"
+            raise ValueError(f"{where}: tensor {name} {what}; not an image-gpt checkpoint")
+    (V, d), (T, _), (H, _, _) = shapes["model/wte"], shapes["model/wpe"], shapes["model/h0/attn/q_proj"]
+    n_layer = 0
+    while f"model/h{n_layer}/ln_1/g" in shapes:
+        n_layer += 1
+    n_px = math.isqrt(T)
+    if n_px * n_px != T:
+        raise ValueError(f"{where}: tensor model/wpe has {T} positions, not a square image")
+    has_sos = "model/sos" in shapes
+    objective = objective or ("ar" if has_sos else "bert")
+    if objective not in ("ar", "bert"):
+        raise ValueError(f"objective must be 'ar' or 'bert', got {objective!r}")
+    if objective == "ar" and not has_sos:
+        raise ValueError(f"{where}: tensor model/sos is missing, and an AR model needs it (BERT checkpoints "
+                         "have none: use --objective bert)")
+    try:
+        cfg = ModelConfig(n_layer=max(n_layer, 1), n_embd=d, n_head=H, n_px=n_px, n_vocab=V)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    weights = {k: tuple(v) for k, v in shapes.items() if not _is_training_state(k)}
+    _check_tensors(weights, _openai_shapes(cfg, has_sos), where)
+    return cfg, objective
+
+
+def openai_to_igpt(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], np.ndarray], where: str,
+                   objective: str | None = None,
+                   progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """Released TF variables -> (ModelConfig, GPT state dict, objective). ``read(name)`` returns one array."""
+    cfg, objective = openai_config(shapes, where, objective)
+    d = cfg.n_embd
+    names = list(_openai_shapes(cfg, "model/sos" in shapes))
+    quiet = not progress or sum(math.prod(shapes[n]) for n in names) < 1 << 24  # a bar only for big files
+    with tqdm(names, desc="reading tensors", unit="tensor", disable=quiet) as bar:
+        arrays = {n: torch.from_numpy(np.asarray(read(n), dtype=np.float32)) for n in bar}
+    sd = {"wte.weight": arrays["model/wte"], "wpe.weight": arrays["model/wpe"],
+          "lm_head.weight": arrays["model/wtet"], "ln_f.weight": arrays["model/ln_f/g"],
+          # BERT never reads the SOS vector; zeros keep GPT's parameter set uniform
+          "sos": arrays.get("model/sos", torch.zeros(d))}
+    take = arrays.pop  # each source array is dropped once copied, so iGPT-L never needs two full copies
+    for i in range(cfg.n_layer):
+        p, q = f"model/h{i}/", f"blocks.{i}."
+        sd[q + "ln_1.weight"], sd[q + "ln_2.weight"] = take(p + "ln_1/g"), take(p + "ln_2/g")
+        # [H, hd, d] -> [d (= h*hd + e), d]: already nn.Linear's [out, in] for q, k, v
+        sd[q + "attn.c_attn.weight"] = torch.cat([take(p + f"attn/{x}_proj").reshape(d, d) for x in "qkv"])
+        # c_proj [in = (h, e), out] and the MLP's [in, out] matrices -> nn.Linear's [out, in]
+        sd[q + "attn.c_proj.weight"] = take(p + "attn/c_proj").reshape(d, d).T.contiguous()
+        sd[q + "mlp.c_fc.weight"] = take(p + "mlp/c_fc/w").T.contiguous()
+        sd[q + "mlp.c_proj.weight"] = take(p + "mlp/c_proj/w").T.contiguous()
+    return cfg, sd, objective
+
+
+def load_openai(prefix: str | Path, palette: str | Path | None = None, objective: str | None = None,
+                progress: bool = False) -> tuple[GPT, Palette, dict[str, Any]]:
+    """(model, palette, info) from a released checkpoint prefix; the palette defaults to a
+    ``kmeans_centers.npy`` beside the checkpoint."""
+    from igpt.tfbundle import TensorBundle
+
+    bundle = TensorBundle(prefix)
+    where = str(bundle.index_path)
+    cfg, objective = openai_config(bundle.shapes, where, objective)
+    pal_path = Path(palette) if palette is not None else bundle.prefix.parent / "kmeans_centers.npy"
+    if palette is None and not pal_path.is_file():
+        raise FileNotFoundError(f"no palette: pass --palette kmeans_centers.npy (looked for {pal_path})")
+    pal = Palette.load(pal_path)
+    if pal.k != cfg.n_vocab:
+        raise ValueError(f"palette {pal_path} has {pal.k} colours, but the checkpoint's model/wte has "
+                         f"{cfg.n_vocab} rows")
+    cfg, sd, objective = openai_to_igpt(bundle.shapes, bundle.read, where, objective, progress)
+    match = re.search(r"ckpt-(\d+)$", bundle.prefix.name)
+    step = int(match.group(1)) if match else None
+    if step is None and "global_step" in bundle.entries:
+        step = int(bundle.read("global_step"))
+    info = {"objective": objective, "step": step,
+            "source": {"format": "openai", "path": str(bundle.prefix), "palette": str(pal_path)}}
+    return _build(cfg, sd), pal, info
+
+
+def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> GPT:
+    """A GPT holding exactly these tensors: built on the meta device, so no random init is paid for."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+# ---- what `igpt convert` runs ----
+
+def check_new_output(out: Path) -> None:
+    """Converters never overwrite: --out must be new (or an empty directory)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists and is not empty; choose a new directory")
+
+
+def convert_hf(src: str | Path, out: str | Path) -> Path:
+    check_new_output(Path(out))
+    model, palette, info = load_hf(src)
+    return save_checkpoint(out, model, palette, {k: info[k] for k in ("objective", "source")})
+
+
+def convert_openai(prefix: str | Path, out: str | Path, palette: str | Path | None = None,
+                   objective: str | None = None) -> Path:
+    check_new_output(Path(out))
+    model, pal, info = load_openai(prefix, palette, objective, progress=True)
+    return save_checkpoint(out, model, pal, info)
+
+
+def export_hf(ckpt: str | Path, out: str | Path) -> Path:
+    check_new_output(Path(out))
+    model, palette, config = load_checkpoint(ckpt)
+    objective = config.get("objective", "ar")
+    if objective == "finetune":  # a fine-tuned classifier: the trunk keeps its pretraining objective
+        objective = config.get("base_objective", "ar")
+        log.info("exporting the fine-tuned trunk as a generative model; its classifier head is not exported")
+    return save_hf(model, palette, out, objective=objective)

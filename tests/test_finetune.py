@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+
+import igpt
+from igpt.checkpoint import load_checkpoint, load_classifier, save_checkpoint
+from igpt.cli import main
+from igpt.config import DataConfig, ModelConfig, TrainConfig
+from igpt.data import ImageSet, open_split, prepare
+from igpt.features import FeatureConfig, extract, open_labelled, take
+from igpt.finetune import Classifier, FinetuneConfig, finetune, losses
+from igpt.loader import BatchStream, LabelledBatchStream, labelled_batches
+from igpt.objectives import ar_loss
+from igpt.palette import Palette
+from igpt.probe import ProbeConfig, balanced_subset, logistic_probe
+from igpt.train import pretrain
+
+PER_CLASS = 30  # the small labelled set: 300 digits
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A small model pretrained briefly on the digits (16-colour palette, ids cache)."""
+    root = tmp_path_factory.mktemp("digits-ft")
+    train = open_split("digits", "train", n_px=8, val_fraction=0.0)
+    palette = Palette.fit(train.pixels, k=16, seed=0, device="cpu")
+    palette.save(root / "palette.npz")
+    prepare("digits", str(root / "cache"), n_px=8, palette=palette, progress=False)
+    cfg = TrainConfig(batch_size=32, max_steps=100, lr=1e-2, eval_every=0, ckpt_every=100, log_every=50,
+                      device="cpu")
+    pretrain(ModelConfig.from_preset("igpt-nano"), cfg,
+             DataConfig(data=str(root / "cache"), palette=str(root / "palette.npz")), root / "run", progress=False)
+    return root
+
+
+def _small_cfg(**kw) -> FinetuneConfig:
+    base = {"lr": 1e-2, "warmup_steps": 20, "batch_size": 32, "max_steps": 300, "eval_every": 50, "patience": 4,
+            "augment": "none", "labels_per_class": PER_CLASS, "device": "cpu"}
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_finetuning_improves_over_the_probe_on_a_small_labelled_set(digits_run, tmp_path):
+    data = str(digits_run / "cache")
+    model, palette, _ = load_checkpoint(digits_run / "run")
+    train = open_labelled(data, "train", n_px=8, palette=palette)
+    small = take(train, balanced_subset(train.labels, PER_CLASS, 0))  # the set finetune trains on
+    test = open_labelled(data, "test", n_px=8, palette=palette)
+    fc = FeatureConfig(device="cpu")
+    tr, te = (extract(model, s, palette, fc, progress=False) for s in (small, test))
+    probes = {l: logistic_probe(tr[l], small.labels, te[l], test.labels, ProbeConfig(l2_grid="1e-3,1e-2,1e-1"))["acc"]
+              for l in tr}
+    top = model.config.n_layer  # the features the fine-tuning head sits on
+    result = finetune(digits_run / "run", data, tmp_path / "ft", _small_cfg(), progress=False)
+    assert result["test_acc"] > probes[top] + 0.05 and result["test_acc"] > max(probes.values()), (result, probes)
+    assert result["n_train"] == 10 * PER_CLASS
+
+    # the best checkpoint: igpt.load reads the model, load_classifier the head, and they reproduce test_acc
+    tuned, head, pal, classes = load_classifier(tmp_path / "ft")
+    assert head.weight.shape == (10, model.config.n_embd) and classes == [str(k) for k in range(10)]
+    clf = Classifier(tuned, 10)
+    clf.head.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        preds = torch.cat([clf(ids)[1].argmax(1) for ids, _ in labelled_batches(test, 128, pal, torch.device("cpu"))])
+    assert abs((preds.numpy() == test.labels).mean() - result["test_acc"]) < 1e-9
+    plain, _ = igpt.load(tmp_path / "ft")
+    assert torch.equal(plain.wte.weight, tuned.wte.weight)
+    history = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert max(h["val_acc"] for h in history) == result["val_acc"]
+
+
+def test_loss_is_clf_plus_weighted_generative_loss(nano_model):
+    clf = Classifier(nano_model, 3)
+    with torch.no_grad():
+        clf.head.weight.normal_()
+    ids = torch.randint(0, nano_model.config.n_vocab, (4, nano_model.config.n_ctx))
+    labels = torch.tensor([0, 1, 2, 1])
+    parts = losses(clf, ids, labels, 0.5)
+    assert torch.allclose(parts["gen"], ar_loss(nano_model, ids), atol=1e-6)
+    assert torch.allclose(parts["loss"], parts["clf"] + 0.5 * parts["gen"])
+    assert losses(clf, ids, labels, 0.0)["gen"] == 0
+    assert torch.equal(Classifier(nano_model, 3).head.weight, torch.zeros(3, nano_model.config.n_embd))
+
+
+def test_labelled_stream_yields_the_batch_streams_images_with_their_labels():
+    ids = np.arange(20 * 64, dtype=np.uint16).reshape(20, 64) % 7
+    ids[:, 0] = np.arange(20)  # the first pixel names the image
+    data = ImageSet(8, None, ids, np.arange(20) * 10, None, None, "synthetic")
+    palette = Palette(np.linspace(-1, 1, 60).reshape(20, 3))
+    plain = BatchStream(data, 6, 3, palette, torch.device("cpu"), "cifar")
+    labelled = LabelledBatchStream(data, 6, 3, palette, torch.device("cpu"), "cifar")
+    for _ in range(7):  # across epochs
+        a = plain.next()
+        b, labels = labelled.next()
+        assert torch.equal(a, b)
+    plain_ids = LabelledBatchStream(data, 6, 3, palette, torch.device("cpu"))
+    for _ in range(5):
+        b, labels = plain_ids.next()
+        assert torch.equal(b[:, 0] * 10, labels)
+    with pytest.raises(ValueError, match="no labels"):
+        LabelledBatchStream(ImageSet(8, None, ids, None, None, None, "u"), 6, 0, palette, torch.device("cpu"))
+
+
+def test_bert_checkpoint_and_gen_weight_zero_run(digits_run, tmp_path, nano_config):
+    palette = Palette.load(digits_run / "palette.npz")
+    torch.manual_seed(0)
+    model = randomize(igpt.GPT(ModelConfig.from_preset("igpt-nano", n_vocab=16)), scale=0.1)
+    save_checkpoint(tmp_path / "bert", model, palette, {"step": 1, "objective": "bert"})
+    for w in (0.0, 1.0):
+        m = finetune(tmp_path / "bert", str(digits_run / "cache"), tmp_path / f"ft{w}",
+                     _small_cfg(gen_weight=w, max_steps=6, eval_every=3, labels_per_class=4, batch_size=8),
+                     progress=False)
+        assert 0 <= m["test_acc"] <= 1 and m["steps"] == 6
+        config = json.loads((tmp_path / f"ft{w}" / "checkpoints" / f"step-{m['best_step']:07d}" / "config.json").read_text())
+        assert config["objective"] == "finetune" and config["base_objective"] == "bert"
+
+
+def test_cli_finetune_and_bad_input(digits_run, tmp_path, capsys):
+    args = ["finetune", "--checkpoint", str(digits_run / "run"), "--data", str(digits_run / "cache"),
+            "--out", str(tmp_path / "ft"), "--max-steps", "4", "--eval-every", "2", "--batch-size", "16",
+            "--augment", "cifar", "--device", "cpu"]
+    assert main(args) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(args) == 2  # the output already holds a classifier
+    assert "already holds" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a fine-tuned classifier"):
+        load_classifier(digits_run / "run")
+    with pytest.raises(ValueError, match="val-fraction"):
+        FinetuneConfig(val_fraction=0.0)

@@ -1,0 +1,403 @@
+"""igpt.interop and ``igpt convert``: OpenAI's TF layout, Hugging Face ImageGPT both ways, bad input.
+
+The Hugging Face parity tests need ``transformers`` (a test-only extra, installed by ``make test``); they skip
+with a reason when it is missing. Everything else runs without it."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+from safetensors.torch import load_file, save_file
+
+import igpt
+from igpt.cli import main
+from igpt.config import ModelConfig
+from igpt.interop import hf_to_igpt, igpt_to_hf, is_hf_dir, load_hf, load_openai, openai_to_igpt, save_hf
+from igpt.model import GPT
+from igpt.palette import Palette
+from igpt.sample import sample
+
+FIXTURES = Path(__file__).parent / "fixtures" / "openai_tiny"
+AR, BERT = FIXTURES / "ar" / "model.ckpt-131000", FIXTURES / "bert" / "model.ckpt-262000"
+
+
+def tf_arrays(prefix: Path) -> dict[str, np.ndarray]:
+    with np.load(prefix.parent / "expected.npz") as f:
+        return {k.replace("|", "/"): f[k] for k in f.files}
+
+
+def openai_reference(w: dict[str, np.ndarray], ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """image-gpt's model.py on the TF tensors as TensorFlow wrote them (float64): per-head einsums with
+    q/k/v/c_proj [H, hd, d], explicit -1e10 causal mask, [in, out] MLP matrices."""
+    t = {k: torch.from_numpy(v).double() for k, v in w.items() if k.startswith("model/")}
+    norm = lambda x, g: x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * g  # noqa: E731
+    B, T = ids.shape
+    _, hd, d = t["model/h0/attn/q_proj"].shape
+    tok = t["model/wte"][ids]
+    if keep is None:
+        tok = torch.cat([t["model/sos"].expand(B, 1, d), tok[:, :-1]], 1)
+    else:
+        tok = tok * keep[..., None].double()
+    h = tok + t["model/wpe"][:T]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.float64))
+    i = 0
+    while f"model/h{i}/ln_1/g" in t:
+        p = f"model/h{i}/"
+        x = norm(h, t[p + "ln_1/g"])
+        q, k, v = (torch.einsum("bsf,hef->bhse", x, t[p + f"attn/{n}_proj"]) for n in "qkv")
+        a = torch.einsum("bhse,bhte->bhst", q, k) / math.sqrt(hd)
+        if keep is None:
+            a = a * causal - 1e10 * (1 - causal)
+        a = torch.einsum("bhst,bhte->bhse", a.softmax(-1), v)
+        h = h + torch.einsum("bhse,hef->bsf", a, t[p + "attn/c_proj"])
+        x = norm(h, t[p + "ln_2/g"]) @ t[p + "mlp/c_fc/w"]
+        h = h + (x * torch.sigmoid(1.702 * x)) @ t[p + "mlp/c_proj/w"]
+        i += 1
+    return norm(h, t["model/ln_f/g"]) @ t["model/wtet"].T
+
+
+# ---- OpenAI ----
+
+def test_openai_ar_checkpoint_matches_the_release_formulas():
+    model, palette, info = load_openai(AR)
+    assert info["objective"] == "ar" and info["step"] == 131000 and palette.k == model.config.n_vocab == 16
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_head, model.config.n_px) == (2, 8, 2, 4)
+    w = tf_arrays(AR)
+    ids = torch.randint(0, 16, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids).double()
+    ref = openai_reference(w, ids)
+    assert (ours - ref).abs().max() < 1e-5
+    # The check has teeth: forgetting one transpose moves the logits far beyond the tolerance.
+    with torch.no_grad():
+        model.blocks[0].attn.c_proj.weight.copy_(model.blocks[0].attn.c_proj.weight.T.clone())
+        assert (model(ids).double() - ref).abs().max() > 1e-3
+
+
+def test_openai_bert_checkpoint_has_no_sos_and_matches_bidirectionally():
+    model, _, info = load_openai(BERT)
+    assert info["objective"] == "bert" and info["step"] == 262000 and model.config.n_layer == 1
+    assert torch.count_nonzero(model.sos) == 0  # filled with zeros: BERT never reads it
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 16, (2, 16), generator=g)
+    keep = torch.rand(2, 16, generator=g) > 0.3
+    with torch.no_grad():
+        ours = model(ids, causal=False, keep=keep).double()
+    assert (ours - openai_reference(tf_arrays(BERT), ids, keep)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.pop("model/h1/mlp/c_fc/w"), "tensor model/h1/mlp/c_fc/w is missing"),
+    (lambda w: w.__setitem__("model/h0/attn/k_proj", np.zeros((2, 4, 9), np.float32)),
+     r"model/h0/attn/k_proj has shape \(2, 4, 9\)"),
+    (lambda w: w.__setitem__("model/wtet", np.zeros((15, 8), np.float32)), r"model/wtet has shape \(15, 8\)"),
+    (lambda w: w.__setitem__("model/h0/attn/extra", np.zeros(3, np.float32)), "unexpected tensor model/h0/attn/extra"),
+    (lambda w: w.pop("model/wte"), "model/wte is missing"),
+    (lambda w: w.__setitem__("model/wpe", np.zeros((15, 8), np.float32)), "15 positions, not a square"),
+])
+def test_openai_bad_tensors_are_named(change, message):
+    w = tf_arrays(AR)
+    change(w)
+    with pytest.raises(ValueError, match=message):
+        openai_to_igpt({k: v.shape for k, v in w.items()}, w.__getitem__, "ckpt.index")
+    w = tf_arrays(AR)  # and the untouched file, with its slots and global_step, converts
+    openai_to_igpt({k: v.shape for k, v in w.items()}, w.__getitem__, "ckpt.index")
+
+
+def test_openai_objective_override_and_missing_sos():
+    w = tf_arrays(BERT)
+    shapes = {k: v.shape for k, v in w.items()}
+    with pytest.raises(ValueError, match="model/sos is missing"):
+        openai_to_igpt(shapes, w.__getitem__, "x", objective="ar")
+    ar = tf_arrays(AR)
+    _, _, objective = openai_to_igpt({k: v.shape for k, v in ar.items()}, ar.__getitem__, "x", objective="bert")
+    assert objective == "bert"
+
+
+# ---- Hugging Face, without transformers ----
+
+@pytest.fixture
+def tiny(nano_model: GPT) -> tuple[GPT, Palette]:
+    return nano_model, Palette(np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32))
+
+
+def test_hf_export_import_is_exact_and_igpt_load_reads_it(tiny, tmp_path):
+    model, palette = tiny
+    save_hf(model, palette, tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == \
+        ["config.json", "model.safetensors", "preprocessor_config.json"]
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "imagegpt" and cfg["vocab_size"] == 17 and cfg["n_positions"] == 16
+    assert cfg["resid_pdrop"] == cfg["embd_pdrop"] == cfg["attn_pdrop"] == 0.0
+    assert cfg["activation_function"] == "quick_gelu" and cfg["tie_word_embeddings"] is False
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert torch.equal(state["transformer.wte.weight"][16], model.sos.detach())  # SOS = the last row
+    assert state["lm_head.weight"].shape == (16, 32) and state["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    assert all(torch.count_nonzero(v) == 0 for k, v in state.items() if k.endswith(".bias"))
+    assert is_hf_dir(tmp_path / "hf")
+    back, pal = igpt.load(tmp_path / "hf")
+    assert pal.fingerprint() == palette.fingerprint()
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_pure_mappings_invert_each_other_and_take_unprefixed_names(nano_model):
+    state, hf_config = igpt_to_hf(nano_model)
+    for src in (state, {k.removeprefix("transformer."): v for k, v in state.items()}):
+        cfg, sd = hf_to_igpt(src, hf_config)
+        assert cfg == nano_model.config
+        assert all(torch.equal(sd[k], v) for k, v in nano_model.state_dict().items())
+    del state["lm_head.weight"]  # an ImageGPTModel (no head) is not a generative model
+    with pytest.raises(ValueError, match="tensor lm_head.weight is missing"):
+        hf_to_igpt(state, hf_config)
+
+
+def write_hf(tmp_path: Path, model: GPT, palette: Palette) -> Path:
+    out = tmp_path / "hf"
+    save_hf(model, palette, out)
+    return out
+
+
+def test_hf_nonzero_bias_and_bad_shapes_are_named(tiny, tmp_path):
+    src = write_hf(tmp_path, *tiny)
+    weights = src / "model.safetensors"
+    state = load_file(str(weights))
+    state["transformer.h.1.mlp.c_fc.bias"][3] = 1e-3
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="bias transformer.h.1.mlp.c_fc.bias is not zero"):
+        load_hf(src)
+    state["transformer.h.1.mlp.c_fc.bias"].zero_()
+    state["transformer.h.0.attn.c_proj.weight"] = torch.zeros(32, 31)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_proj.weight has shape \(32, 31\)"):
+        load_hf(src)
+    del state["transformer.h.0.attn.c_proj.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="transformer.h.0.attn.c_proj.weight is missing"):
+        load_hf(src)
+
+
+def test_hf_palette_and_config_errors(tiny, tmp_path):
+    src = write_hf(tmp_path, *tiny)
+    proc = src / "preprocessor_config.json"
+    p = json.loads(proc.read_text())
+    p["clusters"] = p["clusters"][:15]
+    proc.write_text(json.dumps(p))
+    with pytest.raises(ValueError, match="preprocessor_config.json has 15 clusters"):
+        load_hf(src)
+    proc.unlink()
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+        load_hf(src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "activation_function": "gelu"}))
+    with pytest.raises(ValueError, match="activation_function"):
+        load_hf(src)
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    assert not is_hf_dir(src)
+    with pytest.raises(ValueError, match="not an ImageGPT directory"):
+        load_hf(src)
+
+
+def test_pytorch_model_bin_loads_without_executing_pickles(tiny, tmp_path):
+    src = write_hf(tmp_path, *tiny)
+    state = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    torch.save(state, src / "pytorch_model.bin")
+    model, _, _ = load_hf(src)
+    assert torch.equal(model.lm_head.weight, tiny[0].lm_head.weight)
+    torch.save({"x": Path("evil")}, src / "pytorch_model.bin")  # needs a non-tensor global to unpickle
+    with pytest.raises(ValueError, match="pytorch_model.bin cannot be read"):
+        load_hf(src)
+
+
+# ---- igpt convert ----
+
+def test_cli_openai_to_igpt_to_hf_and_back(tmp_path, capsys):
+    out, hf, back = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "back"
+    assert main(["convert", "--from", "openai", str(AR), "--out", str(out)]) == 0
+    assert main(["convert", "--to", "hf", str(out), "--out", str(hf)]) == 0
+    assert main(["convert", "--from", "hf", str(hf), "--out", str(back)]) == 0
+    a, pa = igpt.load(out)
+    b, pb = igpt.load(back)
+    assert pa.fingerprint() == pb.fingerprint() == Palette.load(AR.parent / "kmeans_centers.npy").fingerprint()
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert json.loads((out / "config.json").read_text())["step"] == 131000
+    assert main(["convert", "--from", "openai", str(BERT), "--out", str(tmp_path / "bert")]) == 0
+    assert json.loads((tmp_path / "bert" / "config.json").read_text())["objective"] == "bert"
+    capsys.readouterr()
+    assert main(["convert", "--to", "hf", str(tmp_path / "bert"), "--out", str(tmp_path / "hf2")]) == 2
+    assert "causal" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
+
+
+def test_export_reads_the_objective_of_the_checkpoint(tiny, tmp_path):
+    from igpt.checkpoint import save_checkpoint
+    from igpt.interop import export_hf
+
+    model, palette = tiny
+    save_checkpoint(tmp_path / "ft", model, palette, {"objective": "finetune", "base_objective": "ar"})
+    export_hf(tmp_path / "ft", tmp_path / "hf")  # a fine-tuned AR trunk is still a causal model
+    assert is_hf_dir(tmp_path / "hf")
+    save_checkpoint(tmp_path / "bert", model, palette, {"objective": "finetune", "base_objective": "bert"})
+    with pytest.raises(ValueError, match="'bert'"):
+        export_hf(tmp_path / "bert", tmp_path / "hf2")
+    assert not (tmp_path / "hf2").exists()
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cli_bad_input_names_the_file_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert main(["convert", "--from", "hf", str(other), "--out", str(out)]) == 2
+    assert "config.json" in one_error_line(capsys)
+    wrong = tmp_path / "pal8.npy"
+    Palette(np.random.default_rng(0).uniform(-1, 1, (8, 3))).save(wrong)
+    assert main(["convert", "--from", "openai", str(AR), "--palette", str(wrong), "--out", str(out)]) == 2
+    assert "pal8.npy has 8 colours" in one_error_line(capsys)
+    broken = tmp_path / "broken"
+    shutil.copytree(AR.parent, broken)
+    (broken / (AR.name + ".data-00001-of-00002")).unlink()
+    assert main(["convert", "--from", "openai", str(broken / AR.name), "--out", str(out)]) == 2
+    assert "data-00001-of-00002" in one_error_line(capsys)
+    assert main(["convert", "--from", "openai", str(tmp_path / "none" / "model.ckpt-1"), "--out", str(out)]) == 2
+    assert "model.ckpt-1.index" in one_error_line(capsys)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["convert", "--from", "openai", str(AR), "--out", str(out)]) == 2
+    assert "not empty" in one_error_line(capsys) and (out / "keep.txt").read_text() == "mine"
+
+
+# ---- parity with transformers' ImageGPTForCausalImageModeling ----
+
+@pytest.fixture
+def transformers():
+    return pytest.importorskip("transformers", reason="transformers is a test-only extra (pip install -e "
+                               "'.[hf]'); it is needed to compare against Hugging Face's ImageGPT")
+
+
+def hf_model(transformers, model: GPT, palette: Palette, path: Path):
+    save_hf(model, palette, path)
+    return transformers.ImageGPTForCausalImageModeling.from_pretrained(path).eval()
+
+
+def with_sos(ids: torch.Tensor, V: int) -> torch.Tensor:
+    return torch.cat([torch.full((ids.shape[0], 1), V), ids[:, :-1]], 1)  # HF's layout of our AR input
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=1, n_embd=8, n_head=1, n_px=2, n_vocab=4),
+                                   dict(n_layer=2, n_embd=32, n_head=4, n_px=4, n_vocab=16),
+                                   dict(n_layer=3, n_embd=48, n_head=3, n_px=5, n_vocab=30)])
+def test_logits_and_hidden_states_equal_transformers(transformers, shape, tmp_path):
+    cfg = ModelConfig(**shape)
+    model = randomize(GPT(cfg), seed=shape["n_layer"]).eval()
+    palette = Palette(np.random.default_rng(0).uniform(-1, 1, (cfg.n_vocab, 3)))
+    hf = hf_model(transformers, model, palette, tmp_path / "hf")
+    ids = torch.randint(0, cfg.n_vocab, (3, cfg.n_ctx), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = hf(with_sos(ids, cfg.n_vocab), output_hidden_states=True)
+        assert (model(ids) - out.logits).abs().max() < 1e-4
+        ours = model.hidden_states(ids)
+        assert len(ours) == len(out.hidden_states) == cfg.n_layer + 1
+        for layer, (a, b) in enumerate(zip(ours, out.hidden_states)):
+            assert (a - b).abs().max() < 1e-4, layer
+        # no-SOS mode is HF fed the processor's ids directly
+        raw = hf(ids, output_hidden_states=True)
+        assert (model(ids, sos=False) - raw.logits).abs().max() < 1e-4
+        assert (model.hidden_states(ids, sos=False)[1] - raw.hidden_states[1]).abs().max() < 1e-4
+        # and the modes differ, so matching each is not vacuous
+        assert (model(ids, sos=False) - out.logits).abs().max() > 1e-2
+
+
+def test_greedy_completions_equal_transformers_generate(transformers, tiny, tmp_path):
+    model, palette = tiny
+    hf = hf_model(transformers, model, palette, tmp_path / "hf")
+    prefix = torch.randint(0, 16, (4, 5), generator=torch.Generator().manual_seed(3))
+    ours = sample(model, 4, prefix=prefix, temperature=0)
+    context = torch.cat([torch.full((4, 1), 16), prefix], 1)  # [SOS] + prefix, as HF's docs generate
+    # An explicit all-ones mask: left to infer one, generate would treat the SOS id as padding.
+    theirs = hf.generate(context, attention_mask=torch.ones_like(context), max_new_tokens=16 - 5,
+                         do_sample=False)
+    assert torch.equal(ours, theirs[:, 1:])
+    assert len(set(map(tuple, ours[:, 5:].tolist()))) > 1  # completions depend on the prefix
+
+
+@pytest.mark.slow
+def test_igpt_s_shape_with_random_weights_equals_transformers(transformers, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("igpt-s")).eval()  # the released initialisation, then
+    with torch.no_grad():  # a non-zero head and gains, as a trained model has
+        model.lm_head.weight.normal_(0, 0.02)
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(torch.randn_like(p) * 0.1)
+    palette = Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)))
+    hf = hf_model(transformers, model, palette, tmp_path / "hf")
+    # The first 64 of the 1024 positions: every weight but wpe rows 64+ takes part (those are copied
+    # verbatim, as the tiny shapes check at full length), and two 2-core forward passes at T = 1024 take ~30 s.
+    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(with_sos(ids, 512)).logits
+    assert ours.shape == theirs.shape == (1, 64, 512)
+    assert torch.equal(hf.transformer.wpe.weight, model.wpe.weight)
+    assert (ours - theirs).abs().max() < 1e-4 and ours.abs().max() > 0.5
+
+
+def test_round_trip_through_transformers_save_pretrained(transformers, tiny, tmp_path):
+    """igpt -> our HF export -> transformers loads and re-saves it -> igpt: unchanged."""
+    model, palette = tiny
+    hf = hf_model(transformers, model, palette, tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "resaved")
+    transformers.ImageGPTImageProcessor.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "resaved")
+    back, pal, info = load_hf(tmp_path / "resaved")
+    assert pal.fingerprint() == palette.fingerprint() and info["objective"] == "ar"
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_import_of_a_model_built_by_transformers(transformers, tmp_path):
+    config = transformers.ImageGPTConfig(vocab_size=11, n_positions=9, n_embd=16, n_layer=2, n_head=2,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(5)
+    hf = transformers.ImageGPTForCausalImageModeling(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # random weights (gains near 1), zero biases as iGPT's
+            gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
+            p.copy_(torch.zeros_like(p) if name.endswith(".bias") else torch.randn_like(p) * 0.3 + gain)
+    hf.save_pretrained(tmp_path / "hf")
+    processor = transformers.ImageGPTImageProcessor(clusters=np.random.default_rng(0).uniform(-1, 1, (10, 3)),
+                                                   size={"height": 3, "width": 3})
+    processor.save_pretrained(tmp_path / "hf")
+    model, palette = igpt.load(tmp_path / "hf")
+    assert model.config.n_px == 3 and palette.k == 10
+    ids = torch.randint(0, 10, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model(ids) - hf(with_sos(ids, 10)).logits).abs().max() < 1e-4
+    px = np.random.default_rng(7).integers(0, 256, (4, 3, 3, 3), dtype=np.uint8)
+    from PIL import Image
+    got = processor([Image.fromarray(p) for p in px], return_tensors="pt")["input_ids"]
+    assert torch.equal(got, palette.encode(px).reshape(4, 9))  # the processor and our palette agree
+
+
+def test_exported_processor_quantizes_like_our_palette(transformers, tiny, tmp_path):
+    from PIL import Image
+
+    model, palette = tiny
+    save_hf(model, palette, tmp_path / "hf")
+    processor = transformers.ImageGPTImageProcessor.from_pretrained(tmp_path / "hf")
+    px = np.random.default_rng(8).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    ids = processor([Image.fromarray(p) for p in px], return_tensors="pt")["input_ids"]
+    assert ids.shape == (6, 16) and torch.equal(ids, palette.encode(px).reshape(6, 16))

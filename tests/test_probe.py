@@ -1,0 +1,288 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from igpt.checkpoint import load_checkpoint, save_checkpoint
+from igpt.cli import main
+from igpt.config import DataConfig, ModelConfig, TrainConfig
+from igpt.data import ImageSet, open_split, prepare
+from igpt.features import (
+    FeatureConfig,
+    cached_extract,
+    extract,
+    lossless_mask,
+    open_labelled,
+)
+from igpt.model import GPT
+from igpt.objectives import sample_keep_mask
+from igpt.palette import Palette
+from igpt.probe import (
+    ProbeConfig,
+    balanced_subset,
+    concat_layers,
+    fit_logistic,
+    logistic_probe,
+    probe_features,
+    stratified_carve,
+)
+from igpt.runtime import derived_generator
+from igpt.train import pretrain
+
+
+def _clusters(n: int, d: int, classes: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(classes, d)) * 4
+    y = rng.integers(0, classes, n)
+    return (centres[y] + spread * rng.normal(size=(n, d))).astype(np.float32), y
+
+
+# ---------------------------------------------------------------------------------------------- the probe
+
+
+def test_probe_separates_separable_features_and_is_at_chance_on_shuffled_labels():
+    x, y = _clusters(600, 16, 5, 0.5, seed=0)
+    xt, yt = _clusters(400, 16, 5, 0.5, seed=1)
+    result = logistic_probe(x, y, xt, yt)
+    assert result["acc"] == 1.0 and result["val_acc"] == 1.0
+    # Shuffled labels on features without cluster structure (so that test predictions are not tied to a few
+    # cluster-level guesses): the probe learns nothing that transfers, and scores chance on true test labels.
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(16, 5))
+    x, xt = rng.normal(size=(1000, 16)), rng.normal(size=(2000, 16))
+    y, yt = (x @ w).argmax(1), (xt @ w).argmax(1)
+    assert logistic_probe(x, y, xt, yt)["acc"] > 0.9
+    shuffled = logistic_probe(x, rng.permutation(y), xt, yt)
+    assert abs(shuffled["acc"] - 0.2) < 0.05  # 5 classes: chance is 20%
+
+
+def test_fit_logistic_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _clusters(300, 6, 3, 3.0, seed=2)
+    l2 = 1e-2
+    x = x.astype(np.float64)
+    w, b = fit_logistic(torch.from_numpy(x), torch.from_numpy(y), 3, l2, max_iter=2000, tolerance=1e-14)
+    ref = LogisticRegression(C=1 / (l2 * len(x)), tol=1e-12, max_iter=10000).fit(x, y)
+    ours = torch.softmax(torch.from_numpy(x) @ w + b, 1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(x), atol=1e-5)
+    ref2 = LogisticRegression(C=2 / (l2 * len(x)), tol=1e-12, max_iter=10000).fit(x, y)  # a factor 2 shows
+    assert np.abs(ref2.predict_proba(x) - ours).max() > 1e-3
+
+
+def test_l2_is_chosen_on_validation_and_fixed_l2_skips_the_search():
+    x, y = _clusters(400, 40, 4, 6.0, seed=3)  # noisy: the strength matters
+    xt, yt = _clusters(200, 40, 4, 6.0, seed=4)
+    searched = logistic_probe(x, y, xt, yt, ProbeConfig(l2_grid="1e-5,1e-2,10"))
+    assert searched["l2"] in (1e-5, 1e-2, 10.0) and 0.4 < searched["acc"] <= 1
+    fixed = logistic_probe(x, y, xt, yt, ProbeConfig(l2=0.5))
+    assert fixed["l2"] == 0.5
+    with pytest.raises(ValueError, match="l2-grid"):
+        ProbeConfig(l2_grid="1e-3,abc")
+    with pytest.raises(ValueError, match="fixed --l2"):
+        logistic_probe(x[:4], np.arange(4), xt, yt % 4)  # one image per class: nothing to validate on
+
+
+def test_carve_and_low_data_subsets_are_balanced_and_seeded():
+    labels = np.repeat(np.arange(5), 30)[np.random.default_rng(0).permutation(150)]
+    fit, val = stratified_carve(labels, 0.2, seed=0)
+    assert len(np.intersect1d(fit, val)) == 0 and len(fit) + len(val) == 150
+    assert np.all(np.bincount(labels[val]) == 6)
+    a, b, c = (balanced_subset(labels, 4, [0, r]) for r in (0, 0, 1))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.all(np.bincount(labels[a]) == 4) and len(np.unique(a)) == 20
+    with pytest.raises(ValueError, match="only 30"):
+        balanced_subset(labels, 31, 0)
+
+
+def test_every_layer_best_marked_concat_and_low_data_mean_std():
+    x, y = _clusters(500, 8, 4, 2.0, seed=5)
+    xt, yt = _clusters(300, 8, 4, 2.0, seed=6)
+    noise = np.random.default_rng(7)
+    feats = {l: x + noise.normal(size=x.shape).astype(np.float32) * 3 * abs(l - 2) for l in range(5)}
+    tfeats = {l: xt + noise.normal(size=xt.shape).astype(np.float32) * 3 * abs(l - 2) for l in range(5)}
+    lossless = np.arange(300) < 100
+    m = probe_features(feats, y, tfeats, yt, ProbeConfig(concat=3), subsets={"lossless": lossless, "all": None})
+    assert m["best_layer"] == 2 and m["concat"]["layers"] == [1, 2, 3]
+    assert set(m["layers"][0]["accs"]) == {"lossless", "all"} and m["layers"][0]["acc"] == m["layers"][0]["accs"]["lossless"]
+    low = probe_features(feats, y, tfeats, yt, ProbeConfig(labels_per_class=5, repeats=3))
+    assert len(low["layers"][2]["runs"]) == 3 and low["layers"][2]["std"] >= 0
+    assert all(len(s) == 20 for s in low["subsets"])
+    assert concat_layers(0, 9, 5) == [0, 1, 2, 3, 4] and concat_layers(8, 9, 5) == [4, 5, 6, 7, 8]
+    assert concat_layers(4, 3, 5) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+
+@pytest.fixture
+def nano_images(nano_config) -> ImageSet:
+    ids = np.random.default_rng(0).integers(0, nano_config.n_vocab, (7, nano_config.n_ctx)).astype(np.uint16)
+    return ImageSet(nano_config.n_px, None, ids, np.arange(7) % 3, None, None, "synthetic")
+
+
+def _slow_features(model: GPT, ids: torch.Tensor, causal: bool = True, keep=None) -> dict[int, torch.Tensor]:
+    """Layer features one image at a time from hidden_states, written out as the paper defines them."""
+    out = {l: [] for l in range(model.config.n_layer + 1)}
+    for i in range(len(ids)):
+        states = model.hidden_states(ids[i:i + 1], causal=causal, keep=None if keep is None else keep[i:i + 1])
+        for l in range(model.config.n_layer):
+            out[l].append(model.blocks[l].ln_1(states[l]).mean(1)[0])
+        out[model.config.n_layer].append(states[-1].mean(1)[0])  # already ln_f
+    return {l: torch.stack(v) for l, v in out.items()}
+
+
+def test_extraction_matches_a_direct_slow_computation(nano_model, nano_images):
+    palette = Palette(np.zeros((nano_model.config.n_vocab, 3)) + np.linspace(-1, 1, nano_model.config.n_vocab)[:, None])
+    ids = torch.from_numpy(nano_images.ids.astype(np.int64))
+    with torch.no_grad():
+        slow = _slow_features(nano_model, ids)
+        fast = extract(nano_model, nano_images, palette, FeatureConfig(batch_size=3, device="cpu"), progress=False)
+        assert set(fast) == set(range(nano_model.config.n_layer + 1))
+        for l in slow:
+            np.testing.assert_allclose(fast[l], slow[l].numpy(), rtol=1e-5, atol=1e-5)
+        # mirror-image averaging: the mean with the features of each row reversed
+        n = nano_model.config.n_px
+        mirrored = _slow_features(nano_model, ids.view(-1, n, n).flip(2).reshape(len(ids), -1))
+        flip = extract(nano_model, nano_images, palette, FeatureConfig(device="cpu", flip_average=True), progress=False)
+        np.testing.assert_allclose(flip[1], ((slow[1] + mirrored[1]) / 2).numpy(), rtol=1e-5, atol=1e-5)
+        # BERT: masks drawn per batch from (seed, mask index, batch start), features averaged over masks
+        cfg = FeatureConfig(batch_size=4, device="cpu", n_masks=2, mask_prob=0.3, mask_seed=5)
+        bert = extract(nano_model, nano_images, palette, cfg, objective="bert", progress=False)
+        parts = []
+        for k in range(2):
+            keep = torch.cat([sample_keep_mask((len(ids[s:s + 4]), ids.shape[1]), 0.3, derived_generator(5, k, s))
+                              for s in (0, 4)])
+            parts.append(_slow_features(nano_model, ids, causal=False, keep=keep)[2])
+        np.testing.assert_allclose(bert[2], ((parts[0] + parts[1]) / 2).numpy(), rtol=1e-5, atol=1e-5)
+        unmasked = extract(nano_model, nano_images, palette, FeatureConfig(device="cpu", bert_mask=False),
+                           objective="bert", progress=False)
+        np.testing.assert_allclose(unmasked[2], _slow_features(nano_model, ids, causal=False)[2].numpy(), atol=1e-5)
+
+
+def test_feature_cache_is_reused_and_keyed_by_content(tmp_path, nano_model, nano_images, monkeypatch):
+    palette = Palette(np.linspace(-1, 1, 3 * nano_model.config.n_vocab).reshape(-1, 3))
+    kw = {"split": "test", "model_identity": {"name": "nano"}, "cache_dir": tmp_path, "progress": False}
+    first = cached_extract(nano_model, nano_images, palette, FeatureConfig(device="cpu"), **kw)
+    assert len(list(tmp_path.glob("feats-test-*.npz"))) == 1
+    monkeypatch.setattr("igpt.features.extract", lambda *a, **k: pytest.fail("features were recomputed"))
+    again = cached_extract(nano_model, nano_images, palette, FeatureConfig(device="cpu"), **kw)
+    assert all(np.array_equal(first[l], again[l]) for l in first)
+    monkeypatch.undo()
+    changed = ImageSet(nano_images.n_px, None, nano_images.ids.copy(), nano_images.labels, None, None, "x")
+    changed.ids[0, 0] = (changed.ids[0, 0] + 1) % nano_model.config.n_vocab
+    cached_extract(nano_model, changed, palette, FeatureConfig(device="cpu"), **kw)
+    cached_extract(nano_model, nano_images, palette, FeatureConfig(device="cpu", flip_average=True), **kw)
+    assert len(list(tmp_path.glob("feats-test-*.npz"))) == 3
+
+
+# ---------------------------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A 2-layer model pretrained briefly on the digits (16-colour palette, ids cache), and its cache."""
+    root = tmp_path_factory.mktemp("digits")
+    train = open_split("digits", "train", n_px=8, val_fraction=0.0)
+    palette = Palette.fit(train.pixels, k=16, seed=0, device="cpu")
+    palette.save(root / "palette.npz")
+    prepare("digits", str(root / "cache"), n_px=8, palette=palette, progress=False)
+    model_cfg = ModelConfig.from_preset("igpt-nano")  # 2 layers, 32 wide
+    cfg = TrainConfig(batch_size=32, max_steps=100, lr=1e-2, eval_every=0, ckpt_every=100, log_every=50,
+                      device="cpu")
+    pretrain(model_cfg, cfg, DataConfig(data=str(root / "cache"), palette=str(root / "palette.npz")), root / "run",
+             progress=False)
+    return root
+
+
+def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
+    from igpt.probe import probe_checkpoint
+
+    cfg = ProbeConfig(l2_grid="1e-4,1e-3,1e-2,1e-1", max_iter=200)
+    trained = probe_checkpoint(digits_run / "run", str(digits_run / "cache"), tmp_path / "trained", cfg, progress=False)
+    model, palette, _ = load_checkpoint(digits_run / "run")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init", GPT(model.config), palette, {"step": 0, "objective": "ar"})
+    init = probe_checkpoint(tmp_path / "init", str(digits_run / "cache"), tmp_path / "init-probe", cfg, progress=False)
+    assert trained["best_acc"] > init["best_acc"] + 0.05, (trained["best_acc"], init["best_acc"])
+    assert (tmp_path / "trained" / "probe.png").exists()
+
+
+def test_cli_probe_writes_metrics_table_and_low_data(digits_run, tmp_path, capsys):
+    out = tmp_path / "p"
+    args = ["probe", "--checkpoint", str(digits_run / "run"), "--data", str(digits_run / "cache"), "--out", str(out),
+            "--l2-grid", "1e-3,1e-1", "--max-iter", "100", "--device", "cpu", "--concat", "2"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "<- best" in text and "concatenated" in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["layers"]) == {"0", "1", "2"} and m["concat"]["layers"] and 0 < m["best_acc"] <= 1
+    assert {"acc", "l2"} <= set(m["layers"]["0"]) and m["checkpoint"].endswith("step-0000100")
+    assert main(args[:-2] + ["--labels-per-class", "3", "--repeats", "2", "--out", str(tmp_path / "low")]) == 0
+    low = json.loads((tmp_path / "low" / "metrics.json").read_text())
+    assert len(low["layers"]["1"]["runs"]) == 2 and "+-" in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error(digits_run, tmp_path, capsys):
+    ckpt = str(digits_run / "run")
+    _, palette, _ = load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="no labels"):
+        images = tmp_path / "flat"
+        images.mkdir()
+        from PIL import Image
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+        open_labelled(str(images), "train_all", n_px=8, palette=palette)
+    other = Palette(np.linspace(-1, 1, 48).reshape(16, 3))
+    with pytest.raises(ValueError, match="palette"):
+        open_labelled(str(digits_run / "cache"), "test", n_px=8, palette=other)
+    with pytest.raises(ValueError, match="n_px=8 but n_px=4"):
+        open_labelled(str(digits_run / "cache"), "test", n_px=4, palette=palette)
+    with pytest.raises(ValueError, match="test_lossless"):
+        lossless_mask("digits", 359)
+    code = main(["probe", "--checkpoint", ckpt, "--data", str(digits_run / "cache"), "--out", str(tmp_path / "o"),
+                 "--eval-subset", "lossless", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "test_lossless" in err
+
+
+def test_lossless_subset_is_read_from_the_shared_npz():
+    from conftest import shared_file
+
+    path = shared_file("cifar10-small.npz")
+    mask = lossless_mask(str(path), 2000)
+    assert mask.sum() == 1000 and mask.dtype == bool
+
+
+def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
+    """scripts/cifar_quality.py end to end at toy scale: pack (palette fit, ids cache, lzma tar), then run
+    (pretrain for a fixed number of steps, probe every layer of the model and of its random init)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "cifar_quality", Path(__file__).resolve().parents[1] / "scripts" / "cifar_quality.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    y_train, y_test = np.arange(120) % 3, np.arange(30) % 3
+    x_train = (rng.integers(0, 60, (120, 8, 8, 3)) + 90 * y_train[:, None, None, None]).astype(np.uint8)
+    x_test = (rng.integers(0, 60, (30, 8, 8, 3)) + 90 * y_test[:, None, None, None]).astype(np.uint8)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, test_lossless=np.arange(30) < 10)
+    packed = tmp_path / "tiny.tar.xz"
+    assert script.main(["pack", "--data", str(npz), "--out", str(packed), "--n-px", "8", "--k", "8",
+                        "--device", "cpu"]) == 0
+    out = tmp_path / "run"
+    args = ["run", "--ids", str(packed), "--out", str(out), "--preset", "igpt-nano", "--steps", "3",
+            "--batch-size", "16", "--no-compile", "--concat", "2", "--max-iter", "30", "--device", "cpu"]
+    assert script.main(args) == 0
+    text = capsys.readouterr().out
+    assert "on the 10 exact test images" in text and "random init" in text and "<- best" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 3 and set(results["trained"]) >= {"best_layer", "lossless", "all", "concat"}
+    assert (out / "probe.png").exists() and (out / "cifar-ids" / "test_lossless.npy").exists()
+    assert script.main(["run", "--ids", str(npz), "--out", str(tmp_path / "bad"), "--steps", "1"]) == 2
