@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from igpt.sources import list_image_folder, open_image, split_folders, to_n_px, to_rgb
+from igpt.images import open_image, to_n_px, to_rgb
+from igpt.sources import list_image_folder, split_folders
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from igpt.augment import FolderImages, cifar_augment, cifar_augment_params, imagenet_style
-from igpt.sources import load_image
+from igpt.images import load_image
 
 
 def batch(b: int = 16, h: int = 12, w: int = 10, seed: int = 0) -> torch.Tensor:

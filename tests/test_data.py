@@ -14,7 +14,8 @@ from PIL import Image
 
 from igpt import data as data_mod
 from igpt.data import ImageSet, check_palette, open_split, prepare, split_indices
-from igpt.sources import list_image_folder, load_image, read_source, to_n_px
+from igpt.images import load_image, to_n_px
+from igpt.sources import list_image_folder, read_source
 
 SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-small.npz"
 

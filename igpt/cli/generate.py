@@ -97,7 +97,7 @@ def _kept_rows(args: argparse.Namespace, n_px: int) -> int:
 def _inputs(args: argparse.Namespace, palette, n_px: int) -> tuple[list[str], torch.Tensor, str]:
     """(names, ids (M, T) int64 on the CPU, where from) of the images to complete."""
     from igpt.loader import to_ids
-    from igpt.sources import load_image
+    from igpt.images import load_image
 
     if args.images:
         pixels = np.stack([load_image(p, n_px, args.resize) for p in args.images])  # (M, n_px, n_px, 3)
