@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +40,33 @@ def shared_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not present (the shared data folder sits beside the repository)")
     return path
+
+
+def openai_reference(w: dict[str, np.ndarray], ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """image-gpt's model.py on the TF tensors as TensorFlow wrote them (float64): per-head einsums with
+    q/k/v/c_proj [H, hd, d], explicit -1e10 causal mask, [in, out] MLP matrices."""
+    t = {k: torch.from_numpy(v).double() for k, v in w.items() if k.startswith("model/")}
+    norm = lambda x, g: x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * g  # noqa: E731
+    B, T = ids.shape
+    _, hd, d = t["model/h0/attn/q_proj"].shape
+    tok = t["model/wte"][ids]
+    if keep is None:
+        tok = torch.cat([t["model/sos"].expand(B, 1, d), tok[:, :-1]], 1)
+    else:
+        tok = tok * keep[..., None].double()
+    h = tok + t["model/wpe"][:T]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.float64))
+    i = 0
+    while f"model/h{i}/ln_1/g" in t:
+        p = f"model/h{i}/"
+        x = norm(h, t[p + "ln_1/g"])
+        q, k, v = (torch.einsum("bsf,hef->bhse", x, t[p + f"attn/{n}_proj"]) for n in "qkv")
+        a = torch.einsum("bhse,bhte->bhst", q, k) / math.sqrt(hd)
+        if keep is None:
+            a = a * causal - 1e10 * (1 - causal)
+        a = torch.einsum("bhst,bhte->bhse", a.softmax(-1), v)
+        h = h + torch.einsum("bhse,hef->bsf", a, t[p + "attn/c_proj"])
+        x = norm(h, t[p + "ln_2/g"]) @ t[p + "mlp/c_fc/w"]
+        h = h + (x * torch.sigmoid(1.702 * x)) @ t[p + "mlp/c_proj/w"]
+        i += 1
+    return norm(h, t["model/ln_f/g"]) @ t["model/wtet"].T

@@ -2,43 +2,32 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import randomize
+from conftest import openai_reference, randomize
 from igpt.config import PRESETS, ModelConfig
 from igpt.model import GPT, Norm
 from igpt.objectives import ar_loss, bert_loss
 
 
 def reference_logits(model: GPT, ids: torch.Tensor, bert_keep: torch.Tensor | None = None) -> torch.Tensor:
-    """image-gpt's model.py written out with its own tensor layouts (reference igpt.md section 2): per-head
-    q/k/v of shape [n_head, head_dim, n_embd], einsum attention, explicit -1e10 causal mask, float64."""
-    c, sd = model.config, {k: v.double() for k, v in model.state_dict().items()}
+    """image-gpt's formulas (conftest.openai_reference, float64 einsums on OpenAI's own tensor layouts)
+    applied to our weights, rearranged here into those layouts (reference igpt.md section 6)."""
+    c, sd = model.config, {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
     H, hd, d = c.n_head, c.head_dim, c.n_embd
-    norm = lambda x, g: x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * g  # noqa: E731
-    B, T = ids.shape
-    tok = sd["wte.weight"][ids]
-    if bert_keep is None:
-        tok = torch.cat([sd["sos"].expand(B, 1, d), tok[:, :-1]], 1)
-    else:
-        tok = tok * bert_keep[..., None].double()
-    h = tok + sd["wpe.weight"][:T]
-    causal = torch.tril(torch.ones(T, T, dtype=torch.float64))
+    w = {"model/wte": sd["wte.weight"], "model/wpe": sd["wpe.weight"], "model/sos": sd["sos"],
+         "model/wtet": sd["lm_head.weight"], "model/ln_f/g": sd["ln_f.weight"]}
     for i in range(c.n_layer):
-        p = f"blocks.{i}."
-        wq, wk, wv = (w.reshape(H, hd, d) for w in sd[p + "attn.c_attn.weight"].split(d, 0))
-        wo = sd[p + "attn.c_proj.weight"].T.reshape(H, hd, d)
-        x = norm(h, sd[p + "ln_1.weight"])
-        q, k, v = (torch.einsum("bsf,hef->bhse", x, w) for w in (wq, wk, wv))
-        w = torch.einsum("bhse,bhte->bhst", q, k) / math.sqrt(hd)
-        if bert_keep is None:
-            w = w * causal - 1e10 * (1 - causal)
-        a = torch.einsum("bhst,bhte->bhse", w.softmax(-1), v)
-        h = h + torch.einsum("bhse,hef->bsf", a, wo)
-        x = norm(h, sd[p + "ln_2.weight"]) @ sd[p + "mlp.c_fc.weight"].T
-        h = h + (x * torch.sigmoid(1.702 * x)) @ sd[p + "mlp.c_proj.weight"].T
-    return norm(h, sd["ln_f.weight"]) @ sd["lm_head.weight"].T
+        p, q = f"blocks.{i}.", f"model/h{i}/"
+        for n, part in zip("qkv", np.split(sd[p + "attn.c_attn.weight"], 3)):  # rows (h, e), columns f
+            w[q + f"attn/{n}_proj"] = part.reshape(H, hd, d)
+        w[q + "attn/c_proj"] = sd[p + "attn.c_proj.weight"].T.reshape(H, hd, d)  # [in=(h, e), out=f]
+        w[q + "mlp/c_fc/w"] = sd[p + "mlp.c_fc.weight"].T  # [in, out]
+        w[q + "mlp/c_proj/w"] = sd[p + "mlp.c_proj.weight"].T
+        w[q + "ln_1/g"], w[q + "ln_2/g"] = sd[p + "ln_1.weight"], sd[p + "ln_2.weight"]
+    return openai_reference(w, ids, bert_keep)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
