@@ -1,7 +1,8 @@
 """Weights in and out: OpenAI's released TensorFlow checkpoints and Hugging Face's ImageGPT directories.
 
 ``hf_to_igpt`` / ``igpt_to_hf`` map Hugging Face ``ImageGPTForCausalImageModeling`` weights to ``GPT``'s and
-back; ``openai_to_igpt`` maps the released TF variables (read by ``igpt.tfbundle``, no TensorFlow needed).
+back; ``igpt.openai_weights.openai_to_igpt`` maps the released TF variables (read by ``igpt.tfbundle``,
+no TensorFlow needed).
 d = n_embd, V = palette colours (512), T = n_px**2, H = n_head, hd = d / H, i = block index.
 
 | Hugging Face (``transformer.`` + name)        | shape   | igpt (GPT)                  | shape   | how       |
@@ -38,7 +39,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from igpt.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint, write_json_atomic
 from igpt.config import ModelConfig
@@ -122,7 +121,7 @@ def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_tensors(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+def check_tensors(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
                    where: str, shown: Callable[[str], str] = str) -> None:
     """Raise naming the first missing, unexpected or mis-shaped tensor."""
     missing = [k for k in expected if k not in found]
@@ -149,7 +148,7 @@ def hf_to_igpt(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any],
             continue  # causal-mask buffers saved by old transformers versions; not weights
         original[key.removeprefix("transformer.")] = key
     src = {k: state[v] for k, v in original.items()}
-    _check_tensors({k: tuple(v.shape) for k, v in src.items()}, _hf_shapes(cfg), where,
+    check_tensors({k: tuple(v.shape) for k, v in src.items()}, _hf_shapes(cfg), where,
                    shown=lambda k: original.get(k, "transformer." * (k != "lm_head.weight") + k))
     for i in range(cfg.n_layer):
         for b in _HF_BIASES:
@@ -268,7 +267,7 @@ def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, P
     palette = _read_hf_palette(src, cfg.n_vocab)  # cheap checks before reading gigabytes of weights
     state, where = _read_hf_weights(src)
     cfg, sd = hf_to_igpt(state, hf, where)
-    model = _build(cfg, sd)
+    model = build_model(cfg, sd)
     info = {"format": "igpt", "format_version": FORMAT_VERSION, "model": cfg.to_dict(),
             "palette_fingerprint": palette.fingerprint(), "objective": "ar",
             "source": {"format": "hf", "path": str(src)}}
@@ -306,114 +305,7 @@ def save_hf(model: GPT, palette: Palette, out_dir: str | Path, objective: str = 
     return out
 
 
-# ---- OpenAI ----
-
-def _is_training_state(name: str) -> bool:
-    """Optimizer slots, step counters and the (never released) classifier head: not model weights."""
-    last = name.rsplit("/", 1)[-1]
-    return (not name.startswith("model/") or "/clf/" in name or last in ("Adam", "Adam_1", "adam_m", "adam_v")
-            or "AdamWeightDecayOptimizer" in name or last.endswith(("_step", "_power")))
-
-
-def _openai_shapes(cfg: ModelConfig, with_sos: bool) -> dict[str, tuple[int, ...]]:
-    d, V, H = cfg.n_embd, cfg.n_vocab, cfg.n_head
-    shapes: dict[str, tuple[int, ...]] = {"model/wte": (V, d), "model/wpe": (cfg.n_ctx, d),
-                                          "model/wtet": (V, d), "model/ln_f/g": (d,)}
-    if with_sos:
-        shapes["model/sos"] = (d,)
-    for i in range(cfg.n_layer):
-        p = f"model/h{i}/"
-        shapes.update({p + "ln_1/g": (d,), p + "ln_2/g": (d,), p + "mlp/c_fc/w": (d, 4 * d),
-                       p + "mlp/c_proj/w": (4 * d, d)})
-        shapes.update({p + f"attn/{x}": (H, cfg.head_dim, d) for x in ("q_proj", "k_proj", "v_proj", "c_proj")})
-    return shapes
-
-
-def openai_config(shapes: Mapping[str, tuple[int, ...]], where: str,
-                  objective: str | None = None) -> tuple[ModelConfig, str]:
-    """(ModelConfig, objective) read off the released variables' shapes; checks every tensor's shape.
-    The objective is 'ar' when ``model/sos`` exists, else 'bert', unless given."""
-    for name, rank in (("model/wte", 2), ("model/wpe", 2), ("model/h0/attn/q_proj", 3)):
-        if name not in shapes or len(shapes[name]) != rank:
-            what = "is missing" if name not in shapes else f"has shape {tuple(shapes[name])}"
-            raise ValueError(f"{where}: tensor {name} {what}; not an image-gpt checkpoint")
-    (V, d), (T, _), (H, _, _) = shapes["model/wte"], shapes["model/wpe"], shapes["model/h0/attn/q_proj"]
-    n_layer = 0
-    while f"model/h{n_layer}/ln_1/g" in shapes:
-        n_layer += 1
-    n_px = math.isqrt(T)
-    if n_px * n_px != T:
-        raise ValueError(f"{where}: tensor model/wpe has {T} positions, not a square image")
-    has_sos = "model/sos" in shapes
-    objective = objective or ("ar" if has_sos else "bert")
-    if objective not in ("ar", "bert"):
-        raise ValueError(f"objective must be 'ar' or 'bert', got {objective!r}")
-    if objective == "ar" and not has_sos:
-        raise ValueError(f"{where}: tensor model/sos is missing, and an AR model needs it (BERT checkpoints "
-                         "have none: use --objective bert)")
-    try:
-        cfg = ModelConfig(n_layer=max(n_layer, 1), n_embd=d, n_head=H, n_px=n_px, n_vocab=V)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    weights = {k: tuple(v) for k, v in shapes.items() if not _is_training_state(k)}
-    _check_tensors(weights, _openai_shapes(cfg, has_sos), where)
-    return cfg, objective
-
-
-def openai_to_igpt(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], np.ndarray], where: str,
-                   objective: str | None = None,
-                   progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
-    """Released TF variables -> (ModelConfig, GPT state dict, objective). ``read(name)`` returns one array."""
-    cfg, objective = openai_config(shapes, where, objective)
-    d = cfg.n_embd
-    names = list(_openai_shapes(cfg, "model/sos" in shapes))
-    quiet = not progress or sum(math.prod(shapes[n]) for n in names) < 1 << 24  # a bar only for big files
-    with tqdm(names, desc="reading tensors", unit="tensor", disable=quiet) as bar:
-        arrays = {n: torch.from_numpy(np.asarray(read(n), dtype=np.float32)) for n in bar}
-    sd = {"wte.weight": arrays["model/wte"], "wpe.weight": arrays["model/wpe"],
-          "lm_head.weight": arrays["model/wtet"], "ln_f.weight": arrays["model/ln_f/g"],
-          # BERT never reads the SOS vector; zeros keep GPT's parameter set uniform
-          "sos": arrays.get("model/sos", torch.zeros(d))}
-    take = arrays.pop  # each source array is dropped once copied, so iGPT-L never needs two full copies
-    for i in range(cfg.n_layer):
-        p, q = f"model/h{i}/", f"blocks.{i}."
-        sd[q + "ln_1.weight"], sd[q + "ln_2.weight"] = take(p + "ln_1/g"), take(p + "ln_2/g")
-        # [H, hd, d] -> [d (= h*hd + e), d]: already nn.Linear's [out, in] for q, k, v
-        sd[q + "attn.c_attn.weight"] = torch.cat([take(p + f"attn/{x}_proj").reshape(d, d) for x in "qkv"])
-        # c_proj [in = (h, e), out] and the MLP's [in, out] matrices -> nn.Linear's [out, in]
-        sd[q + "attn.c_proj.weight"] = take(p + "attn/c_proj").reshape(d, d).T.contiguous()
-        sd[q + "mlp.c_fc.weight"] = take(p + "mlp/c_fc/w").T.contiguous()
-        sd[q + "mlp.c_proj.weight"] = take(p + "mlp/c_proj/w").T.contiguous()
-    return cfg, sd, objective
-
-
-def load_openai(prefix: str | Path, palette: str | Path | None = None, objective: str | None = None,
-                progress: bool = False) -> tuple[GPT, Palette, dict[str, Any]]:
-    """(model, palette, info) from a released checkpoint prefix; the palette defaults to a
-    ``kmeans_centers.npy`` beside the checkpoint."""
-    from igpt.tfbundle import TensorBundle
-
-    bundle = TensorBundle(prefix)
-    where = str(bundle.index_path)
-    cfg, objective = openai_config(bundle.shapes, where, objective)
-    pal_path = Path(palette) if palette is not None else bundle.prefix.parent / "kmeans_centers.npy"
-    if palette is None and not pal_path.is_file():
-        raise FileNotFoundError(f"no palette: pass --palette kmeans_centers.npy (looked for {pal_path})")
-    pal = Palette.load(pal_path)
-    if pal.k != cfg.n_vocab:
-        raise ValueError(f"palette {pal_path} has {pal.k} colours, but the checkpoint's model/wte has "
-                         f"{cfg.n_vocab} rows")
-    cfg, sd, objective = openai_to_igpt(bundle.shapes, bundle.read, where, objective, progress)
-    match = re.search(r"ckpt-(\d+)$", bundle.prefix.name)
-    step = int(match.group(1)) if match else None
-    if step is None and "global_step" in bundle.entries:
-        step = int(bundle.read("global_step"))
-    info = {"objective": objective, "step": step,
-            "source": {"format": "openai", "path": str(bundle.prefix), "palette": str(pal_path)}}
-    return _build(cfg, sd), pal, info
-
-
-def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> GPT:
+def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> GPT:
     """A GPT holding exactly these tensors: built on the meta device, so no random init is paid for."""
     with torch.device("meta"):
         model = GPT(cfg)
@@ -437,6 +329,8 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
 
 def convert_openai(prefix: str | Path, out: str | Path, palette: str | Path | None = None,
                    objective: str | None = None) -> Path:
+    from igpt.openai_weights import load_openai  # imported here: that module builds on this one
+
     check_new_output(Path(out))
     model, pal, info = load_openai(prefix, palette, objective, progress=True)
     return save_checkpoint(out, model, pal, info)

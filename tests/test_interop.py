@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 import igpt
 from igpt.cli import main
 from igpt.config import ModelConfig
-from igpt.interop import hf_to_igpt, igpt_to_hf, is_hf_dir, load_hf, load_openai, openai_to_igpt, save_hf
+from igpt.interop import hf_to_igpt, igpt_to_hf, is_hf_dir, load_hf, save_hf
+from igpt.openai_weights import load_openai, openai_to_igpt
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.sample import sample
