@@ -20,10 +20,10 @@ import torch
 from igpt.checkpoint import load_checkpoint
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data import open_split, prepare
-from igpt.loader import fixed_batches
 from igpt.model import GPT
 from igpt.palette import Palette
-from igpt.probe import extract_features, probe_all_layers
+from igpt.features import FeatureConfig, extract
+from igpt.ridge_probe import probe_all_layers
 from igpt.sample import sample
 from igpt.train import pretrain
 from igpt.viz import grid, layer_plot, save_png
@@ -37,7 +37,8 @@ def probe_model(model: GPT, palette: Palette, data_dir: str, n_px: int) -> dict[
     feats, labels = {}, {}
     for split in ("train_all", "test"):
         images = open_split(data_dir, split, n_px=n_px)
-        feats[split] = extract_features(model, fixed_batches(images, 256, 0, palette, torch.device("cpu")))
+        found = extract(model, images, palette, FeatureConfig(device="cpu"), progress=False)
+        feats[split] = {layer: torch.from_numpy(f) for layer, f in found.items()}
         labels[split] = torch.as_tensor(np.array(images.labels, dtype=np.int64))
     return probe_all_layers(feats["train_all"], labels["train_all"], feats["test"], labels["test"])
 

@@ -8,7 +8,7 @@ per layer.
 - ``probe_layers``: that probe on every layer of cached features, the best layer (by validation accuracy)
   marked, and optionally the concatenation of the k layers around it (the paper's ImageNet trick).
 - ``low_data_probe``: the semi-supervised setting, N labels per class, mean +- std over seeded repeats.
-- ``ridge_probe`` / ``probe_all_layers``: the cheap closed-form ridge probe the demo runs; a quick look.
+- ``igpt.ridge_probe``: the cheap closed-form ridge probe the demo runs; a quick look.
 - ``probe_checkpoint``: what ``igpt probe`` runs (load, extract with a cache, probe, write outputs).
 
 The loss minimised is ``mean cross-entropy + l2 / 2 * ||W||^2`` (bias unpenalised), so ``l2 = 1 / (C N)``
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,70 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from igpt.config import arg
-from igpt.model import GPT
-from igpt.runtime import autocast
 
 DEFAULT_L2_GRID = "1e-6,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1"
 PATIENCE = 3  # grid points in a row that do not beat the best validation accuracy end the L2 search
-
-
-@torch.no_grad()
-def extract_features(model: GPT, batches: Iterable[torch.Tensor], layers: list[int] | None = None, *,
-                     causal: bool = True, dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
-    """{layer: feats (N, D) float32 on CPU} for every layer (default 0..L), one forward pass per batch.
-    ``causal=False`` reads a BERT model bidirectionally (with no positions masked)."""
-    model.eval()
-    parts: dict[int, list[torch.Tensor]] = {}
-    for ids in batches:
-        with autocast(ids.device, dtype):
-            feats = model.layer_features(ids, layers, causal=causal)
-        for layer, f in feats.items():
-            parts.setdefault(layer, []).append(f.float().cpu())
-    if not parts:
-        raise ValueError("extract_features: no batches")
-    return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
-
-
-def _ridge_fit(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float) -> torch.Tensor:
-    """Weights (D+1, C) of least squares onto centred one-hot targets with an L2 penalty (bias unpenalised)."""
-    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-    targets = torch.nn.functional.one_hot(y, n_classes).to(x.dtype) - 1.0 / n_classes
-    gram = x1.T @ x1
-    penalty = torch.eye(gram.shape[0], dtype=x.dtype) * l2 * len(x)
-    penalty[-1, -1] = 0.0
-    return torch.linalg.solve(gram + penalty, x1.T @ targets)
-
-
-def _predict(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1) @ w).argmax(dim=1)
-
-
-def ridge_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), val_fraction: float = 0.2,
-                seed: int = 0) -> dict[str, float]:
-    """Standardise with train statistics, choose the L2 strength on a seeded held-out part of train, refit
-    on all of train, and return {"acc": test accuracy, "l2": chosen strength}."""
-    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
-        raise ValueError("ridge_probe: features and labels differ in length")
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    tr, te = ((train_x - mean) / std).double(), ((test_x - mean) / std).double()
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(tr)))
-    n_val = max(1, int(round(val_fraction * len(tr))))
-    fit_i, val_i = perm[n_val:], perm[:n_val]
-    scores = {l2: (_predict(_ridge_fit(tr[fit_i], train_y[fit_i], n_classes, l2), tr[val_i]) == train_y[val_i])
-              .float().mean().item() for l2 in l2_grid}
-    best = max(l2_grid, key=lambda l2: (scores[l2], l2))  # ties go to the stronger penalty
-    w = _ridge_fit(tr, train_y, n_classes, best)
-    return {"acc": (_predict(w, te) == test_y).float().mean().item(), "l2": best}
-
-
-def probe_all_layers(train_feats: dict[int, torch.Tensor], train_y: torch.Tensor,
-                     test_feats: dict[int, torch.Tensor], test_y: torch.Tensor) -> dict[str, object]:
-    """Ridge probe per layer: {"acc": {layer: accuracy}, "best_layer": l, "best_acc": a}."""
-    accs = {l: ridge_probe(train_feats[l], train_y, test_feats[l], test_y)["acc"] for l in sorted(train_feats)}
-    best = max(accs, key=accs.get)
-    return {"acc": accs, "best_layer": best, "best_acc": accs[best]}
 
 
 # ---------------------------------------------------------------------------------------------- L-BFGS probe
