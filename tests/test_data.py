@@ -1,4 +1,5 @@
-"""Readers (igpt.sources) and the prepared cache (igpt.data), on tiny files of every format made in tmp_path."""
+"""Readers (igpt.sources) and the prepared cache (igpt.data), on tiny files of every format made in tmp_path.
+Single-image decoding and resizing (igpt.images) are in test_images.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from igpt import data as data_mod
 from igpt.data import ImageSet, check_palette, open_split, prepare, split_indices
-from igpt.images import load_image, to_n_px
+from igpt.images import to_n_px
 from igpt.sources import list_image_folder, read_source
 
 SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-small.npz"
@@ -296,54 +297,6 @@ def test_digits():
     assert tr.pixels.dtype == np.uint8 and tr.pixels.max() == 255 and tr.classes == [str(k) for k in range(10)]
     assert (tr.pixels == tr.pixels[..., :1]).all()
     assert np.array_equal(te.labels, read_source("digits", 8)["test"].labels)  # fixed split
-
-
-# ---------------------------------------------------------------------------------------------- images
-
-
-def test_box_downscale_gives_block_means():
-    x = rand_images(1, 8, 8, 9)[0]
-    out = to_n_px(x, 4, "squash")
-    means = x.reshape(4, 2, 4, 2, 3).astype(float).mean(axis=(1, 3))
-    assert np.abs(out - means).max() <= 1.0  # PIL rounds after each axis
-    flat = np.repeat(np.repeat(x[:4, :4], 2, axis=0), 2, axis=1)  # constant 2x2 blocks
-    assert np.array_equal(to_n_px(flat, 4, "center"), x[:4, :4])
-
-
-def test_center_vs_squash():
-    x = np.zeros((8, 16, 3), np.uint8)
-    x[:, :4] = (255, 0, 0)
-    x[:, 4:12] = (0, 255, 0)
-    x[:, 12:] = (0, 0, 255)
-    center, squash = to_n_px(x, 8, "center"), to_n_px(x, 8, "squash")
-    assert (center == (0, 255, 0)).all()
-    assert (squash[:, :2] == (255, 0, 0)).all() and (squash[:, 6:] == (0, 0, 255)).all()
-    assert to_n_px(x, 16, "center").shape == (16, 16, 3)  # upscaling (bicubic)
-
-
-def test_image_modes_to_rgb():
-    grey16 = Image.fromarray(np.array([[0, 65535]], np.uint16))
-    assert to_n_px(grey16, 1, "squash").shape == (1, 1, 3)
-    assert to_n_px(grey16.resize((2, 2), Image.Resampling.NEAREST), 2, "center")[0, 1].tolist() == [255] * 3
-    one = Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1")
-    assert to_n_px(one, 2, "squash")[:, 1].tolist() == [[255] * 3, [255] * 3]
-    la = Image.fromarray(np.array([[[0, 0], [0, 255]]], np.uint8)).resize((2, 2), Image.Resampling.NEAREST)
-    assert to_n_px(la, 2, "center")[0].tolist() == [[255] * 3, [0] * 3]
-    pal = Image.fromarray(np.array([[0, 1]], np.uint8)).convert("P")
-    pal.putpalette([10, 20, 30, 40, 50, 60])
-    pal.info["transparency"] = 0
-    out = to_n_px(pal.resize((2, 2), Image.Resampling.NEAREST), 2, "center")
-    assert out[0].tolist() == [[255] * 3, [40, 50, 60]]
-
-
-def test_load_image_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        load_image(tmp_path / "missing.png", 8)
-    (tmp_path / "fake.jpg").write_text("hello")
-    with pytest.raises(ValueError, match=r"fake\.jpg is not a readable image"):
-        load_image(tmp_path / "fake.jpg", 8)
-    save_png(tmp_path / "ok.png", Image.new("RGBA", (6, 4), (0, 0, 0, 0)))
-    assert (load_image(tmp_path / "ok.png", 4) == 255).all()
 
 
 def test_list_image_folder_rejects_mixed(tmp_path):
