@@ -18,6 +18,13 @@ def arg(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def require_at_least(cfg: Any, names: tuple[str, ...], low: float) -> None:
+    """Raise naming the flag (``batch_size`` -> ``--batch-size``) of the first field below ``low``."""
+    for name in names:
+        if getattr(cfg, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+
+
 # Shapes of the released and paper models (reference igpt.md section 13) plus small ones for tests and
 # the demo. iGPT-XL's head count is unpublished; 24 heads (head_dim 128) is our choice, not OpenAI's.
 PRESETS: dict[str, dict[str, int]] = {
@@ -127,12 +134,8 @@ class TrainConfig:
             raise ValueError(f"--objective must be 'ar' or 'bert', got {self.objective!r}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
-        for name in ("batch_size", "grad_accum", "max_steps", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_batches", "log_every", "ckpt_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, ("batch_size", "grad_accum", "max_steps", "keep_last"), 1)
+        require_at_least(self, ("eval_every", "eval_batches", "log_every", "ckpt_every"), 0)
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < -1:

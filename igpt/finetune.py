@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from igpt import checkpoint as ckpt
-from igpt.config import arg
+from igpt.config import arg, require_at_least
 from igpt.data import ImageSet
 from igpt.features import base_objective, open_labelled, take
 from igpt.loader import LabelledBatchStream, labelled_batches
@@ -79,12 +79,8 @@ class FinetuneConfig:
                      choices=("auto", "bf16", "fp32"))
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_every", "patience", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "labels_per_class", "gen_weight", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, ("batch_size", "max_steps", "eval_every", "patience", "eval_batch_size"), 1)
+        require_at_least(self, ("warmup_steps", "labels_per_class", "gen_weight", "grad_clip"), 0)
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 < self.mask_prob < 1.0:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from igpt.config import arg
+from igpt.config import arg, require_at_least
 
 DEFAULT_L2_GRID = "1e-6,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1"
 PATIENCE = 3  # grid points in a row that do not beat the best validation accuracy end the L2 search
@@ -59,12 +59,8 @@ class ProbeConfig:
             raise ValueError(f"--l2 must be >= 0, or -1 to search --l2-grid; got {self.l2}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("max_iter", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("concat", "labels_per_class"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, ("max_iter", "repeats"), 1)
+        require_at_least(self, ("concat", "labels_per_class"), 0)
         if self.eval_subset not in ("all", "lossless"):
             raise ValueError(f"--eval-subset must be 'all' or 'lossless', got {self.eval_subset!r}")
 

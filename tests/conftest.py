@@ -11,6 +11,16 @@ from igpt.config import ModelConfig
 from igpt.model import GPT
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Tiny checkpoints in the released layout, written by real TensorFlow (scripts/make_tf_fixture.py)
+OPENAI_FIXTURES = Path(__file__).parent / "fixtures" / "openai_tiny"
+OPENAI_AR = OPENAI_FIXTURES / "ar" / "model.ckpt-131000"
+OPENAI_BERT = OPENAI_FIXTURES / "bert" / "model.ckpt-262000"
+
+
+def tf_arrays(prefix: Path) -> dict[str, np.ndarray]:
+    """What TensorFlow saved into a fixture checkpoint, by variable name."""
+    with np.load(prefix.parent / "expected.npz") as f:
+        return {k.replace("|", "/"): f[k] for k in f.files}
 
 
 def randomize(model: GPT, seed: int = 0, scale: float = 0.3) -> GPT:

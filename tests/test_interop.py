@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import openai_reference, randomize
+from conftest import openai_reference, randomize, tf_arrays
+from conftest import OPENAI_AR as AR
+from conftest import OPENAI_BERT as BERT
 from safetensors.torch import load_file, save_file
 
 import igpt
@@ -23,15 +25,6 @@ from igpt.openai_weights import load_openai, openai_to_igpt
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.sample import sample
-
-FIXTURES = Path(__file__).parent / "fixtures" / "openai_tiny"
-AR, BERT = FIXTURES / "ar" / "model.ckpt-131000", FIXTURES / "bert" / "model.ckpt-262000"
-
-
-def tf_arrays(prefix: Path) -> dict[str, np.ndarray]:
-    with np.load(prefix.parent / "expected.npz") as f:
-        return {k.replace("|", "/"): f[k] for k in f.files}
-
 
 # ---- OpenAI ----
 

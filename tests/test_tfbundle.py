@@ -9,16 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import OPENAI_AR as AR
+from conftest import OPENAI_BERT as BERT
+from conftest import tf_arrays as expected
 
 from igpt.tfbundle import TensorBundle, _crc_update, crc32c, read_index, resolve_prefix, unmask_crc
-
-FIXTURES = Path(__file__).parent / "fixtures" / "openai_tiny"
-AR, BERT = FIXTURES / "ar" / "model.ckpt-131000", FIXTURES / "bert" / "model.ckpt-262000"
-
-
-def expected(prefix: Path) -> dict[str, np.ndarray]:
-    with np.load(prefix.parent / "expected.npz") as f:
-        return {k.replace("|", "/"): f[k] for k in f.files}
 
 
 def test_crc32c_known_value_and_parallel_path_agrees_with_serial():
