@@ -10,6 +10,9 @@ A checkpoint is a directory::
       classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]; config.json then has
                           "objective": "finetune", "base_objective", "n_classes" and "classes"
 
+A sharded checkpoint (``--sharded-checkpoint``, see ``igpt.sharded_checkpoint``) holds ``sharded/`` in place
+of model.safetensors and keeps the optimizer there; everything here reads both kinds.
+
 A run directory holds ``checkpoints/step-*``; ``load(run_dir)`` takes the newest complete one. Each
 directory is assembled under a temporary name and renamed into place, so a crash (even SIGKILL) leaves
 either the old checkpoint or the new one, never half of one.
@@ -29,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from igpt.config import ModelConfig
 from igpt.model import GPT
 from igpt.palette import Palette
+from igpt.sharded_checkpoint import is_sharded, load_sharded
 
 WEIGHTS, CONFIG, PALETTE, STATE = "model.safetensors", "config.json", "palette.npz", "train_state.pt"
 CLASSIFIER = "classifier.safetensors"
@@ -48,20 +52,13 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, info: di
     """Write a complete checkpoint directory atomically. ``model`` must be the uncompiled module;
     ``classifier`` (a fine-tuned head's tensors) goes to classifier.safetensors."""
     ckpt_dir = Path(ckpt_dir)
-    if model.config.n_vocab != palette.k:
-        raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {palette.k} colours")
     tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # state_dict: the weights gathered from a sharded (FSDP) model, when model itself holds only shards
     state = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or model.state_dict()).items()}
     save_file(state, str(tmp / WEIGHTS))
-    palette.save(tmp / PALETTE)
-    config = {"format": "igpt", "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-              "palette_fingerprint": palette.fingerprint(), **(info or {})}
-    write_json_atomic(tmp / CONFIG, config)
-    if train_state is not None:
-        torch.save(train_state, tmp / STATE)
+    write_small_files(tmp, model.config, palette, info, train_state)
     if classifier is not None:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in classifier.items()}, str(tmp / CLASSIFIER))
     if ckpt_dir.exists():  # replace an older checkpoint of the same name: move it aside, then swap
@@ -72,6 +69,19 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, info: di
     else:
         os.replace(tmp, ckpt_dir)
     return ckpt_dir
+
+
+def write_small_files(ckpt_dir: Path, config: ModelConfig, palette: Palette, info: dict[str, Any] | None,
+                      train_state: dict[str, Any] | None) -> None:
+    """Everything of a checkpoint but its weights: palette.npz, config.json and train_state.pt."""
+    if config.n_vocab != palette.k:
+        raise ValueError(f"model has {config.n_vocab} ids but the palette has {palette.k} colours")
+    palette.save(ckpt_dir / PALETTE)
+    meta = {"format": "igpt", "format_version": FORMAT_VERSION, "model": config.to_dict(),
+            "palette_fingerprint": palette.fingerprint(), **(info or {})}
+    write_json_atomic(ckpt_dir / CONFIG, meta)
+    if train_state is not None:
+        torch.save(train_state, ckpt_dir / STATE)
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -93,7 +103,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if (path / WEIGHTS).exists():
+    if (path / WEIGHTS).exists() or is_sharded(path):
         return path
     ckpts = step_checkpoints(path)
     if ckpts:
@@ -123,6 +133,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     ckpt_dir = resolve_checkpoint(path)
     config = read_config(ckpt_dir)
     model = GPT(ModelConfig.from_dict(config["model"]))
+    if is_sharded(ckpt_dir):
+        load_sharded(ckpt_dir, model)  # re-assembled in this process from every writer's shards
+    else:
+        _load_weights(ckpt_dir, model)
+    palette = Palette.load(ckpt_dir / PALETTE)
+    if palette.fingerprint() != config["palette_fingerprint"]:
+        raise ValueError(f"{ckpt_dir / PALETTE} has fingerprint {palette.fingerprint()} but the checkpoint "
+                         f"records {config['palette_fingerprint']}")
+    return model.to(device).eval(), palette, config
+
+
+def _load_weights(ckpt_dir: Path, model: GPT) -> None:
+    """model.safetensors into ``model``, strictly: a missing, unexpected or mis-shaped tensor is an error."""
     state = load_file(str(ckpt_dir / WEIGHTS))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -134,17 +157,34 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             raise ValueError(f"{ckpt_dir / WEIGHTS}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"the config implies {tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=True)
-    palette = Palette.load(ckpt_dir / PALETTE)
-    if palette.fingerprint() != config["palette_fingerprint"]:
-        raise ValueError(f"{ckpt_dir / PALETTE} has fingerprint {palette.fingerprint()} but the checkpoint "
-                         f"records {config['palette_fingerprint']}")
-    return model.to(device).eval(), palette, config
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette]:
     """``igpt.load``: the model (eval mode) and its palette from a checkpoint or run directory."""
     model, palette, _ = load_checkpoint(path, device)
     return model, palette
+
+
+def check_new_output(out: Path) -> None:
+    """Converters never overwrite: --out must be new (or an empty directory)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists and is not empty; choose a new directory")
+
+
+def consolidate(src: str | Path, out: str | Path) -> Path:
+    """A sharded checkpoint (or the newest one of a run) as a single-file checkpoint: model.safetensors,
+    config.json and palette.npz, read by ``igpt.load`` anywhere. Done in one process, which needs the
+    full weights in memory (not the optimizer state: the result is for inference, fine-tuning and export;
+    the sharded checkpoint itself stays the one to resume training from)."""
+    check_new_output(Path(out))
+    ckpt_dir = resolve_checkpoint(src)
+    if not is_sharded(ckpt_dir):
+        raise ValueError(f"{ckpt_dir} is not a sharded checkpoint (it has no sharded/.metadata); it is "
+                         f"already a single-file checkpoint")
+    model, palette, config = load_checkpoint(ckpt_dir)
+    skip = {"format", "format_version", "model", "palette_fingerprint", "sharded"}
+    info = {k: v for k, v in config.items() if k not in skip}
+    return save_checkpoint(out, model, palette, {**info, "consolidated_from": str(ckpt_dir)})
 
 
 def load_train_state(ckpt_dir: Path) -> dict[str, Any]:

@@ -121,11 +121,18 @@ class TrainConfig:
     tensorboard: bool = arg(False, "also log metrics to TensorBoard in RUN/tensorboard (needs tensorboard)")
     ckpt_every: int = arg(500, "steps between checkpoints (one is always written at the end)")
     keep_last: int = arg(2, "how many step checkpoints to keep")
+    sharded_checkpoint: bool = arg(False, "write checkpoints with torch.distributed.checkpoint: each process "
+                                   "saves its own shards, nothing is gathered on one rank (for --fsdp with "
+                                   "large models); resumable on any number of processes")
     seed: int = arg(0, "seed for initialisation, batch order, masks and augmentation")
     device: str = arg("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str = arg("auto", "autocast dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'",
                      choices=("auto", "bf16", "fp32"))
-    compile: bool = arg(False, "wrap the model in torch.compile")
+    compile: str = arg("auto", "torch.compile the model: 'auto' (on CUDA GPUs of compute capability 7.0 or "
+                       "newer with triton installed; off on CPU, where compiling costs more than it saves in "
+                       "short runs), 'on' or 'off'", choices=("auto", "on", "off"))
+    dist_timeout: float = arg(10.0, "under torchrun: minutes a collective waits for the other processes "
+                              "before the run stops with an error (a dead or stuck process)")
     fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and optimizer state across the "
                      "processes (FSDP2 fully_shard) instead of replicating them (DDP)")
 
@@ -146,6 +153,12 @@ class TrainConfig:
             raise ValueError(f"--augment must be 'none', 'cifar' or 'imagenet', got {self.augment!r}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if isinstance(self.compile, bool):  # run.json files of earlier versions stored a bool
+            object.__setattr__(self, "compile", "on" if self.compile else "off")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"--compile must be 'auto', 'on' or 'off', got {self.compile!r}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
 

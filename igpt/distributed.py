@@ -13,12 +13,31 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer than this fails instead of hanging
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the run died or stopped answering: this one stops too, instead of waiting forever."""
+
+
+def is_communication_error(e: BaseException) -> bool:
+    """Failures of a collective: NCCL and store errors are DistError; gloo raises RuntimeError naming itself."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(s in text for s in ("gloo", "NCCL", "Connection reset",
+                                                                    "Connection closed", "Broken pipe"))
+
+
+def peer_lost(world: World, e: BaseException, resume_hint: str) -> PeerLostError:
+    """The one-line error of a rank whose peers vanished (the original exception stays chained)."""
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", reason)  # gloo's source location tells a user nothing
+    return PeerLostError(f"rank {world.rank} of {world.size}: lost contact with another process of the run "
+                         f"({reason[:200]}); check that process's log. {resume_hint}")
 
 
 @dataclass(frozen=True)
@@ -39,9 +58,10 @@ class World:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
-def init_distributed(device_name: str) -> tuple[World, str]:
+def init_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[World, str]:
     """Join the torchrun process group if launched by torchrun. Returns the world and the device name
-    this rank should use (``cuda:LOCAL_RANK`` for GPUs; the CPU uses the gloo backend)."""
+    this rank should use (``cuda:LOCAL_RANK`` for GPUs; the CPU uses the gloo backend). A collective that
+    waits longer than ``timeout_minutes`` for the other processes fails instead of hanging."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return World(), device_name
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
@@ -52,7 +72,8 @@ def init_distributed(device_name: str) -> tuple[World, str]:
     elif device_name == "auto":
         device_name = "cpu"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return world, device_name
 
 

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from igpt.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint, write_json_atomic
+from igpt.checkpoint import (FORMAT_VERSION, check_new_output, load_checkpoint, save_checkpoint,
+                             write_json_atomic)
 from igpt.config import ModelConfig
 from igpt.model import GPT, NORM_EPS
 from igpt.palette import Palette
@@ -314,12 +315,6 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> GPT:
 
 
 # ---- what `igpt convert` runs ----
-
-def check_new_output(out: Path) -> None:
-    """Converters never overwrite: --out must be new (or an empty directory)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already exists and is not empty; choose a new directory")
-
 
 def convert_hf(src: str | Path, out: str | Path) -> Path:
     check_new_output(Path(out))

@@ -36,6 +36,20 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """Whether to torch.compile: 'on' / 'off' as asked; 'auto' only where inductor's GPU kernels run
+    (triton importable, compute capability >= 7.0), so older GPUs and the CPU fall back to eager."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401  (inductor's GPU code generator)
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (7, 0)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) for initialisation and dropout."""
     random.seed(seed)

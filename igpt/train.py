@@ -34,14 +34,17 @@ from igpt import checkpoint as ckpt
 from igpt.augment import FolderImages
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data import ImageSet, check_palette, open_split
-from igpt.distributed import World, barrier, init_distributed, mean_across, shutdown
+from igpt.distributed import (World, barrier, init_distributed, is_communication_error, mean_across,
+                              peer_lost, shutdown)
 from igpt.loader import BatchStream, FolderStream, fixed_batches, folder_splits
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, nats_to_bits, sample_keep_mask
 from igpt.optim import lr_at, make_optimizer, warmup_steps
 from igpt.palette import Palette
 from igpt.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
-from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
+from igpt.runtime import (autocast, compile_enabled, derived_generator, resolve_device, resolve_dtype,
+                          seed_everything)
+from igpt.sharded_checkpoint import is_sharded, load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -109,7 +112,7 @@ class Trainer:
         self.stream = make_stream(self.palette)
         self.warmup = warmup_steps(cfg, self.n_train)
         self.step = 0
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = torch.compile(self.model) if compile_enabled(cfg.compile, self.device) else self.model
         if world.size > 1 and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.forward, device_ids=ids)
@@ -153,11 +156,14 @@ class Trainer:
 
     def restore(self) -> None:
         ckpt_dir = ckpt.resolve_checkpoint(self.run_dir)
-        model, _, _ = ckpt.load_checkpoint(ckpt_dir, "cpu")
         state = ckpt.load_train_state(ckpt_dir)
-        # Full (unsharded, name-keyed) state dicts: a run resumes on any number of processes, DDP or FSDP.
-        set_model_state_dict(self.model, model.state_dict(), options=FULL_STATE)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_STATE)
+        if is_sharded(ckpt_dir):  # each rank reads the slices it owns, whoever wrote them
+            load_sharded(ckpt_dir, self.model, self.optimizer)
+        else:
+            model, _, _ = ckpt.load_checkpoint(ckpt_dir, "cpu")
+            # Full (unsharded, name-keyed) state dicts: a run resumes on any number of processes, DDP or FSDP.
+            set_model_state_dict(self.model, model.state_dict(), options=FULL_STATE)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_STATE)
         self.stream.load_state_dict(state["stream"])
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
@@ -168,20 +174,29 @@ class Trainer:
             truncate_metrics(self.run_dir, self.step)
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
+    def _train_state(self) -> dict[str, Any]:
+        state = {"step": self.step, "stream": self.stream.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def save(self) -> None:
-        """Rank 0 writes the checkpoint; the others wait for it. Under FSDP the full weights and optimizer
-        state are gathered first (a collective every rank joins)."""
-        weights = get_model_state_dict(self.model, options=FULL_STATE)
-        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        """A full checkpoint (rank 0 writes, after the full weights and optimizer state are gathered, a
+        collective under FSDP), or with --sharded-checkpoint every rank writes its own shards."""
+        ckpt_dir = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
+        info = {"step": self.step, "objective": self.cfg.objective, "n_px": self.model_cfg.n_px,
+                "data": self.data_cfg.data}
+        if self.cfg.sharded_checkpoint:
+            info.update(sharded=True, saved_by_processes=self.world.size)
+            save_sharded(ckpt_dir, self.model, self.optimizer, self.world, lambda tmp: ckpt.write_small_files(
+                tmp, self.model_cfg, self.palette, info, self._train_state()))
+        else:
+            weights = get_model_state_dict(self.model, options=FULL_STATE)
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+            if self.world.is_main:
+                ckpt.save_checkpoint(ckpt_dir, self.model, self.palette, info,
+                                     {**self._train_state(), "optimizer": optimizer}, state_dict=weights)
         if self.world.is_main:
-            state = {"step": self.step, "optimizer": optimizer,
-                     "stream": self.stream.state_dict(), "torch_rng": torch.get_rng_state()}
-            if self.device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-            info = {"step": self.step, "objective": self.cfg.objective, "n_px": self.model_cfg.n_px,
-                    "data": self.data_cfg.data}
-            ckpt.save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.step:07d}", self.model,
-                                 self.palette, info, state, state_dict=weights)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
         barrier(self.world)
 
@@ -262,28 +277,38 @@ def pretrain(model_cfg: ModelConfig | None, cfg: TrainConfig | None, data_cfg: D
     run_dir = Path(out_dir)
     if resume:
         model_cfg, cfg, data_cfg = read_run(run_dir)
-    world, device = init_distributed(cfg.device)
+    world, device = init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        if not resume:
-            _start_run(model_cfg, cfg, data_cfg, run_dir, world)
-        trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
-        if resume and ckpt.step_checkpoints(run_dir):
-            trainer.restore()
-        elif resume and world.is_main:
-            truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
-        if world.is_main:
-            run = {"model": trainer.model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict()}
-            ckpt.write_json_atomic(run_dir / RUN_FILE, run)
-            log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s", run_dir,
-                     f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device)
-        metrics_log = MetricsLog(run_dir, cfg.tensorboard) if world.is_main else None
-        try:
-            return _loop(trainer, metrics_log, progress and world.is_main, on_step)
-        finally:
-            if metrics_log is not None:
-                metrics_log.close()
+        return _run(model_cfg, cfg, data_cfg, run_dir, resume, world, device, progress, on_step)
+    except Exception as e:
+        if world.size > 1 and is_communication_error(e):
+            raise peer_lost(world, e, f"Resume with: igpt pretrain --resume {run_dir}") from e
+        raise
     finally:
         shutdown(world)
+
+
+def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resume: bool,
+         world: World, device: str, progress: bool,
+         on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
+    if not resume:
+        _start_run(model_cfg, cfg, data_cfg, run_dir, world)
+    trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
+    if resume and ckpt.step_checkpoints(run_dir):
+        trainer.restore()
+    elif resume and world.is_main:
+        truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
+    if world.is_main:
+        run = {"model": trainer.model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict()}
+        ckpt.write_json_atomic(run_dir / RUN_FILE, run)
+        log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s", run_dir,
+                 f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device)
+    metrics_log = MetricsLog(run_dir, cfg.tensorboard) if world.is_main else None
+    try:
+        return _loop(trainer, metrics_log, progress and world.is_main, on_step)
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
 
 
 def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
@@ -291,28 +316,30 @@ def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
     cfg, images_per_step = t.cfg, t.cfg.batch_size * t.cfg.grad_accum
     result: dict[str, Any] = last_metrics(t.run_dir)
     bar = tqdm(total=cfg.max_steps, initial=t.step, disable=not progress, desc="pretrain", unit="step")
-    t.model.train()
-    tick = time.perf_counter()
-    while t.step < cfg.max_steps:
-        metrics = t.train_step()
-        now = time.perf_counter()
-        metrics["img_per_s"] = images_per_step / (now - tick)
-        tick = now
-        result["train"] = metrics
-        if metrics_log and (t.step % cfg.log_every == 0 or t.step == cfg.max_steps):
-            metrics_log.write({"step": t.step, "split": "train", **metrics})
-        if t.val_set is not None and (t.step % cfg.eval_every == 0 or t.step == cfg.max_steps):
-            if (val := t.validate()) is not None:
-                result["val"] = val
-                metrics_log.write({"step": t.step, "split": "val", **val})
-            tick = time.perf_counter()
-        if t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
-            t.save()
-            tick = time.perf_counter()
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-        if on_step is not None:
-            on_step(t.step, metrics)
-    bar.close()
+    try:  # the bar's line is ended on errors too, so an error message starts on a line of its own
+        t.model.train()
+        tick = time.perf_counter()
+        while t.step < cfg.max_steps:
+            metrics = t.train_step()
+            now = time.perf_counter()
+            metrics["img_per_s"] = images_per_step / (now - tick)
+            tick = now
+            result["train"] = metrics
+            if metrics_log and (t.step % cfg.log_every == 0 or t.step == cfg.max_steps):
+                metrics_log.write({"step": t.step, "split": "train", **metrics})
+            if t.val_set is not None and (t.step % cfg.eval_every == 0 or t.step == cfg.max_steps):
+                if (val := t.validate()) is not None:
+                    result["val"] = val
+                    metrics_log.write({"step": t.step, "split": "val", **val})
+                tick = time.perf_counter()
+            if t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
+                t.save()
+                tick = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+            if on_step is not None:
+                on_step(t.step, metrics)
+    finally:
+        bar.close()
     result["checkpoint"] = str(ckpt.resolve_checkpoint(t.run_dir))
     return result

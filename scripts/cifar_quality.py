@@ -132,7 +132,7 @@ def _configs(args: argparse.Namespace, palette: Palette, steps: int) -> tuple[Mo
     train_cfg = TrainConfig(objective="ar", batch_size=args.batch_size, max_steps=steps, lr=args.lr,
                             warmup_steps=args.warmup_steps, augment=args.augment, eval_every=max(1, steps // 5),
                             eval_batches=8, log_every=50, ckpt_every=steps, keep_last=1, seed=args.seed,
-                            device=args.device, compile=args.compile)
+                            device=args.device, compile="on" if args.compile else "off")
     return model_cfg, train_cfg
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -70,3 +72,76 @@ def test_fsdp_matches_one_process_and_resumes_in_one(tmp_path):
     proc = run(["pretrain", "--resume", str(tmp_path / "split")], 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(curve(tmp_path / "split").values()) == pytest.approx(list(curve(tmp_path / "one").values()), rel=1e-5)
+
+
+def test_sharded_checkpoint_from_two_processes_resumes_in_one_and_consolidates(tmp_path):
+    """--sharded-checkpoint: each FSDP rank writes its own shards; the run resumes in a single process on the
+    uninterrupted curve, and `convert --consolidate` gives the weights the single-process run has."""
+    from igpt import load
+
+    args = [a for a in COMMON if a != "-q"]
+    assert run(args + ["--out", str(tmp_path / "one")], 1).returncode == 0
+    short = [a if a != "4" else "2" for a in args]  # --max-steps 2 (see the FSDP test above)
+    proc = run(short + ["--fsdp", "--sharded-checkpoint", "--out", str(tmp_path / "split")], 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step2 = tmp_path / "split" / "checkpoints" / "step-0000002"
+    assert not (step2 / "model.safetensors").exists()
+    assert sorted(p.name for p in (step2 / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    consolidated = tmp_path / "consolidated"
+    proc = run(["convert", "--consolidate", str(tmp_path / "split"), "--out", str(consolidated)], 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000002" / "model.safetensors"))
+    merged = load_file(str(consolidated / "model.safetensors"))
+    assert sorted(merged) == sorted(reference)
+    for k in reference:
+        torch.testing.assert_close(merged[k], reference[k], rtol=1e-4, atol=1e-6, msg=k)
+    direct, _ = load(step2)  # igpt.load reads the shards directly too
+    torch.testing.assert_close(direct.state_dict()["lm_head.weight"], reference["lm_head.weight"],
+                               rtol=1e-4, atol=1e-6)
+
+    run_file = tmp_path / "split" / "run.json"
+    config = json.loads(run_file.read_text())
+    config["train"]["max_steps"] = 4
+    run_file.write_text(json.dumps(config))
+    proc = run(["pretrain", "--resume", str(tmp_path / "split")], 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(curve(tmp_path / "split").values()) == pytest.approx(list(curve(tmp_path / "one").values()), rel=1e-5)
+    assert not (tmp_path / "split" / "checkpoints" / "step-0000004" / "model.safetensors").exists()  # still sharded
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killing_one_process_stops_the_other_with_a_clear_error(tmp_path, victim):
+    """Two ranks started by hand (no torchrun agent to clean up after them): SIGKILL one mid-training and
+    the survivor must exit by itself with a one-line error, not hang in its next collective."""
+    args = [a for a in COMMON if a != "-q"]
+    args[args.index("--max-steps") + 1] = "100000"
+    args[args.index("--ckpt-every") + 1] = "100000"
+    args[args.index("--eval-every") + 1] = "0"
+    port, procs = _free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "igpt", "-q"] + args + ["--out", str(tmp_path / "r")],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        metrics = tmp_path / "r" / "metrics.jsonl"
+        deadline = time.monotonic() + 240  # a guard against a broken start-up, not a timing assertion
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            time.sleep(0.2)
+        procs[victim].kill()
+        _, err = procs[1 - victim].communicate(timeout=240)  # would raise if the survivor hung
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1 - victim].returncode == 2, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith("igpt pretrain: error:")]
+    assert len(lines) == 1 and "lost contact with another process" in lines[0], err[-3000:]
+    assert "Traceback" not in err and f"--resume {tmp_path / 'r'}" in lines[0]

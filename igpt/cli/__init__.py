@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from igpt.cli import bench, convert, evaluate, generate, pretrain
+from igpt.distributed import PeerLostError
 
 COMMAND_MODULES = (pretrain, convert, evaluate, generate, bench)
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, PeerLostError) as e:
         print(f"igpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

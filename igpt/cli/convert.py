@@ -3,6 +3,7 @@
     igpt convert --from openai CKPT_PREFIX --out CKPT_DIR [--palette kmeans_centers.npy] [--objective bert]
     igpt convert --from hf SRC_DIR --out CKPT_DIR
     igpt convert --to hf CKPT_OR_RUN_DIR --out DST_DIR
+    igpt convert --consolidate SHARDED_CKPT_OR_RUN_DIR --out CKPT_DIR
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from typing import Any
 def cmd_convert(args: argparse.Namespace) -> None:
     from igpt import interop
 
+    if args.consolidate:
+        if args.palette or args.objective:
+            raise ValueError("--palette and --objective apply to --from openai only")
+        from igpt.checkpoint import consolidate
+
+        out = consolidate(args.src, args.out)
+        print(f"wrote single-file igpt checkpoint {out} (load it with igpt.load({str(out)!r}))")
+        return
     if args.to is not None:
         if args.palette or args.objective:
             raise ValueError("--palette and --objective apply to --from openai only")
@@ -41,6 +50,9 @@ def register(sub: Any) -> None:
     way.add_argument("--to", dest="to", choices=("hf",),
                      help="export: SRC is an igpt checkpoint or run directory, written as a Hugging Face "
                           "ImageGPT directory")
+    way.add_argument("--consolidate", action="store_true",
+                     help="SRC is a sharded checkpoint (pretrain --sharded-checkpoint) or a run directory "
+                          "holding them; write its newest as one model.safetensors checkpoint")
     p.add_argument("src", help="what to convert (see --from / --to)")
     p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
     p.add_argument("--palette", default=None,
