@@ -80,3 +80,39 @@ def openai_reference(w: dict[str, np.ndarray], ids: torch.Tensor, keep: torch.Te
         h = h + (x * torch.sigmoid(1.702 * x)) @ t[p + "mlp/c_proj/w"]
         i += 1
     return norm(h, t["model/ln_f/g"]) @ t["model/wtet"].T
+
+
+# ---- tiny image data shared by the reader and cache tests
+
+
+def rand_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """(n, h, w, 3) uint8 noise: no symmetry, so any flip or transpose shows."""
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def smooth_image(h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8 gradients, which JPEG keeps close (noise it would not)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, 128)], -1).astype(np.uint8)
+
+
+
+@pytest.fixture
+def npz_file(tmp_path: Path) -> tuple[Path, dict]:
+    arrays = dict(x_train=rand_images(20, 8, 8, 1), y_train=np.arange(20, dtype=np.uint8) % 3,
+                  x_test=rand_images(4, 8, 8, 2), y_test=np.array([0, 1, 2, 0], np.uint8),
+                  label_names=np.array(["a", "b", "c"]))
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **arrays)
+    return path, arrays
+
+
+def write_openai(prefix: Path, n: dict[str, int], t: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng, out = np.random.default_rng(seed), {}
+    for tag, count in n.items():
+        out[f"{tag}X"] = rng.integers(0, 512, (count, t))
+        out[f"{tag}Y"] = np.eye(10, dtype=np.float32)[rng.integers(0, 10, count)]
+    for key, arr in out.items():
+        np.save(f"{prefix}_{key}.npy", arr)
+    return out
+
