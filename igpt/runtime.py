@@ -23,9 +23,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 autocast on GPU (the matrix units' fast path) and fp32 on CPU."""
+    """'auto' is bf16 autocast on GPUs that support it (the matrix units' fast path) and fp32 elsewhere."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # GPUs before Ampere (V100, T4) have no bf16 matrix units: fp32 there rather than a slow emulation
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
