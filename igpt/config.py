@@ -126,7 +126,8 @@ class TrainConfig:
                                    "large models); resumable on any number of processes")
     seed: int = arg(0, "seed for initialisation, batch order, masks and augmentation")
     device: str = arg("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: str = arg("auto", "autocast dtype: 'auto' (bf16 on GPUs that have it, Ampere and newer; fp32 elsewhere), 'bf16' or 'fp32'",
+    dtype: str = arg("auto", "autocast dtype: 'auto' (bf16 on GPUs that have it, Ampere and newer; fp32 "
+                     "elsewhere), 'bf16' or 'fp32'",
                      choices=("auto", "bf16", "fp32"))
     compile: str = arg("auto", "torch.compile the model: 'auto' (on CUDA GPUs of compute capability 7.0 or "
                        "newer with triton installed; off on CPU, where compiling costs more than it saves in "
