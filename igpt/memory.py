@@ -90,8 +90,9 @@ def plan(cfg: ModelConfig, batch: int, *, processes: int = 1, fsdp: bool = False
         raise ValueError(f"need batch >= 1 and processes >= 1, got {batch} and {processes}")
     P, d, L = cfg.num_params(), cfg.n_embd, cfg.n_layer
     shards = processes if fsdp else 1
+    copied_layers = 1 if grad_checkpoint else L  # checkpointing re-makes a block's copies when it recomputes it
     return MemoryPlan(state=16 * P / shards,
-                      autocast_copies=2 * (12 * d * d * (1 if grad_checkpoint else L) + d * cfg.n_vocab) if bf16 else 0.0,
+                      autocast_copies=2 * (12 * d * d * copied_layers + d * cfg.n_vocab) if bf16 else 0.0,
                       fsdp_gathered=2 * 48 * d * d if fsdp and processes > 1 else 0.0,
                       activations=activation_bytes(cfg, batch, bf16=bf16, grad_checkpoint=grad_checkpoint,
                                                    compiled=compiled))
