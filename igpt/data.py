@@ -93,6 +93,12 @@ def open_split(data: str, split: str, *, n_px: int, val_fraction: float = 0.1, s
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if (Path(data) / "meta.json").is_file():
         return _open_cache(Path(data), split, n_px)
+    from igpt.shards import is_shard_dir  # lazy: igpt.shards imports this module
+
+    if is_shard_dir(data):  # decoded into memory; training streams it instead (igpt.shard_loader)
+        from igpt.shard_loader import open_shard_split
+
+        return open_shard_split(str(data), split, n_px)
     splits, _ = _with_val(read_source(data, n_px, resize=resize, on_error=on_error), val_fraction, seed)
     if split not in splits:
         raise _missing_split(split, str(data), sorted(splits), val_fraction)

@@ -44,7 +44,9 @@ from igpt.palette import Palette
 from igpt.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
 from igpt.runtime import (autocast, compile_enabled, derived_generator, resolve_device, resolve_dtype,
                           seed_everything)
+from igpt.shard_loader import open_shard_training
 from igpt.sharded_checkpoint import is_sharded, load_sharded, save_sharded
+from igpt.shards import is_shard_dir
 
 log = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -132,6 +134,8 @@ class Trainer:
         """(images to fit/check the palette on, number of training images, validation set or None, a
         function palette -> batch stream)."""
         cfg, dc = self.cfg, self.data_cfg
+        if is_shard_dir(dc.data):  # streamed from tar shards, decoded in --workers processes
+            return open_shard_training(dc.data, n_px, cfg, self.device, self.rows, PALETTE_FIT_IMAGES)
         if cfg.augment == "imagenet":
             images, train_idx, val = folder_splits(dc.data, n_px, dc.val_fraction, cfg.seed)
             fit_idx = np.random.default_rng(cfg.seed).permutation(train_idx)[:PALETTE_FIT_IMAGES]

@@ -27,11 +27,26 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from igpt.data import prepare
     from igpt.palette import Palette
 
+    if args.shards:
+        _prepare_shards(args)
+        return
     palette = Palette.load(args.palette) if args.palette else None
     meta = prepare(args.data, args.out, n_px=args.n_px, palette=palette, val_fraction=args.val_fraction,
                    seed=args.seed, resize=args.resize, on_error=args.on_error)
     splits = ", ".join(f"{k} {v['n']}" for k, v in meta["splits"].items())
     print(f"prepared {meta['kind']} at {args.n_px}x{args.n_px} ({splits}) -> {args.out}")
+
+
+def _prepare_shards(args: argparse.Namespace) -> None:
+    from igpt.shards import write_shards
+
+    if args.palette:
+        raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")
+    meta = write_shards(args.data, args.out, n_px=args.n_px, per_shard=args.shards, val_fraction=args.val_fraction,
+                        seed=args.seed, resize=args.resize, on_error=args.on_error)
+    splits = ", ".join(f"{k} {v['n']} in {len(v['shards'])} shards" for k, v in meta["splits"].items())
+    stored = "original files" if meta["n_px"] is None else f"PNG at {args.n_px}x{args.n_px}"
+    print(f"wrote {stored} ({splits}) -> {args.out}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -80,6 +95,10 @@ def _prepare_parser(sub: Any) -> None:
     p.add_argument("--resize", default="center", choices=("center", "squash"), help="resize mode")
     p.add_argument("--on-error", default="stop", choices=("stop", "skip"),
                    help="an unreadable image stops the run, or is skipped and counted (default: stop)")
+    p.add_argument("--shards", type=int, default=0, metavar="N_PER_SHARD",
+                   help="write WebDataset tar shards of N images each (+ index, shards.json) for streaming "
+                        "instead of a memory-mapped cache; image folders keep their original files "
+                        "(default: 0, the cache)")
     p.set_defaults(func=cmd_prepare)
 
 
