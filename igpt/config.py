@@ -114,7 +114,8 @@ class TrainConfig:
                        "horizontal flip); 'imagenet' (image folders only: random short side in [256, 384], "
                        "random 224 crop, downscale; decoded in --workers processes)",
                        choices=("none", "cifar", "imagenet"))
-    workers: int = arg(4, "data-loader worker processes for --augment imagenet (0 = in the main process)")
+    workers: int = arg(4, "data-loader worker processes that decode images (--augment imagenet, shards "
+                       "directories); 0 = in the main process")
     eval_every: int = arg(200, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = arg(8, "validation micro-batches per evaluation")
     log_every: int = arg(10, "steps between metric lines in metrics.jsonl")

@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -31,12 +30,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from igpt import checkpoint as ckpt
-from igpt.augment import FolderImages
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data import ImageSet, check_palette, open_split
+from igpt.data import ImageSet, check_palette
 from igpt.distributed import (World, barrier, init_distributed, is_communication_error, mean_across,
                               peer_lost, shutdown)
-from igpt.loader import BatchStream, FolderStream, fixed_batches, folder_splits
+from igpt.loader import fixed_batches
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, nats_to_bits, sample_keep_mask
 from igpt.optim import lr_at, make_optimizer, warmup_steps
@@ -44,13 +42,11 @@ from igpt.palette import Palette
 from igpt.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
 from igpt.runtime import (autocast, compile_enabled, derived_generator, resolve_device, resolve_dtype,
                           seed_everything)
-from igpt.shard_loader import open_shard_training
 from igpt.sharded_checkpoint import is_sharded, load_sharded, save_sharded
-from igpt.shards import is_shard_dir
+from igpt.trainset import open_training_data
 
 log = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-PALETTE_FIT_IMAGES = 2000  # centre crops a palette is fitted on when training streams from a folder
 
 
 @torch.no_grad()
@@ -99,7 +95,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.rows = world.slice(cfg.batch_size)  # this process's share of every micro-batch
         seed_everything(cfg.seed)
-        self.train_set, self.n_train, self.val_set, make_stream = self._open_data(model_cfg.n_px)
+        data = open_training_data(cfg, data_cfg, model_cfg.n_px, self.device, self.rows)
+        self.fit_set, self.n_train, self.val_set = data.fit_set, data.n_train, data.val_set
         self.palette = self._palette(resume)
         self.model_cfg = replace(model_cfg, n_vocab=self.palette.k)
         self.model = GPT(self.model_cfg).to(self.device)  # same seed on every rank: identical replicas
@@ -111,7 +108,7 @@ class Trainer:
                 fully_shard(block)
             fully_shard(self.model)
         self.optimizer = make_optimizer(self.model, cfg, self.device)  # after sharding: it holds the shards
-        self.stream = make_stream(self.palette)
+        self.stream = data.make_stream(self.palette)
         self.warmup = warmup_steps(cfg, self.n_train)
         self.step = 0
         self.forward = torch.compile(self.model) if compile_enabled(cfg.compile, self.device) else self.model
@@ -124,39 +121,11 @@ class Trainer:
         path = self.run_dir / "palette.npz"
         if not (resume and path.exists()):
             if self.world.is_main:
-                resolve_palette(self.data_cfg, self.train_set, self.cfg.seed, self.device).save(path)
+                resolve_palette(self.data_cfg, self.fit_set, self.cfg.seed, self.device).save(path)
             barrier(self.world)
         palette = Palette.load(path)
-        check_palette(self.train_set, palette)
+        check_palette(self.fit_set, palette)
         return palette
-
-    def _open_data(self, n_px: int) -> tuple[ImageSet, int, ImageSet | None, Callable[[Palette], Any]]:
-        """(images to fit/check the palette on, number of training images, validation set or None, a
-        function palette -> batch stream)."""
-        cfg, dc = self.cfg, self.data_cfg
-        if is_shard_dir(dc.data):  # streamed from tar shards, decoded in --workers processes
-            return open_shard_training(dc.data, n_px, cfg, self.device, self.rows, PALETTE_FIT_IMAGES)
-        if cfg.augment == "imagenet":
-            images, train_idx, val = folder_splits(dc.data, n_px, dc.val_fraction, cfg.seed)
-            fit_idx = np.random.default_rng(cfg.seed).permutation(train_idx)[:PALETTE_FIT_IMAGES]
-            view = FolderImages(images.root, n_px, augment="center")
-            fit_set = ImageSet(n_px, np.stack([view[int(i)][0].numpy() for i in fit_idx]), None, None, None,
-                               None, dc.data)
-            return fit_set, len(train_idx), val if cfg.eval_every else None, lambda palette: FolderStream(
-                images, train_idx, cfg.batch_size, cfg.seed, palette, self.device, cfg.workers, self.rows)
-        kw = dict(n_px=n_px, val_fraction=dc.val_fraction, seed=cfg.seed, resize=dc.resize)
-        train = open_split(dc.data, "train", **kw)
-        return train, len(train), self._open_val(kw), lambda palette: BatchStream(
-            train, cfg.batch_size, cfg.seed, palette, self.device, cfg.augment, self.rows)
-
-    def _open_val(self, kw: dict[str, Any]) -> ImageSet | None:
-        if self.cfg.eval_every == 0:
-            return None
-        try:
-            return open_split(self.data_cfg.data, "val", **kw)
-        except ValueError as e:
-            log.warning("no validation split, so no validation loss: %s", e)
-            return None
 
     def restore(self) -> None:
         ckpt_dir = ckpt.resolve_checkpoint(self.run_dir)
