@@ -67,18 +67,25 @@ def bench_igpt(model: GPT, batch: int, dtype: torch.dtype, *, batches: int = 2, 
     return _throughput(label, batch, warm[0] if warm else None, [_seconds(run, device) for _ in range(batches)])
 
 
+def hf_config(config: ModelConfig) -> Any:
+    """An ImageGPTConfig of our shape: V + 1 ids (HF's SOS is the last row), quick-GELU, no dropout, an
+    untied head. ImportError when transformers is not installed."""
+    from transformers import ImageGPTConfig
+
+    return ImageGPTConfig(vocab_size=config.n_vocab + 1, n_positions=config.n_ctx, n_embd=config.n_embd,
+                          n_layer=config.n_layer, n_head=config.n_head, activation_function="quick_gelu",
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+
+
 @torch.no_grad()
 def bench_hf(config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype, *, batches: int = 1,
              top_k: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Hugging Face's generate on the same shape; ImportError when transformers is not installed."""
-    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+    from transformers import ImageGPTForCausalImageModeling
 
     V, T = config.n_vocab, config.n_ctx
-    hf_config = ImageGPTConfig(vocab_size=V + 1, n_positions=T, n_embd=config.n_embd, n_layer=config.n_layer,
-                               n_head=config.n_head, activation_function="quick_gelu", resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(seed)
-    model = ImageGPTForCausalImageModeling(hf_config).to(device=device, dtype=dtype).eval()
+    model = ImageGPTForCausalImageModeling(hf_config(config)).to(device=device, dtype=dtype).eval()
     sos = torch.full((batch, 1), V, dtype=torch.long, device=device)  # HF's SOS is the last vocabulary row
 
     def run(n_new: int) -> torch.Tensor:
