@@ -58,8 +58,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def derived_generator(*keys: int) -> torch.Generator:
-    """A CPU generator whose seed is a pure function of ``keys`` (e.g. seed, step, micro-batch), so random
-    draws at a given step are the same in a fresh run and after a resume, without saving any state."""
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of ``keys`` (e.g. seed, step, micro-batch)."""
     seq = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys])
-    return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
+    return int(seq.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def derived_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by ``derived_seed(*keys)``, so random draws at a given step are the same in a
+    fresh run and after a resume, without saving any state."""
+    return torch.Generator().manual_seed(derived_seed(*keys))

@@ -40,8 +40,8 @@ from igpt.objectives import ar_loss, bert_loss, nats_to_bits, sample_keep_mask
 from igpt.optim import lr_at, make_optimizer, warmup_steps
 from igpt.palette import Palette
 from igpt.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
-from igpt.runtime import (autocast, compile_enabled, derived_generator, resolve_device, resolve_dtype,
-                          seed_everything)
+from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_seed, resolve_device,
+                          resolve_dtype, seed_everything)
 from igpt.sharded_checkpoint import is_sharded, load_sharded, save_sharded
 from igpt.trainset import open_training_data
 
@@ -192,6 +192,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
+        if self.model_cfg.dropout > 0:  # dropout masks: from (seed, step, rank), so ranks differ and resume exactly
+            torch.manual_seed(derived_seed(cfg.seed, self.step, self.world.rank))
         lr = lr_at(self.step, cfg, self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

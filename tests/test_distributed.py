@@ -31,7 +31,8 @@ def curve(run_dir) -> dict[tuple[int, str], float]:
     return {(r["step"], r["split"]): r["loss"] for r in records}
 
 
-@pytest.mark.parametrize("extra", [["--objective", "ar"], ["--objective", "bert", "--augment", "cifar"]])
+@pytest.mark.parametrize("extra", [["--objective", "ar"], ["--objective", "bert", "--augment", "cifar"],
+                                   ["--objective", "ar", "--fsdp", "--grad-checkpoint"]])
 def test_two_processes_match_one(tmp_path, extra):
     args = [a for a in COMMON if a != "-q"] + extra
     for name, nproc in (("one", 1), ("two", 2)):

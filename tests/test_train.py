@@ -49,18 +49,18 @@ cfg = TrainConfig(**{cfg!r})
 def on_step(step, metrics):
     if step == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind, as a crash or OOM kill
-pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", palette_k=16), sys.argv[1],
-         progress=False, on_step=on_step)
+model = ModelConfig.from_preset("igpt-nano", dropout={dropout})
+pretrain(model, cfg, DataConfig(data="digits", palette_k=16), sys.argv[1], progress=False, on_step=on_step)
 """
 
 
-@pytest.mark.parametrize("objective,accum", [("ar", 1), ("bert", 2)])
-def test_sigkilled_run_resumes_with_identical_loss_curve(tmp_path, objective, accum):
+@pytest.mark.parametrize("objective,accum,dropout", [("ar", 1, 0.0), ("bert", 2, 0.0), ("ar", 1, 0.1)])
+def test_sigkilled_run_resumes_with_identical_loss_curve(tmp_path, objective, accum, dropout):
     cfg = train_cfg(objective=objective, grad_accum=accum)
-    pretrain(MODEL, cfg, DATA, tmp_path / "straight", progress=False)
+    pretrain(replace(MODEL, dropout=dropout), cfg, DATA, tmp_path / "straight", progress=False)
 
     killed = tmp_path / "killed"
-    script = textwrap.dedent(KILL_SCRIPT).format(cfg=cfg.to_dict(), kill_at=5)
+    script = textwrap.dedent(KILL_SCRIPT).format(cfg=cfg.to_dict(), kill_at=5, dropout=dropout)
     proc = subprocess.run([sys.executable, "-c", script, str(killed)], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert max(losses(killed)) == 5  # it really died mid-run, after the step-3 checkpoint
