@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,17 +88,15 @@ def fixed_batches(data: ImageSet, batch_size: int, n_batches: int, palette: Pale
         yield to_ids(data, np.arange(start, min(n, start + batch_size)), palette, device)
 
 
-class FolderStream:
-    """Batches from an image folder, decoded and given the paper's ImageNet-style augmentation (random short
-    side in [256, 384], random 224 crop, downscale) in DataLoader worker processes, so nothing but the file
-    list is held in memory. Same contract as ``BatchStream``: order from (seed, epoch), per-image randomness
-    from (seed, epoch, index) inside ``FolderImages``, state = (epoch, pos)."""
+class WorkerStream:
+    """Batches decoded by DataLoader worker processes, with ``BatchStream``'s contract: ``next()`` -> ids
+    (rows, T) int64 on ``device`` (quantized there), state = (epoch, pos), the last partial batch of an
+    epoch dropped. A subclass says which dataset keys make this rank's share of each global batch from
+    ``pos`` on (``_keys``), and may augment the batch on the device (``_augment``)."""
 
-    def __init__(self, images: FolderImages, index: np.ndarray, batch_size: int, seed: int, palette: Palette,
-                 device: torch.device, workers: int, rows: slice = slice(None)) -> None:
-        if len(index) < batch_size:
-            raise ValueError(f"{len(index)} training images is fewer than --batch-size {batch_size}")
-        self.images, self.index, self.batch_size, self.seed = images, index, batch_size, seed
+    def __init__(self, images: torch.utils.data.Dataset, n_items: int, batch_size: int, seed: int,
+                 palette: Palette, device: torch.device, workers: int, rows: slice) -> None:
+        self.images, self.n_items, self.batch_size, self.seed = images, n_items, batch_size, seed
         self.palette, self.device, self.workers, self.rows = palette.to(device), device, workers, rows
         self.epoch, self.pos, self._it = 0, 0, None
 
@@ -107,27 +106,45 @@ class FolderStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.pos, self._it = int(state["epoch"]), int(state["pos"]), None
 
-    def _epoch_iterator(self) -> Iterator:
+    def _keys(self) -> Any:
+        raise NotImplementedError
+
+    def _augment(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n_items:
+            self.epoch, self.pos, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            share = len(range(self.batch_size)[self.rows])
+            self._it = iter(torch.utils.data.DataLoader(
+                self.images, batch_size=share, sampler=self._keys(), num_workers=self.workers,
+                persistent_workers=False, pin_memory=self.device.type == "cuda"))
+        pixels, _ = next(self._it)  # (rows, n_px, n_px, 3) uint8
+        pixels = self._augment(pixels.to(self.device, non_blocking=True))
+        self.pos += self.batch_size
+        return self.palette.encode(pixels).view(len(pixels), -1)
+
+
+class FolderStream(WorkerStream):
+    """Batches from an image folder, decoded and given the paper's ImageNet-style augmentation (random short
+    side in [256, 384], random 224 crop, downscale) in DataLoader worker processes, so nothing but the file
+    list is held in memory. Order from (seed, epoch), per-image randomness from (seed, epoch, index) inside
+    ``FolderImages``."""
+
+    def __init__(self, images: FolderImages, index: np.ndarray, batch_size: int, seed: int, palette: Palette,
+                 device: torch.device, workers: int, rows: slice = slice(None)) -> None:
+        if len(index) < batch_size:
+            raise ValueError(f"{len(index)} training images is fewer than --batch-size {batch_size}")
+        super().__init__(images, len(index), batch_size, seed, palette, device, workers, rows)
+        self.index = index
+
+    def _keys(self) -> list[tuple[int, int]]:
         perm = self.index[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.index))]
         stop = len(perm) - len(perm) % self.batch_size  # drop the last partial batch
         # this rank's share of every global batch, in order
-        keys = [(self.epoch, int(i)) for start in range(self.pos, stop, self.batch_size)
+        return [(self.epoch, int(i)) for start in range(self.pos, stop, self.batch_size)
                 for i in perm[start:start + self.batch_size][self.rows]]
-        share = len(range(self.batch_size)[self.rows])
-        loader = torch.utils.data.DataLoader(self.images, batch_size=share, sampler=keys,
-                                             num_workers=self.workers, persistent_workers=False,
-                                             pin_memory=self.device.type == "cuda")
-        return iter(loader)
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch_size > len(self.index):
-            self.epoch, self.pos, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._it = self._epoch_iterator()
-        pixels, _ = next(self._it)  # (B, n, n, 3) uint8
-        self.pos += self.batch_size
-        n = pixels.shape[1]
-        return self.palette.encode(pixels.to(self.device, non_blocking=True)).view(len(pixels), n * n)
 
 
 def folder_splits(root: str, n_px: int, val_fraction: float, seed: int, on_error: str = "stop"

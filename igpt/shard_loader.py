@@ -28,6 +28,7 @@ from PIL import Image
 from igpt.augment import cifar_augment, cifar_augment_params, imagenet_style
 from igpt.data import ImageSet
 from igpt.images import open_image, to_n_px
+from igpt.loader import WorkerStream
 from igpt.palette import Palette
 from igpt.runtime import derived_generator
 from igpt.shards import ShardIndex, ShardSplit
@@ -154,11 +155,9 @@ class _RankKeys:
             yield from ((self.epoch, int(i)) for i in batch[self.rows])
 
 
-class ShardStream:
-    """Endless micro-batches from a shards split, with ``BatchStream``'s contract: ``next()`` -> ids (rows, T)
-    int64 on ``device`` (quantized there), ``state_dict()`` = {"epoch", "pos"}, last partial batch dropped.
-    ``augment``: "none", "cifar" (on the device, draws for the whole global batch sliced by ``rows``) or
-    "imagenet" (in the ``workers``)."""
+class ShardStream(WorkerStream):
+    """Endless micro-batches from a shards split (``WorkerStream``'s contract). ``augment``: "none", "cifar"
+    (on the device, draws for the whole global batch sliced by ``rows``) or "imagenet" (in the ``workers``)."""
 
     def __init__(self, split: ShardSplit, batch_size: int, seed: int, palette: Palette, device: torch.device,
                  n_px: int, augment: str = "none", workers: int = 0, rows: slice = slice(None)) -> None:
@@ -167,37 +166,18 @@ class ShardStream:
                              f"--batch-size {batch_size}")
         if augment not in ("none", "cifar", "imagenet"):
             raise ValueError(f"--augment must be 'none', 'cifar' or 'imagenet', got {augment!r}")
-        self.images = ShardImages(split, n_px, augment="imagenet" if augment == "imagenet" else "center", seed=seed)
-        self.split, self.batch_size, self.seed, self.n_px = split, batch_size, seed, n_px
-        self.palette, self.device, self.augment = palette.to(device), device, augment
-        self.workers, self.rows = workers, rows
-        self.epoch, self.pos, self._it = 0, 0, None
+        images = ShardImages(split, n_px, augment="imagenet" if augment == "imagenet" else "center", seed=seed)
+        super().__init__(images, len(split), batch_size, seed, palette, device, workers, rows)
+        self.split, self.n_px, self.augment = split, n_px, augment
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
+    def _keys(self) -> _RankKeys:
+        return _RankKeys(self.split.starts, self.seed, self.epoch, self.batch_size, self.pos, self.rows)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.pos, self._it = int(state["epoch"]), int(state["pos"]), None
-
-    def _epoch_iterator(self) -> Iterator:
-        keys = _RankKeys(self.split.starts, self.seed, self.epoch, self.batch_size, self.pos, self.rows)
-        loader = torch.utils.data.DataLoader(self.images, batch_size=len(range(self.batch_size)[self.rows]),
-                                             sampler=keys, num_workers=self.workers, persistent_workers=False,
-                                             pin_memory=self.device.type == "cuda")
-        return iter(loader)
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch_size > len(self.split):
-            self.epoch, self.pos, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._it = self._epoch_iterator()
-        pixels, _ = next(self._it)  # (rows, n_px, n_px, 3) uint8
-        pixels = pixels.to(self.device, non_blocking=True)
-        if self.augment == "cifar":
-            params = cifar_augment_params(self.batch_size, derived_generator(self.seed, self.epoch, self.pos))
-            pixels = cifar_augment(pixels, None, params=tuple(p[self.rows] for p in params))
-        self.pos += self.batch_size
-        return self.palette.encode(pixels).view(len(pixels), self.n_px * self.n_px)
+    def _augment(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.augment != "cifar":
+            return pixels
+        params = cifar_augment_params(self.batch_size, derived_generator(self.seed, self.epoch, self.pos))
+        return cifar_augment(pixels, None, params=tuple(p[self.rows] for p in params))
 
 
 def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
