@@ -45,7 +45,7 @@ def _sample_parser(bsub: Any) -> None:
     p.add_argument("--top-k", type=int, default=0, help="top-k filter for both samplers; 0 = off (default: 0)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ... (default: auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="weights and cache: auto = bf16 on GPU, fp32 on CPU (default: auto)")
+                   help="weights and cache: auto = bf16 on GPUs that have it, else fp32 (default: auto)")
     p.add_argument("--compare-hf", action="store_true",
                    help="also time Hugging Face's ImageGPT generate (needs transformers)")
     p.add_argument("--hf-batches", type=int, default=1, help="timed batches of HF's generate (default: 1)")
@@ -77,7 +77,7 @@ def _train_parser(bsub: Any) -> None:
                    help="torch.compile our model; compiling happens in the warm-up steps (default: as igpt "
                         "pretrain does: on CUDA GPUs with triton, off on CPU)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="autocast dtype: auto = bf16 on GPU, fp32 on CPU (default: auto)")
+                   help="autocast dtype: auto = bf16 on GPUs that have it, else fp32 (default: auto)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block in the backward pass (activation checkpointing), for both models")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (default: 20)")

@@ -250,7 +250,7 @@ def _score_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ... (default: auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="autocast dtype: auto = bf16 on GPU, fp32 on CPU (default: auto)")
+                   help="autocast dtype: auto = bf16 on GPUs that have it, else fp32 (default: auto)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="BERT: fraction of positions masked (default: 0.15)")
     p.add_argument("--seed", type=int, default=0, help="BERT: seed of the masks (default: 0)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
