@@ -31,13 +31,13 @@ def curve(run_dir) -> dict[tuple[int, str], float]:
     return {(r["step"], r["split"]): r["loss"] for r in records}
 
 
-def resume_to_step_4_in_one_process(run_dir) -> None:
-    """Continue a run that stopped at step 2 up to step 4, in a single process."""
+def resume_to_step_4(run_dir, nproc: int = 1) -> None:
+    """Continue a run that stopped at step 2 up to step 4, in ``nproc`` processes."""
     run_file = run_dir / "run.json"
     config = json.loads(run_file.read_text())
     config["train"]["max_steps"] = 4
     run_file.write_text(json.dumps(config))
-    proc = run(["pretrain", "--resume", str(run_dir)], 1)
+    proc = run(["pretrain", "--resume", str(run_dir)], nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -76,7 +76,7 @@ def test_fsdp_matches_one_process_and_resumes_in_one(tmp_path):
     short = [a if a != "4" else "2" for a in args]  # --max-steps 2; warm-up 1, so steps 0-1 see the same lr
     proc = run(short + ["--fsdp", "--out", str(tmp_path / "split")], 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resume_to_step_4_in_one_process(tmp_path / "split")
+    resume_to_step_4(tmp_path / "split")
     assert list(curve(tmp_path / "split").values()) == pytest.approx(list(curve(tmp_path / "one").values()), rel=1e-5)
 
 
@@ -106,9 +106,22 @@ def test_sharded_checkpoint_from_two_processes_resumes_in_one_and_consolidates(t
     torch.testing.assert_close(direct.state_dict()["lm_head.weight"], reference["lm_head.weight"],
                                rtol=1e-4, atol=1e-6)
 
-    resume_to_step_4_in_one_process(tmp_path / "split")
+    resume_to_step_4(tmp_path / "split")
     assert list(curve(tmp_path / "split").values()) == pytest.approx(list(curve(tmp_path / "one").values()), rel=1e-5)
     assert not (tmp_path / "split" / "checkpoints" / "step-0000004" / "model.safetensors").exists()  # still sharded
+
+
+
+def test_sharded_checkpoint_from_one_process_resumes_in_two(tmp_path):
+    args = [a for a in COMMON if a != "-q"]
+    assert run(args + ["--out", str(tmp_path / "one")], 1).returncode == 0
+    short = [a if a != "4" else "2" for a in args]
+    proc = run(short + ["--fsdp", "--sharded-checkpoint", "--out", str(tmp_path / "split")], 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resume_to_step_4(tmp_path / "split", nproc=2)  # FSDP over two: each rank loads its slices of one writer's file
+    assert list(curve(tmp_path / "split").values()) == pytest.approx(list(curve(tmp_path / "one").values()), rel=1e-5)
+    shards = sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "step-0000004" / "sharded").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
 
 
 def _free_port() -> int:
