@@ -146,3 +146,14 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path):
         return
     pretrain(MODEL, cfg, DATA, tmp_path / "run", progress=False)
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_compile_setting_auto_is_off_on_cpu_and_old_run_files_still_read():
+    from igpt.runtime import compile_enabled
+
+    cpu = torch.device("cpu")
+    assert not compile_enabled("auto", cpu) and compile_enabled("on", cpu) and not compile_enabled("off", cpu)
+    assert TrainConfig.from_dict({"compile": True}).compile == "on"  # run.json of earlier versions: a bool
+    assert TrainConfig.from_dict({"compile": False}).compile == "off"
+    with pytest.raises(ValueError, match="--compile"):
+        TrainConfig(compile="sometimes")
