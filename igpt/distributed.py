@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 
-
 class PeerLostError(RuntimeError):
     """Another process of the run died or stopped answering: this one stops too, instead of waiting forever."""
 

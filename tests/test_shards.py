@@ -268,7 +268,8 @@ def test_external_webdataset_tars(tmp_path):
     x = numbered(30)
     root = tmp_path / "wds"
     root.mkdir()
-    for shard, keys in (("imgs-train-000", range(12)), ("imgs-train-001", range(12, 24)), ("imgs-val-000", range(24, 30))):
+    layout = (("imgs-train-000", range(12)), ("imgs-train-001", range(12, 24)), ("imgs-val-000", range(24, 30)))
+    for shard, keys in layout:
         samples = {f"dir/s{i:03d}": {"png": png(x[i]), "cls": str(i % 3).encode(), "json": b"{}"} for i in keys}
         write_tar(root / f"{shard}.tar", samples | {"meta": {"json": b"{}"}})  # "meta": a sample with no image
     assert is_shard_dir(root)
