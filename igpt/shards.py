@@ -1,4 +1,5 @@
-"""Sharded image datasets for data larger than memory: the writer (``igpt prepare --shards N``) and the index.
+"""Sharded image datasets for data larger than memory: the format and its index (the writer, ``igpt prepare
+--shards N``, is ``igpt.shard_writer``; the training stream is ``igpt.shard_loader``).
 
 A shards directory is WebDataset-compatible::
 
@@ -9,12 +10,6 @@ A shards directory is WebDataset-compatible::
     val-000000.tar, ...     the validation split (the source's own, or carved as ``igpt prepare`` does)
     shards.json             written last: splits -> shard files, counts and sizes, n_px, classes, source
 
-Images are written in a seeded random order, so every shard is a random sample of its split. An image
-folder's files are stored as they are (full resolution, for the ImageNet-style augmentation); images of
-an array source (npz, CIFAR, digits, ...) as lossless PNG at ``--n-px``. Every file goes through a
-temporary name and ``os.replace``; ``shards.json`` last, so a directory without it is never taken for a
-complete dataset.
-
 ``ShardIndex.open(dir)`` also reads plain WebDataset tar shards (a directory of ``*.tar``, no index): the
 member index is built by reading the tar headers at open time; a split is named by a ``train``/``val``/
 ``test`` token in the file name (all files are "train" when none has one); labels come from ``.cls``.
@@ -22,33 +17,24 @@ member index is built by reading the tar headers at open time; a split is named 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-from igpt.data import split_indices
-from igpt.images import DECODE_ERRORS
-from igpt.sources import list_image_folder, read_source, split_folders
 
 log = logging.getLogger(__name__)
 
 SHARDS_FILE = "shards.json"
 FORMAT_VERSION = 1
 TAR_IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"})
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}  # seeds the write order of each split
 _SPLIT_TOKEN = re.compile(r"(?:^|[-_.])(train|val|valid|validation|test)(?=[-_.\d]|$)")
-_CHUNK = 64  # images read or encoded at a time while writing: memory stays far below one shard
 
 
 def is_shard_dir(data: str | os.PathLike) -> bool:
@@ -222,189 +208,3 @@ def _open_webdataset(root: Path) -> ShardIndex:
 
 
 # ------------------------------------------------------------------------------------------ writer
-
-
-@dataclass
-class _Plan:
-    """One split to write: ``load(i)`` -> (bytes, ext) or None (unreadable, skipped) for i in 0..n-1."""
-
-    n: int
-    load: Callable[[int], tuple[bytes, str] | None]
-    labels: np.ndarray | None
-    keys: np.ndarray  # (n,) the source position of each image, used as its tar key
-
-
-def _is_image_folder(spec: str) -> bool:
-    """Whether ``read_source`` would read ``spec`` as an image folder (it tries these formats first)."""
-    path = Path(spec)
-    if spec == "digits" or not path.is_dir() or Path(f"{spec}_trX.npy").is_file():
-        return False
-    markers = (("data_batch_1", "cifar-10-batches-py"), ("train", "cifar-100-python"), ("train_X.bin", "stl10_binary"))
-    if any((path / m).is_file() or (path / parent / m).is_file() for m, parent in markers):
-        return False
-    return not any(path.glob("*_trX.npy"))
-
-
-def _file_loader(paths: list[Path], on_error: str) -> Callable[[int], tuple[bytes, str] | None]:
-    def load(i: int) -> tuple[bytes, str] | None:
-        blob = paths[i].read_bytes()
-        try:  # decoded once here (JPEG at reduced scale: fast), so a bad file fails now, not mid-training
-            with Image.open(io.BytesIO(blob)) as img:
-                img.draft(None, (64, 64))
-                img.load()
-        except DECODE_ERRORS as e:
-            if on_error == "stop":
-                raise ValueError(f"{paths[i]} is not a readable image: {e}") from e
-            log.warning("skipping unreadable image %s: %s", paths[i], e)
-            return None
-        return blob, paths[i].suffix.lower().lstrip(".")
-
-    return load
-
-
-def _png_loader(pixels: np.ndarray) -> Callable[[int], tuple[bytes, str]]:
-    def load(i: int) -> tuple[bytes, str]:
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(pixels[i])).save(buf, format="PNG")
-        return buf.getvalue(), "png"
-
-    return load
-
-
-def _subset(plan: _Plan, idx: np.ndarray) -> _Plan:
-    return _Plan(len(idx), lambda i: plan.load(int(idx[i])), None if plan.labels is None else plan.labels[idx],
-                 plan.keys[idx])
-
-
-def _carve(plans: dict[str, _Plan], val_fraction: float, seed: int) -> bool:
-    """Carve val out of train as ``igpt prepare`` does (the same indices), when the source has no val."""
-    if "train" not in plans or "val" in plans or val_fraction == 0:
-        return False
-    train_idx, val_idx = split_indices(plans["train"].n, val_fraction, seed)
-    if len(val_idx) == 0:
-        return False
-    plans["train"], plans["val"] = _subset(plans["train"], train_idx), _subset(plans["train"], val_idx)
-    return True
-
-
-def _folder_plans(root: Path, on_error: str) -> tuple[dict[str, _Plan], list[str] | None]:
-    """Plans of an image folder: one per train/val/test sub-folder, or "train" for the folder itself."""
-    dirs = split_folders(root)
-    # train/val/test share one class list (the sorted union of their class folders), as read_source does
-    shared = sorted({c.name for d in dirs for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
-    plans, classes = {}, None
-    for d in dirs or [root]:
-        paths, labels, own = list_image_folder(d)
-        if labels is not None and shared:
-            labels = np.asarray([shared.index(c) for c in own], np.int64)[labels]
-        if labels is not None and classes is None:
-            classes = shared or own
-        plans[d.name if dirs else "train"] = _Plan(len(paths), _file_loader(paths, on_error), labels,
-                                                   np.arange(len(paths)))
-    return plans, classes
-
-
-def _array_plans(data: str, n_px: int, resize: str, on_error: str) -> tuple[dict[str, _Plan], list[str] | None]:
-    raw = read_source(data, n_px, resize=resize, on_error=on_error)
-    if any(s.pixels is None for s in raw.values()):
-        raise ValueError(f"--data {data} holds palette ids, not images: --shards stores images; use prepare "
-                         "without --shards")
-    plans = {name: _Plan(len(s.pixels), _png_loader(s.pixels), s.labels, np.arange(len(s.pixels)))
-             for name, s in raw.items()}
-    return plans, next((s.classes for s in raw.values() if s.classes is not None), None)
-
-
-def _loaded(pool: ThreadPoolExecutor, plan: _Plan, pick: np.ndarray) -> Iterator[tuple[int, tuple[bytes, str] | None]]:
-    for start in range(0, len(pick), _CHUNK):
-        chunk = [int(i) for i in pick[start:start + _CHUNK]]
-        yield from zip(chunk, pool.map(plan.load, chunk))
-
-
-def _add_member(tar: tarfile.TarFile, name: str, blob: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(blob), 0o644, 0  # mtime 0: the same input gives the same bytes
-    tar.addfile(info, io.BytesIO(blob))
-
-
-def _write_shard(out: Path, stem: str, items: Iterator, plan: _Plan, bar) -> dict | None:
-    """Write one tar and its index through temporary names; None when every image was skipped."""
-    tmp_tar, tmp_idx = out / f".tmp{os.getpid()}.{stem}.tar", out / f".tmp{os.getpid()}.{stem}.idx.npy"
-    try:
-        n = 0
-        with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
-            for i, loaded in items:
-                bar.update(1)
-                if loaded is None:
-                    continue
-                key = f"{int(plan.keys[i]):09d}"
-                _add_member(tar, f"{key}.{loaded[1]}", loaded[0])
-                if plan.labels is not None:
-                    _add_member(tar, f"{key}.cls", str(int(plan.labels[i])).encode())
-                n += 1
-        if n == 0:
-            return None
-        rows, _ = scan_tar(tmp_tar)  # the index is what a reader of the finished tar would find
-        if len(rows) != n:
-            raise ValueError(f"{out / stem}.tar: wrote {n} images but its headers list {len(rows)}")
-        np.save(tmp_idx, rows, allow_pickle=False)
-        size = tmp_tar.stat().st_size
-        os.replace(tmp_tar, out / f"{stem}.tar")
-        os.replace(tmp_idx, out / f"{stem}.idx.npy")
-        return {"tar": f"{stem}.tar", "index": f"{stem}.idx.npy", "n": n, "bytes": size}
-    finally:
-        tmp_tar.unlink(missing_ok=True)
-        tmp_idx.unlink(missing_ok=True)
-
-
-def _write_split(out: Path, name: str, plan: _Plan, per_shard: int, seed: int, pool: ThreadPoolExecutor,
-                 bar) -> dict:
-    order = np.random.default_rng([seed, _SPLIT_CODES.get(name, 9)]).permutation(plan.n)  # seeded random order
-    shards = []
-    for start in range(0, plan.n, per_shard):
-        pick = order[start:start + per_shard]
-        entry = _write_shard(out, f"{name}-{len(shards):06d}", _loaded(pool, plan, pick), plan, bar)
-        if entry is not None:
-            shards.append(entry)
-    total = sum(s["n"] for s in shards)
-    if total == 0:
-        raise ValueError(f"--data: none of the {plan.n} {name} images could be read")
-    return {"n": total, "labeled": plan.labels is not None, "shards": shards}
-
-
-def write_shards(data: str, out_dir: str | os.PathLike, *, n_px: int, per_shard: int, val_fraction: float = 0.1,
-                 seed: int = 0, resize: str = "center", on_error: str = "stop", progress: bool = True) -> dict:
-    """Write ``data`` as tar shards of ``per_shard`` images each (see the module docstring). Returns the
-    contents of shards.json. An image folder's files are copied (``n_px`` and ``resize`` are then unused)."""
-    from tqdm.auto import tqdm  # lazy: only writing shows a progress bar
-
-    if per_shard < 1:
-        raise ValueError(f"--shards must be >= 1 images per shard, got {per_shard}")
-    if on_error not in ("stop", "skip"):
-        raise ValueError(f"--on-error must be 'stop' or 'skip', got {on_error!r}")
-    if is_shard_dir(data):
-        raise ValueError(f"--data {data} is already a shards directory; train on it directly")
-    folder = _is_image_folder(str(data))
-    plans, classes = _folder_plans(Path(data), on_error) if folder else _array_plans(str(data), n_px, resize, on_error)
-    carved = _carve(plans, val_fraction, seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SHARDS_FILE).unlink(missing_ok=True)  # from here until the end, out is not a complete dataset
-    for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].*"):  # shards of an earlier write, which may be more
-        if old.name.endswith((".tar", ".idx.npy")):
-            old.unlink()
-    splits = {}
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
-            tqdm(total=sum(p.n for p in plans.values()), desc=f"shards {out}", unit="img", disable=not progress) as bar:
-        for name, plan in plans.items():
-            splits[name] = _write_split(out, name, plan, per_shard, seed, pool, bar)
-    meta = {"format_version": FORMAT_VERSION, "n_px": None if folder else n_px,
-            "encoding": "original files" if folder else "png", "images_per_shard": per_shard,
-            "classes": classes, "source": str(data), "val_fraction": val_fraction, "seed": seed,
-            "val_carved": carved, "splits": splits}
-    tmp = out / f".tmp{os.getpid()}.{SHARDS_FILE}"
-    try:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out / SHARDS_FILE)  # last: its presence means every shard above is complete
-    finally:
-        tmp.unlink(missing_ok=True)
-    return meta

@@ -38,7 +38,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _prepare_shards(args: argparse.Namespace) -> None:
-    from igpt.shards import write_shards
+    from igpt.shard_writer import write_shards
 
     if args.palette:
         raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")
