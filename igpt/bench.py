@@ -37,7 +37,7 @@ def random_model(config: ModelConfig, device: torch.device, seed: int = 0) -> GP
     return model.to(device).eval()
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
+def timed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
     """Wall time of fn() with the device idle before and finished after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -62,9 +62,9 @@ def bench_igpt(model: GPT, batch: int, dtype: torch.dtype, *, batches: int = 2, 
     sampler = Sampler(model, batch, dtype=dtype, window=window, cuda_graph=cuda_graph, compile=compile)
     generator = make_generator(seed, device)
     run = lambda: sampler.run(top_k=top_k, generator=generator)  # noqa: E731
-    warm = [_seconds(run, device) for _ in range(warmup)]
+    warm = [timed_seconds(run, device) for _ in range(warmup)]
     label = "igpt (" + ", ".join(["KV cache"] + ["compiled"] * compile + ["CUDA graphs"] * sampler.graphs_on) + ")"
-    return _throughput(label, batch, warm[0] if warm else None, [_seconds(run, device) for _ in range(batches)])
+    return _throughput(label, batch, warm[0] if warm else None, [timed_seconds(run, device) for _ in range(batches)])
 
 
 def hf_config(config: ModelConfig) -> Any:
@@ -94,8 +94,8 @@ def bench_hf(config: ModelConfig, batch: int, device: torch.device, dtype: torch
                               max_new_tokens=n_new, min_new_tokens=n_new, top_k=top_k or 0, top_p=1.0,
                               temperature=1.0, pad_token_id=0)
 
-    first = _seconds(lambda: run(min(T, 16)), device)
-    times = [_seconds(lambda: run(T), device) for _ in range(batches)]
+    first = timed_seconds(lambda: run(min(T, 16)), device)
+    times = [timed_seconds(lambda: run(T), device) for _ in range(batches)]
     out = _throughput("hf generate (eager, KV cache)", batch, None, times)
     out["warmup_seconds"] = first
     return out
@@ -114,7 +114,7 @@ def bench_sample(preset: str = "igpt-s", batch: int = 256, *, n_px: int | None =
     dt = resolve_dtype(dtype, dev)
     config = ModelConfig.from_preset(preset, n_vocab=n_vocab, **({"n_px": n_px} if n_px else {}))
     setup = {"preset": preset, "n_px": config.n_px, "n_vocab": n_vocab, "params": config.num_params(),
-             "device": _device_name(dev), "dtype": DTYPE_NAMES.get(dt, str(dt)), "batch": batch,
+             "device": device_label(dev), "dtype": DTYPE_NAMES.get(dt, str(dt)), "batch": batch,
              "window": window, "compile": compile, "top_k": top_k, "torch": torch.__version__}
     result: dict[str, Any] = {"setup": setup, "hf": None, "hf_skipped": None}
     model = random_model(config, dev, seed)
@@ -133,7 +133,7 @@ def bench_sample(preset: str = "igpt-s", batch: int = 256, *, n_px: int | None =
     return result
 
 
-def _device_name(device: torch.device) -> str:
+def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from igpt.bench import DTYPE_NAMES, _device_name, _seconds, hf_config
+from igpt.bench import DTYPE_NAMES, device_label, hf_config, timed_seconds
 from igpt.config import ModelConfig, TrainConfig
 from igpt.flops import measure_matmul_flops, train_flops_per_token
 from igpt.model import GPT
@@ -144,8 +144,8 @@ def measure(step: TrainStep, label: str, ids: torch.Tensor, *, steps: int, warmu
             losses.append(step(ids, i))
             bar.update(1)
 
-    warm = [_seconds(lambda i=i: run(i, 1), device) for i in range(warmup)]
-    seconds = _seconds(lambda: run(warmup, steps), device)
+    warm = [timed_seconds(lambda i=i: run(i, 1), device) for i in range(warmup)]
+    seconds = timed_seconds(lambda: run(warmup, steps), device)
     bar.close()
     step_s = seconds / steps
     model_flops = B * T * flops_per_token / step_s
@@ -200,7 +200,7 @@ def search_max_batch(step: TrainStep, config: ModelConfig, start: int, *, seed: 
         low, high = (mid, high) if fits(mid) else (low, mid)
     bar.close()
     if low == 0:
-        raise ValueError(f"--max-batch: not even a batch of 1 fits on {_device_name(device)}")
+        raise ValueError(f"--max-batch: not even a batch of 1 fits on {device_label(device)}")
     return {"batch": low, "start": start, "tries": tries, "limit": limit}
 
 
@@ -242,7 +242,7 @@ def _bench_at_max_batch(config: ModelConfig, objective: str, cfg: TrainConfig, d
             search.setdefault("measure_failed", []).append(fit)
         free_memory(device)
     raise ValueError(f"--max-batch: the search found batch {search['batch']}, but no fitting batch could "
-                     f"then be measured on {_device_name(device)}")
+                     f"then be measured on {device_label(device)}")
 
 
 def bench_train(preset: str = "igpt-s", batch: int = 32, *, n_px: int | None = None, n_vocab: int = 512,
@@ -267,7 +267,7 @@ def bench_train(preset: str = "igpt-s", batch: int = 32, *, n_px: int | None = N
     matmul = measure_matmul_flops(dev, dt)
     free_memory(dev)
     setup = {"preset": preset, "n_px": config.n_px, "T": config.n_ctx, "n_vocab": n_vocab,
-             "params": config.num_params(), "device": _device_name(dev), "torch": torch.__version__,
+             "params": config.num_params(), "device": device_label(dev), "torch": torch.__version__,
              "dtype": DTYPE_NAMES.get(dt, str(dt)), "batch": batch, "objective": objective,
              "mask_prob": cfg.mask_prob if objective == "bert" else None, "compile": compile,
              "grad_checkpoint": grad_checkpoint, "steps": steps, "warmup": warmup, "seed": seed,
