@@ -111,10 +111,18 @@ class Trainer:
         self.stream = data.make_stream(self.palette)
         self.warmup = warmup_steps(cfg, self.n_train)
         self.step = 0
-        self.forward = torch.compile(self.model) if compile_enabled(cfg.compile, self.device) else self.model
+        self.compiled = compile_enabled(cfg.compile, self.device)
+        self.forward = torch.compile(self.model) if self.compiled else self.model
         if world.size > 1 and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.forward, device_ids=ids)
+
+    def fast_paths(self) -> str:
+        """What this run uses of the options that make a step faster or smaller, for the log."""
+        parts = [f"{str(self.dtype).removeprefix('torch.')} autocast" if self.dtype != torch.float32 else "fp32",
+                 "compiled" if self.compiled else "eager", "fused AdamW" if self.device.type == "cuda" else "AdamW",
+                 "FSDP" if self.sharded else "DDP" if self.world.size > 1 else "one process"]
+        return ", ".join(parts + ["activation checkpointing"] * self.model_cfg.grad_checkpoint)
 
     def _palette(self, resume: bool) -> Palette:
         """The run's palette: the saved one on resume; else rank 0 fits or loads it and the others read it."""
@@ -276,8 +284,9 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir
     if world.is_main:
         run = {"model": trainer.model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict()}
         ckpt.write_json_atomic(run_dir / RUN_FILE, run)
-        log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s", run_dir,
-                 f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device)
+        log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s (%s)", run_dir,
+                 f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device,
+                 trainer.fast_paths())
     metrics_log = MetricsLog(run_dir, cfg.tensorboard) if world.is_main else None
     try:
         return _loop(trainer, metrics_log, progress and world.is_main, on_step)
