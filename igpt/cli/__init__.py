@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -34,7 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, PeerLostError) as e:
+    except PeerLostError as e:
+        print(f"igpt {args.command}: error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit at once: releasing the broken process group's objects (DDP's reducer, pending collectives)
+        # can block forever in their C++ destructors, and everything worth keeping is already on disk.
+        os._exit(2)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"igpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
