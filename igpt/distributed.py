@@ -21,7 +21,9 @@ import torch.distributed as dist
 
 
 class PeerLostError(RuntimeError):
-    """Another process of the run died or stopped answering: this one stops too, instead of waiting forever."""
+    """Another process of the run died or stopped answering: this one stops too, instead of waiting forever.
+    The process should exit after it (``igpt`` does, with ``os._exit``): freeing the objects of the broken
+    process group can block."""
 
 
 def is_communication_error(e: BaseException) -> bool:
