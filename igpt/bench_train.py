@@ -4,9 +4,9 @@
     igpt bench train --preset igpt-l --max-batch --grad-checkpoint        # largest batch that fits, and its MFU
     igpt bench train --preset igpt-nano --batch 4 --device cpu --steps 2  # seconds on a CPU: checks the harness
 
-A step is what ``igpt.train.Trainer.train_step`` does for one micro-batch: the loss under autocast (AR over
-all T pixels, or BERT with a fresh mask drawn per step exactly as pretraining draws it: on the CPU from
-(seed, step), then moved), backward, the loss read back to the host, global-norm clipping, an AdamW step
+A step is what ``igpt.train.Trainer.train_step`` does for one micro-batch: the loss under autocast, from
+``igpt.train.micro_loss`` itself (AR over all T pixels, or BERT with a fresh mask drawn per step on the CPU
+from (seed, step), then moved), backward, the loss read back to the host, global-norm clipping, an AdamW step
 from ``igpt.optim.make_optimizer`` (fused on CUDA) and dropping the gradients. The model is initialised as
 in pretraining (zero head, so the first AR loss is ln V) and, with ``compile``, wrapped in ``torch.compile``
 as ``igpt pretrain --compile`` wraps it. Data is one random batch of ids already on the device, reused every
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,12 +40,11 @@ from tqdm.auto import tqdm
 from igpt.bench import DTYPE_NAMES, device_label, hf_config, timed_seconds
 from igpt.config import ModelConfig, TrainConfig
 from igpt.flops import measure_matmul_flops, train_flops_per_token
-from igpt.model import GPT
-from igpt.objectives import ar_loss, bert_loss, sample_keep_mask
-from igpt.optim import make_optimizer
 from igpt.memory import plan
-from igpt.runtime import (autocast, compile_enabled, derived_generator, resolve_device,
-                          resolve_dtype)
+from igpt.model import GPT
+from igpt.optim import make_optimizer
+from igpt.runtime import autocast, compile_enabled, resolve_device, resolve_dtype
+from igpt.train import micro_loss
 
 OBJECTIVES = ("ar", "bert")
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, step) -> scalar loss
@@ -81,12 +81,7 @@ def igpt_step(config: ModelConfig, objective: str, cfg: TrainConfig, device: tor
     forward = torch.compile(model) if compile else model
 
     def loss_of(ids: torch.Tensor, step: int) -> torch.Tensor:
-        if objective == "ar":
-            return ar_loss(forward, ids)
-        # a fresh mask per step, drawn like Trainer._micro_loss draws it (CPU generator from (seed, step))
-        generator = derived_generator(cfg.seed, step, 0)
-        keep = sample_keep_mask(tuple(ids.shape), cfg.mask_prob, generator).to(ids.device)
-        return bert_loss(forward, ids, keep=keep)
+        return micro_loss(forward, ids, replace(cfg, objective=objective, batch_size=len(ids)), step)
 
     parts = ["SDPA", "fused AdamW" if device.type == "cuda" else "AdamW"]
     parts += ["compiled"] * compile + ["grad checkpoint"] * config.grad_checkpoint

@@ -100,12 +100,9 @@ def plan(cfg: ModelConfig, batch: int, *, processes: int = 1, fsdp: bool = False
 
 def max_batch(cfg: ModelConfig, gpu_bytes: float, **kw) -> int:
     """The largest micro-batch whose plan fits in ``(1 - HEADROOM) * gpu_bytes`` (0 if none does)."""
-    budget = (1 - HEADROOM) * gpu_bytes
-    fixed = plan(cfg, 1, **kw)
-    per_image = activation_bytes(cfg, 1, bf16=kw.get("bf16", True), grad_checkpoint=kw.get("grad_checkpoint", False),
-                                 compiled=kw.get("compiled", False))
-    room = budget - (fixed.total - fixed.activations)
-    return max(0, int(room // per_image))
+    one = plan(cfg, 1, **kw)  # activations grow linearly with the batch; nothing else depends on it
+    room = (1 - HEADROOM) * gpu_bytes - (one.total - one.activations)
+    return max(0, int(room // one.activations))
 
 
 def format_plan(cfg: ModelConfig, batch: int, p: MemoryPlan) -> str:

@@ -71,6 +71,18 @@ def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], objective:
     return {"loss": total / count, "bits": nats_to_bits(total / count), "images": count}
 
 
+def micro_loss(forward: torch.nn.Module, ids: torch.Tensor, cfg: TrainConfig, step: int, micro: int = 0,
+               rows: slice = slice(None)) -> torch.Tensor:
+    """The pretraining loss of one micro-batch (``rows`` of it on this process). A BERT mask of the whole
+    micro-batch is drawn from (seed, step, micro) and sliced, so it is the same after a resume and whatever
+    the number of processes."""
+    if cfg.objective == "ar":
+        return ar_loss(forward, ids)
+    generator = derived_generator(cfg.seed, step, micro)
+    keep = sample_keep_mask((cfg.batch_size, ids.shape[1]), cfg.mask_prob, generator)
+    return bert_loss(forward, ids, keep=keep[rows].to(ids.device))
+
+
 def resolve_palette(data_cfg: DataConfig, train: ImageSet, seed: int, device: torch.device) -> Palette:
     """The given palette file (checked against the data), or a palette fitted on the training pixels."""
     if data_cfg.palette is not None:
@@ -182,13 +194,7 @@ class Trainer:
         barrier(self.world)
 
     def _micro_loss(self, ids: torch.Tensor, micro: int) -> torch.Tensor:
-        if self.cfg.objective == "ar":
-            return ar_loss(self.forward, ids)
-        # The mask of the whole micro-batch is drawn from (seed, step, micro) and sliced, so it is the same
-        # after a resume and whatever the number of processes.
-        generator = derived_generator(self.cfg.seed, self.step, micro)
-        keep = sample_keep_mask((self.cfg.batch_size, ids.shape[1]), self.cfg.mask_prob, generator)
-        return bert_loss(self.forward, ids, keep=keep[self.rows].to(self.device))
+        return micro_loss(self.forward, ids, self.cfg, self.step, micro, self.rows)
 
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients across ranks only on the last micro-batch of a step."""
