@@ -1,6 +1,6 @@
 """igpt: Image GPT (Chen et al., "Generative Pretraining from Pixels", ICML 2020) in PyTorch."""
 
-from igpt.checkpoint import load
+from igpt.weights.checkpoint import load
 from igpt.config import PRESETS, DataConfig, ModelConfig, TrainConfig
 from igpt.model import GPT
 from igpt.palette import Palette

@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.checkpoint import load_checkpoint
+from igpt.weights.checkpoint import load_checkpoint
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data import open_split, prepare
+from igpt.data.cache import open_split, prepare
 from igpt.model import GPT
 from igpt.palette import Palette
-from igpt.features import FeatureConfig, extract
-from igpt.ridge_probe import probe_all_layers
-from igpt.sample import sample
-from igpt.train import pretrain
+from igpt.eval.features import FeatureConfig, extract
+from igpt.eval.ridge_probe import probe_all_layers
+from igpt.generate.sample import sample
+from igpt.train.pretrain import pretrain
 from igpt.viz import grid, layer_plot, save_png
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ class Attention(nn.Module):
 
     OpenAI stores q/k/v as three [n_head, head_dim, n_embd] tensors; we fuse them into one
     ``c_attn`` Linear whose output rows are [q; k; v], each in the same ``h * head_dim + e`` order, so one
-    matmul does all three and ``igpt.interop`` converts by reshaping alone.
+    matmul does all three and ``igpt.weights.hf`` converts by reshaping alone.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -235,7 +235,7 @@ class GPT(nn.Module):
         norms = [b.ln_1 for b in self.blocks] + [self.ln_f]
         return {l: norms[l](states[l]).float().mean(dim=1) for l in layers}
 
-    # ---- cached decoding (used by igpt.sample; the model itself stays objective-free) ----
+    # ---- cached decoding (used by igpt.generate.sample; the model itself stays objective-free) ----
 
     def new_cache(self, B: int, device: torch.device, dtype: torch.dtype) -> list[LayerCache]:
         return [LayerCache(B, self.config, device, dtype) for _ in self.blocks]

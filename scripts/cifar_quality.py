@@ -47,10 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.checkpoint import load_checkpoint, write_json_atomic
+from igpt.weights.checkpoint import load_checkpoint, write_json_atomic
 from igpt.config import PRESETS, DataConfig, ModelConfig, TrainConfig
-from igpt.data import open_split, prepare
-from igpt.features import (
+from igpt.data.cache import open_split, prepare
+from igpt.eval.features import (
     FeatureConfig,
     cached_extract,
     checkpoint_identity,
@@ -59,9 +59,9 @@ from igpt.features import (
 )
 from igpt.model import GPT
 from igpt.palette import Palette
-from igpt.probe import ProbeConfig, format_table, probe_layers
+from igpt.eval.probe import ProbeConfig, format_table, probe_layers
 from igpt.runtime import resolve_device
-from igpt.train import pretrain
+from igpt.train.pretrain import pretrain
 from igpt.viz import layer_plot, save_png
 
 log = logging.getLogger("cifar_quality")

@@ -1,6 +1,6 @@
 """Write the tiny OpenAI-layout TensorFlow checkpoints under tests/fixtures/openai_tiny/ with real TensorFlow.
 
-They let the tests check ``igpt.tfbundle`` (our TensorFlow-free reader) against files that TensorFlow itself
+They let the tests check ``igpt.weights.tfbundle`` (our TensorFlow-free reader) against files that TensorFlow itself
 wrote, with the variable names and shapes of the released image-gpt checkpoints (reference igpt.md section 6):
 ``model/wte`` [V, d], ``model/wpe`` [T, d], ``model/sos`` [d] (AR only), ``model/wtet`` [V, d],
 ``model/h{i}/ln_1/g``, ``model/h{i}/attn/{q,k,v,c}_proj`` [H, d/H, d], ``model/h{i}/mlp/c_fc/w`` [d, 4d],

@@ -1,4 +1,4 @@
-"""The paper's augmentations (igpt.augment), checked against slow per-image references."""
+"""The paper's augmentations (igpt.data.augment), checked against slow per-image references."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from igpt.augment import FolderImages, cifar_augment, cifar_augment_params, imagenet_style
-from igpt.images import load_image
+from igpt.data.augment import FolderImages, cifar_augment, cifar_augment_params, imagenet_style
+from igpt.data.images import load_image
 
 
 def batch(b: int = 16, h: int = 12, w: int = 10, seed: int = 0) -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from igpt.bench_train import bench_train, igpt_step, random_ids, search_max_batch
+from igpt.bench.train import bench_train, igpt_step, random_ids, search_max_batch
 from igpt.cli import main, make_parser
 from igpt.config import ModelConfig, TrainConfig
 

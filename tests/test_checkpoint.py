@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import igpt
-from igpt.checkpoint import load_checkpoint, save_checkpoint
+from igpt.weights.checkpoint import load_checkpoint, save_checkpoint
 from igpt.palette import Palette
 
 

@@ -1,4 +1,4 @@
-"""The prepared cache and the splits (igpt.data), on tiny files made in tmp_path. The readers of each
+"""The prepared cache and the splits (igpt.data.cache), on tiny files made in tmp_path. The readers of each
 format are in test_sources.py."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import write_openai
 
-from igpt import data as data_mod
-from igpt.data import ImageSet, check_palette, open_split, prepare, split_indices
-from igpt.sources import read_source
+from igpt.data import cache as data_mod
+from igpt.data.cache import ImageSet, check_palette, open_split, prepare, split_indices
+from igpt.data.sources import read_source
 
 SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-small.npz"
 

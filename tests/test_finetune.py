@@ -8,17 +8,17 @@ import torch
 from conftest import randomize
 
 import igpt
-from igpt.checkpoint import load_checkpoint, load_classifier, save_checkpoint
+from igpt.weights.checkpoint import load_checkpoint, load_classifier, save_checkpoint
 from igpt.cli import main
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data import ImageSet, open_split, prepare
-from igpt.features import FeatureConfig, extract, open_labelled, take
-from igpt.finetune import Classifier, FinetuneConfig, finetune, losses
-from igpt.loader import BatchStream, LabelledBatchStream, labelled_batches
+from igpt.data.cache import ImageSet, open_split, prepare
+from igpt.eval.features import FeatureConfig, extract, open_labelled, take
+from igpt.train.finetune import Classifier, FinetuneConfig, finetune, losses
+from igpt.data.streams import BatchStream, LabelledBatchStream, labelled_batches
 from igpt.objectives import ar_loss
 from igpt.palette import Palette
-from igpt.probe import ProbeConfig, balanced_subset, logistic_probe
-from igpt.train import pretrain
+from igpt.eval.probe import ProbeConfig, balanced_subset, logistic_probe
+from igpt.train.pretrain import pretrain
 
 PER_CLASS = 30  # the small labelled set: 300 digits
 

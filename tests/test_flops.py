@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from igpt.config import ModelConfig
-from igpt.flops import forward_flops_per_token, measure_matmul_flops, train_flops_per_token
+from igpt.bench.flops import forward_flops_per_token, measure_matmul_flops, train_flops_per_token
 
 
 def test_flops_hand_count_tiny():

@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from igpt.bench import bench_sample
-from igpt.checkpoint import load_checkpoint
+from igpt.bench.sample import bench_sample
+from igpt.weights.checkpoint import load_checkpoint
 from igpt.cli import main, make_parser
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data import open_split, prepare
-from igpt.infill import infill, still_masked
-from igpt.loader import fixed_batches
+from igpt.data.cache import open_split, prepare
+from igpt.generate.infill import infill, still_masked
+from igpt.data.streams import fixed_batches
 from igpt.palette import Palette
-from igpt.train import evaluate, pretrain
+from igpt.train.pretrain import evaluate, pretrain
 
 N_PX, SCALE, PAD, GAP = 8, 4, 2, 8  # igpt-nano's side and completion_figure's default layout
 

@@ -1,4 +1,4 @@
-"""Single images (igpt.images): the box/bicubic resize, centre crop vs squash, every PIL mode to RGB."""
+"""Single images (igpt.data.images): the box/bicubic resize, centre crop vs squash, every PIL mode to RGB."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt.images import load_image, to_n_px
+from igpt.data.images import load_image, to_n_px
 
 
 def rand_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""igpt.interop and ``igpt convert``: OpenAI's TF layout, Hugging Face ImageGPT both ways, bad input.
+"""igpt.weights.hf and ``igpt convert``: OpenAI's TF layout, Hugging Face ImageGPT both ways, bad input.
 
 The Hugging Face parity tests need ``transformers`` (a test-only extra, installed by ``make test``); they skip
 with a reason when it is missing. Everything else runs without it."""
@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 import igpt
 from igpt.cli import main
 from igpt.config import ModelConfig
-from igpt.interop import hf_to_igpt, igpt_to_hf, is_hf_dir, load_hf, save_hf
-from igpt.openai_weights import load_openai, openai_to_igpt
+from igpt.weights.hf import hf_to_igpt, igpt_to_hf, is_hf_dir, load_hf, save_hf
+from igpt.weights.openai import load_openai, openai_to_igpt
 from igpt.model import GPT
 from igpt.palette import Palette
-from igpt.sample import sample
+from igpt.generate.sample import sample
 
 # ---- OpenAI ----
 
@@ -200,8 +200,8 @@ def test_cli_openai_to_igpt_to_hf_and_back(tmp_path, capsys):
 
 
 def test_export_reads_the_objective_of_the_checkpoint(tiny, tmp_path):
-    from igpt.checkpoint import save_checkpoint
-    from igpt.interop import export_hf
+    from igpt.weights.checkpoint import save_checkpoint
+    from igpt.weights.hf import export_hf
 
     model, palette = tiny
     save_checkpoint(tmp_path / "ft", model, palette, {"objective": "finetune", "base_objective": "ar"})

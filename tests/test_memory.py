@@ -1,4 +1,4 @@
-"""The memory formulas of igpt.memory against what autograd really saves (counted on CPU)."""
+"""The memory formulas of igpt.bench.memory against what autograd really saves (counted on CPU)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from igpt.config import ModelConfig
-from igpt.memory import GB, max_batch, plan, saved_bytes
+from igpt.bench.memory import GB, max_batch, plan, saved_bytes
 from igpt.model import GPT
 from igpt.objectives import ar_loss
 from igpt.runtime import autocast

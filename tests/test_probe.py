@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from igpt.checkpoint import load_checkpoint, save_checkpoint
+from igpt.weights.checkpoint import load_checkpoint, save_checkpoint
 from igpt.cli import main
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data import ImageSet, open_split, prepare
-from igpt.features import (
+from igpt.data.cache import ImageSet, open_split, prepare
+from igpt.eval.features import (
     FeatureConfig,
     cached_extract,
     extract,
@@ -20,7 +20,7 @@ from igpt.features import (
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
 from igpt.palette import Palette
-from igpt.probe import (
+from igpt.eval.probe import (
     ProbeConfig,
     balanced_subset,
     concat_layers,
@@ -30,7 +30,7 @@ from igpt.probe import (
     stratified_carve,
 )
 from igpt.runtime import derived_generator
-from igpt.train import pretrain
+from igpt.train.pretrain import pretrain
 
 
 def _clusters(n: int, d: int, classes: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +168,7 @@ def test_feature_cache_is_reused_and_keyed_by_content(tmp_path, nano_model, nano
     kw = {"split": "test", "model_identity": {"name": "nano"}, "cache_dir": tmp_path, "progress": False}
     first = cached_extract(nano_model, nano_images, palette, FeatureConfig(device="cpu"), **kw)
     assert len(list(tmp_path.glob("feats-test-*.npz"))) == 1
-    monkeypatch.setattr("igpt.features.extract", lambda *a, **k: pytest.fail("features were recomputed"))
+    monkeypatch.setattr("igpt.eval.features.extract", lambda *a, **k: pytest.fail("features were recomputed"))
     again = cached_extract(nano_model, nano_images, palette, FeatureConfig(device="cpu"), **kw)
     assert all(np.array_equal(first[l], again[l]) for l in first)
     monkeypatch.undo()
@@ -199,7 +199,7 @@ def digits_run(tmp_path_factory):
 
 
 def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
-    from igpt.probe import probe_checkpoint
+    from igpt.eval.probe import probe_checkpoint
 
     cfg = ProbeConfig(l2_grid="1e-4,1e-3,1e-2,1e-1", max_iter=200)
     trained = probe_checkpoint(digits_run / "run", str(digits_run / "cache"), tmp_path / "trained", cfg, progress=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from igpt.sample import Sampler, draw_from, filter_logits, sample, sample_uncached
+from igpt.generate.sample import Sampler, draw_from, filter_logits, sample, sample_uncached
 
 
 @pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"top_p": 0.7, "temperature": 0.8}])

@@ -18,16 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-from igpt import shard_loader
-from igpt.augment import imagenet_style
+from igpt.data import shard_streams as shard_loader
+from igpt.data.augment import imagenet_style
 from igpt.cli import main
-from igpt.data import open_split, split_indices
+from igpt.data.cache import open_split, split_indices
 from igpt.distributed import World
-from igpt.images import open_image
+from igpt.data.images import open_image
 from igpt.palette import Palette
-from igpt.shard_loader import ShardImages, ShardStream
-from igpt.shard_writer import write_shards
-from igpt.shards import ShardIndex, is_shard_dir
+from igpt.data.shard_streams import ShardImages, ShardStream
+from igpt.data.shard_writer import write_shards
+from igpt.data.shards import ShardIndex, is_shard_dir
 
 GREYS = Palette(np.repeat((np.arange(16) * 17 / 127.5 - 1)[:, None], 3, axis=1))  # grey level 17*d -> id d
 N_PX, B = 6, 8  # 6: CIFAR augmentation pads 4
@@ -110,9 +110,9 @@ def test_prepare_shards_writes_what_shards_json_says(tmp_path):
 
 
 def test_interrupted_write_is_not_a_dataset(tmp_path, monkeypatch):
-    import igpt.shard_writer
+    import igpt.data.shard_writer
 
-    real, calls = igpt.shard_writer._write_shard, []
+    real, calls = igpt.data.shard_writer._write_shard, []
 
     def dies_on_third(*args):
         calls.append(1)
@@ -120,7 +120,7 @@ def test_interrupted_write_is_not_a_dataset(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if killed while writing the third shard
         return real(*args)
 
-    monkeypatch.setattr(igpt.shard_writer, "_write_shard", dies_on_third)
+    monkeypatch.setattr(igpt.data.shard_writer, "_write_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         write_shards("digits", tmp_path / "s", n_px=8, per_shard=200, progress=False)
     assert not list((tmp_path / "s").glob(".tmp*")) and (tmp_path / "s" / "train-000001.tar").exists()

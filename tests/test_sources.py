@@ -1,4 +1,4 @@
-"""Readers of every --data format (igpt.sources), on tiny files made in tmp_path. The prepared cache is in
+"""Readers of every --data format (igpt.data.sources), on tiny files made in tmp_path. The prepared cache is in
 test_data.py, single-image decoding and resizing in test_images.py."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from conftest import rand_images, smooth_image, write_openai
 from PIL import Image
 
-from igpt.images import to_n_px
-from igpt.sources import list_image_folder, read_source
+from igpt.data.images import to_n_px
+from igpt.data.sources import list_image_folder, read_source
 
 
 def write_cifar(root: Path, batches: dict[str, tuple[np.ndarray, list[int]]], label_key: bytes,

@@ -1,4 +1,4 @@
-"""igpt.tfbundle against checkpoints written by real TensorFlow (tests/fixtures/openai_tiny, made by
+"""igpt.weights.tfbundle against checkpoints written by real TensorFlow (tests/fixtures/openai_tiny, made by
 scripts/make_tf_fixture.py) and against a hand-built SSTable for the paths those files do not take."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import OPENAI_AR as AR
 from conftest import OPENAI_BERT as BERT
 from conftest import tf_arrays as expected
 
-from igpt.tfbundle import TensorBundle, _crc_update, crc32c, read_index, resolve_prefix, unmask_crc
+from igpt.weights.tfbundle import TensorBundle, _crc_update, crc32c, read_index, resolve_prefix, unmask_crc
 
 
 def test_crc32c_known_value_and_parallel_path_agrees_with_serial():

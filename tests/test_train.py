@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.optim import lr_at, warmup_steps
-from igpt.train import pretrain
+from igpt.train.optim import lr_at, warmup_steps
+from igpt.train.pretrain import pretrain
 
 MODEL = ModelConfig.from_preset("igpt-nano")
 DATA = DataConfig(data="digits", palette_k=16)
@@ -44,7 +44,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
 KILL_SCRIPT = """
 import os, signal, sys
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.train import pretrain
+from igpt.train.pretrain import pretrain
 cfg = TrainConfig(**{cfg!r})
 def on_step(step, metrics):
     if step == {kill_at}:

@@ -1,6 +1,6 @@
-"""``igpt bench <what>``: speed measurements. ``bench sample`` times sampling (``igpt.bench``), ``bench
-train`` training steps (``igpt.bench_train``), ``bench loader`` the input pipeline alone
-(``igpt.bench_loader``); ``bench memory`` prints the per-GPU memory plan (``igpt.memory``).
+"""``igpt bench <what>``: speed measurements. ``bench sample`` times sampling (``igpt.bench.sample``), ``bench
+train`` training steps (``igpt.bench.train``), ``bench loader`` the input pipeline alone
+(``igpt.bench.loader``); ``bench memory`` prints the per-GPU memory plan (``igpt.bench.memory``).
 
     igpt bench sample --preset igpt-s --batch 256 --compare-hf   # prints our images/s and HF's
     igpt bench train --preset igpt-s --batch 32 --compare-hf     # tokens/s, MFU, peak memory: ours and HF's
@@ -18,7 +18,7 @@ from igpt.config import PRESETS
 
 
 def cmd_bench_sample(args: argparse.Namespace) -> None:
-    from igpt.bench import bench_sample
+    from igpt.bench.sample import bench_sample
 
     result = bench_sample(args.preset, args.batch, n_px=args.n_px, n_vocab=args.n_vocab, device=args.device,
                           dtype=args.dtype, batches=args.batches, warmup=args.warmup, window=args.window,
@@ -55,7 +55,7 @@ def _sample_parser(bsub: Any) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from igpt.bench_train import bench_train
+    from igpt.bench.train import bench_train
 
     result = bench_train(args.preset, args.batch, n_px=args.n_px, n_vocab=args.n_vocab, objective=args.objective,
                          compile=args.compile, dtype=args.dtype, grad_checkpoint=args.grad_checkpoint,
@@ -94,7 +94,7 @@ def _train_parser(bsub: Any) -> None:
 
 
 def _write_json(result: dict[str, Any], path: str | None) -> None:
-    from igpt.checkpoint import write_json_atomic
+    from igpt.weights.checkpoint import write_json_atomic
 
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def _write_json(result: dict[str, Any], path: str | None) -> None:
 
 
 def cmd_bench_loader(args: argparse.Namespace) -> None:
-    from igpt.bench_loader import bench_loader
+    from igpt.bench.loader import bench_loader
 
     result = bench_loader(args.data, n_px=args.n_px, batch=args.batch, augment=args.augment, workers=args.workers,
                           batches=args.batches, warmup=args.warmup, device=args.device, palette=args.palette,
@@ -136,7 +136,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from igpt.config import ModelConfig
-    from igpt.memory import format_plan, max_batch, plan
+    from igpt.bench.memory import format_plan, max_batch, plan
 
     config = ModelConfig.from_preset(args.preset, **({"n_px": args.n_px} if args.n_px else {}))
     kw = {"processes": args.processes, "fsdp": args.fsdp, "bf16": args.dtype == "bf16",

@@ -13,12 +13,12 @@ from typing import Any
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from igpt import interop
+    from igpt.weights import hf as interop
 
     if args.consolidate:
         if args.palette or args.objective:
             raise ValueError("--palette and --objective apply to --from openai only")
-        from igpt.checkpoint import consolidate
+        from igpt.weights.checkpoint import consolidate
 
         out = consolidate(args.src, args.out)
         print(f"wrote single-file igpt checkpoint {out} (load it with igpt.load({str(out)!r}))")

@@ -6,13 +6,13 @@ import argparse
 from typing import Any
 
 from igpt.cli.args import add_fields, build
-from igpt.features import FeatureConfig
-from igpt.finetune import FinetuneConfig
-from igpt.probe import ProbeConfig
+from igpt.eval.features import FeatureConfig
+from igpt.train.finetune import FinetuneConfig
+from igpt.eval.probe import ProbeConfig
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from igpt.probe import format_table, probe_checkpoint
+    from igpt.eval.probe import format_table, probe_checkpoint
 
     cfg = build(ProbeConfig, args)
     metrics = probe_checkpoint(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
@@ -25,7 +25,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from igpt.finetune import finetune
+    from igpt.train.finetune import finetune
 
     m = finetune(args.checkpoint, args.data, args.out, build(FinetuneConfig, args), resize=args.resize)
     print(f"best validation accuracy {m['val_acc']:.4f} at step {m['best_step']} of {m['steps']}"

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from igpt.cli.args import add_fields, build
-from igpt.sample import SampleConfig
+from igpt.generate.sample import SampleConfig
 
 
 def _setup(checkpoint: str, device_name: str, dtype_name: str) -> tuple[Any, Any, dict, torch.device, torch.dtype]:
-    from igpt.checkpoint import load_checkpoint
+    from igpt.weights.checkpoint import load_checkpoint
     from igpt.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(device_name)
@@ -36,7 +36,7 @@ def _objective(info: dict, flag: str) -> str:
 
 def _open_eval_split(args: argparse.Namespace, n_px: int):
     """--split, or 'test' when the data has one and 'val' otherwise. Returns (ImageSet, split name)."""
-    from igpt.data import open_split
+    from igpt.data.cache import open_split
 
     kw = dict(n_px=n_px, val_fraction=args.val_fraction, seed=args.split_seed, resize=args.resize)
     if args.split:
@@ -51,7 +51,7 @@ def _open_eval_split(args: argparse.Namespace, n_px: int):
 
 def _checked(data, palette) -> None:
     """The data's ids must come from the checkpoint's palette (pixels are quantized with it here)."""
-    from igpt.data import check_palette
+    from igpt.data.cache import check_palette
 
     check_palette(data, palette)
     if data.ids is not None and len(data) and int(data.ids.max()) >= palette.k:
@@ -62,7 +62,7 @@ def _checked(data, palette) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from igpt.sample import make_generator, sample
+    from igpt.generate.sample import make_generator, sample
     from igpt.viz import grid, save_png
 
     cfg = build(SampleConfig, args)
@@ -96,8 +96,8 @@ def _kept_rows(args: argparse.Namespace, n_px: int) -> int:
 
 def _inputs(args: argparse.Namespace, palette, n_px: int) -> tuple[list[str], torch.Tensor, str]:
     """(names, ids (M, T) int64 on the CPU, where from) of the images to complete."""
-    from igpt.loader import to_ids
-    from igpt.images import load_image
+    from igpt.data.streams import to_ids
+    from igpt.data.images import load_image
 
     if args.images:
         pixels = np.stack([load_image(p, n_px, args.resize) for p in args.images])  # (M, n_px, n_px, 3)
@@ -114,8 +114,8 @@ def _inputs(args: argparse.Namespace, palette, n_px: int) -> tuple[list[str], to
 
 
 def cmd_complete(args: argparse.Namespace) -> None:
-    from igpt.infill import infill
-    from igpt.sample import make_generator, sample
+    from igpt.generate.infill import infill
+    from igpt.generate.sample import make_generator, sample
     from igpt.viz import completion_figure, hide_rows, save_png
 
     if bool(args.images) == bool(args.data):
@@ -156,9 +156,9 @@ def cmd_complete(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from igpt.checkpoint import write_json_atomic
-    from igpt.loader import fixed_batches
-    from igpt.train import evaluate
+    from igpt.weights.checkpoint import write_json_atomic
+    from igpt.data.streams import fixed_batches
+    from igpt.train.pretrain import evaluate
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

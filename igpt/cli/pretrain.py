@@ -10,7 +10,7 @@ from igpt.config import PRESETS, DataConfig, ModelConfig, TrainConfig
 
 
 def cmd_palette_fit(args: argparse.Namespace) -> None:
-    from igpt.data import open_split
+    from igpt.data.cache import open_split
     from igpt.palette import Palette
 
     images = open_split(args.data, "train", n_px=args.n_px, val_fraction=0.0, resize=args.resize)
@@ -24,7 +24,7 @@ def cmd_palette_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from igpt.data import prepare
+    from igpt.data.cache import prepare
     from igpt.palette import Palette
 
     if args.shards:
@@ -38,7 +38,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _prepare_shards(args: argparse.Namespace) -> None:
-    from igpt.shard_writer import write_shards
+    from igpt.data.shard_writer import write_shards
 
     if args.palette:
         raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")
@@ -50,7 +50,7 @@ def _prepare_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from igpt.train import pretrain
+    from igpt.train.pretrain import pretrain
 
     if args.resume:
         result = pretrain(None, None, None, args.resume, resume=True)

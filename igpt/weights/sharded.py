@@ -1,6 +1,6 @@
 """Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP): every process writes its own part.
 
-A full checkpoint (``igpt.checkpoint``) gathers the whole model and optimizer state on rank 0 first, which
+A full checkpoint (``igpt.weights.checkpoint``) gathers the whole model and optimizer state on rank 0 first, which
 for iGPT-XL (6.8B parameters, 82 GB of fp32 weights and Adam moments) is more than one host should hold.
 With ``--sharded-checkpoint`` each process writes only the shards it owns, in parallel, and the files are
 keyed by parameter name and global shape, not by process, so a run resumes on any number of processes

@@ -1,5 +1,5 @@
 """Sharded image datasets for data larger than memory: the format and its index (the writer, ``igpt prepare
---shards N``, is ``igpt.shard_writer``; the training stream is ``igpt.shard_loader``).
+--shards N``, is ``igpt.data.shard_writer``; the training stream is ``igpt.data.shard_streams``).
 
 A shards directory is WebDataset-compatible::
 

@@ -1,6 +1,6 @@
 """Datasets as arrays: the one entry point ``open_split`` and the prepared cache written by ``prepare``.
 
-``open_split(data, split, n_px=...)`` accepts every ``--data`` spec of ``igpt.sources`` plus a directory
+``open_split(data, split, n_px=...)`` accepts every ``--data`` spec of ``igpt.data.sources`` plus a directory
 written by ``prepare`` (recognised by its ``meta.json``). Splits: "train", "val", "test", "unlabeled" and
 "train_all" (the source's whole train split, including whatever was carved out of it for "val").
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt.sources import RawSplit, read_source
+from igpt.data.sources import RawSplit, read_source
 
 SPLITS = ("train", "val", "test", "unlabeled", "train_all")
 FORMAT_VERSION = 1
@@ -93,10 +93,10 @@ def open_split(data: str, split: str, *, n_px: int, val_fraction: float = 0.1, s
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if (Path(data) / "meta.json").is_file():
         return _open_cache(Path(data), split, n_px)
-    from igpt.shards import is_shard_dir  # lazy: igpt.shards imports this module
+    from igpt.data.shards import is_shard_dir  # lazy: igpt.data.shards imports this module
 
-    if is_shard_dir(data):  # decoded into memory; training streams it instead (igpt.shard_loader)
-        from igpt.shard_loader import open_shard_split
+    if is_shard_dir(data):  # decoded into memory; training streams it instead (igpt.data.shard_streams)
+        from igpt.data.shard_streams import open_shard_split
 
         return open_shard_split(str(data), split, n_px)
     splits, _ = _with_val(read_source(data, n_px, resize=resize, on_error=on_error), val_fraction, seed)

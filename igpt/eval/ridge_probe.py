@@ -1,5 +1,5 @@
 """The quick look the demo takes at every layer: a closed-form ridge classifier on each layer's features
-(``igpt.features.extract``). The paper's probe (L-BFGS logistic regression) is ``igpt.probe``."""
+(``igpt.eval.features.extract``). The paper's probe (L-BFGS logistic regression) is ``igpt.eval.probe``."""
 
 from __future__ import annotations
 

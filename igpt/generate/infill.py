@@ -7,7 +7,7 @@ fills a masked region instead, in the manner of MaskGIT (Chang et al., CVPR 2022
 1. Every still-masked position gets a zero content embedding (the ``keep`` input of ``GPT.forward``, as in
    pretraining), and the bidirectional model predicts all of them in one pass.
 2. A candidate id is drawn at each masked position from its predicted distribution (temperature, top-k and
-   top-p as in ``igpt.sample``; temperature 0 takes the argmax); its confidence is the probability the
+   top-p as in ``igpt.generate.sample``; temperature 0 takes the argmax); its confidence is the probability the
    (filtered) distribution gave to it.
 3. The most confident candidates are fixed. How many stay masked after round r of R follows a schedule of
    the masked count M at the start: ``floor(M * cos(pi/2 * r/R))`` (cosine, MaskGIT's choice: few ids at
@@ -29,7 +29,7 @@ import torch
 
 from igpt.model import GPT
 from igpt.runtime import autocast
-from igpt.sample import draw_from, filter_logits
+from igpt.generate.sample import draw_from, filter_logits
 
 SCHEDULES = ("cosine", "linear")
 

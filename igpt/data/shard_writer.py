@@ -1,4 +1,4 @@
-"""``igpt prepare --shards N``: write an image dataset as indexed WebDataset tar shards (format: ``igpt.shards``).
+"""``igpt prepare --shards N``: write an image dataset as indexed WebDataset tar shards (format: ``igpt.data.shards``).
 
 Images are written in a seeded random order, so every shard is a random sample of its split. An image
 folder's files are stored as they are (full resolution, for the ImageNet-style augmentation); images of
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from igpt.data import split_indices
-from igpt.images import DECODE_ERRORS
-from igpt.shards import FORMAT_VERSION, SHARDS_FILE, is_shard_dir, scan_tar
-from igpt.sources import list_image_folder, read_source, split_folders
+from igpt.data.cache import split_indices
+from igpt.data.images import DECODE_ERRORS
+from igpt.data.shards import FORMAT_VERSION, SHARDS_FILE, is_shard_dir, scan_tar
+from igpt.data.sources import list_image_folder, read_source, split_folders
 
 log = logging.getLogger(__name__)
 

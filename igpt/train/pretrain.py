@@ -7,7 +7,7 @@ Run layout (``--out RUN_DIR``)::
     run.json        the model, train and data configs of the run (``--resume`` reads them)
     palette.npz     the palette the run quantizes with
     metrics.jsonl   one JSON object per logged step: {"step", "split", "loss" (nats/token), "bits", ...}
-    checkpoints/step-NNNNNNN/   see igpt.checkpoint
+    checkpoints/step-NNNNNNN/   see igpt.weights.checkpoint
 """
 
 from __future__ import annotations
@@ -29,21 +29,21 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from igpt import checkpoint as ckpt
+from igpt.weights import checkpoint as ckpt
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data import ImageSet, check_palette
+from igpt.data.cache import ImageSet, check_palette
 from igpt.distributed import (World, barrier, init_distributed, is_communication_error, mean_across,
                               peer_lost, shutdown)
-from igpt.loader import fixed_batches
+from igpt.data.streams import fixed_batches
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, nats_to_bits, sample_keep_mask
-from igpt.optim import lr_at, make_optimizer, warmup_steps
+from igpt.train.optim import lr_at, make_optimizer, warmup_steps
 from igpt.palette import Palette
-from igpt.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
+from igpt.train.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
 from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_seed, resolve_device,
                           resolve_dtype, seed_everything)
-from igpt.sharded_checkpoint import is_sharded, load_sharded, save_sharded
-from igpt.trainset import open_training_data
+from igpt.weights.sharded import is_sharded, load_sharded, save_sharded
+from igpt.data.open import open_training_data
 
 log = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)

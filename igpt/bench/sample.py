@@ -25,7 +25,7 @@ import torch
 from igpt.config import ModelConfig
 from igpt.model import GPT
 from igpt.runtime import resolve_device, resolve_dtype
-from igpt.sample import Sampler, make_generator
+from igpt.generate.sample import Sampler, make_generator
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 

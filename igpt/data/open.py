@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.augment import FolderImages
+from igpt.data.augment import FolderImages
 from igpt.config import DataConfig, TrainConfig
-from igpt.data import ImageSet, open_split
-from igpt.loader import BatchStream, FolderStream, folder_splits
+from igpt.data.cache import ImageSet, open_split
+from igpt.data.streams import BatchStream, FolderStream, folder_splits
 from igpt.palette import Palette
-from igpt.shard_loader import open_shard_training
-from igpt.shards import is_shard_dir
+from igpt.data.shard_streams import open_shard_training
+from igpt.data.shards import is_shard_dir
 
 log = logging.getLogger(__name__)
 PALETTE_FIT_IMAGES = 2000  # centre crops a palette is fitted on when training streams its images

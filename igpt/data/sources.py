@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from igpt.config import N_VOCAB  # OpenAI's files hold ids of their 512-colour palette
-from igpt.images import RESIZE_MODES, open_image, to_n_px
+from igpt.data.images import RESIZE_MODES, open_image, to_n_px
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Weights in and out: OpenAI's released TensorFlow checkpoints and Hugging Face's ImageGPT directories.
 
 ``hf_to_igpt`` / ``igpt_to_hf`` map Hugging Face ``ImageGPTForCausalImageModeling`` weights to ``GPT``'s and
-back; ``igpt.openai_weights.openai_to_igpt`` maps the released TF variables (read by ``igpt.tfbundle``,
+back; ``igpt.weights.openai.openai_to_igpt`` maps the released TF variables (read by ``igpt.weights.tfbundle``,
 no TensorFlow needed).
 d = n_embd, V = palette colours (512), T = n_px**2, H = n_head, hd = d / H, i = block index.
 
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from igpt.checkpoint import (FORMAT_VERSION, check_new_output, load_checkpoint, save_checkpoint,
+from igpt.weights.checkpoint import (FORMAT_VERSION, check_new_output, load_checkpoint, save_checkpoint,
                              write_json_atomic)
 from igpt.config import ModelConfig
 from igpt.model import GPT, NORM_EPS
@@ -324,7 +324,7 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
 
 def convert_openai(prefix: str | Path, out: str | Path, palette: str | Path | None = None,
                    objective: str | None = None) -> Path:
-    from igpt.openai_weights import load_openai  # imported here: that module builds on this one
+    from igpt.weights.openai import load_openai  # imported here: that module builds on this one
 
     check_new_output(Path(out))
     model, pal, info = load_openai(prefix, palette, objective, progress=True)

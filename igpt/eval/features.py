@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from igpt.config import arg
-from igpt.data import ImageSet, check_palette, open_split
-from igpt.loader import to_ids
+from igpt.data.cache import ImageSet, check_palette, open_split
+from igpt.data.streams import to_ids
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
 from igpt.palette import Palette

@@ -4,17 +4,17 @@
     igpt bench train --preset igpt-l --max-batch --grad-checkpoint        # largest batch that fits, and its MFU
     igpt bench train --preset igpt-nano --batch 4 --device cpu --steps 2  # seconds on a CPU: checks the harness
 
-A step is what ``igpt.train.Trainer.train_step`` does for one micro-batch: the loss under autocast, from
-``igpt.train.micro_loss`` itself (AR over all T pixels, or BERT with a fresh mask drawn per step on the CPU
+A step is what ``igpt.train.pretrain.Trainer.train_step`` does for one micro-batch: the loss under autocast, from
+``igpt.train.pretrain.micro_loss`` itself (AR over all T pixels, or BERT with a fresh mask drawn per step on the CPU
 from (seed, step), then moved), backward, the loss read back to the host, global-norm clipping, an AdamW step
-from ``igpt.optim.make_optimizer`` (fused on CUDA) and dropping the gradients. The model is initialised as
+from ``igpt.train.optim.make_optimizer`` (fused on CUDA) and dropping the gradients. The model is initialised as
 in pretraining (zero head, so the first AR loss is ln V) and, with ``compile``, wrapped in ``torch.compile``
 as ``igpt pretrain --compile`` wraps it. Data is one random batch of ids already on the device, reused every
 step: no loader is timed, and the falling loss shows that the steps really train.
 
 Timing: ``warmup`` untimed steps (compilation happens in the first; their time is reported), then ``steps``
 steps between two device synchronisations. tokens/s = batch * T / step time. Model FLOPs per token come
-from ``igpt.flops.train_flops_per_token`` (causal attention for AR, bidirectional for BERT; recomputation by
+from ``igpt.bench.flops.train_flops_per_token`` (causal attention for AR, bidirectional for BERT; recomputation by
 activation checkpointing is not counted, by definition of model FLOPs), and MFU divides the achieved model
 FLOP/s by the rate of a large matrix product measured in the same run in the run's dtype. Peak memory is
 ``torch.cuda.max_memory_allocated``, reset before each model is built (weights, optimizer state and
@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from igpt.bench import DTYPE_NAMES, device_label, hf_config, timed_seconds
+from igpt.bench.sample import DTYPE_NAMES, device_label, hf_config, timed_seconds
 from igpt.config import ModelConfig, TrainConfig
-from igpt.flops import measure_matmul_flops, train_flops_per_token
-from igpt.memory import plan
+from igpt.bench.flops import measure_matmul_flops, train_flops_per_token
+from igpt.bench.memory import plan
 from igpt.model import GPT
-from igpt.optim import make_optimizer
+from igpt.train.optim import make_optimizer
 from igpt.runtime import autocast, compile_enabled, resolve_device, resolve_dtype
-from igpt.train import micro_loss
+from igpt.train.pretrain import micro_loss
 
 OBJECTIVES = ("ar", "bert")
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, step) -> scalar loss
@@ -280,7 +280,7 @@ def bench_train(preset: str = "igpt-s", batch: int = 32, *, n_px: int | None = N
     else:
         ids = random_ids(batch, config, dev, seed)
         result["igpt"] = _bench_igpt(config, objective, cfg, dt, ids, compile=compile, **kw)
-    # igpt.memory's estimate for the same step, to set beside the measured peak (docs/scaling.md)
+    # igpt.bench.memory's estimate for the same step, to set beside the measured peak (docs/scaling.md)
     result["igpt"]["planned_memory_bytes"] = plan(config, batch, bf16=dt == torch.bfloat16,
                                                   grad_checkpoint=grad_checkpoint, compiled=compile).total
     result["hf"], result["hf_skipped"] = _maybe_hf(config, cfg, dt, dev, batch, compare_hf, max_batch, kw)
@@ -332,7 +332,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{r['trainer']:<48} {r['step_seconds'] * 1e3:>9.1f} {r['tokens_per_s']:>11,.0f} "
                      f"{r['images_per_s']:>9.2f} {r['model_tflops']:>8.4g} {r['mfu']:>6.1%} "
                      f"{_gb(r['peak_memory_bytes']):>7} {loss:>18} {r['warmup_seconds']:>8.2f}")
-    lines.append(f"memory plan (igpt.memory) for our step: {_gb(result['igpt']['planned_memory_bytes'])} GB")
+    lines.append(f"memory plan (igpt.bench.memory) for our step: {_gb(result['igpt']['planned_memory_bytes'])} GB")
     if s["peak_memory_note"]:
         lines.append(f"peak memory: {s['peak_memory_note']}")
     if result["hf"] is not None:

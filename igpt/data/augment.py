@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from igpt.images import open_image, to_n_px, to_rgb
-from igpt.sources import list_image_folder, split_folders
+from igpt.data.images import open_image, to_n_px, to_rgb
+from igpt.data.sources import list_image_folder, split_folders
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Training batches streamed from a shards directory (``igpt.shards``): only the index is held in memory.
+"""Training batches streamed from a shards directory (``igpt.data.shards``): only the index is held in memory.
 
 The order of an epoch is a pure function of (seed, epoch): the shards are permuted by
 ``default_rng([seed, epoch])``, the samples of shard s by ``default_rng([seed, epoch, s])``, and the epoch is
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from igpt.augment import cifar_augment, cifar_augment_params, imagenet_style
-from igpt.data import ImageSet
-from igpt.images import open_image, to_n_px
-from igpt.loader import WorkerStream
+from igpt.data.augment import cifar_augment, cifar_augment_params, imagenet_style
+from igpt.data.cache import ImageSet
+from igpt.data.images import open_image, to_n_px
+from igpt.data.streams import WorkerStream
 from igpt.palette import Palette
 from igpt.runtime import derived_generator
-from igpt.shards import ShardIndex, ShardSplit
+from igpt.data.shards import ShardIndex, ShardSplit
 
 log = logging.getLogger(__name__)
 

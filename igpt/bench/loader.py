@@ -3,7 +3,7 @@
     igpt bench loader --data shards/imagenet --augment imagenet --workers 8 --device cuda
     igpt bench loader --data cache/cifar10 --palette p.npz --augment cifar --batch 128
 
-The stream is the one ``igpt pretrain`` builds for the same flags (``igpt.trainset``), so the figure is
+The stream is the one ``igpt pretrain`` builds for the same flags (``igpt.data.open``), so the figure is
 what a training step would wait for if the GPU took no time. ``warmup`` batches are drawn untimed (worker
 start-up, page cache), then ``batches`` timed batches, each ending with the ids on the device (synchronised
 on CUDA). Compare images/s with ``igpt bench train``'s images/s for the same batch: the loader keeps up when
@@ -21,7 +21,7 @@ import torch
 from igpt.config import DataConfig, TrainConfig
 from igpt.palette import Palette
 from igpt.runtime import resolve_device
-from igpt.trainset import open_training_data
+from igpt.data.open import open_training_data
 
 FIT_IMAGES = 500  # enough for a palette whose encoding costs what a real one does
 

@@ -10,7 +10,7 @@ A checkpoint is a directory::
       classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]; config.json then has
                           "objective": "finetune", "base_objective", "n_classes" and "classes"
 
-A sharded checkpoint (``--sharded-checkpoint``, see ``igpt.sharded_checkpoint``) holds ``sharded/`` in place
+A sharded checkpoint (``--sharded-checkpoint``, see ``igpt.weights.sharded``) holds ``sharded/`` in place
 of model.safetensors and keeps the optimizer there; everything here reads both kinds.
 
 A run directory holds ``checkpoints/step-*``; ``load(run_dir)`` takes the newest complete one. Each
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from igpt.config import ModelConfig
 from igpt.model import GPT
 from igpt.palette import Palette
-from igpt.sharded_checkpoint import is_sharded, load_sharded
+from igpt.weights.sharded import is_sharded, load_sharded
 
 WEIGHTS, CONFIG, PALETTE, STATE = "model.safetensors", "config.json", "palette.npz", "train_state.pt"
 CLASSIFIER = "classifier.safetensors"
@@ -125,8 +125,8 @@ def read_config(ckpt_dir: Path) -> dict[str, Any]:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, dict[str, Any]]:
     """Load (model in eval mode, palette, config dict). Weights are loaded strictly: a missing,
     unexpected or mis-shaped tensor is an error naming it. A Hugging Face ImageGPT directory (its config.json
-    says ``"model_type": "imagegpt"``) is converted on the fly by ``igpt.interop``."""
-    from igpt import interop  # imported here: interop itself builds on this module
+    says ``"model_type": "imagegpt"``) is converted on the fly by ``igpt.weights.hf``."""
+    from igpt.weights import hf as interop  # imported here: interop itself builds on this module
 
     if interop.is_hf_dir(path):
         return interop.load_hf(path, device)

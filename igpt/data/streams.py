@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.augment import FolderImages, cifar_augment, cifar_augment_params
-from igpt.data import ImageSet, open_split, split_indices
-from igpt.sources import split_folders
+from igpt.data.augment import FolderImages, cifar_augment, cifar_augment_params
+from igpt.data.cache import ImageSet, open_split, split_indices
+from igpt.data.sources import split_folders
 from igpt.palette import Palette
 from igpt.runtime import derived_generator
 

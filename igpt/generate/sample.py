@@ -4,7 +4,7 @@
 paper's half-image completions keep the top rows). Each new pixel costs one token's work: the SOS and the
 prefix are fed in one pass (``GPT.decode_step``), then one position per step (``GPT.decode_at``).
 
-Speed (see ``igpt.bench``): a step is bounded by reading the KV cache once, so the per-step work is kept
+Speed (see ``igpt.bench.sample``): a step is bounded by reading the KV cache once, so the per-step work is kept
 static and small. The one-token step has fixed shapes: the position lives in a device tensor and attention
 covers the cache up to the next multiple of ``window`` slots, masking the slots past the position. On CUDA
 the step is captured as one CUDA graph per width (n_ctx / window graphs) and replayed, so a 24-layer step
@@ -132,7 +132,7 @@ def low_precision_copy(model: GPT, dtype: torch.dtype) -> GPT:
 class Sampler:
     """Reusable sampling state for one model, batch size and dtype: the weights in ``dtype``, the KV cache,
     the static step's inputs and, on CUDA, its captured graphs. ``sample`` builds one per batch size;
-    keep one to spread the graph captures over many batches (``igpt.bench`` does)."""
+    keep one to spread the graph captures over many batches (``igpt.bench.sample`` does)."""
 
     def __init__(self, model: GPT, batch: int, *, dtype: torch.dtype = torch.float32, window: int = 64,
                  cuda_graph: bool | None = None, compile: bool = False) -> None:

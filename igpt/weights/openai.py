@@ -1,5 +1,5 @@
 """OpenAI's released TF checkpoints -> GPT: the variable names and layouts of image-gpt's model.py (the
-mapping table is in ``igpt.interop``'s docstring), read with ``igpt.tfbundle`` so no TensorFlow is needed."""
+mapping table is in ``igpt.weights.hf``'s docstring), read with ``igpt.weights.tfbundle`` so no TensorFlow is needed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from igpt.config import ModelConfig
-from igpt.interop import build_model, check_tensors
+from igpt.weights.hf import build_model, check_tensors
 from igpt.model import GPT
 from igpt.palette import Palette
 
@@ -102,7 +102,7 @@ def load_openai(prefix: str | Path, palette: str | Path | None = None, objective
                 progress: bool = False) -> tuple[GPT, Palette, dict[str, Any]]:
     """(model, palette, info) from a released checkpoint prefix; the palette defaults to a
     ``kmeans_centers.npy`` beside the checkpoint."""
-    from igpt.tfbundle import TensorBundle
+    from igpt.weights.tfbundle import TensorBundle
 
     bundle = TensorBundle(prefix)
     where = str(bundle.index_path)

@@ -8,7 +8,7 @@ per layer.
 - ``probe_layers``: that probe on every layer of cached features, the best layer (by validation accuracy)
   marked, and optionally the concatenation of the k layers around it (the paper's ImageNet trick).
 - ``low_data_probe``: the semi-supervised setting, N labels per class, mean +- std over seeded repeats.
-- ``igpt.ridge_probe``: the cheap closed-form ridge probe the demo runs; a quick look.
+- ``igpt.eval.ridge_probe``: the cheap closed-form ridge probe the demo runs; a quick look.
 - ``probe_checkpoint``: what ``igpt probe`` runs (load, extract with a cache, probe, write outputs).
 
 The loss minimised is ``mean cross-entropy + l2 / 2 * ||W||^2`` (bias unpenalised), so ``l2 = 1 / (C N)``
@@ -323,8 +323,8 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
                      feat_cfg: Any = None, *, resize: str = "center", progress: bool = True) -> dict[str, Any]:
     """``igpt probe``: features of every layer of ``checkpoint`` on the whole train split ("train_all") and
     the test split of ``data`` (cached in ``out_dir``), the probe, ``metrics.json`` and ``probe.png``."""
-    from igpt.checkpoint import load_checkpoint, resolve_checkpoint, write_json_atomic
-    from igpt.features import (
+    from igpt.weights.checkpoint import load_checkpoint, resolve_checkpoint, write_json_atomic
+    from igpt.eval.features import (
         FeatureConfig,
         base_objective,
         cached_extract,

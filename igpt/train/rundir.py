@@ -1,5 +1,5 @@
 """Bookkeeping of a run directory: ``run.json`` (the configs) and ``metrics.jsonl`` (one record per logged
-step). See ``igpt.train`` for the whole layout."""
+step). See ``igpt.train.pretrain`` for the whole layout."""
 
 from __future__ import annotations
 

@@ -7,12 +7,12 @@
   better than L_CLF alone; ``gen_weight=0`` trains on L_CLF only.
 - BERT checkpoints read their inputs masked (p = ``mask_prob``) in training and evaluation, as they were
   pretrained (fixed, seeded masks for evaluation, so repeated evaluations agree).
-- Augmentation: CIFAR's reflect-pad 4, random crop, random flip (``igpt.augment.cifar_augment``) on pixels
+- Augmentation: CIFAR's reflect-pad 4, random crop, random flip (``igpt.data.augment.cifar_augment``) on pixels
   before quantization, or exactly on the id grid of an ids cache.
 - Optimiser: Adam(0.9, 0.95) without weight decay, linear warm-up then a constant learning rate (no cosine);
   validation accuracy every ``eval_every`` steps, early stop after ``patience`` evaluations without a better
   one. Each new best is saved as ``OUT/checkpoints/step-N`` (model + ``classifier.safetensors``), which
-  ``igpt.load`` (the model) and ``igpt.checkpoint.load_classifier`` (model and head) read; the test accuracy
+  ``igpt.load`` (the model) and ``igpt.weights.checkpoint.load_classifier`` (model and head) read; the test accuracy
   is that of the best checkpoint, reloaded from disk.
 """
 
@@ -31,15 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from igpt import checkpoint as ckpt
+from igpt.weights import checkpoint as ckpt
 from igpt.config import arg, require_at_least
-from igpt.data import ImageSet
-from igpt.features import base_objective, open_labelled, take
-from igpt.loader import LabelledBatchStream, labelled_batches
+from igpt.data.cache import ImageSet
+from igpt.eval.features import base_objective, open_labelled, take
+from igpt.data.streams import LabelledBatchStream, labelled_batches
 from igpt.model import GPT
 from igpt.objectives import masked_loss, sample_keep_mask
 from igpt.palette import Palette
-from igpt.probe import balanced_subset
+from igpt.eval.probe import balanced_subset
 from igpt.runtime import (
     autocast,
     derived_generator,
