@@ -9,24 +9,25 @@ demo fits 16 colours (k-means merges two neighbouring greys). Everything else is
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from igpt.weights.checkpoint import load_checkpoint
-from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data.cache import open_split, prepare
-from igpt.model import GPT
-from igpt.palette import Palette
-from igpt.eval.features import FeatureConfig, extract
+from igpt.atomic import write_json
+from igpt.config import DataConfig, FeatureConfig, ModelConfig, TrainConfig
+from igpt.data.open import open_split, prepare
+from igpt.eval.features import extract
 from igpt.eval.ridge_probe import probe_all_layers
 from igpt.generate.sample import sample
+from igpt.model import GPT
+from igpt.palette import Palette
 from igpt.train.pretrain import pretrain
 from igpt.viz import grid, layer_plot, save_png
+from igpt.weights.convert import load
 
 log = logging.getLogger(__name__)
 DEMO_K = 16
@@ -58,13 +59,12 @@ def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0,
     # 3. pretraining (a fresh run each time the demo is started)
     run_dir = out / "run"
     if run_dir.exists():
-        import shutil
         shutil.rmtree(run_dir)
     cfg = TrainConfig(batch_size=64, max_steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=0,
                       ckpt_every=steps, log_every=10, seed=seed, device="cpu")
     result = pretrain(model_cfg, cfg, DataConfig(data=data_dir, palette=str(out / "palette.npz")), run_dir,
                       progress=progress)
-    model, palette, _ = load_checkpoint(run_dir)
+    model, palette, _ = load(run_dir)
 
     # 4. probes: trained vs the same architecture at initialisation
     probe = probe_model(model, palette, data_dir, model_cfg.n_px)
@@ -81,7 +81,7 @@ def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0,
     summary = {"val_loss_nats": result.get("val", {}).get("loss"), "train_loss_nats": result["train"]["loss"],
                "probe_acc": probe["acc"], "probe_acc_init": baseline["acc"], "best_layer": probe["best_layer"],
                "checkpoint": result["checkpoint"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     _print_summary(out, summary)
     return summary
 

@@ -5,9 +5,11 @@ anywhere, quick-GELU, a learned start-of-sequence *vector* (not a vocabulary row
 positions and an untied, zero-initialised output head. The model knows nothing about objectives: it maps
 palette ids to logits and exposes per-layer hidden states. Losses live in ``igpt.objectives``.
 
-Input modes of ``GPT.forward(ids, causal=..., keep=..., sos=...)``:
+Input modes of ``GPT.forward(ids, causal=..., keep=..., sos=...)``; ``causal=None`` (the default) reads the
+model the way its weights were trained, ``GPT(config, causal=...)``: ``igpt.load`` builds a BERT checkpoint's
+model with ``causal=False``, so its plain ``model(ids)`` is the bidirectional forward.
 
-- AR (default, ``causal=True``): the input is ``[sos, wte[ids[:, :-1]]] + wpe``, attention is causal, so
+- AR (``causal=True``): the input is ``[sos, wte[ids[:, :-1]]] + wpe``, attention is causal, so
   ``logits[:, i]`` is the distribution of pixel ``i`` given pixels ``< i``; all T pixels are scored.
 - BERT (``causal=False``): the input is ``wte[ids] * keep + wpe`` (masked positions get a zero content
   embedding but keep their position), attention is bidirectional, no SOS.
@@ -148,11 +150,15 @@ class LayerCache:
 
 
 class GPT(nn.Module):
-    """iGPT. ``model(ids)`` with ids (B, T) int64 in [0, n_vocab) returns logits (B, T, n_vocab)."""
+    """iGPT. ``model(ids)`` with ids (B, T) int64 in [0, n_vocab) returns logits (B, T, n_vocab).
 
-    def __init__(self, config: ModelConfig) -> None:
+    ``causal``: how the weights were trained, and so how ``forward``, ``hidden_states`` and
+    ``layer_features`` read ids unless told otherwise: True for AR, False for BERT. ``grad_checkpoint``
+    (a training choice, off by default) recomputes each block in the backward pass."""
+
+    def __init__(self, config: ModelConfig, *, causal: bool = True) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.causal, self.grad_checkpoint = config, causal, False
         d = config.n_embd
         self.wte = nn.Embedding(config.n_vocab, d)
         self.wpe = nn.Embedding(config.n_ctx, d)
@@ -182,9 +188,10 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def embed(self, ids: torch.Tensor, *, causal: bool = True, keep: torch.Tensor | None = None,
+    def embed(self, ids: torch.Tensor, *, causal: bool | None = None, keep: torch.Tensor | None = None,
               sos: bool | None = None) -> torch.Tensor:
         """Input of block 0, (B, T, D), for the modes listed in the module docstring."""
+        causal = self.causal if causal is None else causal
         B, T = ids.shape
         if T > self.config.n_ctx:
             raise ValueError(f"sequence of {T} positions exceeds n_ctx={self.config.n_ctx}")
@@ -201,27 +208,29 @@ class GPT(nn.Module):
         """Residual stream entering each block, plus the stream after the last block run."""
         states = [h]
         for block in self.blocks[:upto]:
-            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, causal, use_reentrant=False)
             else:
                 h = block(h, causal)
             states.append(h)
         return states
 
-    def forward(self, ids: torch.Tensor, *, causal: bool = True, keep: torch.Tensor | None = None,
+    def forward(self, ids: torch.Tensor, *, causal: bool | None = None, keep: torch.Tensor | None = None,
                 sos: bool | None = None) -> torch.Tensor:
+        causal = self.causal if causal is None else causal
         h = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal)[-1]
         return self.lm_head(self.ln_f(h))  # (B, T, V)
 
-    def hidden_states(self, ids: torch.Tensor, *, causal: bool = True, keep: torch.Tensor | None = None,
+    def hidden_states(self, ids: torch.Tensor, *, causal: bool | None = None, keep: torch.Tensor | None = None,
                       sos: bool | None = None) -> list[torch.Tensor]:
         """n_layer + 1 tensors (B, T, D): entry l < L is the raw residual stream entering block l (entry 0
         is the embedding); entry L is the final ``ln_f`` output. This is Hugging Face's
         ``output_hidden_states`` convention."""
+        causal = self.causal if causal is None else causal
         states = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal)
         return states[:-1] + [self.ln_f(states[-1])]
 
-    def layer_features(self, ids: torch.Tensor, layers: Sequence[int] | None = None, *, causal: bool = True,
+    def layer_features(self, ids: torch.Tensor, layers: Sequence[int] | None = None, *, causal: bool | None = None,
                        keep: torch.Tensor | None = None, sos: bool | None = None) -> dict[int, torch.Tensor]:
         """The paper's probe features (section 2.3), mean-pooled over positions: for layer l < L the output
         of block l's first norm, ``ln_1(h^l)``; for l = L, ``ln_f(h^L)``. Returns {l: (B, D)}. Blocks past
@@ -230,6 +239,7 @@ class GPT(nn.Module):
         layers = list(range(L + 1)) if layers is None else sorted(set(layers))
         if not layers or layers[0] < 0 or layers[-1] > L:
             raise ValueError(f"layers must lie in 0..{L}, got {layers}")
+        causal = self.causal if causal is None else causal
         states = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal,
                                   upto=layers[-1])
         norms = [b.ln_1 for b in self.blocks] + [self.ln_f]

@@ -1,15 +1,20 @@
 """Pretraining objectives (paper section 2.2): autoregressive next-pixel and BERT-style masked pixels.
 
 Both return the mean cross-entropy in nats per token, computed in fp32 whatever the autocast dtype.
+``mean_loss`` scores a model over batches with the loss its ``igpt.record.Reading`` names.
 """
 
 from __future__ import annotations
 
 import math
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from igpt.runtime import autocast, derived_generator
 
 LN2 = math.log(2.0)
 
@@ -21,7 +26,7 @@ def nats_to_bits(nats: float) -> float:
 def ar_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of every pixel given the pixels before it, over all T positions (pixel 0 is
     predicted from the SOS vector alone), averaged over the batch."""
-    logits = model(ids)  # (B, T, V)
+    logits = model(ids, causal=True)  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
 
 
@@ -59,11 +64,27 @@ def bert_loss(model: nn.Module, ids: torch.Tensor, mask_prob: float = 0.15,
     return masked_loss(logits, ids, keep)
 
 
-def objective_loss(objective: str, model: nn.Module, ids: torch.Tensor, mask_prob: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dispatch by name: 'ar' or 'bert'."""
-    if objective == "ar":
-        return ar_loss(model, ids)
-    if objective == "bert":
-        return bert_loss(model, ids, mask_prob, generator)
-    raise ValueError(f"unknown objective {objective!r}; expected 'ar' or 'bert'")
+EVAL_MASK_KEY = 1 << 30  # derived-generator key of evaluation masks, apart from any training step
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: Iterable[torch.Tensor], objective: str = "ar", mask_prob: float = 0.15,
+              seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Mean ``objective`` loss over ``batches`` of ids (B, T) (weighted by images), in nats and bits per
+    token. BERT masks come from fixed seeds (``seed``, the batch index), so repeated evaluations of one model
+    agree."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, ids in enumerate(batches):
+        with autocast(ids.device, dtype):
+            if objective == "ar":
+                loss = ar_loss(model, ids)
+            else:
+                generator = derived_generator(seed, EVAL_MASK_KEY, i)
+                loss = bert_loss(model, ids, keep=sample_keep_mask(tuple(ids.shape), mask_prob, generator, ids.device))
+        total, count = total + loss.item() * len(ids), count + len(ids)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("mean_loss: no batches")
+    return {"loss": total / count, "bits": nats_to_bits(total / count), "images": count}

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from igpt.atomic import replacing
 
 EXTENSIONS = (".npy", ".npz")  # .npy: OpenAI's kmeans_centers.npy layout; .npz: centres plus our fit metadata
 _RANGE_SLACK = 1e-6  # centres may sit a float32 rounding outside [-1, 1]
@@ -333,19 +334,12 @@ class Palette:
         path = Path(path)
         ext = _check_extension(path)
         centers = self.centers.detach().cpu().numpy().astype(np.float32)
-        # A unique name in the same directory, so os.replace is atomic; opened normally so the umask applies.
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            # Through a file handle: np.save / np.savez would append an extension to a name lacking one.
-            with open(tmp, "xb") as f:
-                if ext == ".npy":
-                    np.save(f, centers)
-                else:
-                    np.savez(f, centers=centers, meta=np.array(json.dumps(self.meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # Through a file handle: np.save / np.savez would append an extension to the temporary name.
+        with replacing(path) as tmp, open(tmp, "xb") as f:
+            if ext == ".npy":
+                np.save(f, centers)
+            else:
+                np.savez(f, centers=centers, meta=np.array(json.dumps(self.meta)))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Palette":

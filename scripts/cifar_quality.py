@@ -47,22 +47,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.weights.checkpoint import load_checkpoint, write_json_atomic
-from igpt.config import PRESETS, DataConfig, ModelConfig, TrainConfig
-from igpt.data.cache import open_split, prepare
-from igpt.eval.features import (
-    FeatureConfig,
-    cached_extract,
-    checkpoint_identity,
-    lossless_mask,
-    open_labelled,
-)
+from igpt.atomic import write_json
+from igpt.config import PRESETS, SWITCH, DataConfig, FeatureConfig, ModelConfig, ProbeConfig, TrainConfig
+from igpt.data.open import lossless_mask, open_labelled, open_split, prepare
+from igpt.eval.features import cached_extract, checkpoint_identity
+from igpt.eval.probe import format_table, probe_layers
 from igpt.model import GPT
 from igpt.palette import Palette
-from igpt.eval.probe import ProbeConfig, format_table, probe_layers
 from igpt.runtime import resolve_device
 from igpt.train.pretrain import pretrain
 from igpt.viz import layer_plot, save_png
+from igpt.weights.convert import load
 
 log = logging.getLogger("cifar_quality")
 CACHE = "cifar-ids"  # the directory inside the tar
@@ -80,7 +75,7 @@ def build_cache(data: str, cache: Path, n_px: int, k: int, palette_file: str | N
         train = open_split(data, "train_all", n_px=n_px, val_fraction=0.0)
         log.info("fitting a %d-colour palette on %d training images", k, len(train))
         palette = Palette.fit(train.pixels, k=k, seed=0, device=resolve_device(device), progress=True)
-    prepare(data, str(cache), n_px=n_px, palette=palette, val_fraction=0.1, seed=0)
+    prepare(data, cache, n_px=n_px, palette=palette, val_fraction=0.1, seed=0)
     palette.save(cache / "palette.npz")
     meta = json.loads((cache / "meta.json").read_text())
     np.save(cache / "test_lossless.npy", lossless_mask(data, meta["splits"]["test"]["n"]))
@@ -90,7 +85,7 @@ def build_cache(data: str, cache: Path, n_px: int, k: int, palette_file: str | N
 def cmd_pack(args: argparse.Namespace) -> None:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        cache = build_cache(args.data, Path(tmp) / CACHE, args.n_px, args.k, args.palette, args.device)
+        cache = build_cache(args.data, Path(tmp) / CACHE, args.n_px, args.palette_k, args.palette, args.device)
         part = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         log.info("compressing %s", out)
         with tarfile.open(part, "w:xz", preset=args.preset) as tar:
@@ -132,7 +127,7 @@ def _configs(args: argparse.Namespace, palette: Palette, steps: int) -> tuple[Mo
     train_cfg = TrainConfig(objective="ar", batch_size=args.batch_size, max_steps=steps, lr=args.lr,
                             warmup_steps=args.warmup_steps, augment=args.augment, eval_every=max(1, steps // 5),
                             eval_batches=8, log_every=50, ckpt_every=steps, keep_last=1, seed=args.seed,
-                            device=args.device, compile="on" if args.compile else "off")
+                            device=args.device, compile=args.compile)
     return model_cfg, train_cfg
 
 
@@ -197,11 +192,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     result = pretrain(model_cfg, train_cfg, _data_cfg(cache), out / "run")
     clock["pretrain"] = time.perf_counter() - t0 - sum(clock.values())
 
-    model, palette, config = load_checkpoint(out / "run")
+    model, palette, record = load(result["checkpoint"])
     images = {split: open_labelled(str(cache), split, n_px=model.config.n_px, palette=palette)
               for split in ("train_all", "test")}
     mask = np.load(cache / "test_lossless.npy")
-    trained = probe_model(model, palette, images, mask, checkpoint_identity(Path(result["checkpoint"]), config),
+    trained = probe_model(model, palette, images, mask, checkpoint_identity(Path(result["checkpoint"]), record),
                           args, out)
     clock["probe trained"] = time.perf_counter() - t0 - sum(clock.values())
     torch.manual_seed(args.seed)
@@ -220,7 +215,7 @@ def report(args: argparse.Namespace, out: Path, model: GPT, result: dict[str, An
                "seconds_per_step": per_step, "pretrain": {k: v for k, v in result.items() if k != "checkpoint"},
                "trained": _headline(trained), "random_init": _headline(init), "seconds": clock,
                "probe_trained": trained, "probe_init": init}
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     accs = {layer: r["accs"]["lossless"] for layer, r in trained["layers"].items()}
     base = {layer: r["accs"]["lossless"] for layer, r in init["layers"].items()}
     save_png(layer_plot(accs, "CIFAR-10 probe, 1,000 exact test images (blue: pretrained, grey: init)", base),
@@ -250,7 +245,7 @@ def make_parser() -> argparse.ArgumentParser:
     pack.add_argument("--data", required=True, help="an npz with x_train/y_train/x_test/y_test/test_lossless")
     pack.add_argument("--out", required=True, help="the .tar.xz to write")
     pack.add_argument("--n-px", type=int, default=32, help="image side (default: 32)")
-    pack.add_argument("--k", type=int, default=512, help="palette colours (default: 512)")
+    pack.add_argument("--palette-k", type=int, default=512, help="palette colours (default: 512)")
     pack.add_argument("--palette", default=None, help="use this palette file instead of fitting one")
     pack.add_argument("--preset", type=int, default=6, help="lzma preset 0-9 (default: 6)")
     pack.add_argument("--device", default="auto", help="where the palette is fitted (default: auto)")
@@ -272,8 +267,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     run.add_argument("--warmup-steps", type=int, default=-1, help="-1: one epoch, capped at 10%% (default)")
     run.add_argument("--augment", default="none", choices=("none", "cifar"), help="pretraining augmentation")
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                     help="torch.compile the model for pretraining (default: on)")
+    run.add_argument("--compile", default="on", choices=SWITCH,
+                     help="torch.compile the model for pretraining, as pretrain --compile (default: on)")
     run.add_argument("--concat", type=int, default=3, help="also probe this many layers around the best (default: 3)")
     run.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=False,
                      help="average each image's features with its mirror image's (default: off)")

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from igpt.config import ModelConfig
+from igpt.data import sources
+from igpt.data.open import resolve
 from igpt.model import GPT
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -15,6 +17,12 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OPENAI_FIXTURES = Path(__file__).parent / "fixtures" / "openai_tiny"
 OPENAI_AR = OPENAI_FIXTURES / "ar" / "model.ckpt-131000"
 OPENAI_BERT = OPENAI_FIXTURES / "bert" / "model.ckpt-262000"
+
+
+def read_source(spec, n_px: int, **kw):
+    """The splits a reader makes of ``--data spec`` (resolved as every command resolves it)."""
+    d = resolve(spec)
+    return sources.read(d.kind, d.path, n_px, **kw)
 
 
 def tf_arrays(prefix: Path) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import torch
 
 from igpt.bench.train import bench_train, igpt_step, random_ids, search_max_batch
 from igpt.cli import main, make_parser
-from igpt.config import ModelConfig, TrainConfig
+from igpt.config import BenchTrainConfig, ModelConfig, TrainConfig
 
 IMPL_KEYS = {"trainer", "batch", "steps", "warmup_steps", "warmup_seconds", "first_step_seconds", "seconds",
              "step_seconds", "tokens_per_s", "images_per_s", "model_tflops", "mfu", "peak_memory_bytes",
@@ -39,8 +39,8 @@ def test_compiled_and_eager_training_give_the_same_losses():
 
 @pytest.mark.parametrize("objective", ["ar", "bert"])
 def test_cpu_harness_reports_every_field(objective):
-    result = bench_train("igpt-nano", 2, n_px=4, n_vocab=16, objective=objective, device="cpu", steps=2,
-                         warmup=1, compare_hf=True, show=False)
+    result = bench_train(BenchTrainConfig("igpt-nano", 2, n_px=4, n_vocab=16, objective=objective, device="cpu",
+                                          steps=2, warmup=1, compare_hf=True), show=False)
     json.dumps(result)  # serialisable as written by --json
     setup = result["setup"]
     assert SETUP_KEYS <= set(setup) and setup["T"] == 16 and setup["dtype"] == "fp32" and not setup["compile"]
@@ -64,14 +64,15 @@ def test_cpu_harness_reports_every_field(objective):
 
 
 def test_without_compare_hf_the_reason_is_given():
-    result = bench_train("igpt-nano", 1, n_px=2, n_vocab=8, device="cpu", steps=1, warmup=0, show=False)
+    result = bench_train(BenchTrainConfig("igpt-nano", 1, n_px=2, n_vocab=8, device="cpu", steps=1, warmup=0),
+                         show=False)
     assert result["hf"] is None and "--compare-hf" in result["hf_skipped"]
     assert result["igpt"]["first_step_seconds"] is None and result["igpt"]["warmup_seconds"] == 0
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "train.json"
-    assert main(["bench", "train", "--preset", "igpt-nano", "--n-px", "4", "--n-vocab", "16", "--batch", "2",
+    assert main(["bench", "train", "--preset", "igpt-nano", "--n-px", "4", "--n-vocab", "16", "--batch-size", "2",
                  "--device", "cpu", "--steps", "2", "--warmup", "1", "--compare-hf", "--grad-checkpoint",
                  "--json", str(path)]) == 0
     out = capsys.readouterr().out
@@ -83,7 +84,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--max-batch"], "--max-batch"),
     (["--steps", "0"], "--steps"),
-    (["--batch", "0"], "--batch"),
+    (["--batch-size", "0"], "--batch-size"),
 ])
 def test_cli_bad_input_is_one_line(argv, needle, capsys):
     assert main(["bench", "train", "--preset", "igpt-nano", "--device", "cpu", *argv]) == 2
@@ -149,7 +150,7 @@ def test_every_bench_train_flag_has_help():
 
 def test_bench_loader_cli_times_the_training_stream(tmp_path):
     out = tmp_path / "loader.json"
-    assert main(["-q", "bench", "loader", "--data", "digits", "--n-px", "8", "--batch", "16", "--batches", "3",
+    assert main(["-q", "bench", "loader", "--data", "digits", "--n-px", "8", "--batch-size", "16", "--batches", "3",
                  "--palette-k", "16", "--device", "cpu", "--augment", "cifar", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["setup"]["stream"] == "BatchStream" and result["setup"]["augment"] == "cifar"
@@ -158,7 +159,7 @@ def test_bench_loader_cli_times_the_training_stream(tmp_path):
 
 def test_bench_memory_cli_prints_the_plan(tmp_path, capsys):
     out = tmp_path / "memory.json"
-    assert main(["bench", "memory", "--preset", "igpt-xl", "--batch", "2", "--processes", "8", "--fsdp",
+    assert main(["bench", "memory", "--preset", "igpt-xl", "--batch-size", "2", "--processes", "8", "--fsdp",
                  "--grad-checkpoint", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["plan"]["state"] == 16 * ModelConfig.from_preset("igpt-xl").num_params() / 8

@@ -7,8 +7,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import igpt
-from igpt.weights.checkpoint import load_checkpoint, save_checkpoint
 from igpt.palette import Palette
+from igpt.record import CheckpointRecord
+from igpt.weights.checkpoint import save_checkpoint
+from igpt.weights.convert import load as load_checkpoint
+
+
+def rec(model, palette, **kw) -> CheckpointRecord:
+    return CheckpointRecord(model.config, palette.fingerprint(), **kw)
 
 
 @pytest.fixture
@@ -18,28 +24,28 @@ def palette16() -> Palette:
 
 
 def test_save_load_gives_identical_logits(tmp_path, nano_model, palette16):
-    save_checkpoint(tmp_path / "ckpt", nano_model, palette16, {"step": 7})
-    model, palette, config = load_checkpoint(tmp_path / "ckpt")
+    save_checkpoint(tmp_path / "ckpt", nano_model, palette16, rec(nano_model, palette16, step=7))
+    model, palette, record = load_checkpoint(tmp_path / "ckpt")
     ids = torch.randint(0, 16, (2, 16))
     assert torch.equal(model(ids), nano_model(ids))
-    assert palette.fingerprint() == palette16.fingerprint() and config["step"] == 7
+    assert palette.fingerprint() == palette16.fingerprint() and record.step == 7
     assert not model.training
-    loaded, pal = igpt.load(tmp_path / "ckpt")
+    loaded, pal, _ = igpt.load(tmp_path / "ckpt")
     assert torch.equal(loaded(ids), nano_model(ids)) and pal.k == 16
 
 
 def test_overwriting_a_checkpoint_leaves_no_temporaries(tmp_path, nano_model, palette16):
-    save_checkpoint(tmp_path / "ckpt", nano_model, palette16)
+    save_checkpoint(tmp_path / "ckpt", nano_model, palette16, rec(nano_model, palette16))
     with torch.no_grad():
         nano_model.sos.add_(1.0)
-    save_checkpoint(tmp_path / "ckpt", nano_model, palette16)
+    save_checkpoint(tmp_path / "ckpt", nano_model, palette16, rec(nano_model, palette16))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     model, _, _ = load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(model.sos, nano_model.sos)
 
 
 def test_strict_loading_names_the_tensor(tmp_path, nano_model, palette16):
-    save_checkpoint(tmp_path / "ckpt", nano_model, palette16)
+    save_checkpoint(tmp_path / "ckpt", nano_model, palette16, rec(nano_model, palette16))
     weights = tmp_path / "ckpt" / "model.safetensors"
     state = load_file(str(weights))
     del state["blocks.1.mlp.c_fc.weight"]
@@ -53,7 +59,7 @@ def test_strict_loading_names_the_tensor(tmp_path, nano_model, palette16):
 
 
 def test_palette_mismatch_and_bad_paths(tmp_path, nano_model, palette16):
-    save_checkpoint(tmp_path / "ckpt", nano_model, palette16)
+    save_checkpoint(tmp_path / "ckpt", nano_model, palette16, rec(nano_model, palette16))
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     config["palette_fingerprint"] = "0" * 16
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
@@ -64,4 +70,38 @@ def test_palette_mismatch_and_bad_paths(tmp_path, nano_model, palette16):
     with pytest.raises(ValueError, match="neither an igpt checkpoint"):
         load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="palette has 8 colours"):
-        save_checkpoint(tmp_path / "other", nano_model, Palette(torch.zeros(8, 3).uniform_(-1, 1)))
+        other = Palette(torch.zeros(8, 3).uniform_(-1, 1))
+        save_checkpoint(tmp_path / "other", nano_model, other, rec(nano_model, other))
+
+
+def test_a_loaded_bert_checkpoint_reads_ids_bidirectionally(tmp_path, nano_model, palette16):
+    save_checkpoint(tmp_path / "bert", nano_model, palette16, rec(nano_model, palette16, objective="bert",
+                                                                  mask_prob=0.2))
+    model, _, record = igpt.load(tmp_path / "bert")
+    assert record.reading == igpt.Reading("bert", causal=False, can_sample=False, mask_prob=0.2)
+    ids = torch.randint(0, 16, (2, 16))
+    with torch.no_grad():
+        bidirectional = nano_model(ids, causal=False)
+        assert torch.equal(model(ids), bidirectional)  # the plain call is the way the weights were trained
+        assert not torch.allclose(model(ids), nano_model(ids, causal=True))
+        assert torch.equal(model.hidden_states(ids)[-1], nano_model.hidden_states(ids, causal=False)[-1])
+        feats = model.layer_features(ids)
+        assert torch.equal(feats[2], nano_model.layer_features(ids, causal=False)[2])
+    with pytest.raises(ValueError, match="BERT .* cannot be sampled left to right"):
+        igpt.sample(model, 2)
+
+
+def test_records_of_the_first_format_still_load(tmp_path, nano_model, palette16):
+    """config.json of format_version 1 was a free-form dict; such checkpoints keep loading."""
+    save_checkpoint(tmp_path / "old", nano_model, palette16, rec(nano_model, palette16))
+    path = tmp_path / "old" / "config.json"
+    v1 = {"format": "igpt", "format_version": 1, "model": {**nano_model.config.to_dict(), "grad_checkpoint": False},
+          "palette_fingerprint": palette16.fingerprint(), "objective": "finetune", "base_objective": "bert",
+          "n_classes": 3, "classes": ["a", "b", "c"], "n_px": 4, "step": 9, "data": "digits"}
+    path.write_text(json.dumps(v1))
+    model, _, record = igpt.load(tmp_path / "old")
+    assert record.objective == "bert" and not model.causal and record.step == 9
+    assert record.finetuned.n_classes == 3 and record.finetuned.classes == ("a", "b", "c")
+    path.write_text(json.dumps({**v1, "format_version": 7}))
+    with pytest.raises(ValueError, match="config.json: format_version 7"):
+        igpt.load(tmp_path / "old")

@@ -27,7 +27,7 @@ def test_module_entry_point_runs():
 
 def test_palette_prepare_pretrain_resume_end_to_end(tmp_path, capsys):
     pal, cache, run = tmp_path / "pal.npz", tmp_path / "cache", tmp_path / "run"
-    assert main(["palette", "fit", "--data", "digits", "--k", "16", "--n-px", "8", "--out", str(pal)]) == 0
+    assert main(["palette", "fit", "--data", "digits", "--palette-k", "16", "--n-px", "8", "--out", str(pal)]) == 0
     assert main(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(pal), "--out", str(cache)]) == 0
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["kind"] == "ids" and set(meta["splits"]) >= {"train", "val", "test"}
@@ -48,10 +48,10 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "nope" in err
     other = tmp_path / "other.npz"
-    assert main(["palette", "fit", "--data", "digits", "--k", "8", "--n-px", "8", "--out", str(other)]) == 0
+    assert main(["palette", "fit", "--data", "digits", "--palette-k", "8", "--n-px", "8", "--out", str(other)]) == 0
     assert main(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(other), "--out", str(tmp_path / "c")]) == 0
     pal16 = tmp_path / "p16.npz"
-    assert main(["palette", "fit", "--data", "digits", "--k", "16", "--n-px", "8", "--out", str(pal16)]) == 0
+    assert main(["palette", "fit", "--data", "digits", "--palette-k", "16", "--n-px", "8", "--out", str(pal16)]) == 0
     capsys.readouterr()
     code = main(["pretrain", "--preset", "igpt-nano", "--data", str(tmp_path / "c"), "--palette", str(pal16),
                  "--out", str(tmp_path / "r2"), "--max-steps", "1"])

@@ -11,8 +11,11 @@ import pytest
 from conftest import write_openai
 
 from igpt.data import cache as data_mod
-from igpt.data.cache import ImageSet, check_palette, open_split, prepare, split_indices
-from igpt.data.sources import read_source
+from igpt.data.imageset import ImageSet, check_ids as check_palette
+from igpt.data.open import open_split, prepare
+from igpt.data.splits import split_indices
+
+from conftest import read_source
 
 SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-small.npz"
 
@@ -33,6 +36,10 @@ class TinyPalette:
 
     def fingerprint(self) -> str:
         return f"tiny-{len(self.centers)}-{self.seed}"
+
+    @property
+    def k(self) -> int:
+        return len(self.centers)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -87,7 +94,7 @@ def test_prepare_roundtrip_pixels(npz_file, tmp_path):
         cached = open_split(str(tmp_path / "cache"), split, n_px=8)
         assert_same(cached, open_split(str(path), split, n_px=8, val_fraction=0.2, seed=1))
     assert isinstance(open_split(str(tmp_path / "cache"), "train", n_px=8).pixels, np.memmap)
-    with pytest.raises(ValueError, match=r"n_px=8.*n_px=16.*"):
+    with pytest.raises(ValueError, match=r"prepared at 8x8, but 16x16 .*--n-px 16"):
         open_split(str(tmp_path / "cache"), "train", n_px=16)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")]
 
@@ -116,7 +123,9 @@ def test_prepare_openai_and_real_palette(tmp_path):
         assert_same(open_split(str(tmp_path / "cache"), split, n_px=4),
                     open_split(str(tmp_path / "cifar10"), split, n_px=4, val_fraction=0.5))
     ids = open_split(str(tmp_path / "cache"), "train", n_px=4)
-    check_palette(ids, TinyPalette(4, seed=0))  # OpenAI ids carry no fingerprint: nothing to check
+    check_palette(ids, TinyPalette(512, seed=0))  # OpenAI ids carry no fingerprint: only their range is checked
+    with pytest.raises(ValueError, match="palette has only 4 colours"):
+        check_palette(ids, TinyPalette(4, seed=0))
     palette_mod = pytest.importorskip("igpt.palette")
     real = palette_mod.Palette(np.random.default_rng(0).uniform(-1, 1, (8, 3)).astype(np.float32))
     meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "c2"), n_px=4, palette=real, progress=False)
@@ -128,7 +137,7 @@ def test_meta_json_written_last(npz_file, tmp_path, monkeypatch):
     out = tmp_path / "cache"
     prepare(str(path), str(out), n_px=8, progress=False)
     assert (out / "meta.json").is_file()
-    real, calls = data_mod._write_atomic, []
+    real, calls = data_mod._write_array, []
 
     def failing(*args, **kwargs):
         calls.append(args[1])
@@ -136,7 +145,7 @@ def test_meta_json_written_last(npz_file, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data_mod, "_write_atomic", failing)
+    monkeypatch.setattr(data_mod, "_write_array", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(str(path), str(out), n_px=8, progress=False)
     assert not (out / "meta.json").exists()  # the old, now inconsistent meta.json is gone too

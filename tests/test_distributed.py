@@ -95,14 +95,15 @@ def test_sharded_checkpoint_from_two_processes_resumes_in_one_and_consolidates(t
     assert sorted(p.name for p in (step2 / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
     consolidated = tmp_path / "consolidated"
-    proc = run(["convert", "--consolidate", str(tmp_path / "split"), "--out", str(consolidated)], 1)
+    proc = run(["convert", "--consolidate", "--checkpoint", str(tmp_path / "split"), "--out", str(consolidated)], 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000002" / "model.safetensors"))
     merged = load_file(str(consolidated / "model.safetensors"))
     assert sorted(merged) == sorted(reference)
     for k in reference:
         torch.testing.assert_close(merged[k], reference[k], rtol=1e-4, atol=1e-6, msg=k)
-    direct, _ = load(step2)  # igpt.load reads the shards directly too
+    direct, _, record = load(step2)  # igpt.load reads the shards directly too
+    assert record.sharded and record.saved_by_processes == 2
     torch.testing.assert_close(direct.state_dict()["lm_head.weight"], reference["lm_head.weight"],
                                rtol=1e-4, atol=1e-6)
 

@@ -8,17 +8,22 @@ import torch
 from conftest import randomize
 
 import igpt
-from igpt.weights.checkpoint import load_checkpoint, load_classifier, save_checkpoint
 from igpt.cli import main
-from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data.cache import ImageSet, open_split, prepare
-from igpt.eval.features import FeatureConfig, extract, open_labelled, take
-from igpt.train.finetune import Classifier, FinetuneConfig, finetune, losses
+from igpt.config import DataConfig, FeatureConfig, FinetuneConfig, ModelConfig, ProbeConfig, TrainConfig
+from igpt.data.imageset import ImageSet
+from igpt.data.open import open_labelled, open_split, prepare
+from igpt.data.splits import balanced_subset
 from igpt.data.streams import BatchStream, LabelledBatchStream, labelled_batches
+from igpt.eval.features import extract
+from igpt.eval.probe import logistic_probe
 from igpt.objectives import ar_loss
 from igpt.palette import Palette
-from igpt.eval.probe import ProbeConfig, balanced_subset, logistic_probe
+from igpt.record import CheckpointRecord
+from igpt.train.finetune import Classifier, finetune, losses
 from igpt.train.pretrain import pretrain
+from igpt.weights.checkpoint import save_checkpoint
+from igpt.weights.convert import load as load_checkpoint
+from igpt.weights.convert import load_classifier
 
 PER_CLASS = 30  # the small labelled set: 300 digits
 
@@ -48,7 +53,7 @@ def test_finetuning_improves_over_the_probe_on_a_small_labelled_set(digits_run, 
     data = str(digits_run / "cache")
     model, palette, _ = load_checkpoint(digits_run / "run")
     train = open_labelled(data, "train", n_px=8, palette=palette)
-    small = take(train, balanced_subset(train.labels, PER_CLASS, 0))  # the set finetune trains on
+    small = train.take(balanced_subset(train.labels, PER_CLASS, 0))  # the set finetune trains on
     test = open_labelled(data, "test", n_px=8, palette=palette)
     fc = FeatureConfig(device="cpu")
     tr, te = (extract(model, s, palette, fc, progress=False) for s in (small, test))
@@ -60,14 +65,15 @@ def test_finetuning_improves_over_the_probe_on_a_small_labelled_set(digits_run, 
     assert result["n_train"] == 10 * PER_CLASS
 
     # the best checkpoint: igpt.load reads the model, load_classifier the head, and they reproduce test_acc
-    tuned, head, pal, classes = load_classifier(tmp_path / "ft")
+    tuned, head, pal, record = load_classifier(tmp_path / "ft")
+    classes = list(record.finetuned.classes)
     assert head.weight.shape == (10, model.config.n_embd) and classes == [str(k) for k in range(10)]
     clf = Classifier(tuned, 10)
     clf.head.load_state_dict(head.state_dict())
     with torch.no_grad():
         preds = torch.cat([clf(ids)[1].argmax(1) for ids, _ in labelled_batches(test, 128, pal, torch.device("cpu"))])
     assert abs((preds.numpy() == test.labels).mean() - result["test_acc"]) < 1e-9
-    plain, _ = igpt.load(tmp_path / "ft")
+    plain, _, _ = igpt.load(tmp_path / "ft")
     assert torch.equal(plain.wte.weight, tuned.wte.weight)
     history = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert max(h["val_acc"] for h in history) == result["val_acc"]
@@ -109,14 +115,15 @@ def test_bert_checkpoint_and_gen_weight_zero_run(digits_run, tmp_path, nano_conf
     palette = Palette.load(digits_run / "palette.npz")
     torch.manual_seed(0)
     model = randomize(igpt.GPT(ModelConfig.from_preset("igpt-nano", n_vocab=16)), scale=0.1)
-    save_checkpoint(tmp_path / "bert", model, palette, {"step": 1, "objective": "bert"})
+    save_checkpoint(tmp_path / "bert", model, palette,
+                    CheckpointRecord(model.config, palette.fingerprint(), "bert", 0.15, step=1))
     for w in (0.0, 1.0):
         m = finetune(tmp_path / "bert", str(digits_run / "cache"), tmp_path / f"ft{w}",
                      _small_cfg(gen_weight=w, max_steps=6, eval_every=3, labels_per_class=4, batch_size=8),
                      progress=False)
         assert 0 <= m["test_acc"] <= 1 and m["steps"] == 6
         config = json.loads((tmp_path / f"ft{w}" / "checkpoints" / f"step-{m['best_step']:07d}" / "config.json").read_text())
-        assert config["objective"] == "finetune" and config["base_objective"] == "bert"
+        assert config["objective"] == "bert" and config["finetuned"]["n_classes"] == 10
 
 
 def test_cli_finetune_and_bad_input(digits_run, tmp_path, capsys):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,14 +10,19 @@ import torch
 from PIL import Image
 
 from igpt.bench.sample import bench_sample
-from igpt.weights.checkpoint import load_checkpoint
 from igpt.cli import main, make_parser
-from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data.cache import open_split, prepare
-from igpt.generate.infill import infill, still_masked
+from igpt.config import (BenchSampleConfig, DataConfig, EvalDataConfig, FinetuneConfig, ModelConfig, SampleConfig,
+                         ScoreConfig, TrainConfig)
+from igpt.data.open import open_split, prepare
 from igpt.data.streams import fixed_batches
+from igpt.eval.score import score
+from igpt.generate.complete import complete
+from igpt.generate.infill import infill, still_masked
+from igpt.objectives import mean_loss
 from igpt.palette import Palette
-from igpt.train.pretrain import evaluate, pretrain
+from igpt.train.finetune import finetune
+from igpt.train.pretrain import pretrain
+from igpt.weights.convert import load as load_checkpoint
 
 N_PX, SCALE, PAD, GAP = 8, 4, 2, 8  # igpt-nano's side and completion_figure's default layout
 
@@ -37,6 +43,44 @@ def ar_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory):
     return _pretrain(tmp_path_factory.mktemp("bert"), "bert")
+
+
+def _finetuned(run, out):
+    """A few steps of fine-tuning: a checkpoint whose record marks a classifier on the run's trunk."""
+    cfg = FinetuneConfig(max_steps=2, eval_every=2, batch_size=8, labels_per_class=2, device="cpu")
+    return Path(finetune(run, "digits", out, cfg, progress=False)["checkpoint"])
+
+
+def test_a_finetuned_ar_checkpoint_is_scored_sampled_and_completed_as_ar(ar_run, tmp_path, capsys):
+    tuned = _finetuned(ar_run, tmp_path / "ft")
+    model, palette, record = load_checkpoint(tuned)
+    assert record.finetuned is not None and record.objective == "ar" and model.causal
+    report = score(tuned, EvalDataConfig(data="digits"), ScoreConfig(device="cpu"), progress=False)
+    test = open_split("digits", "test", n_px=N_PX)
+    direct = mean_loss(model, fixed_batches(test, 64, 0, palette, torch.device("cpu")), "ar")
+    assert report["objective"] == "ar" and report["nats_per_token"] == pytest.approx(direct["loss"], rel=1e-5)
+    assert main(["sample", "--checkpoint", str(tuned), "--n-images", "2", "--out", str(tmp_path / "s")]) == 0
+    done = complete(tuned, tmp_path / "c", data=EvalDataConfig(data="digits"), n_images=2, rows=3, n_samples=2,
+                    cfg=SampleConfig(device="cpu"), progress=False)
+    assert done["how"] == "sampled" and done["objective"] == "ar"
+    kept = done["original_ids"].repeat_interleave(2, dim=0)[:, :3 * N_PX]
+    assert torch.equal(done["ids"][:, :3 * N_PX], kept)
+
+
+def test_a_finetuned_bert_checkpoint_is_refused_by_sample(bert_run, tmp_path, capsys):
+    tuned = _finetuned(bert_run, tmp_path / "ft")
+    model, _, record = load_checkpoint(tuned)
+    assert record.finetuned is not None and record.objective == "bert" and not model.causal
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tuned), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "BERT" in err and "left to right" in err
+    assert not (tmp_path / "s").exists()
+    report = score(tuned, EvalDataConfig(data="digits"), ScoreConfig(device="cpu"), progress=False)
+    assert report["objective"] == "bert" and report["mask_prob"] == 0.15
+    done = complete(tuned, tmp_path / "c", data=EvalDataConfig(data="digits"), n_images=1, rows=4, n_samples=1,
+                    rounds=2, cfg=SampleConfig(device="cpu"), progress=False)
+    assert done["how"].startswith("infilled by BERT")
 
 
 def _cells(png, n_inputs: int, n_samples: int) -> np.ndarray:
@@ -63,7 +107,7 @@ def test_every_new_flag_has_help():
 
 
 def test_sample_cli_writes_each_image_and_a_grid(ar_run, tmp_path, capsys):
-    args = ["sample", "--checkpoint", str(ar_run), "--n", "5", "--batch-size", "2", "--top-k", "8"]
+    args = ["sample", "--checkpoint", str(ar_run), "--n-images", "5", "--batch-size", "2", "--top-k", "8"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     assert main(args + ["--out", str(tmp_path / "c"), "--seed", "1"]) == 0
@@ -123,7 +167,7 @@ def test_score_cli_reports_nats_bits_and_matches_evaluate(ar_run, tmp_path, caps
     assert report["bits_per_token"] == pytest.approx(report["nats_per_token"] / math.log(2))
     assert report["bits_per_subpixel_equivalent"] == pytest.approx(report["bits_per_token"] / 3)
     model, palette, _ = load_checkpoint(ar_run)
-    direct = evaluate(model, fixed_batches(test, len(test), 0, palette, torch.device("cpu")))
+    direct = mean_loss(model, fixed_batches(test, len(test), 0, palette, torch.device("cpu")))
     assert report["nats_per_token"] == pytest.approx(direct["loss"], rel=1e-5)
     assert 1.0 < report["nats_per_token"] < 4.0  # near ln 16 = 2.77 after three steps, not garbage
     assert main(["score", "--checkpoint", str(ar_run), "--data", "digits", "--split", "val", "--json", str(path)]) == 0
@@ -206,7 +250,7 @@ def test_bad_inputs_are_one_clear_line(ar_run, tmp_path, capsys):
         (["complete", "--checkpoint", run, "--images", str(tmp_path / "notes.png")], "not a readable image"),
         (["complete", "--checkpoint", run, "--data", str(tmp_path / "other")], "palette"),
         (["score", "--checkpoint", run, "--data", str(tmp_path / "other")], "palette"),
-        (["score", "--checkpoint", run, "--data", str(tmp_path / "small")], "n_px"),
+        (["score", "--checkpoint", run, "--data", str(tmp_path / "small")], "prepared at 4x4"),
         (["score", "--checkpoint", str(tmp_path / "nope"), "--data", "digits"], "nope"),
         (["complete", "--checkpoint", run, "--data", "digits", "--images", str(tmp_path / "notes.png")], "exactly one"),
         (["complete", "--checkpoint", run, "--data", "digits", "--rows", "9"], "--rows"),
@@ -223,12 +267,12 @@ def test_bad_inputs_are_one_clear_line(ar_run, tmp_path, capsys):
 
 
 def test_bench_sample_runs_on_cpu_and_cli_prints_both_columns(tmp_path, capsys):
-    result = bench_sample("igpt-nano", 2, n_px=4, n_vocab=16, device="cpu", batches=1, warmup=1,
-                          compare_hf=True, show=False)
+    result = bench_sample(BenchSampleConfig("igpt-nano", 2, n_px=4, n_vocab=16, device="cpu", batches=1, warmup=1,
+                                            compare_hf=True), show=False)
     assert result["igpt"]["images_per_s"] > 0 and result["setup"]["dtype"] == "fp32"
     assert result["hf"] is not None or "transformers" in result["hf_skipped"]
     path = tmp_path / "b.json"
-    assert main(["bench", "sample", "--preset", "igpt-nano", "--batch", "2", "--n-px", "4", "--device", "cpu",
+    assert main(["bench", "sample", "--preset", "igpt-nano", "--batch-size", "2", "--n-px", "4", "--device", "cpu",
                  "--batches", "1", "--json", str(path)]) == 0
     text = capsys.readouterr().out
     assert "images/s" in text and "igpt (KV cache)" in text and "skipped" in text

@@ -25,12 +25,17 @@ from igpt.weights.openai import load_openai, openai_to_igpt
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.generate.sample import sample
+from igpt.record import CheckpointRecord
+
+
+def record(model, palette, objective: str = "ar", **kw) -> CheckpointRecord:
+    return CheckpointRecord(model.config, palette.fingerprint(), objective, **kw)
 
 # ---- OpenAI ----
 
 def test_openai_ar_checkpoint_matches_the_release_formulas():
     model, palette, info = load_openai(AR)
-    assert info["objective"] == "ar" and info["step"] == 131000 and palette.k == model.config.n_vocab == 16
+    assert info.objective == "ar" and info.step == 131000 and model.causal and palette.k == model.config.n_vocab == 16
     assert (model.config.n_layer, model.config.n_embd, model.config.n_head, model.config.n_px) == (2, 8, 2, 4)
     w = tf_arrays(AR)
     ids = torch.randint(0, 16, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -46,7 +51,7 @@ def test_openai_ar_checkpoint_matches_the_release_formulas():
 
 def test_openai_bert_checkpoint_has_no_sos_and_matches_bidirectionally():
     model, _, info = load_openai(BERT)
-    assert info["objective"] == "bert" and info["step"] == 262000 and model.config.n_layer == 1
+    assert info.objective == "bert" and info.step == 262000 and model.config.n_layer == 1 and not model.causal
     assert torch.count_nonzero(model.sos) == 0  # filled with zeros: BERT never reads it
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 16, (2, 16), generator=g)
@@ -93,7 +98,7 @@ def tiny(nano_model: GPT) -> tuple[GPT, Palette]:
 
 def test_hf_export_import_is_exact_and_igpt_load_reads_it(tiny, tmp_path):
     model, palette = tiny
-    save_hf(model, palette, tmp_path / "hf")
+    save_hf(model, palette, tmp_path / "hf", record(model, palette))
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == \
         ["config.json", "model.safetensors", "preprocessor_config.json"]
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -105,7 +110,7 @@ def test_hf_export_import_is_exact_and_igpt_load_reads_it(tiny, tmp_path):
     assert state["lm_head.weight"].shape == (16, 32) and state["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
     assert all(torch.count_nonzero(v) == 0 for k, v in state.items() if k.endswith(".bias"))
     assert is_hf_dir(tmp_path / "hf")
-    back, pal = igpt.load(tmp_path / "hf")
+    back, pal, _ = igpt.load(tmp_path / "hf")
     assert pal.fingerprint() == palette.fingerprint()
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
@@ -124,7 +129,7 @@ def test_pure_mappings_invert_each_other_and_take_unprefixed_names(nano_model):
 
 def write_hf(tmp_path: Path, model: GPT, palette: Palette) -> Path:
     out = tmp_path / "hf"
-    save_hf(model, palette, out)
+    save_hf(model, palette, out, record(model, palette))
     return out
 
 
@@ -184,30 +189,32 @@ def test_pytorch_model_bin_loads_without_executing_pickles(tiny, tmp_path):
 
 def test_cli_openai_to_igpt_to_hf_and_back(tmp_path, capsys):
     out, hf, back = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "back"
-    assert main(["convert", "--from", "openai", str(AR), "--out", str(out)]) == 0
-    assert main(["convert", "--to", "hf", str(out), "--out", str(hf)]) == 0
-    assert main(["convert", "--from", "hf", str(hf), "--out", str(back)]) == 0
-    a, pa = igpt.load(out)
-    b, pb = igpt.load(back)
+    assert main(["convert", "--from", "openai", "--checkpoint", str(AR), "--out", str(out)]) == 0
+    assert main(["convert", "--to", "hf", "--checkpoint", str(out), "--out", str(hf)]) == 0
+    assert main(["convert", "--from", "hf", "--checkpoint", str(hf), "--out", str(back)]) == 0
+    a, pa, _ = igpt.load(out)
+    b, pb, _ = igpt.load(back)
     assert pa.fingerprint() == pb.fingerprint() == Palette.load(AR.parent / "kmeans_centers.npy").fingerprint()
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     assert json.loads((out / "config.json").read_text())["step"] == 131000
-    assert main(["convert", "--from", "openai", str(BERT), "--out", str(tmp_path / "bert")]) == 0
+    assert main(["convert", "--from", "openai", "--checkpoint", str(BERT), "--out", str(tmp_path / "bert")]) == 0
     assert json.loads((tmp_path / "bert" / "config.json").read_text())["objective"] == "bert"
     capsys.readouterr()
-    assert main(["convert", "--to", "hf", str(tmp_path / "bert"), "--out", str(tmp_path / "hf2")]) == 2
+    assert main(["convert", "--to", "hf", "--checkpoint", str(tmp_path / "bert"), "--out", str(tmp_path / "hf2")]) == 2
     assert "causal" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
 
 
 def test_export_reads_the_objective_of_the_checkpoint(tiny, tmp_path):
+    from igpt.record import Finetuned
     from igpt.weights.checkpoint import save_checkpoint
-    from igpt.weights.hf import export_hf
+    from igpt.weights.convert import export_hf
 
     model, palette = tiny
-    save_checkpoint(tmp_path / "ft", model, palette, {"objective": "finetune", "base_objective": "ar"})
+    tuned = Finetuned(n_classes=3)
+    save_checkpoint(tmp_path / "ft", model, palette, record(model, palette, finetuned=tuned))
     export_hf(tmp_path / "ft", tmp_path / "hf")  # a fine-tuned AR trunk is still a causal model
     assert is_hf_dir(tmp_path / "hf")
-    save_checkpoint(tmp_path / "bert", model, palette, {"objective": "finetune", "base_objective": "bert"})
+    save_checkpoint(tmp_path / "bert", model, palette, record(model, palette, "bert", finetuned=tuned))
     with pytest.raises(ValueError, match="'bert'"):
         export_hf(tmp_path / "bert", tmp_path / "hf2")
     assert not (tmp_path / "hf2").exists()
@@ -224,23 +231,23 @@ def test_cli_bad_input_names_the_file_and_writes_nothing(tmp_path, capsys):
     other = tmp_path / "gpt2"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    assert main(["convert", "--from", "hf", str(other), "--out", str(out)]) == 2
+    assert main(["convert", "--from", "hf", "--checkpoint", str(other), "--out", str(out)]) == 2
     assert "config.json" in one_error_line(capsys)
     wrong = tmp_path / "pal8.npy"
     Palette(np.random.default_rng(0).uniform(-1, 1, (8, 3))).save(wrong)
-    assert main(["convert", "--from", "openai", str(AR), "--palette", str(wrong), "--out", str(out)]) == 2
+    assert main(["convert", "--from", "openai", "--checkpoint", str(AR), "--palette", str(wrong), "--out", str(out)]) == 2
     assert "pal8.npy has 8 colours" in one_error_line(capsys)
     broken = tmp_path / "broken"
     shutil.copytree(AR.parent, broken)
     (broken / (AR.name + ".data-00001-of-00002")).unlink()
-    assert main(["convert", "--from", "openai", str(broken / AR.name), "--out", str(out)]) == 2
+    assert main(["convert", "--from", "openai", "--checkpoint", str(broken / AR.name), "--out", str(out)]) == 2
     assert "data-00001-of-00002" in one_error_line(capsys)
-    assert main(["convert", "--from", "openai", str(tmp_path / "none" / "model.ckpt-1"), "--out", str(out)]) == 2
+    assert main(["convert", "--from", "openai", "--checkpoint", str(tmp_path / "none" / "model.ckpt-1"), "--out", str(out)]) == 2
     assert "model.ckpt-1.index" in one_error_line(capsys)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main(["convert", "--from", "openai", str(AR), "--out", str(out)]) == 2
+    assert main(["convert", "--from", "openai", "--checkpoint", str(AR), "--out", str(out)]) == 2
     assert "not empty" in one_error_line(capsys) and (out / "keep.txt").read_text() == "mine"
 
 
@@ -253,7 +260,7 @@ def transformers():
 
 
 def hf_model(transformers, model: GPT, palette: Palette, path: Path):
-    save_hf(model, palette, path)
+    save_hf(model, palette, path, record(model, palette))
     return transformers.ImageGPTForCausalImageModeling.from_pretrained(path).eval()
 
 
@@ -326,7 +333,7 @@ def test_round_trip_through_transformers_save_pretrained(transformers, tiny, tmp
     hf.save_pretrained(tmp_path / "resaved")
     transformers.ImageGPTImageProcessor.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "resaved")
     back, pal, info = load_hf(tmp_path / "resaved")
-    assert pal.fingerprint() == palette.fingerprint() and info["objective"] == "ar"
+    assert pal.fingerprint() == palette.fingerprint() and info.objective == "ar"
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
 
@@ -344,7 +351,7 @@ def test_import_of_a_model_built_by_transformers(transformers, tmp_path):
     processor = transformers.ImageGPTImageProcessor(clusters=np.random.default_rng(0).uniform(-1, 1, (10, 3)),
                                                    size={"height": 3, "width": 3})
     processor.save_pretrained(tmp_path / "hf")
-    model, palette = igpt.load(tmp_path / "hf")
+    model, palette, _ = igpt.load(tmp_path / "hf")
     assert model.config.n_px == 3 and palette.k == 10
     ids = torch.randint(0, 10, (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -359,7 +366,7 @@ def test_exported_processor_quantizes_like_our_palette(transformers, tiny, tmp_p
     from PIL import Image
 
     model, palette = tiny
-    save_hf(model, palette, tmp_path / "hf")
+    save_hf(model, palette, tmp_path / "hf", record(model, palette))
     processor = transformers.ImageGPTImageProcessor.from_pretrained(tmp_path / "hf")
     px = np.random.default_rng(8).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
     ids = processor([Image.fromarray(p) for p in px], return_tensors="pt")["input_ids"]

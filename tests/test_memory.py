@@ -12,10 +12,11 @@ from igpt.objectives import ar_loss
 from igpt.runtime import autocast
 
 
-def measured_saved_bytes(cfg: ModelConfig, batch: int, dtype: torch.dtype) -> int:
+def measured_saved_bytes(cfg: ModelConfig, batch: int, dtype: torch.dtype, grad_checkpoint: bool) -> int:
     """Bytes of every distinct storage autograd keeps for the backward pass of an AR loss, parameters
     excluded (the plan counts them as state)."""
     model = GPT(cfg).train()
+    model.grad_checkpoint = grad_checkpoint
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -36,9 +37,9 @@ def measured_saved_bytes(cfg: ModelConfig, batch: int, dtype: torch.dtype) -> in
 @pytest.mark.parametrize("shape", [(2, 64, 8), (3, 96, 6)])
 def test_saved_bytes_formula_matches_autograd(dtype, grad_checkpoint, shape):
     L, d, n_px = shape
-    cfg = ModelConfig(n_layer=L, n_embd=d, n_head=4, n_px=n_px, n_vocab=512, grad_checkpoint=grad_checkpoint)
+    cfg = ModelConfig(n_layer=L, n_embd=d, n_head=4, n_px=n_px, n_vocab=512)
     predicted = saved_bytes(cfg, 3, bf16=dtype == torch.bfloat16, grad_checkpoint=grad_checkpoint)
-    assert measured_saved_bytes(cfg, 3, dtype) == pytest.approx(predicted, rel=0.01)
+    assert measured_saved_bytes(cfg, 3, dtype, grad_checkpoint) == pytest.approx(predicted, rel=0.01)
 
 
 def test_plan_parts_and_fsdp_sharding():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from igpt.objectives import bert_loss, masked_loss, nats_to_bits, objective_loss, sample_keep_mask
+from igpt.objectives import ar_loss, bert_loss, masked_loss, mean_loss, nats_to_bits, sample_keep_mask
 
 
 def test_keep_mask_rate_and_seed():
@@ -45,9 +45,14 @@ def test_bert_loss_uses_unmasked_context(nano_model):
     torch.testing.assert_close(bert_loss(nano_model, ids, keep=keep), expected)
 
 
-def test_objective_dispatch_and_units(nano_model):
-    ids = torch.randint(0, 16, (2, 16))
-    assert objective_loss("ar", nano_model, ids, 0.15).item() > 0
-    with pytest.raises(ValueError, match="unknown objective"):
-        objective_loss("mlm", nano_model, ids, 0.15)
+def test_mean_loss_weights_batches_by_images_and_fixes_bert_masks(nano_model):
+    a, b = torch.randint(0, 16, (3, 16)), torch.randint(0, 16, (1, 16))
+    result = mean_loss(nano_model, [a, b], "ar")
+    expected = (ar_loss(nano_model, a).item() * 3 + ar_loss(nano_model, b).item()) / 4
+    assert result["images"] == 4 and result["loss"] == pytest.approx(expected, rel=1e-6)
+    assert result["bits"] == pytest.approx(nats_to_bits(expected), rel=1e-6)
+    first, again = mean_loss(nano_model, [a], "bert", 0.5, seed=3), mean_loss(nano_model, [a], "bert", 0.5, seed=3)
+    assert first["loss"] == again["loss"] != mean_loss(nano_model, [a], "bert", 0.5, seed=4)["loss"]
+    with pytest.raises(ValueError, match="no batches"):
+        mean_loss(nano_model, [], "ar")
     assert nats_to_bits(math.log(512)) == pytest.approx(9.0)

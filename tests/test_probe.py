@@ -1,36 +1,27 @@
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from igpt.weights.checkpoint import load_checkpoint, save_checkpoint
 from igpt.cli import main
-from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data.cache import ImageSet, open_split, prepare
-from igpt.eval.features import (
-    FeatureConfig,
-    cached_extract,
-    extract,
-    lossless_mask,
-    open_labelled,
-)
+from igpt.config import DataConfig, FeatureConfig, ModelConfig, ProbeConfig, TrainConfig
+from igpt.data.imageset import ImageSet
+from igpt.data.open import lossless_mask, open_labelled, open_split, prepare
+from igpt.data.splits import balanced_subset, stratified_carve
+from igpt.eval.features import cached_extract, extract
+from igpt.eval.probe import concat_layers, fit_logistic, logistic_probe, probe_checkpoint, probe_features
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
 from igpt.palette import Palette
-from igpt.eval.probe import (
-    ProbeConfig,
-    balanced_subset,
-    concat_layers,
-    fit_logistic,
-    logistic_probe,
-    probe_features,
-    stratified_carve,
-)
+from igpt.record import CheckpointRecord
 from igpt.runtime import derived_generator
 from igpt.train.pretrain import pretrain
+from igpt.weights.checkpoint import save_checkpoint
+from igpt.weights.convert import load as load_checkpoint
 
 
 def _clusters(n: int, d: int, classes: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,15 +142,17 @@ def test_extraction_matches_a_direct_slow_computation(nano_model, nano_images):
         np.testing.assert_allclose(flip[1], ((slow[1] + mirrored[1]) / 2).numpy(), rtol=1e-5, atol=1e-5)
         # BERT: masks drawn per batch from (seed, mask index, batch start), features averaged over masks
         cfg = FeatureConfig(batch_size=4, device="cpu", n_masks=2, mask_prob=0.3, mask_seed=5)
-        bert = extract(nano_model, nano_images, palette, cfg, objective="bert", progress=False)
+        bert_model = copy.deepcopy(nano_model)
+        bert_model.causal = False  # read as a BERT checkpoint is
+        bert = extract(bert_model, nano_images, palette, cfg, progress=False)
         parts = []
         for k in range(2):
             keep = torch.cat([sample_keep_mask((len(ids[s:s + 4]), ids.shape[1]), 0.3, derived_generator(5, k, s))
                               for s in (0, 4)])
             parts.append(_slow_features(nano_model, ids, causal=False, keep=keep)[2])
         np.testing.assert_allclose(bert[2], ((parts[0] + parts[1]) / 2).numpy(), rtol=1e-5, atol=1e-5)
-        unmasked = extract(nano_model, nano_images, palette, FeatureConfig(device="cpu", bert_mask=False),
-                           objective="bert", progress=False)
+        unmasked = extract(bert_model, nano_images, palette, FeatureConfig(device="cpu", bert_mask=False),
+                           progress=False)
         np.testing.assert_allclose(unmasked[2], _slow_features(nano_model, ids, causal=False)[2].numpy(), atol=1e-5)
 
 
@@ -199,16 +192,41 @@ def digits_run(tmp_path_factory):
 
 
 def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
-    from igpt.eval.probe import probe_checkpoint
-
     cfg = ProbeConfig(l2_grid="1e-4,1e-3,1e-2,1e-1", max_iter=200)
     trained = probe_checkpoint(digits_run / "run", str(digits_run / "cache"), tmp_path / "trained", cfg, progress=False)
     model, palette, _ = load_checkpoint(digits_run / "run")
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "init", GPT(model.config), palette, {"step": 0, "objective": "ar"})
+    save_checkpoint(tmp_path / "init", GPT(model.config), palette,
+                    CheckpointRecord(model.config, palette.fingerprint(), "ar", step=0))
     init = probe_checkpoint(tmp_path / "init", str(digits_run / "cache"), tmp_path / "init-probe", cfg, progress=False)
     assert trained["best_acc"] > init["best_acc"] + 0.05, (trained["best_acc"], init["best_acc"])
     assert (tmp_path / "trained" / "probe.png").exists()
+
+
+def test_probe_and_finetune_read_a_hugging_face_folder_holding_only_pytorch_model_bin(digits_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from igpt.config import FinetuneConfig
+    from igpt.train.finetune import finetune
+    from igpt.weights.convert import export_hf
+
+    hf = export_hf(digits_run / "run", tmp_path / "hf")
+    torch.save(load_file(str(hf / "model.safetensors")), hf / "pytorch_model.bin")
+    (hf / "model.safetensors").unlink()
+    cfg = ProbeConfig(l2=1e-2, max_iter=50)
+    via_hf = probe_checkpoint(hf, str(digits_run / "cache"), tmp_path / "p-hf", cfg, FeatureConfig(device="cpu"),
+                              progress=False)
+    ours = probe_checkpoint(digits_run / "run", str(digits_run / "cache"), tmp_path / "p", cfg,
+                            FeatureConfig(device="cpu"), progress=False)
+    assert via_hf["checkpoint"] == str(hf) and via_hf["objective"] == "ar"
+    for layer, r in ours["layers"].items():  # the same weights give the same probe, layer by layer
+        assert via_hf["layers"][layer]["acc"] == pytest.approx(r["acc"], abs=1e-3)
+    assert main(["probe", "--checkpoint", str(hf), "--data", str(digits_run / "cache"), "--out", str(tmp_path / "c"),
+                 "--l2", "1e-2", "--max-iter", "20", "--device", "cpu"]) == 0
+    tuned = finetune(hf, str(digits_run / "cache"), tmp_path / "ft",
+                     FinetuneConfig(max_steps=2, eval_every=2, batch_size=8, labels_per_class=2, device="cpu"),
+                     progress=False)
+    assert tuned["base_checkpoint"] == str(hf)
 
 
 def test_cli_probe_writes_metrics_table_and_low_data(digits_run, tmp_path, capsys):
@@ -239,7 +257,7 @@ def test_bad_input_is_a_clear_error(digits_run, tmp_path, capsys):
     other = Palette(np.linspace(-1, 1, 48).reshape(16, 3))
     with pytest.raises(ValueError, match="palette"):
         open_labelled(str(digits_run / "cache"), "test", n_px=8, palette=other)
-    with pytest.raises(ValueError, match="n_px=8 but n_px=4"):
+    with pytest.raises(ValueError, match="prepared at 8x8, but 4x4"):
         open_labelled(str(digits_run / "cache"), "test", n_px=4, palette=palette)
     with pytest.raises(ValueError, match="test_lossless"):
         lossless_mask("digits", 359)
@@ -274,11 +292,11 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
     npz = tmp_path / "tiny.npz"
     np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, test_lossless=np.arange(30) < 10)
     packed = tmp_path / "tiny.tar.xz"
-    assert script.main(["pack", "--data", str(npz), "--out", str(packed), "--n-px", "8", "--k", "8",
+    assert script.main(["pack", "--data", str(npz), "--out", str(packed), "--n-px", "8", "--palette-k", "8",
                         "--device", "cpu"]) == 0
     out = tmp_path / "run"
     args = ["run", "--ids", str(packed), "--out", str(out), "--preset", "igpt-nano", "--steps", "3",
-            "--batch-size", "16", "--no-compile", "--concat", "2", "--max-iter", "30", "--device", "cpu"]
+            "--batch-size", "16", "--compile", "off", "--concat", "2", "--max-iter", "30", "--device", "cpu"]
     assert script.main(args) == 0
     text = capsys.readouterr().out
     assert "on the 10 exact test images" in text and "random init" in text and "<- best" in text

@@ -3,7 +3,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from igpt.generate.sample import Sampler, draw_from, filter_logits, sample, sample_uncached
+from igpt.generate.sample import Sampler, draw, draw_from, filter_logits, sample
+
+
+@torch.no_grad()
+def sample_uncached(model, n, *, prefix=None, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """image-gpt's run.py sampler, the reference the KV cache must equal: a full forward pass per pixel."""
+    T = model.config.n_ctx
+    out = torch.zeros(n, T, dtype=torch.long)
+    P = 0 if prefix is None else prefix.shape[1]
+    if prefix is not None:
+        out[:, :P] = prefix
+    for i in range(P, T):
+        logits = model(out[:, :i + 1])[:, i]  # position i sees only out[:, :i] through the SOS shift
+        out[:, i] = draw(logits, temperature, top_k, top_p, generator)
+    return out
 
 
 @pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"top_p": 0.7, "temperature": 0.8}])

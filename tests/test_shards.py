@@ -11,7 +11,6 @@ import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,12 +20,12 @@ from PIL import Image
 from igpt.data import shard_streams as shard_loader
 from igpt.data.augment import imagenet_style
 from igpt.cli import main
-from igpt.data.cache import open_split, split_indices
+from igpt.data.open import open_split, open_training, prepare
+from igpt.data.splits import split_indices
 from igpt.distributed import World
 from igpt.data.images import open_image
 from igpt.palette import Palette
 from igpt.data.shard_streams import ShardImages, ShardStream
-from igpt.data.shard_writer import write_shards
 from igpt.data.shards import ShardIndex, is_shard_dir
 
 GREYS = Palette(np.repeat((np.arange(16) * 17 / 127.5 - 1)[:, None], 3, axis=1))  # grey level 17*d -> id d
@@ -48,7 +47,7 @@ def index_of(ids: torch.Tensor) -> list[int]:
 def numbered_shards(tmp_path) -> Path:
     """70 numbered images (no val carve) in shards of 16: 5 shards, 8 full batches of 8, 6 dropped."""
     np.savez(tmp_path / "src.npz", x_train=numbered(70), y_train=np.arange(70) % 10)
-    write_shards(str(tmp_path / "src.npz"), tmp_path / "shards", n_px=N_PX, per_shard=16, val_fraction=0.0,
+    prepare(str(tmp_path / "src.npz"), tmp_path / "shards", n_px=N_PX, shards=16, val_fraction=0.0,
                  progress=False)
     return tmp_path / "shards"
 
@@ -122,13 +121,13 @@ def test_interrupted_write_is_not_a_dataset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(igpt.data.shard_writer, "_write_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
-        write_shards("digits", tmp_path / "s", n_px=8, per_shard=200, progress=False)
+        prepare("digits", tmp_path / "s", n_px=8, shards=200, progress=False)
     assert not list((tmp_path / "s").glob(".tmp*")) and (tmp_path / "s" / "train-000001.tar").exists()
     assert is_shard_dir(tmp_path / "s")
     with pytest.raises(ValueError, match="did not finish"):
         open_split(str(tmp_path / "s"), "train", n_px=8)
     monkeypatch.undo()
-    write_shards("digits", tmp_path / "s", n_px=8, per_shard=2000, progress=False)  # again, fewer shards
+    prepare("digits", tmp_path / "s", n_px=8, shards=2000, progress=False)  # again, fewer shards
     assert sorted(p.name for p in (tmp_path / "s").glob("train-*")) == ["train-000000.idx.npy", "train-000000.tar"]
     assert len(ShardIndex.open(tmp_path / "s").split("train")) == 1294
 
@@ -230,8 +229,8 @@ def test_image_folder_keeps_files_and_augments_in_workers(tmp_path):
             Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "src" / c / f"{i}.jpg")
     (tmp_path / "src" / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="bad.jpg is not a readable image"):
-        write_shards(str(tmp_path / "src"), tmp_path / "s", n_px=8, per_shard=5, val_fraction=0.0, progress=False)
-    write_shards(str(tmp_path / "src"), tmp_path / "s", n_px=8, per_shard=5, val_fraction=0.0, on_error="skip",
+        prepare(str(tmp_path / "src"), tmp_path / "s", n_px=8, shards=5, val_fraction=0.0, progress=False)
+    prepare(str(tmp_path / "src"), tmp_path / "s", n_px=8, shards=5, val_fraction=0.0, on_error="skip",
                  progress=False)
     index = ShardIndex.open(tmp_path / "s")
     split, files = index.split("train"), sorted((tmp_path / "src").glob("*/[0-9].jpg"))
@@ -244,10 +243,10 @@ def test_image_folder_keeps_files_and_augments_in_workers(tmp_path):
         assert np.array_equal(images[(2, i)][0].numpy(), want)  # FolderImages' per-sample random state
     ids = ShardStream(split, 4, 5, GREYS, torch.device("cpu"), 8, "imagenet", workers=1).next()
     assert ids.shape == (4, 64)
-    write_shards("digits", tmp_path / "small", n_px=8, per_shard=500, progress=False)
+    prepare("digits", tmp_path / "small", n_px=8, shards=500, progress=False)
     with pytest.raises(ValueError, match="needs full-resolution images"):  # PNGs at 8x8 are not ImageNet
-        shard_loader.open_shard_training(str(tmp_path / "small"), 8, SimpleNamespace(augment="imagenet"),
-                                         torch.device("cpu"), slice(None), 10)
+        open_training(str(tmp_path / "small"), 8, batch_size=4, seed=0, device=torch.device("cpu"),
+                      augment="imagenet")
 
 
 def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
@@ -289,7 +288,7 @@ def test_external_webdataset_tars(tmp_path):
 
 def test_two_processes_match_one_on_shards(tmp_path):
     """torchrun, 2 processes (gloo, CPU), each with a loader worker, gives the 1-process loss curve."""
-    write_shards("digits", tmp_path / "s", n_px=8, per_shard=200, progress=False)
+    prepare("digits", tmp_path / "s", n_px=8, shards=200, progress=False)
     args = ["-q", "pretrain", "--preset", "igpt-nano", "--data", str(tmp_path / "s"), "--palette-k", "16",
             "--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1", "--eval-every", "3",
             "--eval-batches", "1", "--log-every", "1", "--device", "cpu", "--augment", "cifar"]

@@ -14,7 +14,9 @@ from conftest import rand_images, smooth_image, write_openai
 from PIL import Image
 
 from igpt.data.images import to_n_px
-from igpt.data.sources import list_image_folder, read_source
+from igpt.data.sources import list_image_folder
+
+from conftest import read_source
 
 
 def write_cifar(root: Path, batches: dict[str, tuple[np.ndarray, list[int]]], label_key: bytes,

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.train.optim import lr_at, warmup_steps
-from igpt.train.pretrain import pretrain
+from igpt.train.optim import pretrain_lr as lr_at, warmup_steps
+from igpt.train.pretrain import pretrain, resume
 
 MODEL = ModelConfig.from_preset("igpt-nano")
 DATA = DataConfig(data="digits", palette_k=16)
@@ -64,7 +64,7 @@ def test_sigkilled_run_resumes_with_identical_loss_curve(tmp_path, objective, ac
     proc = subprocess.run([sys.executable, "-c", script, str(killed)], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert max(losses(killed)) == 5  # it really died mid-run, after the step-3 checkpoint
-    pretrain(None, None, None, killed, resume=True, progress=False)
+    resume(killed, progress=False)
 
     assert losses(killed) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-7)
     assert sorted(losses(killed)) == list(range(1, 9))
@@ -86,7 +86,7 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     with pytest.raises(ValueError, match="already holds a run"):
         pretrain(MODEL, train_cfg(max_steps=3), DATA, tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="not an igpt run directory"):
-        pretrain(None, None, None, tmp_path / "nothing-here", resume=True, progress=False)
+        resume(tmp_path / "nothing-here", progress=False)
 
 
 def test_pixel_augmentation_and_bf16_autocast_run(tmp_path):
@@ -130,7 +130,7 @@ def test_imagenet_style_augmentation_streams_an_image_folder_and_resumes(tmp_pat
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     run["train"]["max_steps"] = 4
     (tmp_path / "b" / "run.json").write_text(json.dumps(run))
-    pretrain(None, None, None, tmp_path / "b", resume=True, progress=False)
+    resume(tmp_path / "b", progress=False)
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-6)
     pretrain(MODEL, replace(cfg, workers=2), data, tmp_path / "c", progress=False)  # decoded in 2 processes
     assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "a"), rel=1e-6)

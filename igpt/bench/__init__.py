@@ -1,0 +1,9 @@
+"""Benchmarks: sampling and training throughput (ours against Hugging Face's), the input pipeline alone,
+FLOPs and the per-GPU memory plan."""
+
+from igpt.bench.loader import bench_loader
+from igpt.bench.memory import plan
+from igpt.bench.sample import bench_sample
+from igpt.bench.train import bench_train
+
+__all__ = ["bench_loader", "bench_sample", "bench_train", "plan"]

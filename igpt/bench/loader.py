@@ -18,33 +18,30 @@ from typing import Any
 
 import torch
 
-from igpt.config import DataConfig, TrainConfig
+from igpt.config import BenchLoaderConfig
+from igpt.data.open import open_training
 from igpt.palette import Palette
 from igpt.runtime import resolve_device
-from igpt.data.open import open_training_data
 
 FIT_IMAGES = 500  # enough for a palette whose encoding costs what a real one does
 
 
-def bench_loader(data: str, *, n_px: int = 32, batch: int = 64, augment: str = "none", workers: int = 0,
-                 batches: int = 20, warmup: int = 2, device: str = "auto", palette: str | None = None,
-                 palette_k: int = 512, seed: int = 0, show: bool = True) -> dict[str, Any]:
+def bench_loader(cfg: BenchLoaderConfig, *, show: bool = True) -> dict[str, Any]:
     """Time ``batches`` draws of the training stream; returns {"setup": {...}, "loader": {...}}."""
-    if batch < 1 or batches < 1 or warmup < 0:
-        raise ValueError(f"need --batch >= 1, --batches >= 1 and --warmup >= 0; got {batch}, {batches}, {warmup}")
-    dev = resolve_device(device)
-    cfg = TrainConfig(batch_size=batch, augment=augment, workers=workers, eval_every=0, seed=seed)
-    data_cfg = DataConfig(data=data, val_fraction=0.0, palette=palette, palette_k=palette_k)
-    train = open_training_data(cfg, data_cfg, n_px, dev)
+    data, n_px, batch, augment, workers = cfg.data, cfg.n_px, cfg.batch_size, cfg.augment, cfg.workers
+    batches, palette = cfg.batches, cfg.palette
+    dev = resolve_device(cfg.device)
+    train = open_training(data, n_px, batch_size=batch, seed=cfg.seed, device=dev, augment=augment,
+                          workers=workers, val_fraction=0.0, validate=False)
     if palette is not None:
         pal = Palette.load(palette)
     elif train.fit_set.pixels is None:
         raise ValueError(f"--data {data} holds palette ids: pass the --palette it was prepared with")
     else:
-        pal = Palette.fit(train.fit_set.pixels[:FIT_IMAGES], k=palette_k, iters=5, seed=seed)
+        pal = Palette.fit(train.fit_set.pixels[:FIT_IMAGES], k=cfg.palette_k, iters=5, seed=cfg.seed)
     stream = train.make_stream(pal)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
+    for _ in range(cfg.warmup):
         stream.next()
     sync()
     wall, cpu = time.perf_counter(), time.process_time()

@@ -16,37 +16,15 @@ images per second one batch of 256 already takes most of a minute.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from igpt.config import ModelConfig
-from igpt.model import GPT
-from igpt.runtime import resolve_device, resolve_dtype
+from igpt.bench.timing import DTYPE_NAMES, device_label, random_model, timed_seconds
+from igpt.config import BenchSampleConfig, ModelConfig
 from igpt.generate.sample import Sampler, make_generator
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
-
-def random_model(config: ModelConfig, device: torch.device, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # a zero head would make every draw uniform
-    return model.to(device).eval()
-
-
-def timed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall time of fn() with the device idle before and finished after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
+from igpt.model import GPT
+from igpt.runtime import compile_enabled, resolve_device, resolve_dtype
 
 def _throughput(name: str, batch: int, first: float | None, times: list[float]) -> dict[str, Any]:
     total = sum(times)
@@ -101,29 +79,25 @@ def bench_hf(config: ModelConfig, batch: int, device: torch.device, dtype: torch
     return out
 
 
-def bench_sample(preset: str = "igpt-s", batch: int = 256, *, n_px: int | None = None, n_vocab: int = 512,
-                 device: str = "auto", dtype: str = "auto", batches: int = 2, warmup: int = 1, window: int = 64,
-                 cuda_graph: bool | None = None, compile: bool = False, top_k: int | None = None,
-                 compare_hf: bool = False,
-                 hf_batches: int = 1, seed: int = 0, show: bool = True) -> dict[str, Any]:
+def bench_sample(cfg: BenchSampleConfig = BenchSampleConfig(), *, show: bool = True) -> dict[str, Any]:
     """Time our sampler (and HF's, with ``compare_hf`` when transformers is importable); print a table and
     return {"setup": {...}, "igpt": {...}, "hf": {...} | None, "hf_skipped": reason | None}."""
-    if batch < 1 or batches < 1 or warmup < 0:
-        raise ValueError(f"need --batch >= 1, --batches >= 1 and --warmup >= 0; got {batch}, {batches}, {warmup}")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    config = ModelConfig.from_preset(preset, n_vocab=n_vocab, **({"n_px": n_px} if n_px else {}))
-    setup = {"preset": preset, "n_px": config.n_px, "n_vocab": n_vocab, "params": config.num_params(),
+    dev = resolve_device(cfg.device)
+    dt = resolve_dtype(cfg.dtype, dev)
+    compile = compile_enabled(cfg.compile, dev)
+    batch, top_k, seed = cfg.batch_size, cfg.top_k or None, cfg.seed
+    config = ModelConfig.from_preset(cfg.preset, n_vocab=cfg.n_vocab, **({"n_px": cfg.n_px} if cfg.n_px else {}))
+    setup = {"preset": cfg.preset, "n_px": config.n_px, "n_vocab": cfg.n_vocab, "params": config.num_params(),
              "device": device_label(dev), "dtype": DTYPE_NAMES.get(dt, str(dt)), "batch": batch,
-             "window": window, "compile": compile, "top_k": top_k, "torch": torch.__version__}
+             "window": cfg.window, "compile": compile, "top_k": top_k, "torch": torch.__version__}
     result: dict[str, Any] = {"setup": setup, "hf": None, "hf_skipped": None}
     model = random_model(config, dev, seed)
-    result["igpt"] = bench_igpt(model, batch, dt, batches=batches, warmup=warmup, window=window,
-                                cuda_graph=cuda_graph, compile=compile, top_k=top_k, seed=seed)
+    result["igpt"] = bench_igpt(model, batch, dt, batches=cfg.batches, warmup=cfg.warmup, window=cfg.window,
+                                cuda_graph=cfg.cuda_graph, compile=compile, top_k=top_k, seed=seed)
     del model
-    if compare_hf:
+    if cfg.compare_hf:
         try:
-            result["hf"] = bench_hf(config, batch, dev, dt, batches=hf_batches, top_k=top_k, seed=seed)
+            result["hf"] = bench_hf(config, batch, dev, dt, batches=cfg.hf_batches, top_k=top_k, seed=seed)
         except ImportError as e:
             result["hf_skipped"] = f"transformers is not importable ({e})"
     else:
@@ -131,12 +105,6 @@ def bench_sample(preset: str = "igpt-s", batch: int = 256, *, n_px: int | None =
     if show:
         print(format_table(result))
     return result
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -37,16 +37,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from igpt.bench.sample import DTYPE_NAMES, device_label, hf_config, timed_seconds
-from igpt.config import ModelConfig, TrainConfig
 from igpt.bench.flops import measure_matmul_flops, train_flops_per_token
 from igpt.bench.memory import plan
+from igpt.bench.sample import hf_config
+from igpt.bench.timing import DTYPE_NAMES, device_label, timed_seconds
+from igpt.config import BenchTrainConfig, ModelConfig, TrainConfig
 from igpt.model import GPT
-from igpt.train.optim import make_optimizer
 from igpt.runtime import autocast, compile_enabled, resolve_device, resolve_dtype
+from igpt.train.optim import pretrain_optimizer
 from igpt.train.pretrain import micro_loss
 
-OBJECTIVES = ("ar", "bert")
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, step) -> scalar loss
 NO_CUDA_MEMORY = "not measured on the CPU: torch.cuda.max_memory_allocated counts CUDA memory only"
 
@@ -57,7 +57,7 @@ class TrainStep:
     def __init__(self, model: nn.Module, loss_of: LossFn, cfg: TrainConfig, device: torch.device,
                  dtype: torch.dtype) -> None:
         self.model, self.loss_of, self.cfg, self.device, self.dtype = model, loss_of, cfg, device, dtype
-        self.optimizer = make_optimizer(model, cfg, device)  # type: ignore[arg-type]  # any module works
+        self.optimizer = pretrain_optimizer(model, cfg, device)
 
     def __call__(self, ids: torch.Tensor, step: int) -> float:
         with autocast(self.device, self.dtype):
@@ -75,7 +75,8 @@ def igpt_step(config: ModelConfig, objective: str, cfg: TrainConfig, device: tor
     """Our model with pretraining's initialisation (from ``cfg.seed``), optimizer and loss; returns (step,
     label)."""
     torch.manual_seed(cfg.seed)
-    model = GPT(config).to(device).train()
+    model = GPT(config, causal=objective == "ar").to(device).train()
+    model.grad_checkpoint = cfg.grad_checkpoint
     if objective == "bert":
         model.sos.requires_grad_(False)  # as in pretraining: BERT never reads the SOS vector
     forward = torch.compile(model) if compile else model
@@ -84,7 +85,7 @@ def igpt_step(config: ModelConfig, objective: str, cfg: TrainConfig, device: tor
         return micro_loss(forward, ids, replace(cfg, objective=objective, batch_size=len(ids)), step)
 
     parts = ["SDPA", "fused AdamW" if device.type == "cuda" else "AdamW"]
-    parts += ["compiled"] * compile + ["grad checkpoint"] * config.grad_checkpoint
+    parts += ["compiled"] * compile + ["grad checkpoint"] * cfg.grad_checkpoint
     return TrainStep(model, loss_of, cfg, device, dtype), f"igpt ({', '.join(parts)})"
 
 
@@ -96,7 +97,7 @@ def hf_step(config: ModelConfig, cfg: TrainConfig, device: torch.device,
 
     torch.manual_seed(cfg.seed)
     model = ImageGPTForCausalImageModeling(hf_config(config)).to(device).train()
-    if config.grad_checkpoint:  # transformers 5 renamed gradient_checkpointing_enable (kept as an alias)
+    if cfg.grad_checkpoint:  # transformers 5 renamed gradient_checkpointing_enable (kept as an alias)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     V = config.n_vocab
@@ -107,7 +108,7 @@ def hf_step(config: ModelConfig, cfg: TrainConfig, device: torch.device,
         logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V + 1)
         return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
 
-    parts = ["eager attention"] + ["grad checkpoint"] * config.grad_checkpoint
+    parts = ["eager attention"] + ["grad checkpoint"] * cfg.grad_checkpoint
     return TrainStep(model, loss_of, cfg, device, dtype), f"hf ImageGPT ({', '.join(parts)})"
 
 
@@ -199,11 +200,7 @@ def search_max_batch(step: TrainStep, config: ModelConfig, start: int, *, seed: 
     return {"batch": low, "start": start, "tries": tries, "limit": limit}
 
 
-def _check_args(batch: int, steps: int, warmup: int, objective: str, max_batch: bool, device: torch.device) -> None:
-    if batch < 1 or steps < 1 or warmup < 0:
-        raise ValueError(f"need --batch >= 1, --steps >= 1 and --warmup >= 0; got {batch}, {steps}, {warmup}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"--objective must be 'ar' or 'bert', got {objective!r}")
+def _check_device(max_batch: bool, device: torch.device) -> None:
     if max_batch and device.type != "cuda":
         raise ValueError(f"--max-batch searches GPU memory and needs a CUDA device; got --device {device}")
 
@@ -240,23 +237,20 @@ def _bench_at_max_batch(config: ModelConfig, objective: str, cfg: TrainConfig, d
                      f"then be measured on {device_label(device)}")
 
 
-def bench_train(preset: str = "igpt-s", batch: int = 32, *, n_px: int | None = None, n_vocab: int = 512,
-                objective: str = "ar", compile: bool | None = None, dtype: str = "auto",
-                grad_checkpoint: bool = False, steps: int = 20, warmup: int = 3, device: str = "auto",
-                compare_hf: bool = False, max_batch: bool = False, seed: int = 0,
-                show: bool = True) -> dict[str, Any]:
+def bench_train(bench: BenchTrainConfig = BenchTrainConfig(), *, show: bool = True) -> dict[str, Any]:
     """Time training steps of our model (and HF's, with ``compare_hf``); print a table and return
     {"setup": {...}, "igpt": {...}, "hf": {...} | None, "hf_skipped": reason | None, "max_batch": {...} | None}.
-    ``compile=None`` decides as ``igpt pretrain --compile auto`` does (on capable GPUs only). With
-    ``max_batch`` (CUDA only) ``batch`` is where the search starts and the figures are those at the largest
-    batch that fits."""
-    dev = resolve_device(device)
-    _check_args(batch, steps, warmup, objective, max_batch, dev)
-    dt = resolve_dtype(dtype, dev)
-    compile = compile_enabled("auto", dev) if compile is None else compile  # as igpt pretrain decides
-    config = ModelConfig.from_preset(preset, n_vocab=n_vocab, grad_checkpoint=grad_checkpoint,
-                                     **({"n_px": n_px} if n_px else {}))
-    cfg = TrainConfig(objective=objective, batch_size=batch, seed=seed)
+    ``compile`` "auto" decides as ``igpt pretrain`` does (on capable GPUs only). With ``max_batch`` (CUDA
+    only) ``batch_size`` is where the search starts and the figures are those at the largest batch that
+    fits."""
+    dev = resolve_device(bench.device)
+    _check_device(bench.max_batch, dev)
+    dt = resolve_dtype(bench.dtype, dev)
+    compile = compile_enabled(bench.compile, dev)  # as igpt pretrain decides
+    preset, batch, n_vocab, objective, seed = bench.preset, bench.batch_size, bench.n_vocab, bench.objective, bench.seed
+    steps, warmup, grad_checkpoint = bench.steps, bench.warmup, bench.grad_checkpoint
+    config = ModelConfig.from_preset(preset, n_vocab=n_vocab, **({"n_px": bench.n_px} if bench.n_px else {}))
+    cfg = TrainConfig(objective=objective, batch_size=batch, seed=seed, grad_checkpoint=grad_checkpoint)
     causal = objective == "ar"
     flops_per_token = train_flops_per_token(config, causal=causal)
     matmul = measure_matmul_flops(dev, dt)
@@ -273,7 +267,7 @@ def bench_train(preset: str = "igpt-s", batch: int = 32, *, n_px: int | None = N
     result: dict[str, Any] = {"setup": setup, "hf": None, "hf_skipped": None, "max_batch": None}
     kw = {"steps": steps, "warmup": warmup, "flops_per_token": flops_per_token, "matmul_flops": matmul,
           "show": show}
-    if max_batch:
+    if bench.max_batch:
         result["max_batch"], result["igpt"] = _bench_at_max_batch(config, objective, cfg, dt, dev, batch,
                                                                   compile=compile, **kw)
         setup["batch"] = batch = result["igpt"]["batch"]
@@ -283,7 +277,7 @@ def bench_train(preset: str = "igpt-s", batch: int = 32, *, n_px: int | None = N
     # igpt.bench.memory's estimate for the same step, to set beside the measured peak (docs/scaling.md)
     result["igpt"]["planned_memory_bytes"] = plan(config, batch, bf16=dt == torch.bfloat16,
                                                   grad_checkpoint=grad_checkpoint, compiled=compile).total
-    result["hf"], result["hf_skipped"] = _maybe_hf(config, cfg, dt, dev, batch, compare_hf, max_batch, kw)
+    result["hf"], result["hf_skipped"] = _maybe_hf(config, cfg, dt, dev, batch, bench.compare_hf, bench.max_batch, kw)
     if result["hf"] is not None:
         import transformers
 

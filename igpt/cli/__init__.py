@@ -1,8 +1,8 @@
 """Command line: ``igpt <command>`` (also ``python -m igpt``).
 
-Each family of commands lives in its own module with a ``register(subparsers)`` function; flags come from
-the config dataclasses (``igpt.cli.args``), so every default and help text is defined once, in
-``igpt.config``.
+Each family of commands lives in its own module with a ``register(subparsers)`` function and handlers that
+parse, call one library function and print. Flags come from the config dataclasses (``igpt.cli.args``), so
+every default and help text is defined once, in ``igpt.config``.
 """
 
 from __future__ import annotations
@@ -12,16 +12,25 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
-from igpt.cli import bench, convert, evaluate, generate, pretrain
+from igpt.cli import bench, convert, data, evaluate, generate, train
 from igpt.distributed import PeerLostError
 
-COMMAND_MODULES = (pretrain, convert, evaluate, generate, bench)
+COMMAND_MODULES = (data, train, evaluate, generate, convert, bench)
+
+
+def _version() -> str:
+    try:
+        return version("igpt")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    parser.add_argument("--version", action="version", version=f"igpt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, help="what to do")
     for module in COMMAND_MODULES:
         module.register(sub)

@@ -1,4 +1,6 @@
-"""Flags generated from the config dataclasses, so each default and help text is defined once."""
+"""Flags generated from the config dataclasses, so each default, help text and set of choices is written
+once, in ``igpt.config``; and the flag groups every command shares (``--checkpoint``, ``--data``,
+``--resize``, ``-q``)."""
 
 from __future__ import annotations
 
@@ -6,23 +8,45 @@ import argparse
 import dataclasses
 from typing import Any
 
+from igpt.config import DataConfig, EvalDataConfig
 
-def add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, preset_fields: bool = False) -> None:
-    """One flag per dataclass field (``n_layer`` -> ``--n-layer``) with the field's help. With
-    ``preset_fields`` the default is None so that an unset flag keeps the preset's value."""
+
+def _default_text(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return "none" if default is None else str(default)
+
+
+def _add(group: Any, f: dataclasses.Field, *, preset: bool, required: bool) -> None:
+    help_text = f.metadata["help"].replace("%", "%%")
+    if preset:
+        help_text += " (default: the preset's)"
+    elif not required and "default" not in help_text:  # a help that explains its default says it once
+        help_text += f" (default: {_default_text(f.default)})"
+    kw: dict[str, Any] = {"dest": f.name, "help": help_text, "default": None if preset else f.default}
+    kind = f.metadata.get("type", type(f.default))
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["type"] = kind
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+    if required:
+        kw["required"] = True
+        del kw["default"]
+    group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, preset: bool = False,
+               required: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of ``cls`` (``n_layer`` -> ``--n-layer``) with the field's help, default and
+    choices. With ``preset`` the default is None, so that an unset flag keeps the preset's value. Fields
+    with ``cli=False``, fields outside ``only``, and flags the parser already has are left out."""
     group = parser.add_argument_group(title)
+    taken = {a.dest for a in parser._actions}
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + ("" if preset_fields else f" (default: {f.default})")
-        kw: dict[str, Any] = {"dest": f.name, "help": help_text,
-                              "default": None if preset_fields else f.default}
-        if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = type(f.default) if f.default is not None else str
-            if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
-        group.add_argument(flag, **kw)
+        if f.metadata.get("cli", True) and (only is None or f.name in only) and f.name not in taken:
+            _add(group, f, preset=preset, required=f.name in required)
 
 
 def build(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
@@ -35,3 +59,39 @@ def build(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = Non
     return cls(**values)
 
 
+# ---- flag groups shared by commands
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    """``-q`` after the command too; SUPPRESS keeps a ``-q`` given before the command."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only warnings and errors in the log")
+
+
+def command(sub: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand parser with the flags every command has."""
+    p = sub.add_parser(name, **kw)
+    add_quiet(p)
+    return p
+
+
+def add_checkpoint(parser: argparse.ArgumentParser, help: str = "") -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help=help or "weights: an igpt checkpoint, a run directory (its newest checkpoint) or a "
+                        "Hugging Face ImageGPT folder")
+
+
+def add_data(parser: argparse.ArgumentParser, help: str = "") -> None:
+    """``--data`` (required), as ``igpt.config.DataConfig`` defines it."""
+    group = parser.add_argument_group("data")
+    f = DataConfig.__dataclass_fields__["data"]
+    group.add_argument("--data", required=True, help=(help or f.metadata["help"]).replace("%", "%%"))
+
+
+def add_resize(parser: argparse.ArgumentParser) -> None:
+    add_fields(parser, DataConfig, title="images", only=("resize",))
+
+
+def add_eval_data(parser: argparse.ArgumentParser, required: bool) -> None:
+    """The split of ``--data`` a model is scored or completed on (``igpt.config.EvalDataConfig``)."""
+    add_fields(parser, EvalDataConfig, title="data", required=("data",) if required else ())

@@ -1,9 +1,9 @@
 """igpt convert: read OpenAI's released checkpoints or a Hugging Face ImageGPT directory; write either format.
 
-    igpt convert --from openai CKPT_PREFIX --out CKPT_DIR [--palette kmeans_centers.npy] [--objective bert]
-    igpt convert --from hf SRC_DIR --out CKPT_DIR
-    igpt convert --to hf CKPT_OR_RUN_DIR --out DST_DIR
-    igpt convert --consolidate SHARDED_CKPT_OR_RUN_DIR --out CKPT_DIR
+    igpt convert --from openai --checkpoint CKPT_PREFIX --out CKPT_DIR [--palette kmeans_centers.npy]
+    igpt convert --from hf --checkpoint SRC_DIR --out CKPT_DIR
+    igpt convert --to hf --checkpoint CKPT_OR_RUN_DIR --out DST_DIR
+    igpt convert --consolidate --checkpoint SHARDED_CKPT_OR_RUN_DIR --out CKPT_DIR
 """
 
 from __future__ import annotations
@@ -11,49 +11,41 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from igpt.cli.args import add_checkpoint, command
+from igpt.weights.convert import consolidate, convert_hf, convert_openai, export_hf
+
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from igpt.weights import hf as interop
-
+    if (args.palette or args.objective) and args.src_format != "openai":
+        raise ValueError("--palette and --objective apply to --from openai only (an ImageGPT directory carries "
+                         "its palette and is always AR; an igpt checkpoint records both)")
     if args.consolidate:
-        if args.palette or args.objective:
-            raise ValueError("--palette and --objective apply to --from openai only")
-        from igpt.weights.checkpoint import consolidate
-
-        out = consolidate(args.src, args.out)
+        out = consolidate(args.checkpoint, args.out)
         print(f"wrote single-file igpt checkpoint {out} (load it with igpt.load({str(out)!r}))")
-        return
-    if args.to is not None:
-        if args.palette or args.objective:
-            raise ValueError("--palette and --objective apply to --from openai only")
-        out = interop.export_hf(args.src, args.out)
+    elif args.to is not None:
+        out = export_hf(args.checkpoint, args.out)
         print(f"wrote Hugging Face ImageGPT directory {out} (config.json, model.safetensors, "
               f"preprocessor_config.json)")
-        return
-    if args.src_format == "hf":
-        if args.palette or args.objective:
-            raise ValueError("--palette and --objective apply to --from openai only (an ImageGPT directory "
-                             "carries its palette and is always AR)")
-        out = interop.convert_hf(args.src, args.out)
     else:
-        out = interop.convert_openai(args.src, args.out, palette=args.palette, objective=args.objective)
-    print(f"wrote igpt checkpoint {out} (load it with igpt.load({str(out)!r}))")
+        out = (convert_hf(args.checkpoint, args.out) if args.src_format == "hf" else
+               convert_openai(args.checkpoint, args.out, palette=args.palette, objective=args.objective))
+        print(f"wrote igpt checkpoint {out} (load it with igpt.load({str(out)!r}))")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("convert", help="convert OpenAI / Hugging Face ImageGPT weights to and from igpt",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command(sub, "convert", help="convert OpenAI / Hugging Face ImageGPT weights to and from igpt",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from", dest="src_format", choices=("hf", "openai"),
-                     help="import: SRC is a Hugging Face ImageGPT directory (hf) or a released TensorFlow "
-                          "checkpoint prefix such as model.ckpt-1000000 (openai)")
+                     help="import: --checkpoint is a Hugging Face ImageGPT directory (hf) or a released "
+                          "TensorFlow checkpoint prefix such as model.ckpt-1000000 (openai)")
     way.add_argument("--to", dest="to", choices=("hf",),
-                     help="export: SRC is an igpt checkpoint or run directory, written as a Hugging Face "
-                          "ImageGPT directory")
+                     help="export: --checkpoint is an igpt checkpoint or run directory, written as a Hugging "
+                          "Face ImageGPT directory")
     way.add_argument("--consolidate", action="store_true",
-                     help="SRC is a sharded checkpoint (pretrain --sharded-checkpoint) or a run directory "
-                          "holding them; write its newest as one model.safetensors checkpoint")
-    p.add_argument("src", help="what to convert (see --from / --to)")
+                     help="--checkpoint is a sharded checkpoint (pretrain --sharded-checkpoint) or a run "
+                          "directory holding them; write its newest as one model.safetensors checkpoint")
+    add_checkpoint(p, "what to convert (see --from, --to and --consolidate)")
     p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
     p.add_argument("--palette", default=None,
                    help="--from openai: OpenAI's kmeans_centers.npy (default: the one beside the checkpoint)")

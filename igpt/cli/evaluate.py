@@ -1,19 +1,20 @@
-"""Evaluation commands: ``igpt probe`` (linear probes on every layer) and ``igpt finetune``."""
+"""Evaluation commands: ``igpt probe`` (linear probes on every layer) and ``igpt score`` (the validation
+loss: mean NLL of a split)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from igpt.cli.args import add_fields, build
-from igpt.eval.features import FeatureConfig
-from igpt.train.finetune import FinetuneConfig
-from igpt.eval.probe import ProbeConfig
+from igpt.atomic import write_json
+from igpt.cli.args import add_checkpoint, add_data, add_eval_data, add_fields, add_resize, build, command
+from igpt.config import EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
+from igpt.eval.probe import format_table, probe_checkpoint
+from igpt.eval.score import score
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from igpt.eval.probe import format_table, probe_checkpoint
-
     cfg = build(ProbeConfig, args)
     metrics = probe_checkpoint(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
                                resize=args.resize)
@@ -24,39 +25,48 @@ def cmd_probe(args: argparse.Namespace) -> None:
           f"{metrics['best_acc']:.4f} ({setting}); outputs in {args.out}/: metrics.json, probe.png, feats-*.npz")
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from igpt.train.finetune import finetune
+def cmd_score(args: argparse.Namespace) -> None:
+    report = score(args.checkpoint, build(EvalDataConfig, args), build(ScoreConfig, args))
+    head = (f"{report['objective'].upper()} score of {args.checkpoint} on {args.data} ({report['split']}, "
+            f"{report['images']} images)")
+    nats, bits = report["nats_per_token"], report["bits_per_token"]
+    if report["objective"] == "ar":
+        print(f"{head}:\n  {nats:.4f} nats/token  {bits:.4f} bits/token  {bits / 3:.4f} bits per "
+              "sub-pixel-equivalent (bits/3; not 8-bit bits/dim)")
+    else:
+        print(f"{head}:\n  masked-pixel loss {nats:.4f} nats/token  {bits:.4f} bits/token (mask_prob "
+              f"{report['mask_prob']}, seed {report['seed']})")
+    for path in ([Path(args.json)] if args.json else []) + ([Path(args.out) / "score.json"] if args.out else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, report)
+        print(f"-> {path}")
 
-    m = finetune(args.checkpoint, args.data, args.out, build(FinetuneConfig, args), resize=args.resize)
-    print(f"best validation accuracy {m['val_acc']:.4f} at step {m['best_step']} of {m['steps']}"
-          f"{' (stopped early)' if m['stopped_early'] else ''}; test accuracy {m['test_acc']:.4f}; "
-          f"classifier {m['checkpoint']}")
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                   help="a run directory (its newest checkpoint) or one checkpoint directory")
-    p.add_argument("--data", required=True, help="labelled dataset, any format 'igpt prepare' accepts, or a "
-                   "prepared cache made with the checkpoint's palette")
+def _probe_parser(sub: Any) -> None:
+    p = command(sub, "probe", help="linear probe (L-BFGS logistic regression) on every layer's features",
+                description="Features of every layer in one pass (cached in --out), a logistic-regression "
+                "probe per layer with the L2 strength chosen on a validation carve of train, test accuracy, "
+                "metrics.json and probe.png.")
+    add_checkpoint(p)
+    add_data(p, "labelled dataset, any format 'igpt prepare' accepts, or a prepared cache made with the "
+             "checkpoint's palette")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--resize", default="center", choices=("center", "squash"),
-                   help="how raw images reach the checkpoint's n_px (default: center)")
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("probe", help="linear probe (L-BFGS logistic regression) on every layer's features",
-                       description="Features of every layer in one pass (cached in --out), a logistic-regression "
-                       "probe per layer with the L2 strength chosen on a validation carve of train, test accuracy, "
-                       "metrics.json and probe.png.")
-    _common(p)
+    add_resize(p)
     add_fields(p, ProbeConfig, title="probe")
     add_fields(p, FeatureConfig, title="features")
     p.set_defaults(func=cmd_probe)
 
-    f = sub.add_parser("finetune", help="fine-tune a checkpoint with a classification head (L_CLF + w * L_GEN)",
-                       description="Zero-initialised head on the mean-pooled final norm, Adam at a constant "
-                       "learning rate after warm-up, early stopping on validation accuracy; the best checkpoint "
-                       "(with classifier.safetensors) goes to --out/checkpoints, metrics to --out/metrics.json.")
-    _common(f)
-    add_fields(f, FinetuneConfig, title="fine-tuning")
-    f.set_defaults(func=cmd_finetune)
+
+def _score_parser(sub: Any) -> None:
+    p = command(sub, "score", help="mean negative log-likelihood of a split (nats and bits per token)")
+    add_checkpoint(p)
+    add_eval_data(p, required=True)
+    add_fields(p, ScoreConfig, title="scoring")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--out", default=None, help="also write the result to OUT/score.json")
+    p.set_defaults(func=cmd_score)
+
+
+def register(sub: Any) -> None:
+    _probe_parser(sub)
+    _score_parser(sub)

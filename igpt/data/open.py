@@ -1,10 +1,21 @@
-"""The data of a pretraining run, opened the same way for ``igpt pretrain`` and ``igpt bench loader``: the
-images a palette is fitted on (or checked against), the size of the training split, the validation set,
-and a factory palette -> stream of id batches for whichever source ``--data`` names:
+"""The one front door for ``--data``: ``resolve`` decides, once, what a spec is, and the functions below open
+it (or write it) whatever it is.
 
-- a shards directory (``igpt prepare --shards`` or WebDataset tars): ``ShardStream``, decoded in workers;
-- an image folder with ``--augment imagenet``: ``FolderStream``, decoded and augmented in workers;
-- anything else (arrays, a prepared cache): ``BatchStream`` over memory-mapped or in-memory arrays.
+| kind       | what ``--data`` names                                                                      |
+|------------|--------------------------------------------------------------------------------------------|
+| ``digits`` | the literal word: scikit-learn's bundled 8x8 digits                                        |
+| ``cache``  | a directory with ``meta.json``, written by ``igpt prepare`` (``igpt.data.cache``)         |
+| ``shards`` | indexed tar shards (``igpt prepare --shards``) or WebDataset ``*.tar`` files              |
+| ``openai`` | OpenAI's pre-quantized files: a prefix ``P`` of ``P_trX.npy``, or a folder holding one     |
+| ``npz``    | a ``.npz`` with ``x_train`` (and ``y_train``, ``x_test``, ...)                             |
+| ``cifar10``, ``cifar100``, ``stl10`` | torchvision's folders (or their parents)                        |
+| ``folder`` | images: class sub-folders, ``train``/``val``/``test`` sub-folders, or flat                 |
+
+- ``open_split``: one split as an ``ImageSet`` (arrays, or memory maps of a cache);
+- ``open_labelled``: a labelled split whose ids fit a checkpoint's palette (probes, fine-tuning);
+- ``open_eval``: the split a model is scored or completed on (test when there is one, else val);
+- ``open_training``: the training stream and validation set of a pretraining run;
+- ``prepare``: a cache or shards written from any other kind.
 """
 
 from __future__ import annotations
@@ -12,55 +23,251 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from igpt.data import cache, shard_streams, shard_writer, sources
 from igpt.data.augment import FolderImages
-from igpt.config import DataConfig, TrainConfig
-from igpt.data.cache import ImageSet, open_split
-from igpt.data.streams import BatchStream, FolderStream, folder_splits
+from igpt.data.imageset import ImageSet, check_ids
+from igpt.data.shards import ShardIndex, is_shard_dir
+from igpt.data.splits import SPLITS, carve_val, missing_split, sample_indices, split_indices
+from igpt.data.streams import BatchStream, FolderStream
 from igpt.palette import Palette
-from igpt.data.shard_streams import open_shard_training
-from igpt.data.shards import is_shard_dir
 
 log = logging.getLogger(__name__)
+
+FORMATS = ("'digits'; a directory written by 'igpt prepare' (a cache or shards); WebDataset .tar shards; an "
+           "OpenAI prefix P with P_trX.npy; a .npz with x_train; a CIFAR-10/100 python folder; an STL-10 binary "
+           "folder; a folder of images (class sub-folders, train/val/test sub-folders, or flat)")
 PALETTE_FIT_IMAGES = 2000  # centre crops a palette is fitted on when training streams its images
+_TORCHVISION = (("cifar10", "data_batch_1", "cifar-10-batches-py"), ("cifar100", "train", "cifar-100-python"),
+                ("stl10", "train_X.bin", "stl10_binary"))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str  # see the module docstring
+    path: str  # the file, folder or (openai) prefix to read
+    spec: str  # what the user wrote, for messages
+
+
+def resolve(spec: str | Path) -> DataSpec:
+    """What ``--data spec`` is; an error naming it when it is nothing igpt reads."""
+    spec = str(spec)
+    if spec == "digits":  # the word; a folder called digits is ./digits
+        return DataSpec("digits", spec, spec)
+    path = Path(spec)
+    if cache.is_cache(path):
+        return DataSpec("cache", spec, spec)
+    if is_shard_dir(path):
+        return DataSpec("shards", spec, spec)
+    if Path(f"{spec}_trX.npy").is_file():
+        return DataSpec("openai", spec, spec)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return DataSpec("npz", spec, spec)
+    if not path.is_dir():
+        what = "no such file or directory" if not path.exists() else "not a recognised data file"
+        raise ValueError(f"--data {spec}: {what}; accepted: {FORMATS}")
+    for kind, marker, child in _TORCHVISION:
+        for d in (path, path / child):
+            if (d / marker).is_file():
+                return DataSpec(kind, str(d), spec)
+    openai = sorted(path.glob("*_trX.npy"))
+    if len(openai) > 1:
+        raise ValueError(f"--data {spec}: several OpenAI files ({', '.join(p.name for p in openai)}); pass the "
+                         "prefix, e.g. DIR/cifar10")
+    if openai:
+        return DataSpec("openai", str(openai[0])[:-len("_trX.npy")], spec)
+    subdirs, images = sources.folder_entries(path)
+    if not subdirs and not images:
+        raise ValueError(f"--data {spec}: no images or known dataset files found; accepted: {FORMATS}")
+    return DataSpec("folder", spec, spec)
+
+
+# ---- splits as arrays
+
+
+def open_split(data: str | Path | DataSpec, split: str, *, n_px: int, val_fraction: float = 0.1, seed: int = 0,
+               resize: str = "center", on_error: str = "stop") -> ImageSet:
+    """One split of ``--data`` as an ImageSet. A cache keeps the carve, seed and resize it was prepared
+    with; shards are decoded into memory (training streams them instead, ``open_training``)."""
+    d = data if isinstance(data, DataSpec) else resolve(data)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if d.kind == "cache":
+        return cache.open_cache(Path(d.path), split, n_px)
+    if d.kind == "shards":
+        return shard_streams.open_shard_split(d.path, split, n_px)
+    splits, _ = carve_val(sources.read(d.kind, d.path, n_px, resize=resize, on_error=on_error), val_fraction, seed)
+    if split not in splits:
+        raise missing_split(split, d.spec, sorted(splits), val_fraction)
+    s = splits[split]
+    return ImageSet(n_px, s.pixels, s.ids, s.labels, s.classes, None, d.spec)
+
+
+def open_labelled(data: str | Path, split: str, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
+                  seed: int = 0, resize: str = "center") -> ImageSet:
+    """A labelled split whose ids fit ``palette`` (``check_ids``): for probes and fine-tuning."""
+    images = open_split(data, split, n_px=n_px, val_fraction=val_fraction, seed=seed, resize=resize)
+    if images.labels is None:
+        raise ValueError(f"--data {data}: the {split!r} split has no labels; a probe or fine-tune needs labelled "
+                         "images (class sub-folders, y_train/y_test arrays, ...)")
+    check_ids(images, palette)
+    return images
+
+
+def open_eval(data: str | Path, split: str | None, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
+              seed: int = 0, resize: str = "center") -> tuple[ImageSet, str]:
+    """(images, split name) that a model is scored or completed on: ``split``, or test when the data has
+    one and val otherwise. Their ids must fit ``palette``."""
+    d = resolve(data)
+    kw = dict(n_px=n_px, val_fraction=val_fraction, seed=seed, resize=resize)
+    names = [split] if split else ["test", "val"]
+    for i, name in enumerate(names):
+        try:
+            images = open_split(d, name, **kw)
+        except ValueError as e:
+            if i + 1 < len(names) and f"has no {name!r} split" in str(e):
+                continue
+            raise
+        check_ids(images, palette)
+        return images, name
+    raise AssertionError("unreachable")
+
+
+def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:
+    """Bool (n_test,) marking the bit-exact test images of ../shared/data/cifar10*.npz (``test_lossless``):
+    from the npz itself, from ``test_lossless.npy`` beside a cache's arrays, or from the npz a cache was
+    prepared from (its meta.json ``source``)."""
+    d = resolve(data)
+    candidates = [Path(d.path)] if d.kind == "npz" else []
+    if d.kind == "cache":
+        source = Path(cache.read_meta(Path(d.path)).get("source", ""))
+        candidates += [Path(d.path) / "test_lossless.npy", source if source.is_absolute() else Path.cwd() / source]
+    for c in candidates:
+        if c.is_file() and c.suffix == ".npy":
+            mask = np.load(c, allow_pickle=False)
+        elif c.is_file() and c.suffix == ".npz":
+            with np.load(c, allow_pickle=False) as z:
+                if "test_lossless" not in z.files:
+                    continue
+                mask = z["test_lossless"]
+        else:
+            continue
+        if mask.shape != (n_test,) or mask.dtype != bool:
+            raise ValueError(f"{c}: test_lossless is {mask.dtype} {mask.shape}, the test split has {n_test} images")
+        return mask
+    raise ValueError(f"--eval-subset lossless: --data {data} has no test_lossless array (an npz such as "
+                     "../shared/data/cifar10.npz, or a cache prepared from one)")
+
+
+# ---- writing: caches and shards
+
+
+def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palette | None = None, shards: int = 0,
+            val_fraction: float = 0.1, seed: int = 0, resize: str = "center", on_error: str = "stop",
+            progress: bool = True) -> dict[str, Any]:
+    """Write ``data`` as a cache (``igpt.data.cache``; ids with ``palette``, else pixels) or, with
+    ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata."""
+    d = resolve(data)
+    if d.kind in ("cache", "shards"):
+        what = "a prepared cache" if d.kind == "cache" else "a shards directory"
+        raise ValueError(f"--data {data} is already {what}; use it directly")
+    if shards:
+        if palette is not None:
+            raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")
+        if d.kind == "folder":  # files are copied as they are, at full resolution
+            return shard_writer.write_folder_shards(Path(d.path), out_dir, per_shard=shards, val_fraction=val_fraction,
+                                                    seed=seed, on_error=on_error, progress=progress)
+        raw = sources.read(d.kind, d.path, n_px, resize=resize, on_error=on_error)
+        return shard_writer.write_array_shards(raw, out_dir, source=d.spec, n_px=n_px, per_shard=shards,
+                                               val_fraction=val_fraction, seed=seed, progress=progress)
+    raw = sources.read(d.kind, d.path, n_px, resize=resize, on_error=on_error)
+    return cache.write_cache(raw, out_dir, source=d.spec, n_px=n_px, palette=palette, val_fraction=val_fraction,
+                             seed=seed, resize=resize, progress=progress)
+
+
+# ---- training
 
 
 @dataclass
 class TrainingData:
     fit_set: ImageSet  # images to fit or check the palette on (all of train when it is in memory)
     n_train: int  # training images (one epoch)
-    val_set: ImageSet | None  # None without a validation split or with --eval-every 0
+    val_set: ImageSet | None  # None without a validation split, or when not asked for
     make_stream: Callable[[Palette], Any]  # palette -> stream with next() -> ids (rows, T) on the device
 
 
-def open_training_data(cfg: TrainConfig, data_cfg: DataConfig, n_px: int, device: torch.device,
-                       rows: slice = slice(None)) -> TrainingData:
-    """Open ``data_cfg.data`` for training; ``rows`` is this process's share of each micro-batch."""
-    data = data_cfg.data
-    if is_shard_dir(data):  # streamed from tar shards, decoded in --workers processes
-        return TrainingData(*open_shard_training(data, n_px, cfg, device, rows, PALETTE_FIT_IMAGES))
-    if cfg.augment == "imagenet":
-        images, train_idx, val = folder_splits(data, n_px, data_cfg.val_fraction, cfg.seed)
-        fit_idx = np.random.default_rng(cfg.seed).permutation(train_idx)[:PALETTE_FIT_IMAGES]
-        view = FolderImages(images.root, n_px, augment="center")
-        fit_set = ImageSet(n_px, np.stack([view[int(i)][0].numpy() for i in fit_idx]), None, None, None, None, data)
-        return TrainingData(fit_set, len(train_idx), val if cfg.eval_every else None, lambda palette: FolderStream(
-            images, train_idx, cfg.batch_size, cfg.seed, palette, device, cfg.workers, rows))
-    kw = {"n_px": n_px, "val_fraction": data_cfg.val_fraction, "seed": cfg.seed, "resize": data_cfg.resize}
-    train = open_split(data, "train", **kw)
-    return TrainingData(train, len(train), _open_val(cfg, data, kw), lambda palette: BatchStream(
-        train, cfg.batch_size, cfg.seed, palette, device, cfg.augment, rows))
+def open_training(data: str | Path, n_px: int, *, batch_size: int, seed: int, device: torch.device,
+                  augment: str = "none", workers: int = 0, val_fraction: float = 0.1, resize: str = "center",
+                  validate: bool = True, val_images: int = 0, rows: slice = slice(None)) -> TrainingData:
+    """The data of a pretraining run: ``batch_size`` images a micro-batch, ordered and augmented from
+    ``seed``; ``rows`` is this process's share of each micro-batch. Shards stream from tar files decoded in
+    ``workers`` processes; an image folder with ``augment="imagenet"`` likewise; everything else is read
+    as arrays (memory-mapped for a cache). ``validate`` opens the val split too (at most ``val_images``
+    of a shards directory's, drawn with the seed; 0 = all)."""
+    d = resolve(data)
+    if d.kind == "shards":
+        return _shard_training(d, n_px, batch_size, seed, device, augment, workers, validate, val_images, rows)
+    if augment == "imagenet":
+        return _folder_training(d, n_px, batch_size, seed, device, workers, val_fraction, validate, rows)
+    kw = {"n_px": n_px, "val_fraction": val_fraction, "seed": seed, "resize": resize}
+    train = open_split(d, "train", **kw)
+    val = None
+    if validate:
+        try:
+            val = open_split(d, "val", **kw)
+        except ValueError as e:
+            log.warning("no validation split, so no validation loss: %s", e)
+    return TrainingData(train, len(train), val, lambda palette: BatchStream(
+        train, batch_size, seed, palette, device, augment, rows))
 
 
-def _open_val(cfg: TrainConfig, data: str, kw: dict[str, Any]) -> ImageSet | None:
-    if cfg.eval_every == 0:
-        return None
-    try:
-        return open_split(data, "val", **kw)
-    except ValueError as e:
-        log.warning("no validation split, so no validation loss: %s", e)
-        return None
+def _shard_training(d: DataSpec, n_px: int, batch_size: int, seed: int, device: torch.device, augment: str,
+                    workers: int, validate: bool, val_images: int, rows: slice) -> TrainingData:
+    index = ShardIndex.open(d.path)
+    shard_streams.check_n_px(index, n_px, augment)
+    train = index.split("train")
+    fit_idx = sample_indices(len(train), PALETTE_FIT_IMAGES, seed)
+    fit = ImageSet(n_px, shard_streams.decode_images(train, n_px, fit_idx), None, None, None, None, d.spec)
+    val = None
+    if validate and "val" not in index.splits:
+        log.warning("%s: no val shards, so no validation loss", d.spec)
+    elif validate:
+        v = index.split("val")
+        n = len(v) if val_images == 0 else min(len(v), val_images)
+        val = ImageSet(n_px, shard_streams.decode_images(v, n_px, sample_indices(len(v), n, seed)), None, None,
+                       None, None, f"{d.spec} (val)")
+    return TrainingData(fit, len(train), val, lambda palette: shard_streams.ShardStream(
+        train, batch_size, seed, palette, device, n_px, augment, workers, rows))
+
+
+def _folder_training(d: DataSpec, n_px: int, batch_size: int, seed: int, device: torch.device, workers: int,
+                     val_fraction: float, validate: bool, rows: slice) -> TrainingData:
+    """The paper's ImageNet-style augmentation, decoded in workers: the training folder (``root/train`` when
+    the root has split sub-folders), its validation images centre-cropped (``root/val``, else
+    ``val_fraction`` of the training folder carved with ``seed``)."""
+    if d.kind != "folder":
+        raise ValueError(f"--augment imagenet needs --data to be an image folder (or shards of one); {d.spec} "
+                         f"is {d.kind} data")
+    root = Path(d.path)
+    has_splits = bool(sources.split_folders(root))
+    train_root = root / "train" if has_splits else root
+    images = FolderImages(train_root, n_px, augment="imagenet", seed=seed)
+    view = FolderImages(train_root, n_px, augment="center", seed=seed)
+    train_idx, val, val_idx = np.arange(len(images)), None, None
+    if has_splits and (root / "val").is_dir():
+        val = open_split(d, "val", n_px=n_px) if validate else None
+    elif val_fraction > 0:
+        train_idx, val_idx = split_indices(len(images), val_fraction, seed)
+    if validate and val_idx is not None:
+        labels = None if images.labels is None else images.labels[val_idx]
+        pixels = np.stack([view[int(i)][0].numpy() for i in val_idx])
+        val = ImageSet(n_px, pixels, None, labels, images.classes, None, f"{d.spec} (val carve)")
+    fit_idx = np.random.default_rng(seed).permutation(train_idx)[:PALETTE_FIT_IMAGES]
+    fit = ImageSet(n_px, np.stack([view[int(i)][0].numpy() for i in fit_idx]), None, None, None, None, d.spec)
+    return TrainingData(fit, len(train_idx), val, lambda palette: FolderStream(
+        images, train_idx, batch_size, seed, palette, device, workers, rows))

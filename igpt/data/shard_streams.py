@@ -17,7 +17,7 @@ import io
 import logging
 import operator
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 
 from igpt.data.augment import cifar_augment, cifar_augment_params, imagenet_style
-from igpt.data.cache import ImageSet
+from igpt.data.imageset import ImageSet
 from igpt.data.images import open_image, to_n_px
+from igpt.data.shards import ShardIndex, ShardSplit
 from igpt.data.streams import WorkerStream
 from igpt.palette import Palette
 from igpt.runtime import derived_generator
-from igpt.data.shards import ShardIndex, ShardSplit
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,6 @@ class ShardStream(WorkerStream):
         return cifar_augment(pixels, None, params=tuple(p[self.rows] for p in params))
 
 
-def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
-    """k of 0..n-1 drawn with ``seed``, sorted (reads go shard by shard); all of them when k >= n."""
-    if k >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-
-
 def decode_images(split: ShardSplit, n_px: int, index: np.ndarray) -> np.ndarray:
     """Centre crops (len(index), n_px, n_px, 3) uint8 of some samples, decoded on a thread pool (PIL
     releases the GIL while decoding)."""
@@ -205,10 +198,11 @@ def decode_images(split: ShardSplit, n_px: int, index: np.ndarray) -> np.ndarray
     return out
 
 
-def _check_n_px(index: ShardIndex, n_px: int, augment: str) -> None:
+def check_n_px(index: ShardIndex, n_px: int, augment: str) -> None:
     if index.n_px is not None and index.n_px != n_px:
-        raise ValueError(f"{index.root}: shards hold {index.n_px}x{index.n_px} images but n_px={n_px} was asked "
-                         f"for; use --n-px {index.n_px} or write the shards again")
+        raise ValueError(f"--data {index.root}: shards hold {index.n_px}x{index.n_px} images, but {n_px}x{n_px} "
+                         f"images are needed here; write shards from the source again with 'igpt prepare "
+                         f"--shards N --n-px {n_px}'")
     if augment == "imagenet" and index.n_px is not None:
         raise ValueError(f"--augment imagenet needs full-resolution images, but {index.root} holds "
                          f"{index.n_px}x{index.n_px} images from an array source; use --augment cifar or none, "
@@ -220,7 +214,7 @@ def open_shard_split(data: str, split: str, n_px: int) -> ImageSet:
     that need a split as arrays (palette fit, score, probe, ...). "train_all" is train followed by a
     carved val (not the source's order)."""
     index = ShardIndex.open(data)
-    _check_n_px(index, n_px, "none")
+    check_n_px(index, n_px, "none")
     names = ["train", "val"] if split == "train_all" and index.val_carved else \
         ["train" if split == "train_all" else split]
     parts = [index.split(name) for name in names]
@@ -229,25 +223,3 @@ def open_shard_split(data: str, split: str, n_px: int) -> ImageSet:
     labeled = all(p.labeled for p in parts)
     labels = np.concatenate([p.labels for p in parts]) if labeled else None
     return ImageSet(n_px, pixels, None, labels, index.classes if labeled else None, None, str(data))
-
-
-def open_shard_training(data: str, n_px: int, cfg: Any, device: torch.device, rows: slice, fit_images: int
-                        ) -> tuple[ImageSet, int, ImageSet | None, Callable[[Palette], ShardStream]]:
-    """For ``Trainer``: (centre crops of up to ``fit_images`` training images for the palette, the number of
-    training images, the validation ImageSet (the val shards' first eval batches' worth, drawn with the
-    seed; None without val or evaluation), palette -> ShardStream)."""
-    index = ShardIndex.open(data)
-    _check_n_px(index, n_px, cfg.augment)
-    train = index.split("train")
-    fit = ImageSet(n_px, decode_images(train, n_px, sample_indices(len(train), fit_images, cfg.seed)), None, None,
-                   None, None, data)
-    val = None
-    if cfg.eval_every and "val" not in index.splits:
-        log.warning("%s: no val shards, so no validation loss", data)
-    elif cfg.eval_every:
-        v = index.split("val")
-        n = len(v) if cfg.eval_batches == 0 else min(len(v), cfg.eval_batches * cfg.batch_size)
-        val = ImageSet(n_px, decode_images(v, n_px, sample_indices(len(v), n, cfg.seed)), None, None, None, None,
-                       f"{data} (val)")
-    return fit, len(train), val, lambda palette: ShardStream(
-        train, cfg.batch_size, cfg.seed, palette, device, n_px, cfg.augment, cfg.workers, rows)

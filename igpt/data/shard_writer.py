@@ -10,7 +10,6 @@ complete dataset.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import tarfile
@@ -22,10 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from igpt.data.cache import split_indices
+from igpt.atomic import replacing, write_json
 from igpt.data.images import DECODE_ERRORS
-from igpt.data.shards import FORMAT_VERSION, SHARDS_FILE, is_shard_dir, scan_tar
-from igpt.data.sources import list_image_folder, read_source, split_folders
+from igpt.data.shards import FORMAT_VERSION, SHARDS_FILE, scan_tar
+from igpt.data.sources import list_image_folder, split_folders
+from igpt.data.splits import RawSplit, split_indices
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,6 @@ class _Plan:
     load: Callable[[int], tuple[bytes, str] | None]
     labels: np.ndarray | None
     keys: np.ndarray  # (n,) the source position of each image, used as its tar key
-
-
-def _is_image_folder(spec: str) -> bool:
-    """Whether ``read_source`` would read ``spec`` as an image folder (it tries these formats first)."""
-    path = Path(spec)
-    if spec == "digits" or not path.is_dir() or Path(f"{spec}_trX.npy").is_file():
-        return False
-    markers = (("data_batch_1", "cifar-10-batches-py"), ("train", "cifar-100-python"), ("train_X.bin", "stl10_binary"))
-    if any((path / m).is_file() or (path / parent / m).is_file() for m, parent in markers):
-        return False
-    return not any(path.glob("*_trX.npy"))
 
 
 def _file_loader(paths: list[Path], on_error: str) -> Callable[[int], tuple[bytes, str] | None]:
@@ -113,16 +102,6 @@ def _folder_plans(root: Path, on_error: str) -> tuple[dict[str, _Plan], list[str
     return plans, classes
 
 
-def _array_plans(data: str, n_px: int, resize: str, on_error: str) -> tuple[dict[str, _Plan], list[str] | None]:
-    raw = read_source(data, n_px, resize=resize, on_error=on_error)
-    if any(s.pixels is None for s in raw.values()):
-        raise ValueError(f"--data {data} holds palette ids, not images: --shards stores images; use prepare "
-                         "without --shards")
-    plans = {name: _Plan(len(s.pixels), _png_loader(s.pixels), s.labels, np.arange(len(s.pixels)))
-             for name, s in raw.items()}
-    return plans, next((s.classes for s in raw.values() if s.classes is not None), None)
-
-
 def _loaded(pool: ThreadPoolExecutor, plan: _Plan, pick: np.ndarray) -> Iterator[tuple[int, tuple[bytes, str] | None]]:
     for start in range(0, len(pick), _CHUNK):
         chunk = [int(i) for i in pick[start:start + _CHUNK]]
@@ -135,34 +114,36 @@ def _add_member(tar: tarfile.TarFile, name: str, blob: bytes) -> None:
     tar.addfile(info, io.BytesIO(blob))
 
 
+class _NothingWritten(Exception):
+    """Every image of a shard was skipped: no shard is written."""
+
+
 def _write_shard(out: Path, stem: str, items: Iterator, plan: _Plan, bar) -> dict | None:
-    """Write one tar and its index through temporary names; None when every image was skipped."""
-    tmp_tar, tmp_idx = out / f".tmp{os.getpid()}.{stem}.tar", out / f".tmp{os.getpid()}.{stem}.idx.npy"
+    """Write one tar and its index atomically; None when every image was skipped."""
     try:
-        n = 0
-        with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
-            for i, loaded in items:
-                bar.update(1)
-                if loaded is None:
-                    continue
-                key = f"{int(plan.keys[i]):09d}"
-                _add_member(tar, f"{key}.{loaded[1]}", loaded[0])
-                if plan.labels is not None:
-                    _add_member(tar, f"{key}.cls", str(int(plan.labels[i])).encode())
-                n += 1
-        if n == 0:
-            return None
-        rows, _ = scan_tar(tmp_tar)  # the index is what a reader of the finished tar would find
-        if len(rows) != n:
-            raise ValueError(f"{out / stem}.tar: wrote {n} images but its headers list {len(rows)}")
-        np.save(tmp_idx, rows, allow_pickle=False)
-        size = tmp_tar.stat().st_size
-        os.replace(tmp_tar, out / f"{stem}.tar")
-        os.replace(tmp_idx, out / f"{stem}.idx.npy")
-        return {"tar": f"{stem}.tar", "index": f"{stem}.idx.npy", "n": n, "bytes": size}
-    finally:
-        tmp_tar.unlink(missing_ok=True)
-        tmp_idx.unlink(missing_ok=True)
+        with replacing(out / f"{stem}.tar") as tmp_tar, replacing(out / f"{stem}.idx.npy") as tmp_idx:
+            n = 0
+            with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
+                for i, loaded in items:
+                    bar.update(1)
+                    if loaded is None:
+                        continue
+                    key = f"{int(plan.keys[i]):09d}"
+                    _add_member(tar, f"{key}.{loaded[1]}", loaded[0])
+                    if plan.labels is not None:
+                        _add_member(tar, f"{key}.cls", str(int(plan.labels[i])).encode())
+                    n += 1
+            if n == 0:
+                raise _NothingWritten
+            rows, _ = scan_tar(tmp_tar)  # the index is what a reader of the finished tar would find
+            if len(rows) != n:
+                raise ValueError(f"{out / stem}.tar: wrote {n} images but its headers list {len(rows)}")
+            with open(tmp_idx, "wb") as f:
+                np.save(f, rows, allow_pickle=False)
+            size = tmp_tar.stat().st_size
+    except _NothingWritten:
+        return None
+    return {"tar": f"{stem}.tar", "index": f"{stem}.idx.npy", "n": n, "bytes": size}
 
 
 def _write_split(out: Path, name: str, plan: _Plan, per_shard: int, seed: int, pool: ThreadPoolExecutor,
@@ -180,20 +161,36 @@ def _write_split(out: Path, name: str, plan: _Plan, per_shard: int, seed: int, p
     return {"n": total, "labeled": plan.labels is not None, "shards": shards}
 
 
-def write_shards(data: str, out_dir: str | os.PathLike, *, n_px: int, per_shard: int, val_fraction: float = 0.1,
-                 seed: int = 0, resize: str = "center", on_error: str = "stop", progress: bool = True) -> dict:
-    """Write ``data`` as tar shards of ``per_shard`` images each (see the module docstring). Returns the
-    contents of shards.json. An image folder's files are copied (``n_px`` and ``resize`` are then unused)."""
+def write_folder_shards(root: Path, out_dir: str | os.PathLike, *, per_shard: int, val_fraction: float = 0.1,
+                        seed: int = 0, on_error: str = "stop", progress: bool = True) -> dict:
+    """An image folder's files, copied as they are (full resolution), into tar shards of ``per_shard``
+    images. Returns the contents of shards.json."""
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"--on-error must be 'stop' or 'skip', got {on_error!r}")
+    plans, classes = _folder_plans(root, on_error)
+    return _write_all(plans, classes, out_dir, n_px=None, source=str(root), per_shard=per_shard,
+                      val_fraction=val_fraction, seed=seed, progress=progress)
+
+
+def write_array_shards(raw: dict[str, RawSplit], out_dir: str | os.PathLike, *, source: str, n_px: int,
+                       per_shard: int, val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict:
+    """Splits read at ``n_px`` (npz, CIFAR, digits, ...) as lossless PNGs in tar shards of ``per_shard``
+    images. Returns the contents of shards.json."""
+    if any(s.pixels is None for s in raw.values()):
+        raise ValueError(f"--data {source} holds palette ids, not images: --shards stores images; use prepare "
+                         "without --shards")
+    plans = {name: _Plan(len(s), _png_loader(s.pixels), s.labels, np.arange(len(s))) for name, s in raw.items()}
+    classes = next((s.classes for s in raw.values() if s.classes is not None), None)
+    return _write_all(plans, classes, out_dir, n_px=n_px, source=source, per_shard=per_shard,
+                      val_fraction=val_fraction, seed=seed, progress=progress)
+
+
+def _write_all(plans: dict[str, _Plan], classes: list[str] | None, out_dir: str | os.PathLike, *, n_px: int | None,
+               source: str, per_shard: int, val_fraction: float, seed: int, progress: bool) -> dict:
     from tqdm.auto import tqdm  # lazy: only writing shows a progress bar
 
     if per_shard < 1:
         raise ValueError(f"--shards must be >= 1 images per shard, got {per_shard}")
-    if on_error not in ("stop", "skip"):
-        raise ValueError(f"--on-error must be 'stop' or 'skip', got {on_error!r}")
-    if is_shard_dir(data):
-        raise ValueError(f"--data {data} is already a shards directory; train on it directly")
-    folder = _is_image_folder(str(data))
-    plans, classes = _folder_plans(Path(data), on_error) if folder else _array_plans(str(data), n_px, resize, on_error)
     carved = _carve(plans, val_fraction, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,14 +203,9 @@ def write_shards(data: str, out_dir: str | os.PathLike, *, n_px: int, per_shard:
             tqdm(total=sum(p.n for p in plans.values()), desc=f"shards {out}", unit="img", disable=not progress) as bar:
         for name, plan in plans.items():
             splits[name] = _write_split(out, name, plan, per_shard, seed, pool, bar)
-    meta = {"format_version": FORMAT_VERSION, "n_px": None if folder else n_px,
-            "encoding": "original files" if folder else "png", "images_per_shard": per_shard,
-            "classes": classes, "source": str(data), "val_fraction": val_fraction, "seed": seed,
+    meta = {"format_version": FORMAT_VERSION, "n_px": n_px,
+            "encoding": "original files" if n_px is None else "png", "images_per_shard": per_shard,
+            "classes": classes, "source": source, "val_fraction": val_fraction, "seed": seed,
             "val_carved": carved, "splits": splits}
-    tmp = out / f".tmp{os.getpid()}.{SHARDS_FILE}"
-    try:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out / SHARDS_FILE)  # last: its presence means every shard above is complete
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(out / SHARDS_FILE, meta)  # last: its presence means every shard above is complete
     return meta

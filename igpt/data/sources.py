@@ -1,21 +1,21 @@
-"""Readers that turn a ``--data`` spec into splits of pixels (or, for OpenAI's files, palette ids).
+"""Readers that turn one kind of ``--data`` into splits of pixels (or, for OpenAI's files, palette ids).
 
-``read_source(spec, n_px)`` tries these layouts, in this order, and stops at the first that matches:
+``igpt.data.open.resolve`` decides what kind a spec is; ``read(kind, path, n_px)`` then reads it:
 
-1. ``digits`` (the literal word): scikit-learn's bundled 8x8 digits, values 0..16 scaled to 0..255 and
-   replicated to RGB; a fixed 20% test split (``default_rng(0)``). A folder called ``digits`` is ``./digits``.
-2. OpenAI's pre-quantized files: a prefix ``P`` with ``P_trX.npy`` (``P_vaX``/``P_teX`` and one-hot
-   ``P_trY``/... optional), or a directory holding exactly one ``*_trX.npy``. These are ids, not pixels.
-3. ``*.npz`` with ``x_train`` (uint8 NHWC or NHW) and optionally ``y_train``, ``x_val``, ``y_val``,
-   ``x_test``, ``y_test``, ``label_names`` (the layout of shared/data/cifar10.npz).
-4. CIFAR-10 python folder (``data_batch_1``..``5``, ``test_batch``) or its parent (``cifar-10-batches-py``).
-5. CIFAR-100 python folder (``train``, ``test`` files; fine labels) or its parent (``cifar-100-python``).
-6. STL-10 binary folder (``train_X.bin``...) or its parent (``stl10_binary``); ``unlabeled_X.bin`` is memory-mapped.
-7. An image folder: sub-folders named only ``train``/``val``/``test`` map to those splits; other sub-folders
-   are classes (sorted names, images found recursively); images directly inside are one unlabelled "train".
+- ``digits``: scikit-learn's bundled 8x8 digits, values 0..16 scaled to 0..255 and replicated to RGB; a
+  fixed 20% test split (``default_rng(0)``).
+- ``openai``: OpenAI's pre-quantized files, a prefix ``P`` with ``P_trX.npy`` (``P_vaX``/``P_teX`` and
+  one-hot ``P_trY``/... optional). These are ids, not pixels.
+- ``npz``: ``x_train`` (uint8 NHWC or NHW) and optionally ``y_train``, ``x_val``, ``y_val``, ``x_test``,
+  ``y_test``, ``label_names`` (the layout of shared/data/cifar10.npz).
+- ``cifar10`` / ``cifar100``: the python pickle folders (``data_batch_1``..``5``, ``test_batch``; or
+  ``train``, ``test`` with fine labels).
+- ``stl10``: the binary folder (``train_X.bin``...); ``unlabeled_X.bin`` is memory-mapped.
+- ``folder``: sub-folders named only ``train``/``val``/``test`` map to those splits; other sub-folders are
+  classes (sorted names, images found recursively); images directly inside are one unlabelled "train".
 
 Every image reaches ``n_px`` through ``to_n_px``. The CIFAR pickles are read with an unpickler that only
-rebuilds numpy arrays, but pickles are still only meant for files you trust.
+rebuilds numpy arrays, so a tampered file cannot run code.
 """
 
 from __future__ import annotations
@@ -24,30 +24,21 @@ import logging
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from igpt.config import N_VOCAB  # OpenAI's files hold ids of their 512-colour palette
-from igpt.data.images import RESIZE_MODES, open_image, to_n_px
+from igpt.config import RESIZE_MODES
+from igpt.data.images import open_image, to_n_px
+from igpt.data.splits import RawSplit
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-FORMATS = ("'digits'; an OpenAI prefix P with P_trX.npy; a .npz with x_train; a CIFAR-10/100 python folder; "
-           "an STL-10 binary folder; a folder of images (class sub-folders, train/val/test sub-folders, or flat)")
 _SPLIT_DIRS = ("train", "val", "test")
 _CHUNK = 1024  # images resized per step, so a memory-mapped source is never copied whole
 # PIL reports broken files through any of these, depending on the plugin and where decoding stops.
-
-
-@dataclass
-class RawSplit:
-    pixels: np.ndarray | None  # (N, n_px, n_px, 3) uint8, already resized
-    ids: np.ndarray | None  # (N, T) uint16, only for OpenAI's pre-quantized files
-    labels: np.ndarray | None  # (N,) int64, or None when unlabelled
-    classes: list[str] | None
 
 
 def _resize_array(x: np.ndarray, n_px: int, mode: str) -> np.ndarray:
@@ -75,7 +66,7 @@ def _walk_images(root: Path) -> list[Path]:
     return found
 
 
-def _entries(root: Path) -> tuple[list[Path], list[Path]]:
+def folder_entries(root: Path) -> tuple[list[Path], list[Path]]:
     entries = sorted(e for e in root.iterdir() if not e.name.startswith("."))
     return [e for e in entries if e.is_dir()], [e for e in entries if e.is_file() and _is_image(e)]
 
@@ -83,7 +74,7 @@ def _entries(root: Path) -> tuple[list[Path], list[Path]]:
 def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
     """One image folder -> (paths, labels (N,) int64, classes), or (paths, None, None) when flat."""
     root = Path(root)
-    subdirs, files = _entries(root)
+    subdirs, files = folder_entries(root)
     if subdirs and files:
         raise ValueError(f"{root}: holds both images and sub-folders ({subdirs[0].name}/...); expected one "
                          "sub-folder per class or images only")
@@ -140,7 +131,7 @@ def _read_folder(root: Path, n_px: int, resize: str, on_error: str, classes: lis
 
 def split_folders(root: str | os.PathLike) -> list[Path]:
     """The train/val/test sub-folders when those are all root holds (a split layout), else []."""
-    subdirs, files = _entries(Path(root))
+    subdirs, files = folder_entries(Path(root))
     return subdirs if subdirs and not files and all(d.name in _SPLIT_DIRS for d in subdirs) else []
 
 
@@ -150,7 +141,7 @@ def _read_image_tree(root: Path, n_px: int, resize: str, on_error: str) -> dict[
         return {"train": _read_folder(root, n_px, resize, on_error)}
     # train/val/test layout: one class list for all splits (the sorted union), so label k means the same
     # class in every split.
-    names = sorted({c.name for d in split_dirs for c in _entries(d)[0]})
+    names = sorted({c.name for d in split_dirs for c in folder_entries(d)[0]})
     return {d.name: _read_folder(d, n_px, resize, on_error, names or None) for d in split_dirs}
 
 
@@ -335,50 +326,22 @@ def _read_digits(n_px: int, resize: str) -> dict[str, RawSplit]:
     return {"train": RawSplit(x[train], None, y[train], classes), "test": RawSplit(x[test], None, y[test], classes)}
 
 
-def _find_child(root: Path, marker: str, parent_name: str) -> Path | None:
-    """root itself when it holds ``marker``, else root/parent_name when that does, else None."""
-    for d in (root, root / parent_name):
-        if (d / marker).is_file():
-            return d
-    return None
-
-
-def read_source(spec: str, n_px: int, *, resize: str = "center", on_error: str = "stop") -> dict[str, RawSplit]:
-    """Read a ``--data`` spec into {"train"|"val"|"test"|"unlabeled": RawSplit} (see the module docstring).
-
-    ``on_error`` ("stop" or "skip") decides what an unreadable image in a folder does: raise naming it,
-    or be left out with one warning that counts them.
-    """
+def read(kind: str, path: str, n_px: int, *, resize: str = "center", on_error: str = "stop") -> dict[str, RawSplit]:
+    """Read a resolved ``--data`` into {"train"|"val"|"test"|"unlabeled": RawSplit} (see the module
+    docstring). ``on_error`` ("stop" or "skip") decides what an unreadable image in a folder does: raise
+    naming it, or be left out with one warning that counts them."""
     if n_px < 1:
         raise ValueError(f"--n-px must be >= 1, got {n_px}")
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {resize!r}")
     if on_error not in ("stop", "skip"):
         raise ValueError(f"--on-error must be 'stop' or 'skip', got {on_error!r}")
-    spec = str(spec)
-    if spec == "digits":
-        return _read_digits(n_px, resize)
-    if Path(f"{spec}_trX.npy").is_file():
-        return _read_openai(spec, n_px)
-    path = Path(spec)
-    if path.is_file() and path.suffix.lower() == ".npz":
-        return _read_npz(path, n_px, resize)
-    if not path.is_dir():
-        what = "no such file or directory" if not path.exists() else "not a recognised data file"
-        raise ValueError(f"--data {spec}: {what}; accepted: {FORMATS}")
-    if d := _find_child(path, "data_batch_1", "cifar-10-batches-py"):
-        return _read_cifar(d, _CIFAR10, n_px, resize)
-    if d := _find_child(path, "train", "cifar-100-python"):
-        return _read_cifar(d, _CIFAR100, n_px, resize)
-    if d := _find_child(path, "train_X.bin", "stl10_binary"):
-        return _read_stl10(d, n_px, resize)
-    openai = sorted(path.glob("*_trX.npy"))
-    if len(openai) > 1:
-        raise ValueError(f"--data {spec}: several OpenAI files ({', '.join(p.name for p in openai)}); "
-                         "pass the prefix, e.g. DIR/cifar10")
-    if openai:
-        return _read_openai(str(openai[0])[:-len("_trX.npy")], n_px)
-    subdirs, files = _entries(path)
-    if not subdirs and not files:
-        raise ValueError(f"--data {spec}: no images or known dataset files found; accepted: {FORMATS}")
-    return _read_image_tree(path, n_px, resize, on_error)
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {resize!r}")
+    root = Path(path)
+    readers = {"digits": lambda: _read_digits(n_px, resize), "openai": lambda: _read_openai(path, n_px),
+               "npz": lambda: _read_npz(root, n_px, resize), "cifar10": lambda: _read_cifar(root, _CIFAR10, n_px, resize),
+               "cifar100": lambda: _read_cifar(root, _CIFAR100, n_px, resize),
+               "stl10": lambda: _read_stl10(root, n_px, resize),
+               "folder": lambda: _read_image_tree(root, n_px, resize, on_error)}
+    if kind not in readers:
+        raise ValueError(f"--data {path}: no reader for data of kind {kind!r}")
+    return readers[kind]()

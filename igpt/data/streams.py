@@ -8,15 +8,13 @@ and a resumed run sees exactly the batches an uninterrupted one would have seen.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from igpt.data.augment import FolderImages, cifar_augment, cifar_augment_params
-from igpt.data.cache import ImageSet, open_split, split_indices
-from igpt.data.sources import split_folders
+from igpt.data.imageset import ImageSet
 from igpt.palette import Palette
 from igpt.runtime import derived_generator
 
@@ -145,28 +143,6 @@ class FolderStream(WorkerStream):
         # this rank's share of every global batch, in order
         return [(self.epoch, int(i)) for start in range(self.pos, stop, self.batch_size)
                 for i in perm[start:start + self.batch_size][self.rows]]
-
-
-def folder_splits(root: str, n_px: int, val_fraction: float, seed: int, on_error: str = "stop"
-                  ) -> tuple[FolderImages, np.ndarray, ImageSet | None]:
-    """For ``--augment imagenet``: the training folder (``root/train`` when root has split sub-folders),
-    the indices of its training images, and a centre-cropped validation ImageSet (``root/val``, else
-    ``val_fraction`` of the training folder carved with ``seed``; None when there is neither)."""
-    root_path = Path(root)
-    if not root_path.is_dir():
-        raise ValueError(f"--augment imagenet needs --data to be an image folder; {root} is not a directory")
-    has_splits = bool(split_folders(root_path))
-    train_root = root_path / "train" if has_splits else root_path
-    images = FolderImages(train_root, n_px, augment="imagenet", seed=seed, on_error=on_error)
-    if has_splits and (root_path / "val").is_dir():
-        return images, np.arange(len(images)), open_split(str(root_path), "val", n_px=n_px, on_error=on_error)
-    if val_fraction == 0:
-        return images, np.arange(len(images)), None
-    train_idx, val_idx = split_indices(len(images), val_fraction, seed)
-    view = FolderImages(train_root, n_px, augment="center", seed=seed, on_error=on_error)
-    pixels = np.stack([view[int(i)][0].numpy() for i in val_idx])
-    labels = None if images.labels is None else images.labels[val_idx]
-    return images, train_idx, ImageSet(n_px, pixels, None, labels, images.classes, None, f"{root} (val carve)")
 
 
 def _labels_of(data: ImageSet, index: np.ndarray, device: torch.device) -> torch.Tensor:

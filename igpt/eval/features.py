@@ -6,7 +6,7 @@ For layer l < L the feature is block l's first norm applied to the residual stre
 costs one pass over the data; the result is written to ``feats-{split}-{key}.npz`` (one array per layer)
 and reused by any later run whose inputs give the same key.
 
-The key hashes what the features depend on: the checkpoint (path, step, size and mtime of its weights,
+The key hashes what the features depend on: the checkpoint (path, step, size and mtime of its files,
 palette fingerprint; or any caller-given identity such as a random init's config and seed), the *content*
 of the split (pixels or ids and labels), the layers and every extraction option below.
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,109 +30,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from igpt.config import arg
-from igpt.data.cache import ImageSet, check_palette, open_split
+from igpt.atomic import replacing
+from igpt.config import FeatureConfig
+from igpt.data.imageset import ImageSet
 from igpt.data.streams import to_ids
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
 from igpt.palette import Palette
+from igpt.record import PAPER_MASK_PROB, CheckpointRecord, Reading
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    """How features are read out of a model."""
-
-    batch_size: int = arg(256, "images per forward pass when extracting features")
-    device: str = arg("auto", "'auto' (CUDA when present), 'cpu', 'cuda', ... (extraction and the probe)")
-    dtype: str = arg("auto", "autocast dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'",
-                     choices=("auto", "bf16", "fp32"))
-    bert_mask: bool = arg(True, "BERT checkpoints: mask the inputs as in training when extracting features "
-                          "(the paper does); --no-bert-mask reads them unmasked")
-    mask_prob: float = arg(0.15, "BERT: probability that a position is masked")
-    n_masks: int = arg(1, "BERT: average the features over this many independent masks (the paper "
-                       "ensembled 5, by a vote of predictions)")
-    flip_average: bool = arg(False, "average each image's features with those of its mirror image "
-                             "(test-time augmentation; not in the paper)")
-    mask_seed: int = arg(0, "seed of the BERT masks")
-    cache: bool = arg(True, "reuse features cached in --out by an earlier run with identical inputs")
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.mask_prob < 1.0:
-            raise ValueError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
-        if self.n_masks < 1:
-            raise ValueError(f"--n-masks must be >= 1, got {self.n_masks}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"--dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
-
-
-def base_objective(config: dict[str, Any]) -> str:
-    """'ar' or 'bert': how a checkpoint's model reads images (a fine-tuned one records its base)."""
-    objective = config.get("objective", "ar")
-    if objective == "finetune":
-        objective = config.get("base_objective", "ar")
-    if objective not in ("ar", "bert"):
-        raise ValueError(f"checkpoint records objective {objective!r}; expected 'ar' or 'bert'")
-    return objective
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def take(images: ImageSet, index: np.ndarray) -> ImageSet:
-    """The images ``index`` of a split, as a new (in-memory) ImageSet."""
-    pick = (lambda a: None if a is None else np.asarray(a[index]))
-    return ImageSet(images.n_px, pick(images.pixels), pick(images.ids), pick(images.labels), images.classes,
-                    images.palette_fingerprint, images.source)
-
-
-def open_labelled(data: str, split: str, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
-                  seed: int = 0, resize: str = "center") -> ImageSet:
-    """A labelled split checked against a checkpoint's palette and resolution: unlabelled data, ids made
-    by another palette, ids outside the palette or a cache prepared at another n_px are clear errors."""
-    images = open_split(data, split, n_px=n_px, val_fraction=val_fraction, seed=seed, resize=resize)
-    if images.labels is None:
-        raise ValueError(f"--data {data}: the {split!r} split has no labels; a probe or fine-tune needs labelled "
-                         "images (class sub-folders, y_train/y_test arrays, ...)")
-    check_palette(images, palette)
-    if images.ids is not None and len(images) and int(np.max(images.ids)) >= palette.k:
-        raise ValueError(f"--data {data}: holds id {int(np.max(images.ids))} but the checkpoint's palette has "
-                         f"only {palette.k} colours; use the palette the data was prepared with")
-    return images
-
-
-def lossless_mask(data: str, n_test: int) -> np.ndarray:
-    """Bool (n_test,) marking the bit-exact test images of ../shared/data/cifar10*.npz (``test_lossless``).
-    Read from the npz itself, from ``test_lossless.npy`` in a prepared cache, or from the npz a cache was
-    prepared from (its meta.json ``source``)."""
-    path = Path(data)
-    candidates = [path] if path.suffix == ".npz" else [path / "test_lossless.npy"]
-    if (path / "meta.json").is_file():
-        source = Path(json.loads((path / "meta.json").read_text()).get("source", ""))
-        candidates.append(source if source.is_absolute() else Path.cwd() / source)
-    for c in candidates:
-        if c.is_file() and c.suffix == ".npy":
-            mask = np.load(c)
-        elif c.is_file() and c.suffix == ".npz":
-            with np.load(c) as z:
-                mask = z["test_lossless"] if "test_lossless" in z.files else None
-        else:
-            continue
-        if mask is not None:
-            if mask.shape != (n_test,) or mask.dtype != bool:
-                raise ValueError(f"{c}: test_lossless is {mask.dtype} {mask.shape}, the test split has {n_test} "
-                                 "images")
-            return mask
-    raise ValueError(f"--eval-subset lossless: --data {data} has no test_lossless array (an npz such as "
-                     "../shared/data/cifar10.npz, or a cache prepared from one)")
 
 
 # ---------------------------------------------------------------------------------------------- extraction
 
 
-def _split_feats(model: GPT, ids: torch.Tensor, cfg: FeatureConfig, objective: str, layers: list[int],
+def for_reading(cfg: FeatureConfig, reading: Reading) -> FeatureConfig:
+    """``cfg`` with its mask rate filled in: -1 means the rate the weights were trained with."""
+    return cfg if cfg.mask_prob != -1 else dataclasses.replace(cfg, mask_prob=reading.mask_prob)
+
+
+def _split_feats(model: GPT, ids: torch.Tensor, cfg: FeatureConfig, layers: list[int],
                  batch_start: int) -> dict[int, torch.Tensor]:
     """{layer: (B, D)} for one batch of ids (B, T), averaged over masks and mirror images as configured."""
     B, T = ids.shape
@@ -142,16 +57,17 @@ def _split_feats(model: GPT, ids: torch.Tensor, cfg: FeatureConfig, objective: s
     if cfg.flip_average:
         n = model.config.n_px
         views.append(ids.view(B, n, n).flip(2).reshape(B, T))  # raster order: flip each row
-    masked = objective == "bert" and cfg.bert_mask
+    masked = not model.causal and cfg.bert_mask
+    mask_prob = PAPER_MASK_PROB if cfg.mask_prob == -1 else cfg.mask_prob  # callers fill it in: for_reading
     total: dict[int, torch.Tensor] = {}
     count = 0
     for k in range(cfg.n_masks if masked else 1):
         keep = None
         if masked:  # the same mask for an image and its mirror: only the content differs
-            keep = sample_keep_mask((B, T), cfg.mask_prob, derived_generator(cfg.mask_seed, k, batch_start),
+            keep = sample_keep_mask((B, T), mask_prob, derived_generator(cfg.mask_seed, k, batch_start),
                                     ids.device)
         for view in views:
-            feats = model.layer_features(view, layers, causal=objective == "ar", keep=keep)
+            feats = model.layer_features(view, layers, keep=keep)  # read as the model was trained
             for layer, f in feats.items():
                 total[layer] = total[layer] + f if layer in total else f
             count += 1
@@ -160,10 +76,10 @@ def _split_feats(model: GPT, ids: torch.Tensor, cfg: FeatureConfig, objective: s
 
 @torch.no_grad()
 def extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureConfig = FeatureConfig(), *,
-            objective: str = "ar", layers: list[int] | None = None, progress: bool = True,
-            desc: str = "features") -> dict[int, np.ndarray]:
+            layers: list[int] | None = None, progress: bool = True, desc: str = "features") -> dict[int, np.ndarray]:
     """{layer: feats (N, D) float32} of every image of ``images`` (default layers 0..L), batched, under
-    bf16 autocast on GPU. The model is moved to the configured device and put in eval mode."""
+    bf16 autocast on GPU, read as the model was trained (``model.causal``; a BERT model's inputs masked as
+    ``cfg`` says). The model is moved to the configured device and put in eval mode."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model = model.to(device).eval()
@@ -178,7 +94,7 @@ def extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureConfig =
             index = np.arange(start, min(n, start + cfg.batch_size))
             ids = to_ids(images, index, palette, device)  # (B, T)
             with autocast(device, dtype):
-                feats = _split_feats(model, ids, cfg, objective, layers, start)
+                feats = _split_feats(model, ids, cfg, layers, start)
             for layer, f in feats.items():
                 out[layer][index] = f.float().cpu().numpy()
             bar.update(len(index))
@@ -188,12 +104,13 @@ def extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureConfig =
 # ---------------------------------------------------------------------------------------------- cache
 
 
-def checkpoint_identity(ckpt_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """What names a checkpoint's weights cheaply: checkpoint directories are written once, atomically."""
-    weights = ckpt_dir / "model.safetensors"
-    stat = weights.stat()
-    return {"checkpoint": str(ckpt_dir.resolve()), "step": config.get("step"), "bytes": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, "palette": config.get("palette_fingerprint")}
+def checkpoint_identity(ckpt_dir: Path, record: CheckpointRecord) -> dict[str, Any]:
+    """What names a checkpoint's weights cheaply: the size and modification time of every file in its
+    directory (checkpoint directories are written once, atomically), whichever format holds the weights."""
+    files = sorted(p for p in Path(ckpt_dir).rglob("*") if p.is_file() and not p.name.startswith("."))
+    stats = [(str(p.relative_to(ckpt_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return {"checkpoint": str(Path(ckpt_dir).resolve()), "step": record.step, "files": stats,
+            "palette": record.palette_fingerprint}
 
 
 def _content_hash(images: ImageSet) -> str:
@@ -206,37 +123,31 @@ def _content_hash(images: ImageSet) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_identity: dict[str, Any], images: ImageSet, split: str, cfg: FeatureConfig,
-              objective: str, layers: list[int] | None) -> str:
+def cache_key(model_identity: dict[str, Any], images: ImageSet, split: str, cfg: FeatureConfig, causal: bool,
+              layers: list[int] | None) -> str:
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("cache", "device")}
-    if not (objective == "bert" and cfg.bert_mask):
+    if causal or not cfg.bert_mask:
         options = {k: v for k, v in options.items() if k not in ("mask_prob", "n_masks", "mask_seed", "batch_size")}
     parts = {"model": model_identity, "data": _content_hash(images), "split": split, "n_px": images.n_px,
-             "objective": objective, "layers": layers, "options": options}
+             "objective": "ar" if causal else "bert", "layers": layers, "options": options}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def cached_extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureConfig, *, split: str,
-                   model_identity: dict[str, Any], cache_dir: str | Path | None, objective: str = "ar",
+                   model_identity: dict[str, Any], cache_dir: str | Path | None,
                    layers: list[int] | None = None, progress: bool = True) -> dict[int, np.ndarray]:
     """``extract``, reading ``cache_dir/feats-{split}-{key}.npz`` when an earlier run wrote it (and
     ``cfg.cache``), writing it otherwise (atomically: a temporary file, then a rename)."""
     if cache_dir is None:
-        return extract(model, images, palette, cfg, objective=objective, layers=layers, progress=progress,
-                       desc=f"features {split}")
-    key = cache_key(model_identity, images, split, cfg, objective, layers)
+        return extract(model, images, palette, cfg, layers=layers, progress=progress, desc=f"features {split}")
+    key = cache_key(model_identity, images, split, cfg, model.causal, layers)
     path = Path(cache_dir) / f"feats-{split}-{key}.npz"
     if cfg.cache and path.is_file():
         with np.load(path) as z:
             return {int(name.split("_")[1]): z[name] for name in z.files}
-    feats = extract(model, images, palette, cfg, objective=objective, layers=layers, progress=progress,
-                    desc=f"features {split}")
+    feats = extract(model, images, palette, cfg, layers=layers, progress=progress, desc=f"features {split}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # through a handle: np.savez would append .npz to the temporary name
-            np.savez(f, **{f"layer_{layer}": x for layer, x in feats.items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # through a handle: np.savez would append .npz to the temporary name
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{f"layer_{layer}": x for layer, x in feats.items()})
     return feats

@@ -18,63 +18,24 @@ in scikit-learn's terms.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from igpt.config import arg, require_at_least
+from igpt.atomic import write_json
+from igpt.config import FeatureConfig, ProbeConfig
+from igpt.data.open import lossless_mask, open_labelled
+from igpt.data.splits import balanced_subset, stratified_carve
+from igpt.eval.features import cached_extract, checkpoint_identity, for_reading
+from igpt.runtime import resolve_device
+from igpt.viz import layer_plot, save_png
+from igpt.weights.convert import load, locate
 
-DEFAULT_L2_GRID = "1e-6,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1"
 PATIENCE = 3  # grid points in a row that do not beat the best validation accuracy end the L2 search
-
-
-# ---------------------------------------------------------------------------------------------- L-BFGS probe
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The linear probe of ``igpt probe``."""
-
-    l2_grid: str = arg(DEFAULT_L2_GRID, "comma-separated L2 strengths searched on the validation carve")
-    l2: float = arg(-1.0, "a fixed L2 strength (no search); -1 searches --l2-grid")
-    val_fraction: float = arg(0.1, "fraction of each class of train carved out (seeded) to choose the L2 strength "
-                              "and the best layer")
-    max_iter: int = arg(500, "L-BFGS iterations per fit")
-    seed: int = arg(0, "seed of the validation carve and of the low-data subsets")
-    concat: int = arg(0, "also probe the concatenation of this many layers centred on the best one "
-                      "(0 or 1: off; the paper used 5 for ImageNet)")
-    labels_per_class: int = arg(0, "low-data protocol: fit on this many labelled images per class (0: all of train)")
-    repeats: int = arg(5, "low-data protocol: how many random subsets; mean +- std is reported")
-    eval_subset: str = arg("all", "test images scored: 'all', or 'lossless' (the bit-exact images marked by "
-                           "test_lossless in cifar10.npz; 'all' is reported too)", choices=("all", "lossless"))
-
-    def __post_init__(self) -> None:
-        self.grid  # noqa: B018 -- parses and validates the grid
-        if self.l2 < 0 and self.l2 != -1:
-            raise ValueError(f"--l2 must be >= 0, or -1 to search --l2-grid; got {self.l2}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        require_at_least(self, ("max_iter", "repeats"), 1)
-        require_at_least(self, ("concat", "labels_per_class"), 0)
-        if self.eval_subset not in ("all", "lossless"):
-            raise ValueError(f"--eval-subset must be 'all' or 'lossless', got {self.eval_subset!r}")
-
-    @property
-    def grid(self) -> tuple[float, ...]:
-        if self.l2 >= 0:
-            return (self.l2,)
-        try:
-            values = tuple(float(v) for v in self.l2_grid.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"--l2-grid must be comma-separated numbers, got {self.l2_grid!r}") from None
-        if not values or min(values) < 0 or not all(math.isfinite(v) for v in values):
-            raise ValueError(f"--l2-grid must hold finite strengths >= 0, got {self.l2_grid!r}")
-        return values
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, *,
@@ -109,36 +70,6 @@ def _standardise(fit_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
 
 def _accuracy(wb: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x @ wb[0] + wb[1]).argmax(1) == y).float().mean().item()
-
-
-def stratified_carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit_idx, val_idx), sorted and disjoint: ``round(fraction * n_c)`` images of each class c (at least
-    one, never all, when fraction > 0 and the class has two or more) picked by a seeded permutation."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    val = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        n_val = round(fraction * len(idx))
-        if fraction > 0 and len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        val.append(rng.permutation(idx)[:n_val])
-    val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
-    return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
-
-
-def balanced_subset(labels: np.ndarray, per_class: int, seed: int | list[int]) -> np.ndarray:
-    """Sorted indices of ``per_class`` images of every class, drawn without replacement by a generator
-    seeded with ``seed`` (e.g. [seed, repeat])."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    picks = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            raise ValueError(f"--labels-per-class {per_class}: class {c} has only {len(idx)} training images")
-        picks.append(rng.choice(idx, per_class, replace=False))
-    return np.sort(np.concatenate(picks))
 
 
 def _choose_l2(x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: ProbeConfig
@@ -228,8 +159,6 @@ def probe_layers(train_feats: dict[int, np.ndarray], train_y: np.ndarray, test_f
     """``logistic_probe`` on every layer: {"layers": {l: result}, "best_layer", "best_acc" (chosen by
     validation accuracy), "oracle_layer", "oracle_acc" (the best test accuracy, what papers usually
     quote), "concat": result with its "layers", or None}."""
-    from tqdm.auto import tqdm
-
     n_classes = int(max(np.max(train_y), np.max(test_y))) + 1
     kw = {"subsets": subsets, "device": device, "n_classes": n_classes}
     layers = {layer: logistic_probe(train_feats[layer], train_y, test_feats[layer], test_y, cfg, **kw)
@@ -320,41 +249,32 @@ def format_table(metrics: dict[str, Any], baseline: dict[str, Any] | None = None
 
 
 def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg: ProbeConfig = ProbeConfig(),
-                     feat_cfg: Any = None, *, resize: str = "center", progress: bool = True) -> dict[str, Any]:
-    """``igpt probe``: features of every layer of ``checkpoint`` on the whole train split ("train_all") and
-    the test split of ``data`` (cached in ``out_dir``), the probe, ``metrics.json`` and ``probe.png``."""
-    from igpt.weights.checkpoint import load_checkpoint, resolve_checkpoint, write_json_atomic
-    from igpt.eval.features import (
-        FeatureConfig,
-        base_objective,
-        cached_extract,
-        checkpoint_identity,
-        lossless_mask,
-        open_labelled,
-    )
-    from igpt.runtime import resolve_device
-    from igpt.viz import layer_plot, save_png
-
-    feat_cfg = feat_cfg or FeatureConfig()
-    ckpt_dir = resolve_checkpoint(checkpoint)
-    model, palette, config = load_checkpoint(ckpt_dir)
-    objective = base_objective(config)
+                     feat_cfg: FeatureConfig = FeatureConfig(), *, resize: str = "center",
+                     progress: bool = True) -> dict[str, Any]:
+    """``igpt probe``: features of every layer of ``checkpoint`` (any weights ``igpt.load`` reads) on the
+    whole train split ("train_all") and the test split of ``data`` (cached in ``out_dir``), the probe,
+    ``metrics.json`` and ``probe.png``."""
+    ckpt_dir = locate(checkpoint)
+    model, palette, record = load(ckpt_dir)
+    feat_cfg = for_reading(feat_cfg, record.reading)
     images = {split: open_labelled(data, split, n_px=model.config.n_px, palette=palette, resize=resize)
               for split in ("train_all", "test")}
     subsets: dict[str, np.ndarray | None] = {"all": None}
     if cfg.eval_subset == "lossless":
         subsets = {"lossless": lossless_mask(data, len(images["test"])), "all": None}
-    feats = {split: cached_extract(model, im, palette, feat_cfg, split=split, objective=objective, progress=progress,
-                                   model_identity=checkpoint_identity(ckpt_dir, config), cache_dir=out_dir)
+    identity = checkpoint_identity(ckpt_dir, record)
+    feats = {split: cached_extract(model, im, palette, feat_cfg, split=split, progress=progress,
+                                   model_identity=identity, cache_dir=out_dir)
              for split, im in images.items()}
     metrics = probe_features(feats["train_all"], images["train_all"].labels, feats["test"], images["test"].labels,
                              cfg, subsets=subsets, device=resolve_device(feat_cfg.device), progress=progress)
-    metrics.update(data=str(data), checkpoint=str(ckpt_dir), objective=objective, n_train=len(images["train_all"]),
-                   n_test=len(images["test"]), probe=dataclasses.asdict(cfg), features=dataclasses.asdict(feat_cfg))
+    metrics.update(data=str(data), checkpoint=str(ckpt_dir), objective=record.objective,
+                   n_train=len(images["train_all"]), n_test=len(images["test"]), probe=dataclasses.asdict(cfg),
+                   features=dataclasses.asdict(feat_cfg))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     accs = {layer: r["acc"] for layer, r in metrics["layers"].items()}
-    title = f"linear probe, {next(iter(subsets))} test images: {Path(str(data)).name}, step {config.get('step')}"
+    title = f"linear probe, {next(iter(subsets))} test images: {Path(str(data)).name}, step {record.step}"
     save_png(layer_plot(accs, title), out / "probe.png")
     return metrics

@@ -13,61 +13,18 @@ host (the exponential race below instead of ``torch.multinomial``, whose argumen
 
 Precision: ``dtype=torch.bfloat16`` samples with a bf16 copy of the weights and a bf16 cache (what a GPU
 wants); the cache then holds half the bytes per step. On the CPU the default is fp32, and sampling with a
-KV cache equals ``sample_uncached`` token for token with the same generator (tests/test_sample.py).
+KV cache equals a full forward pass per pixel (image-gpt's sampler, in tests/test_sample.py) token for token
+with the same generator.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from igpt.config import arg
 from igpt.model import GPT
-
-DTYPES = ("auto", "bf16", "fp32")
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How ids are drawn, shared by ``igpt sample`` and ``igpt complete``."""
-
-    temperature: float = arg(1.0, "softmax temperature; 0 is the greedy argmax (the paper sampled at 1)")
-    top_k: int = arg(0, "draw only from the k most likely ids at each step; 0 = no top-k filter")
-    top_p: float = arg(1.0, "nucleus: draw only from the smallest set of ids whose probability reaches p; "
-                       "1 = no nucleus filter")
-    seed: int = arg(0, "seed of the draws (results also depend on the device and --batch-size)")
-    batch_size: int = arg(64, "images sampled at once")
-    device: str = arg("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: str = arg("auto", "weights and KV cache: 'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'",
-                     choices=DTYPES)
-    window: int = arg(64, "the one-token step attends the cache in multiples of this many slots (static "
-                      "shapes; one CUDA graph per multiple); 1 = exactly the filled slots")
-    cuda_graph: bool = arg(True, "on CUDA, replay the one-token step as CUDA graphs (no effect on the CPU)")
-    compile: bool = arg(False, "torch.compile the one-token step, fusing its small kernels (compiling takes "
-                        "a minute or more, so it pays off only for long jobs)")
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.window < 1:
-            raise ValueError(f"--window must be >= 1, got {self.window}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-
-    def filters(self) -> dict[str, float | int | None]:
-        """Keyword arguments of ``sample``/``infill``: the CLI's 0 and 1 mean 'off', the API's None."""
-        return {"temperature": self.temperature, "top_k": self.top_k or None,
-                "top_p": None if self.top_p >= 1.0 else self.top_p}
-
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     """A seeded generator on ``device``: draws happen where the logits are, without a copy to the host."""
@@ -107,7 +64,15 @@ def draw(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: flo
     return draw_from(filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
 
 
+def check_can_sample(model: GPT) -> None:
+    """Left-to-right sampling needs a causal (AR) model: a BERT model never learned p(pixel | pixels before)."""
+    if not model.causal:
+        raise ValueError("this is a BERT (bidirectional) model, which cannot be sampled left to right; fill a "
+                         "masked region with igpt.generate.infill instead (igpt complete does)")
+
+
 def _check(model: GPT, n: int, prefix: torch.Tensor | None, temperature: float) -> None:
+    check_can_sample(model)
     if n < 1:
         raise ValueError(f"number of samples must be >= 1, got {n}")
     if temperature < 0:
@@ -124,7 +89,7 @@ def low_precision_copy(model: GPT, dtype: torch.dtype) -> GPT:
     if model.wte.weight.dtype == dtype:
         return model
     with torch.device("meta"):
-        low = GPT(model.config)
+        low = GPT(model.config, causal=model.causal)
     low.load_state_dict({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, assign=True)
     return low.eval()
 
@@ -136,6 +101,7 @@ class Sampler:
 
     def __init__(self, model: GPT, batch: int, *, dtype: torch.dtype = torch.float32, window: int = 64,
                  cuda_graph: bool | None = None, compile: bool = False) -> None:
+        check_can_sample(model)
         self.device = model.wte.weight.device
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -240,22 +206,4 @@ def sample(model: GPT, n: int, *, prefix: torch.Tensor | None = None, temperatur
             chunk = None if prefix is None else prefix[start:stop]
             out[start:stop] = sampler.run(chunk, temperature=temperature, top_k=top_k, top_p=top_p,
                                           generator=generator, bar=bar)
-    return out
-
-
-@torch.no_grad()
-def sample_uncached(model: GPT, n: int, *, prefix: torch.Tensor | None = None, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """The reference sampler of image-gpt's run.py: a full forward pass per pixel. Slow; for tests."""
-    _check(model, n, prefix, temperature)
-    device, T = model.wte.weight.device, model.config.n_ctx
-    out = torch.zeros(n, T, dtype=torch.long, device=device)
-    P = 0 if prefix is None else prefix.shape[1]
-    if prefix is not None:
-        out[:, :P] = prefix.to(device)
-    model.eval()
-    for i in range(P, T):
-        logits = model(out[:, :i + 1])[:, i]  # position i sees only out[:, :i] through the SOS shift
-        out[:, i] = draw(logits, temperature, top_k, top_p, generator)
     return out

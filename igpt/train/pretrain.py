@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,46 +29,26 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from igpt.weights import checkpoint as ckpt
+from igpt.atomic import write_json
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.data.cache import ImageSet, check_palette
+from igpt.data.imageset import ImageSet, check_ids
+from igpt.data.open import open_training
+from igpt.data.streams import fixed_batches
 from igpt.distributed import (World, barrier, init_distributed, is_communication_error, mean_across,
                               peer_lost, shutdown)
-from igpt.data.streams import fixed_batches
 from igpt.model import GPT
-from igpt.objectives import ar_loss, bert_loss, nats_to_bits, sample_keep_mask
-from igpt.train.optim import lr_at, make_optimizer, warmup_steps
+from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
 from igpt.palette import Palette
-from igpt.train.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
+from igpt.record import CheckpointRecord
 from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_seed, resolve_device,
                           resolve_dtype, seed_everything)
-from igpt.weights.sharded import is_sharded, load_sharded, save_sharded
-from igpt.data.open import open_training_data
+from igpt.train.optim import pretrain_lr, pretrain_optimizer, set_lr, warmup_steps
+from igpt.train.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
+from igpt.weights import checkpoint as ckpt
+from igpt.weights.sharded import load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], objective: str = "ar",
-             mask_prob: float = 0.15, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Mean loss over ``batches`` (weighted by images), in nats and bits per token. BERT masks are drawn
-    from fixed seeds so that repeated evaluations of one model agree."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i, ids in enumerate(batches):
-        with autocast(ids.device, dtype):
-            if objective == "ar":
-                loss = ar_loss(model, ids)
-            else:
-                keep = sample_keep_mask(tuple(ids.shape), mask_prob, derived_generator(seed, 1 << 30, i), ids.device)
-                loss = bert_loss(model, ids, keep=keep)
-        total, count = total + loss.item() * len(ids), count + len(ids)
-    model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate: no batches")
-    return {"loss": total / count, "bits": nats_to_bits(total / count), "images": count}
 
 
 def micro_loss(forward: torch.nn.Module, ids: torch.Tensor, cfg: TrainConfig, step: int, micro: int = 0,
@@ -87,7 +67,7 @@ def resolve_palette(data_cfg: DataConfig, train: ImageSet, seed: int, device: to
     """The given palette file (checked against the data), or a palette fitted on the training pixels."""
     if data_cfg.palette is not None:
         palette = Palette.load(data_cfg.palette)
-        check_palette(train, palette)
+        check_ids(train, palette)
         return palette
     if train.pixels is None:
         hint = ("OpenAI's kmeans_centers.npy" if train.palette_fingerprint is None
@@ -107,11 +87,17 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.rows = world.slice(cfg.batch_size)  # this process's share of every micro-batch
         seed_everything(cfg.seed)
-        data = open_training_data(cfg, data_cfg, model_cfg.n_px, self.device, self.rows)
+        data = open_training(data_cfg.data, model_cfg.n_px, batch_size=cfg.batch_size, seed=cfg.seed,
+                             device=self.device, augment=cfg.augment, workers=cfg.workers,
+                             val_fraction=data_cfg.val_fraction, resize=data_cfg.resize,
+                             validate=cfg.eval_every > 0, val_images=cfg.eval_batches * cfg.batch_size,
+                             rows=self.rows)
         self.fit_set, self.n_train, self.val_set = data.fit_set, data.n_train, data.val_set
         self.palette = self._palette(resume)
         self.model_cfg = replace(model_cfg, n_vocab=self.palette.k)
-        self.model = GPT(self.model_cfg).to(self.device)  # same seed on every rank: identical replicas
+        # same seed on every rank: identical replicas
+        self.model = GPT(self.model_cfg, causal=cfg.objective == "ar").to(self.device)
+        self.model.grad_checkpoint = cfg.grad_checkpoint
         if cfg.objective == "bert":
             self.model.sos.requires_grad_(False)  # BERT never reads the SOS vector (and DDP insists on use)
         self.sharded = cfg.fsdp and world.size > 1
@@ -119,7 +105,7 @@ class Trainer:
             for block in self.model.blocks:
                 fully_shard(block)
             fully_shard(self.model)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)  # after sharding: it holds the shards
+        self.optimizer = pretrain_optimizer(self.model, cfg, self.device)  # after sharding: it holds the shards
         self.stream = data.make_stream(self.palette)
         self.warmup = warmup_steps(cfg, self.n_train)
         self.step = 0
@@ -134,7 +120,7 @@ class Trainer:
         parts = [f"{str(self.dtype).removeprefix('torch.')} autocast" if self.dtype != torch.float32 else "fp32",
                  "compiled" if self.compiled else "eager", "fused AdamW" if self.device.type == "cuda" else "AdamW",
                  "FSDP" if self.sharded else "DDP" if self.world.size > 1 else "one process"]
-        return ", ".join(parts + ["activation checkpointing"] * self.model_cfg.grad_checkpoint)
+        return ", ".join(parts + ["activation checkpointing"] * self.cfg.grad_checkpoint)
 
     def _palette(self, resume: bool) -> Palette:
         """The run's palette: the saved one on resume; else rank 0 fits or loads it and the others read it."""
@@ -144,16 +130,16 @@ class Trainer:
                 resolve_palette(self.data_cfg, self.fit_set, self.cfg.seed, self.device).save(path)
             barrier(self.world)
         palette = Palette.load(path)
-        check_palette(self.fit_set, palette)
+        check_ids(self.fit_set, palette)
         return palette
 
     def restore(self) -> None:
         ckpt_dir = ckpt.resolve_checkpoint(self.run_dir)
         state = ckpt.load_train_state(ckpt_dir)
-        if is_sharded(ckpt_dir):  # each rank reads the slices it owns, whoever wrote them
+        if ckpt.read_record(ckpt_dir).sharded:  # each rank reads the slices it owns, whoever wrote them
             load_sharded(ckpt_dir, self.model, self.optimizer)
         else:
-            model, _, _ = ckpt.load_checkpoint(ckpt_dir, "cpu")
+            model, _, _ = ckpt.load_igpt(ckpt_dir, "cpu")
             # Full (unsharded, name-keyed) state dicts: a run resumes on any number of processes, DDP or FSDP.
             set_model_state_dict(self.model, model.state_dict(), options=FULL_STATE)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_STATE)
@@ -177,17 +163,18 @@ class Trainer:
         """A full checkpoint (rank 0 writes, after the full weights and optimizer state are gathered, a
         collective under FSDP), or with --sharded-checkpoint every rank writes its own shards."""
         ckpt_dir = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
-        info = {"step": self.step, "objective": self.cfg.objective, "n_px": self.model_cfg.n_px,
-                "data": self.data_cfg.data}
+        record = CheckpointRecord(self.model_cfg, self.palette.fingerprint(), self.cfg.objective,
+                                  self.cfg.mask_prob if self.cfg.objective == "bert" else None, self.step,
+                                  data=self.data_cfg.data)
         if self.cfg.sharded_checkpoint:
-            info.update(sharded=True, saved_by_processes=self.world.size)
+            record = record.replace(sharded=True, saved_by_processes=self.world.size)
             save_sharded(ckpt_dir, self.model, self.optimizer, self.world, lambda tmp: ckpt.write_small_files(
-                tmp, self.model_cfg, self.palette, info, self._train_state()))
+                tmp, record, self.palette, self._train_state()))
         else:
             weights = get_model_state_dict(self.model, options=FULL_STATE)
             optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
             if self.world.is_main:
-                ckpt.save_checkpoint(ckpt_dir, self.model, self.palette, info,
+                ckpt.save_checkpoint(ckpt_dir, self.model, self.palette, record,
                                      {**self._train_state(), "optimizer": optimizer}, state_dict=weights)
         if self.world.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
@@ -208,9 +195,8 @@ class Trainer:
         cfg = self.cfg
         if self.model_cfg.dropout > 0:  # dropout masks: from (seed, step, rank), so ranks differ and resume exactly
             torch.manual_seed(derived_seed(cfg.seed, self.step, self.world.rank))
-        lr = lr_at(self.step, cfg, self.warmup)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = pretrain_lr(self.step, cfg, self.warmup)
+        set_lr(self.optimizer, lr)
         total = 0.0
         for micro in range(cfg.grad_accum):
             ids = self.stream.next()
@@ -237,7 +223,7 @@ class Trainer:
         if self.world.is_main or self.sharded:
             batches = fixed_batches(self.val_set, self.cfg.batch_size, self.cfg.eval_batches, self.palette,
                                     self.device)
-            result = evaluate(self.model, batches, self.cfg.objective, self.cfg.mask_prob, self.cfg.seed,
+            result = mean_loss(self.model, batches, self.cfg.objective, self.cfg.mask_prob, self.cfg.seed,
                               self.dtype)
         barrier(self.world)
         return result if self.world.is_main else None
@@ -252,23 +238,33 @@ def _start_run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, r
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         # Written before anything slow, so a run killed at any point can be resumed.
-        ckpt.write_json_atomic(run_dir / RUN_FILE, {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
-                                                   "data": data_cfg.to_dict()})
+        write_json(run_dir / RUN_FILE, {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
+                                        "data": data_cfg.to_dict()})
     barrier(world)
 
 
-def pretrain(model_cfg: ModelConfig | None, cfg: TrainConfig | None, data_cfg: DataConfig | None,
-             out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-             on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Pretrain a model into ``out_dir``; with ``resume=True`` the configs come from the run directory and
-    training continues from its newest checkpoint. Under torchrun every process calls this; only rank 0
-    writes files and shows progress. Returns the last train and validation metrics."""
-    run_dir = Path(out_dir)
-    if resume:
-        model_cfg, cfg, data_cfg = read_run(run_dir)
+def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, out_dir: str | Path, *,
+             progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Pretrain a new model into the run directory ``out_dir``. Under torchrun every process calls this;
+    only rank 0 writes files and shows progress. Returns the last train and validation metrics and the
+    newest checkpoint."""
+    return _launch(model_cfg, cfg, data_cfg, Path(out_dir), False, progress, on_step)
+
+
+def resume(run_dir: str | Path, *, progress: bool = True,
+           on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest checkpoint, with the configs in its run.json; the
+    loss curve is the one an uninterrupted run would have drawn."""
+    run_dir = Path(run_dir)
+    model_cfg, cfg, data_cfg = read_run(run_dir)
+    return _launch(model_cfg, cfg, data_cfg, run_dir, True, progress, on_step)
+
+
+def _launch(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resuming: bool,
+            progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
     world, device = init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        return _run(model_cfg, cfg, data_cfg, run_dir, resume, world, device, progress, on_step)
+        return _run(model_cfg, cfg, data_cfg, run_dir, resuming, world, device, progress, on_step)
     except Exception as e:
         if world.size > 1 and is_communication_error(e):
             raise peer_lost(world, e, f"Resume with: igpt pretrain --resume {run_dir}") from e
@@ -289,7 +285,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir
         truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
     if world.is_main:
         run = {"model": trainer.model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict()}
-        ckpt.write_json_atomic(run_dir / RUN_FILE, run)
+        write_json(run_dir / RUN_FILE, run)
         log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s (%s)", run_dir,
                  f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device,
                  trainer.fast_paths())

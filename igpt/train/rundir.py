@@ -40,7 +40,10 @@ def read_run(run_dir: Path) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     if not path.exists():
         raise ValueError(f"--resume {run_dir}: no {RUN_FILE} there, so it is not an igpt run directory")
     run = json.loads(path.read_text())
-    return ModelConfig.from_dict(run["model"]), TrainConfig.from_dict(run["train"]), DataConfig(**run["data"])
+    train = dict(run["train"])
+    if run["model"].get("grad_checkpoint"):  # run.json files of earlier versions kept it with the model
+        train["grad_checkpoint"] = True
+    return ModelConfig.from_dict(run["model"]), TrainConfig.from_dict(train), DataConfig(**run["data"])
 
 
 class MetricsLog:

@@ -36,25 +36,21 @@ the SOS, which its processor does *not* prepend: ``model(ids)`` here equals HF f
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from igpt.weights.checkpoint import (FORMAT_VERSION, check_new_output, load_checkpoint, save_checkpoint,
-                             write_json_atomic)
+from igpt.atomic import replacing_dir, require_new, write_json
 from igpt.config import ModelConfig
 from igpt.model import GPT, NORM_EPS
 from igpt.palette import Palette
-
-log = logging.getLogger(__name__)
+from igpt.record import CheckpointRecord
+from igpt.weights.tensors import build_model, check_tensors, load_weight_file, read_json
 
 HF_CONFIG, HF_PROCESSOR = "config.json", "preprocessor_config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -122,23 +118,6 @@ def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
-                   where: str, shown: Callable[[str], str] = str) -> None:
-    """Raise naming the first missing, unexpected or mis-shaped tensor."""
-    missing = [k for k in expected if k not in found]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"{where}: tensor {shown(missing[0])} is missing{more}")
-    unexpected = sorted(k for k in found if k not in expected)
-    if unexpected:
-        raise ValueError(f"{where}: unexpected tensor {shown(unexpected[0])} (shape {tuple(found[unexpected[0]])}); "
-                         "not an ImageGPTForCausalImageModeling / image-gpt model of the configured shape")
-    for k, shape in expected.items():
-        if tuple(found[k]) != shape:
-            raise ValueError(f"{where}: tensor {shown(k)} has shape {tuple(found[k])}, expected {shape} "
-                             "from the configuration")
-
-
 def hf_to_igpt(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any],
                where: str = "Hugging Face weights") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """HF ImageGPT tensors (with or without the 'transformer.' prefix) -> (ModelConfig, GPT state dict)."""
@@ -197,21 +176,10 @@ def igpt_to_hf(model: GPT) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return {k: v.contiguous() for k, v in out.items()}, hf_config
 
 
-def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.name.endswith(".safetensors"):
-            return load_file(str(path))
-        # weights_only: a pickle that needs anything but tensors is refused, never executed
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # whatever the parser trips on, the answer is: this file is not usable weights
-        raise ValueError(f"{path} cannot be read as weights (without executing pickled code): "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-
-
 def _read_hf_weights(src: Path) -> tuple[dict[str, torch.Tensor], str]:
     for name in HF_WEIGHTS:
         if (src / name).is_file():
-            return _load_weight_file(src / name), str(src / name)
+            return load_weight_file(src / name), str(src / name)
     for name in HF_INDEXES:
         index = src / name
         if index.is_file():
@@ -223,27 +191,15 @@ def _read_hf_weights(src: Path) -> tuple[dict[str, torch.Tensor], str]:
             for f in files:
                 if not (src / f).is_file():
                     raise FileNotFoundError(f"{src / f} (listed in {index}) does not exist")
-                state.update(_load_weight_file(src / f))
+                state.update(load_weight_file(src / f))
             return state, str(index)
     raise FileNotFoundError(f"{src} has no {' or '.join(HF_WEIGHTS)} (nor a sharded index)")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _read_hf_palette(src: Path, n_vocab: int) -> Palette:
     """The palette is the processor's ``clusters`` (K, 3) in [-1, 1]."""
     path = src / HF_PROCESSOR
-    clusters = _read_json(path).get("clusters")
+    clusters = read_json(path).get("clusters")
     if clusters is None:
         raise ValueError(f"{path} has no 'clusters' (the colour palette)")
     try:
@@ -256,34 +212,31 @@ def _read_hf_palette(src: Path, n_vocab: int) -> Palette:
     return palette
 
 
-def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, dict[str, Any]]:
-    """(model in eval mode, palette, checkpoint-style config dict) from a local ImageGPT directory."""
+def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, CheckpointRecord]:
+    """(model in eval mode, palette, record) from a local ImageGPT directory: an AR model whose record's
+    ``source`` names the directory."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"Hugging Face directory {src} does not exist")
-    hf = _read_json(src / HF_CONFIG)
+    hf = read_json(src / HF_CONFIG)
     if hf.get("model_type") != "imagegpt":
         raise ValueError(f"{src / HF_CONFIG}: model_type is {hf.get('model_type')!r}; not an ImageGPT directory")
     cfg = _hf_model_config(hf, str(src / HF_CONFIG))
     palette = _read_hf_palette(src, cfg.n_vocab)  # cheap checks before reading gigabytes of weights
     state, where = _read_hf_weights(src)
     cfg, sd = hf_to_igpt(state, hf, where)
-    model = build_model(cfg, sd)
-    info = {"format": "igpt", "format_version": FORMAT_VERSION, "model": cfg.to_dict(),
-            "palette_fingerprint": palette.fingerprint(), "objective": "ar",
-            "source": {"format": "hf", "path": str(src)}}
-    return model.to(device).eval(), palette, info
+    record = CheckpointRecord(cfg, palette.fingerprint(), "ar", source={"format": "hf", "path": str(src)})
+    return build_model(cfg, sd, where=where).to(device).eval(), palette, record
 
 
-def save_hf(model: GPT, palette: Palette, out_dir: str | Path, objective: str = "ar") -> Path:
+def save_hf(model: GPT, palette: Palette, out_dir: str | Path, record: CheckpointRecord) -> Path:
     """Write an ImageGPT directory (config.json, model.safetensors, preprocessor_config.json) atomically."""
-    if objective != "ar":
-        raise ValueError(f"the checkpoint's objective is {objective!r}: Hugging Face's ImageGPT always attends "
-                         "causally, so a BERT model exported there would compute the wrong function")
+    if not record.reading.causal:
+        raise ValueError(f"the checkpoint's objective is {record.objective!r}: Hugging Face's ImageGPT always "
+                         "attends causally, so a BERT model exported there would compute the wrong function")
     if palette.k != model.config.n_vocab:
         raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {palette.k} colours")
-    out = Path(out_dir)
-    check_new_output(out)
+    out = require_new(out_dir)
     state, hf_config = igpt_to_hf(model)
     n_px = model.config.n_px
     processor = {"image_processor_type": "ImageGPTImageProcessor",
@@ -292,50 +245,8 @@ def save_hf(model: GPT, palette: Palette, out_dir: str | Path, objective: str = 
                  # rescale 1/255 then normalise with mean = std = 0.5 is x / 127.5 - 1, our palette's scale
                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_color_quantize": True}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing_dir(out) as tmp:
         save_file(state, str(tmp / HF_WEIGHTS[0]), metadata={"format": "pt"})
-        write_json_atomic(tmp / HF_CONFIG, hf_config)
-        write_json_atomic(tmp / HF_PROCESSOR, processor)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / HF_CONFIG, hf_config)
+        write_json(tmp / HF_PROCESSOR, processor)
     return out
-
-
-def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> GPT:
-    """A GPT holding exactly these tensors: built on the meta device, so no random init is paid for."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval()
-
-
-# ---- what `igpt convert` runs ----
-
-def convert_hf(src: str | Path, out: str | Path) -> Path:
-    check_new_output(Path(out))
-    model, palette, info = load_hf(src)
-    return save_checkpoint(out, model, palette, {k: info[k] for k in ("objective", "source")})
-
-
-def convert_openai(prefix: str | Path, out: str | Path, palette: str | Path | None = None,
-                   objective: str | None = None) -> Path:
-    from igpt.weights.openai import load_openai  # imported here: that module builds on this one
-
-    check_new_output(Path(out))
-    model, pal, info = load_openai(prefix, palette, objective, progress=True)
-    return save_checkpoint(out, model, pal, info)
-
-
-def export_hf(ckpt: str | Path, out: str | Path) -> Path:
-    check_new_output(Path(out))
-    model, palette, config = load_checkpoint(ckpt)
-    objective = config.get("objective", "ar")
-    if objective == "finetune":  # a fine-tuned classifier: the trunk keeps its pretraining objective
-        objective = config.get("base_objective", "ar")
-        log.info("exporting the fine-tuned trunk as a generative model; its classifier head is not exported")
-    return save_hf(model, palette, out, objective=objective)

@@ -1,5 +1,6 @@
 """OpenAI's released TF checkpoints -> GPT: the variable names and layouts of image-gpt's model.py (the
-mapping table is in ``igpt.weights.hf``'s docstring), read with ``igpt.weights.tfbundle`` so no TensorFlow is needed."""
+mapping table is in ``igpt.weights.hf``'s docstring), read with ``igpt.weights.tfbundle`` so no TensorFlow
+is needed."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from igpt.config import ModelConfig
-from igpt.weights.hf import build_model, check_tensors
 from igpt.model import GPT
 from igpt.palette import Palette
+from igpt.record import CheckpointRecord
+from igpt.weights.tensors import build_model, check_tensors
+from igpt.weights.tfbundle import TensorBundle
 
 
 def _is_training_state(name: str) -> bool:
@@ -99,11 +101,9 @@ def openai_to_igpt(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], 
 
 
 def load_openai(prefix: str | Path, palette: str | Path | None = None, objective: str | None = None,
-                progress: bool = False) -> tuple[GPT, Palette, dict[str, Any]]:
-    """(model, palette, info) from a released checkpoint prefix; the palette defaults to a
+                progress: bool = False) -> tuple[GPT, Palette, CheckpointRecord]:
+    """(model, palette, record) from a released checkpoint prefix; the palette defaults to a
     ``kmeans_centers.npy`` beside the checkpoint."""
-    from igpt.weights.tfbundle import TensorBundle
-
     bundle = TensorBundle(prefix)
     where = str(bundle.index_path)
     cfg, objective = openai_config(bundle.shapes, where, objective)
@@ -119,6 +119,6 @@ def load_openai(prefix: str | Path, palette: str | Path | None = None, objective
     step = int(match.group(1)) if match else None
     if step is None and "global_step" in bundle.entries:
         step = int(bundle.read("global_step"))
-    info = {"objective": objective, "step": step,
-            "source": {"format": "openai", "path": str(bundle.prefix), "palette": str(pal_path)}}
-    return build_model(cfg, sd), pal, info
+    source = {"format": "openai", "path": str(bundle.prefix), "palette": str(pal_path)}
+    record = CheckpointRecord(cfg, pal.fingerprint(), objective, step=step, source=source)
+    return build_model(cfg, sd, causal=record.reading.causal, where=where), pal, record

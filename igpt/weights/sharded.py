@@ -7,7 +7,7 @@ keyed by parameter name and global shape, not by process, so a run resumes on an
 (DCP re-slices on load). Layout of a sharded step checkpoint::
 
     step-0001000/
-      config.json         as a full checkpoint, plus "sharded": true and "saved_by_processes"
+      config.json         the record, with "sharded": true (its declared kind) and "saved_by_processes"
       palette.npz
       train_state.pt      step, data position and RNG state (the optimizer is in the shards)
       sharded/            DCP files: .metadata and one __<rank>_<n>.distcp per writing process
@@ -33,10 +33,6 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from igpt.distributed import World, barrier
 
 SHARDS = "sharded"
-
-
-def is_sharded(ckpt_dir: Path) -> bool:
-    return (Path(ckpt_dir) / SHARDS / ".metadata").is_file()
 
 
 def _no_dist() -> bool:

@@ -1,0 +1,122 @@
+"""From a checkpoint to image files: unconditional samples (``igpt sample``) and the paper's half-image
+completions (``igpt complete``). Both return plain dicts describing what they wrote.
+
+A checkpoint is read as its record says (``igpt.record``): an AR model completes by sampling the missing
+rows left to right; a BERT model, which cannot sample left to right, fills them by iterative infilling
+(``igpt.generate.infill``), and refuses ``sample_images`` with a clear message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from igpt.config import EvalDataConfig, SampleConfig
+from igpt.data.images import load_image
+from igpt.data.open import open_eval
+from igpt.data.streams import to_ids
+from igpt.generate.infill import infill
+from igpt.generate.sample import check_can_sample, make_generator, sample
+from igpt.runtime import compile_enabled, resolve_device, resolve_dtype
+from igpt.viz import completion_figure, grid, hide_rows, save_png
+from igpt.weights.convert import load
+
+
+def _sample_kw(cfg: SampleConfig, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of ``sample`` from the flags."""
+    return {"generator": make_generator(cfg.seed, device), "dtype": resolve_dtype(cfg.dtype, device),
+            "batch_size": cfg.batch_size, "window": cfg.window, "compile": compile_enabled(cfg.compile, device),
+            "cuda_graph": cfg.cuda_graph and device.type == "cuda", **cfg.filters()}
+
+
+def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64, cfg: SampleConfig = SampleConfig(),
+                  ncol: int = 8, scale: int = 4, progress: bool = True) -> dict[str, Any]:
+    """``n_images`` unconditional samples as ``sample-NNNN.png`` and ``grid.png`` in ``out``."""
+    if n_images < 1:
+        raise ValueError(f"--n-images must be >= 1, got {n_images}")
+    device = resolve_device(cfg.device)
+    model, palette, record = load(checkpoint, device)
+    check_can_sample(model)  # before any work: a BERT checkpoint is refused with a message
+    ids = sample(model, n_images, progress=progress, **_sample_kw(cfg, device))
+    n_px = model.config.n_px
+    pixels = palette.decode(ids.cpu()).view(n_images, n_px, n_px, 3).numpy()  # (n, n_px, n_px, 3) uint8
+    out = Path(out)
+    for i, img in enumerate(pixels):
+        save_png(Image.fromarray(img), out / f"sample-{i:04d}.png")
+    save_png(grid(pixels, ncol=ncol, scale=scale), out / "grid.png")
+    return {"checkpoint": str(checkpoint), "step": record.step, "n_images": n_images, "n_px": n_px,
+            "out": str(out), "files": [f"sample-{i:04d}.png" for i in range(n_images)] + ["grid.png"]}
+
+
+def kept_rows(n_px: int, keep: float = 0.5, rows: int | None = None) -> int:
+    """Rows kept from the top: ``rows``, or ``keep`` of them rounded to whole rows."""
+    if rows is not None:
+        if not 0 <= rows <= n_px:
+            raise ValueError(f"--rows must be in 0..{n_px} (the model's n_px), got {rows}")
+        return rows
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"--keep must be a fraction in [0, 1], got {keep}")
+    return min(n_px, max(0, round(keep * n_px)))
+
+
+def _inputs(images: list[str] | None, data: EvalDataConfig, n_images: int, offset: int, palette, n_px: int
+            ) -> tuple[list[str], torch.Tensor, str]:
+    """(names, ids (M, T) int64 on the CPU, where from) of the images to complete."""
+    if images:
+        pixels = np.stack([load_image(p, n_px, data.resize) for p in images])  # (M, n_px, n_px, 3)
+        names = [f"{i:03d}-{Path(p).stem}" for i, p in enumerate(images)]
+        return names, palette.encode(pixels).view(len(pixels), -1), f"{len(pixels)} image file(s)"
+    found, split = open_eval(data.data, data.split, n_px=n_px, palette=palette, val_fraction=data.val_fraction,
+                             seed=data.split_seed, resize=data.resize)
+    if n_images < 1 or not 0 <= offset < len(found):
+        raise ValueError(f"--offset {offset} / --n-images {n_images}: the {split} split of {data.data} has "
+                         f"{len(found)} images")
+    index = np.arange(offset, min(len(found), offset + n_images))
+    names = [f"{split}-{i:05d}" for i in index]
+    return names, to_ids(found, index, palette, torch.device("cpu")), f"{data.data} ({split} split)"
+
+
+def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | None = None,
+             data: EvalDataConfig = EvalDataConfig(), n_images: int = 8, offset: int = 0, keep: float = 0.5,
+             rows: int | None = None, n_samples: int = 4, rounds: int = 8, schedule: str = "cosine",
+             cfg: SampleConfig = SampleConfig(), scale: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Keep the top rows of each input (image files, or ``n_images`` of a split of ``data.data``), complete
+    the rest ``n_samples`` times, and write the paper's figure (quantized original, kept rows, completions)
+    as ``completions.png`` plus one ``complete-NAME.png`` per input."""
+    if bool(images) == bool(data.data):
+        raise ValueError("complete needs exactly one of --images FILE... and --data DATA")
+    if n_samples < 1:
+        raise ValueError(f"--n-samples must be >= 1, got {n_samples}")
+    device = resolve_device(cfg.device)
+    model, palette, record = load(checkpoint, device)
+    n_px, T = model.config.n_px, model.config.n_ctx
+    kept = kept_rows(n_px, keep, rows)
+    names, ids, where = _inputs(images, data, n_images, offset, palette, n_px)
+    M, N = len(ids), n_samples
+    known = ids.repeat_interleave(N, dim=0)  # (M * N, T): N copies of each input, adjacent
+    reading = record.reading
+    if reading.can_sample:
+        result = sample(model, M * N, prefix=known[:, :kept * n_px], progress=progress, **_sample_kw(cfg, device))
+        how = "sampled"
+    else:
+        keep_mask = torch.zeros(M * N, T, dtype=torch.bool)
+        keep_mask[:, :kept * n_px] = True
+        result = infill(model, known, keep_mask, rounds=rounds, schedule=schedule,
+                        generator=make_generator(cfg.seed, device), dtype=resolve_dtype(cfg.dtype, device),
+                        batch_size=cfg.batch_size, **cfg.filters())
+        how = f"infilled by BERT in {rounds} rounds ({schedule})"
+    originals = palette.decode(ids).view(M, n_px, n_px, 3).numpy()
+    completions = palette.decode(result.cpu()).view(M, N, n_px, n_px, 3).numpy()
+    hidden = hide_rows(originals, kept)
+    dest = Path(out)
+    for i, name in enumerate(names):
+        save_png(completion_figure(originals[i:i + 1], hidden[i:i + 1], completions[i:i + 1], scale=scale),
+                 dest / f"complete-{name}.png")
+    save_png(completion_figure(originals, hidden, completions, scale=scale), dest / "completions.png")
+    return {"checkpoint": str(checkpoint), "objective": reading.objective, "how": how, "inputs": where,
+            "names": names, "rows_kept": kept, "n_px": n_px, "n_samples": N, "out": str(dest),
+            "ids": result.cpu(), "original_ids": ids}

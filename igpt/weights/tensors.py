@@ -1,0 +1,69 @@
+"""Tensor plumbing shared by every weight format: reading weight files without running code, strict
+shape checks that name the tensor, and building a model that holds exactly the given tensors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from igpt.config import ModelConfig
+from igpt.model import GPT
+
+
+def check_tensors(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str,
+                  shown: Callable[[str], str] = str) -> None:
+    """Raise naming the first missing, unexpected or mis-shaped tensor."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{where}: tensor {shown(missing[0])} is missing{more}")
+    unexpected = sorted(k for k in found if k not in expected)
+    if unexpected:
+        raise ValueError(f"{where}: unexpected tensor {shown(unexpected[0])} (shape "
+                         f"{tuple(found[unexpected[0]])}); not a model of the configured shape")
+    for k, shape in expected.items():
+        if tuple(found[k]) != tuple(shape):
+            raise ValueError(f"{where}: tensor {shown(k)} has shape {tuple(found[k])}, expected {tuple(shape)} "
+                             "from the configuration")
+
+
+def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, causal: bool = True,
+                where: str = "weights") -> GPT:
+    """A GPT (eval mode) holding exactly these tensors, checked strictly: built on the meta device, so no
+    random initialisation is paid for."""
+    with torch.device("meta"):
+        model = GPT(cfg, causal=causal)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_tensors({k: tuple(v.shape) for k, v in sd.items()}, expected, where)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a PyTorch ``.bin`` read with ``weights_only`` (a pickle that needs anything
+    but tensors is refused, never executed)."""
+    try:
+        if path.name.endswith(".safetensors"):
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the parser trips on, the answer is: this file is not usable weights
+        raise ValueError(f"{path} cannot be read as weights (without executing pickled code): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; one-line errors naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
