@@ -54,16 +54,23 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if path.exists():  # a directory cannot be renamed over a non-empty one: swap, then drop the old
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            _remove(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)
     finally:
         _remove(tmp)
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``path``. A directory cannot be renamed over a non-empty
+    one, so an existing ``path`` is first renamed aside and deleted after: at every moment ``path`` is
+    absent for one rename at most, and never half written."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        _remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

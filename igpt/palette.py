@@ -383,12 +383,3 @@ def _check_extension(path: Path) -> str:
     if ext not in EXTENSIONS:
         raise ValueError(f"palette file {path} must end in one of {', '.join(EXTENSIONS)}")
     return ext
-
-
-def check_fingerprint(expected: str | None, palette: Palette, what: str) -> None:
-    """Raise if `what` (a dataset, a checkpoint) records a palette other than `palette`; None skips it."""
-    if expected is not None and expected != palette.fingerprint():
-        raise ValueError(
-            f"{what} was made with palette {expected}, but the palette given is {palette.fingerprint()}; "
-            "use the same palette file"
-        )

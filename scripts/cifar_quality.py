@@ -1,4 +1,4 @@
-"""The CIFAR-10 quality protocol (issue 4): pretrain on the CIFAR-10 train set, probe every layer.
+"""The CIFAR-10 quality protocol: pretrain on the CIFAR-10 train set, probe every layer.
 
 Two steps, so that what a GPU machine receives stays small (its uploads are limited to 64 MiB):
 
@@ -25,7 +25,7 @@ Two steps, so that what a GPU machine receives stays small (its uploads are limi
 
 ``run --data ../shared/data/cifar10.npz`` instead of ``--ids`` does the packing steps in-process (the
 palette is then fitted on the GPU). Scaled down for a CPU, e.g.: ``pack --data .../cifar10-small.npz
---n-px 16`` and ``run ... --preset igpt-demo --n-embd 64 --minutes 2 --no-compile --batch-size 32 --device cpu``.
+--n-px 16`` and ``run ... --preset igpt-demo --n-embd 64 --minutes 2 --compile off --batch-size 32 --device cpu``.
 """
 
 from __future__ import annotations

@@ -69,3 +69,44 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert (tmp_path / "demo" / name).exists(), name
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert len(summary["probe_acc"]) == 5  # embeddings, 3 block inputs, final norm of the 4-layer demo model
+
+
+def _all_parsers():
+    """Every (name, parser) of the command tree, nested commands included."""
+    todo, out = [("igpt", make_parser())], []
+    while todo:
+        name, p = todo.pop()
+        out.append((name, p))
+        for action in p._actions:
+            if action.dest in ("command", "palette_command", "bench_command"):
+                todo += [(f"{name} {n}", sub) for n, sub in action.choices.items()]
+    return out
+
+
+def test_every_flag_states_its_default_once():
+    for name, p in _all_parsers():
+        for action in p._actions:
+            text = p._get_formatter()._expand_help(action) if action.help else ""
+            assert text.count("default") <= 1, f"{name} {action.option_strings}: {text}"
+            assert "(default: None)" not in text, f"{name} {action.option_strings}: {text}"
+
+
+def test_one_name_per_concept_across_commands():
+    flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in _all_parsers()}
+    every = set().union(*flags.values())
+    for old in ("--batch", "--k", "--n", "--no-compile", "--n-vocab-override"):
+        assert old not in every, old
+    assert "--n-vocab" not in flags["igpt pretrain"]  # the palette decides it
+    for name in ("igpt sample", "igpt complete", "igpt score", "igpt probe", "igpt finetune", "igpt convert"):
+        assert "--checkpoint" in flags[name], name
+    for name in ("igpt bench sample", "igpt bench train", "igpt bench loader", "igpt bench memory"):
+        assert "--batch-size" in flags[name], name
+
+
+def test_version_and_quiet_after_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("igpt ")
+    assert make_parser().parse_args(["bench", "memory", "-q"]).quiet
+    assert make_parser().parse_args(["-q", "bench", "memory"]).quiet
+    assert not make_parser().parse_args(["bench", "memory"]).quiet

@@ -6,10 +6,20 @@ import pytest
 import torch
 
 from igpt.config import ModelConfig
-from igpt.bench.memory import GB, max_batch, plan, saved_bytes
+from igpt.bench.memory import GB, head_activation_bytes, layer_activation_bytes, max_batch, plan
 from igpt.model import GPT
 from igpt.objectives import ar_loss
 from igpt.runtime import autocast
+
+
+def saved_bytes(cfg: ModelConfig, batch: int, *, bf16: bool, grad_checkpoint: bool) -> float:
+    """The plan's formulas for what autograd holds when the forward pass ends, weight copies included."""
+    d, L, V = cfg.n_embd, cfg.n_layer, cfg.n_vocab
+    if grad_checkpoint:  # block inputs only; the blocks' weight copies are made again when recomputed
+        per_image, copies = L * 4 * d * cfg.n_ctx, 2 * d * V
+    else:
+        per_image, copies = L * layer_activation_bytes(cfg, bf16), 2 * (12 * d * d * L + d * V)
+    return batch * (per_image + head_activation_bytes(cfg, bf16)) + (copies if bf16 else 0)
 
 
 def measured_saved_bytes(cfg: ModelConfig, batch: int, dtype: torch.dtype, grad_checkpoint: bool) -> int:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from igpt.palette import Palette, _assign, _lloyd, _normalise, check_fingerprint
+from igpt.data.imageset import ImageSet, check_ids
+from igpt.palette import Palette, _assign, _lloyd, _normalise
 
 
 def _grid_colours(step: int = 40) -> np.ndarray:
@@ -118,7 +119,7 @@ def test_constructor_stores_float32_cpu_and_empty_meta():
     assert "k=4" in repr(pal) and pal.fingerprint() in repr(pal)
 
 
-def test_fingerprint_sees_tiny_changes_and_check_fingerprint():
+def test_fingerprint_sees_tiny_changes_and_ids_are_checked_by_it():
     centers = np.random.default_rng(2).uniform(-0.5, 0.5, size=(16, 3)).astype(np.float32)
     pal = Palette(centers)
     fp = pal.fingerprint()
@@ -129,10 +130,11 @@ def test_fingerprint_sees_tiny_changes_and_check_fingerprint():
     other = Palette(nudged)
     assert other.fingerprint() != fp
 
-    check_fingerprint(fp, pal, "dataset x")
-    check_fingerprint(None, other, "dataset x")
-    with pytest.raises(ValueError, match=f"dataset x was made with palette {fp}.*{other.fingerprint()}"):
-        check_fingerprint(fp, other, "dataset x")
+    ids = ImageSet(2, None, np.zeros((1, 4), np.uint16), None, None, fp, "dataset x")
+    check_ids(ids, pal)
+    check_ids(ImageSet(2, None, ids.ids, None, None, None, "dataset x"), other)  # no fingerprint: range only
+    with pytest.raises(ValueError, match=f"dataset x: ids were made with palette {fp}.*{other.fingerprint()}"):
+        check_ids(ids, other)
 
 
 # --- fitting -----------------------------------------------------------------------------------------

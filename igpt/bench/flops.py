@@ -5,8 +5,8 @@ MLP: 8 d^2), attention costs 2 T d for QK^T and 2 T d for AV over T keys, halved
 sees on average half the keys, and flash kernels skip the masked half), and the head costs 2 d V. A
 training step is three forward passes' worth (forward, and backward through activations and weights).
 
-For igpt-s at T = 1024 this gives 530.1 MFLOP per trained token, so the 549,000 tokens/s quoted in the
-performance issue are 291 TFLOP/s, 37% of an H100's 790 TFLOP/s bf16 matrix rate.
+For igpt-s at T = 1024 this gives 530.1 MFLOP per trained token, so 549,000 tokens/s of training would be
+291 TFLOP/s, 37% of an H100's 790 TFLOP/s bf16 matrix rate.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Images per second of the training input pipeline alone: read, decode, augment, move, quantize.
 
     igpt bench loader --data shards/imagenet --augment imagenet --workers 8 --device cuda
-    igpt bench loader --data cache/cifar10 --palette p.npz --augment cifar --batch 128
+    igpt bench loader --data cache/cifar10 --palette p.npz --augment cifar --batch-size 128
 
 The stream is the one ``igpt pretrain`` builds for the same flags (``igpt.data.open``), so the figure is
 what a training step would wait for if the GPU took no time. ``warmup`` batches are drawn untimed (worker

@@ -62,17 +62,6 @@ def head_activation_bytes(cfg: ModelConfig, bf16: bool = True) -> float:
     return (4 * cfg.n_vocab + (10 if bf16 else 12) * cfg.n_embd + 12) * cfg.n_ctx
 
 
-def saved_bytes(cfg: ModelConfig, batch: int, *, bf16: bool = True, grad_checkpoint: bool = False,
-                compiled: bool = False) -> float:
-    """What autograd holds when the forward pass ends, weight copies included (measured in the tests)."""
-    d, L, V = cfg.n_embd, cfg.n_layer, cfg.n_vocab
-    if grad_checkpoint:  # block inputs only; the blocks' weight copies are made again when recomputed
-        per_image, copies = L * 4 * d * cfg.n_ctx, 2 * d * V
-    else:
-        per_image, copies = L * layer_activation_bytes(cfg, bf16, compiled), 2 * (12 * d * d * L + d * V)
-    return batch * (per_image + head_activation_bytes(cfg, bf16)) + (copies if bf16 else 0)
-
-
 def activation_bytes(cfg: ModelConfig, batch: int, *, bf16: bool = True, grad_checkpoint: bool = False,
                      compiled: bool = False) -> float:
     """Activation memory of a micro-batch at its peak: the start of the backward pass, plus with

@@ -1,7 +1,7 @@
 """Sampling throughput of our KV-cached sampler, and of Hugging Face's ``generate`` on the same shape.
 
-    igpt bench sample --preset igpt-s --batch 256 --compare-hf   # the issue's figure (GPU)
-    igpt bench sample --preset igpt-nano --batch 8 --device cpu  # seconds on a CPU: checks the harness
+    igpt bench sample --preset igpt-s --batch-size 256 --compare-hf   # the headline figure (GPU)
+    igpt bench sample --preset igpt-nano --batch-size 8 --device cpu  # seconds on a CPU: checks the harness
 
 Both models get random weights of the preset's shape (speed does not depend on their values; our head is
 re-drawn from N(0, 0.02) because the released initialisation zeroes it) and draw all T pixels of ``batch``

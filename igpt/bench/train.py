@@ -1,8 +1,8 @@
 """Training throughput: full optimizer steps of our model, and of Hugging Face's ImageGPT on the same shape.
 
-    igpt bench train --preset igpt-s --batch 32 --compile --compare-hf    # the performance issue's figure (GPU)
+    igpt bench train --preset igpt-s --batch-size 32 --compile on --compare-hf   # the headline figure (GPU)
     igpt bench train --preset igpt-l --max-batch --grad-checkpoint        # largest batch that fits, and its MFU
-    igpt bench train --preset igpt-nano --batch 4 --device cpu --steps 2  # seconds on a CPU: checks the harness
+    igpt bench train --preset igpt-nano --batch-size 4 --device cpu --steps 2  # seconds on a CPU: checks the harness
 
 A step is what ``igpt.train.pretrain.Trainer.train_step`` does for one micro-batch: the loss under autocast, from
 ``igpt.train.pretrain.micro_loss`` itself (AR over all T pixels, or BERT with a fresh mask drawn per step on the CPU

@@ -16,7 +16,7 @@ import numpy as np
 
 from igpt.atomic import replacing, write_json
 from igpt.data.imageset import ImageSet
-from igpt.data.splits import RawSplit, carve_val, missing_split, split_indices
+from igpt.data.splits import RawSplit, carve_val, first_available, split_indices
 from igpt.palette import Palette
 
 META = "meta.json"
@@ -74,23 +74,21 @@ def _cache_train_all(root: Path, meta: dict) -> tuple[np.ndarray, np.ndarray | N
     return x, y
 
 
-def open_cache(root: Path, split: str, n_px: int) -> ImageSet:
-    """One split of a cache; an n_px other than the cache's is an error."""
+def open_cache(root: Path, names: tuple[str, ...], n_px: int) -> tuple[ImageSet, str]:
+    """(the first split of ``names`` the cache has, its name); an n_px other than the cache's is an error."""
     meta = read_meta(root)
     if meta["n_px"] != n_px:
         raise ValueError(f"--data {root}: prepared at {meta['n_px']}x{meta['n_px']}, but {n_px}x{n_px} images are "
                          f"needed here; run 'igpt prepare --n-px {n_px}' on the source again")
     stored = list(meta["splits"])
-    available = stored + (["train_all"] if "train" in stored else [])
-    if split not in available:
-        raise missing_split(split, str(root), available, None)
+    split = first_available(names, stored + (["train_all"] if "train" in stored else []), str(root), None)
     if split == "train_all" and meta.get("val_carved"):
         x, labels = _cache_train_all(root, meta)
     else:
         x, labels = _cache_split(root, meta, "train" if split == "train_all" else split)
     pixels, ids = (x, None) if meta["kind"] == "pixels" else (None, x)
     classes = meta.get("classes") if labels is not None else None  # as the direct path: unlabelled, no classes
-    return ImageSet(n_px, pixels, ids, labels, classes, meta.get("palette_fingerprint"), str(root))
+    return ImageSet(n_px, pixels, ids, labels, classes, meta.get("palette_fingerprint"), str(root)), split
 
 
 def _write_array(out_dir: Path, name: str, arr: np.ndarray, bar, encode=None) -> None:

@@ -33,7 +33,7 @@ from igpt.data import cache, shard_streams, shard_writer, sources
 from igpt.data.augment import FolderImages
 from igpt.data.imageset import ImageSet, check_ids
 from igpt.data.shards import ShardIndex, is_shard_dir
-from igpt.data.splits import SPLITS, carve_val, missing_split, sample_indices, split_indices
+from igpt.data.splits import carve_val, check_names, first_available, sample_indices, split_indices
 from igpt.data.streams import BatchStream, FolderStream
 from igpt.palette import Palette
 
@@ -94,18 +94,22 @@ def open_split(data: str | Path | DataSpec, split: str, *, n_px: int, val_fracti
                resize: str = "center", on_error: str = "stop") -> ImageSet:
     """One split of ``--data`` as an ImageSet. A cache keeps the carve, seed and resize it was prepared
     with; shards are decoded into memory (training streams them instead, ``open_training``)."""
+    return _first_split(data, (split,), n_px, val_fraction, seed, resize, on_error)[0]
+
+
+def _first_split(data: str | Path | DataSpec, names: tuple[str, ...], n_px: int, val_fraction: float, seed: int,
+                 resize: str, on_error: str = "stop") -> tuple[ImageSet, str]:
+    """(the first split of ``names`` that ``data`` has, its name), from one read of the source."""
+    check_names(names)  # before any reading
     d = data if isinstance(data, DataSpec) else resolve(data)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if d.kind == "cache":
-        return cache.open_cache(Path(d.path), split, n_px)
+        return cache.open_cache(Path(d.path), names, n_px)
     if d.kind == "shards":
-        return shard_streams.open_shard_split(d.path, split, n_px)
+        return shard_streams.open_shard_split(d.path, names, n_px)
     splits, _ = carve_val(sources.read(d.kind, d.path, n_px, resize=resize, on_error=on_error), val_fraction, seed)
-    if split not in splits:
-        raise missing_split(split, d.spec, sorted(splits), val_fraction)
+    split = first_available(names, sorted(splits), d.spec, val_fraction)
     s = splits[split]
-    return ImageSet(n_px, s.pixels, s.ids, s.labels, s.classes, None, d.spec)
+    return ImageSet(n_px, s.pixels, s.ids, s.labels, s.classes, None, d.spec), split
 
 
 def open_labelled(data: str | Path, split: str, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
@@ -123,19 +127,9 @@ def open_eval(data: str | Path, split: str | None, *, n_px: int, palette: Palett
               seed: int = 0, resize: str = "center") -> tuple[ImageSet, str]:
     """(images, split name) that a model is scored or completed on: ``split``, or test when the data has
     one and val otherwise. Their ids must fit ``palette``."""
-    d = resolve(data)
-    kw = dict(n_px=n_px, val_fraction=val_fraction, seed=seed, resize=resize)
-    names = [split] if split else ["test", "val"]
-    for i, name in enumerate(names):
-        try:
-            images = open_split(d, name, **kw)
-        except ValueError as e:
-            if i + 1 < len(names) and f"has no {name!r} split" in str(e):
-                continue
-            raise
-        check_ids(images, palette)
-        return images, name
-    raise AssertionError("unreachable")
+    images, name = _first_split(data, (split,) if split else ("test", "val"), n_px, val_fraction, seed, resize)
+    check_ids(images, palette)
+    return images, name
 
 
 def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:

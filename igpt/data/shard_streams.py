@@ -29,6 +29,7 @@ from igpt.data.augment import cifar_augment, cifar_augment_params, imagenet_styl
 from igpt.data.imageset import ImageSet
 from igpt.data.images import open_image, to_n_px
 from igpt.data.shards import ShardIndex, ShardSplit
+from igpt.data.splits import first_available
 from igpt.data.streams import WorkerStream
 from igpt.palette import Palette
 from igpt.runtime import derived_generator
@@ -209,12 +210,14 @@ def check_n_px(index: ShardIndex, n_px: int, augment: str) -> None:
                          "or write shards from an image folder")
 
 
-def open_shard_split(data: str, split: str, n_px: int) -> ImageSet:
-    """One split of a shards directory decoded (centre crops) into an in-memory ImageSet, for the commands
-    that need a split as arrays (palette fit, score, probe, ...). "train_all" is train followed by a
-    carved val (not the source's order)."""
+def open_shard_split(data: str, names: tuple[str, ...], n_px: int) -> tuple[ImageSet, str]:
+    """(the first split of ``names`` a shards directory has, decoded (centre crops) into an in-memory
+    ImageSet, for the commands that need a split as arrays (palette fit, score, probe, ...); its name).
+    "train_all" is train followed by a carved val (not the source's order)."""
     index = ShardIndex.open(data)
     check_n_px(index, n_px, "none")
+    stored = list(index.splits)
+    split = first_available(names, stored + (["train_all"] if "train" in stored else []), str(data), None)
     names = ["train", "val"] if split == "train_all" and index.val_carved else \
         ["train" if split == "train_all" else split]
     parts = [index.split(name) for name in names]
@@ -222,4 +225,4 @@ def open_shard_split(data: str, split: str, n_px: int) -> ImageSet:
     pixels = np.concatenate([decode_images(p, n_px, np.arange(len(p))) for p in parts])
     labeled = all(p.labeled for p in parts)
     labels = np.concatenate([p.labels for p in parts]) if labeled else None
-    return ImageSet(n_px, pixels, None, labels, index.classes if labeled else None, None, str(data))
+    return ImageSet(n_px, pixels, None, labels, index.classes if labeled else None, None, str(data)), split

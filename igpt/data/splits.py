@@ -39,6 +39,22 @@ def missing_split(split: str, source: str, available: list[str], val_fraction: f
     return ValueError(f"--data {source}: has no {split!r} split{hint}; available: {', '.join(available)}")
 
 
+def check_names(names: tuple[str, ...]) -> None:
+    for name in names:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+
+
+def first_available(names: tuple[str, ...], available: list[str], source: str,
+                    val_fraction: float | None) -> str:
+    """The first of ``names`` that the data has; an error naming the first one asked for otherwise."""
+    check_names(names)
+    found = next((name for name in names if name in available), None)
+    if found is None:
+        raise missing_split(names[0], source, available, val_fraction)
+    return found
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx), each sorted, disjoint, together 0..n-1: ``round(val_fraction * n)`` images (at
     least 1 when val_fraction > 0 and n >= 2, never all) picked by ``default_rng(seed).permutation(n)``."""

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from igpt.data.splits import split_indices
 
 
 def _ridge_fit(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float) -> torch.Tensor:
@@ -31,9 +32,7 @@ def ridge_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     tr, te = ((train_x - mean) / std).double(), ((test_x - mean) / std).double()
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(tr)))
-    n_val = max(1, int(round(val_fraction * len(tr))))
-    fit_i, val_i = perm[n_val:], perm[:n_val]
+    fit_i, val_i = (torch.from_numpy(i) for i in split_indices(len(tr), val_fraction, seed))
     scores = {l2: (_predict(_ridge_fit(tr[fit_i], train_y[fit_i], n_classes, l2), tr[val_i]) == train_y[val_i])
               .float().mean().item() for l2 in l2_grid}
     best = max(l2_grid, key=lambda l2: (scores[l2], l2))  # ties go to the stronger penalty

@@ -207,8 +207,8 @@ class Trainer:
             total += loss.item() / cfg.grad_accum
         total = mean_across(total, self.world, self.device)
         if not math.isfinite(total):
-            raise FloatingPointError(f"loss became {total} at step {self.step}; resume from the last "
-                                     f"checkpoint with a lower --lr")
+            raise FloatingPointError(f"loss became {total} at step {self.step}: the learning rate is too high "
+                                     f"for this run; start a new run with a lower --lr")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         self.optimizer.step()

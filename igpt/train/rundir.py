@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from igpt.atomic import write_text
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 
 RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
@@ -22,7 +23,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / METRICS_FILE
     if path.exists():
         lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        write_text(path, "".join(l + "\n" for l in lines))
 
 
 def last_metrics(run_dir: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from igpt.atomic import move_into_place
 from igpt.distributed import World, barrier
 
 SHARDS = "sharded"
@@ -54,9 +55,7 @@ def save_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
     barrier(world)  # every rank's shard is on disk before the directory becomes visible
     if world.is_main:
         write_rest(tmp)
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        tmp.rename(ckpt_dir)
+        move_into_place(tmp, ckpt_dir)
     barrier(world)
 
 

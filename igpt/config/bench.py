@@ -1,0 +1,121 @@
+"""The benchmark commands (``igpt bench``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from igpt.config.evaluation import SampleConfig
+from igpt.config.fields import (DTYPES, N_VOCAB, SWITCH, arg, check_choices, device_arg, dtype_arg,
+                                require_at_least, same_as)
+from igpt.config.model import PRESETS
+from igpt.config.train import TrainConfig
+
+
+def preset_arg() -> Any:
+    return arg("igpt-s", "model shape", choices=tuple(PRESETS))
+
+
+def bench_n_px_arg() -> Any:
+    return arg(None, "image side (default: the preset's)", type=int)
+
+
+@dataclass(frozen=True)
+class BenchSampleConfig:
+    """``igpt bench sample``: images per second of the KV-cached sampler (and of Hugging Face's generate)."""
+
+    preset: str = preset_arg()
+    batch_size: int = arg(256, "images sampled at once")
+    n_px: int | None = bench_n_px_arg()
+    n_vocab: int = arg(N_VOCAB, "palette size of the random model")
+    batches: int = arg(2, "timed batches of our sampler")
+    warmup: int = arg(1, "untimed batches before timing")
+    window: int = same_as(SampleConfig, "window")
+    cuda_graph: bool | None = arg(None, "replay the one-token step as CUDA graphs (default: on CUDA)", type=bool)
+    compile: str = arg("off", "torch.compile the one-token step ('auto' as pretraining decides; the first batch "
+                       "then includes compiling)", choices=SWITCH)
+    top_k: int = arg(0, "top-k filter for both samplers; 0 = off")
+    device: str = device_arg()
+    dtype: str = arg("auto", "weights and cache: 'auto' (bf16 on GPUs that have it, else fp32), 'bf16' or "
+                     "'fp32'", choices=DTYPES)
+    compare_hf: bool = arg(False, "also time Hugging Face's ImageGPT generate (needs transformers)")
+    hf_batches: int = arg(1, "timed batches of Hugging Face's generate")
+    seed: int = arg(0, "seed of the weights and draws")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require_at_least(self, ("batch_size", "batches", "n_vocab", "window", "hf_batches"), 1)
+        require_at_least(self, ("warmup", "top_k"), 0)
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    """``igpt bench train``: tokens/s, MFU and peak memory of training steps (and of Hugging Face's)."""
+
+    preset: str = preset_arg()
+    batch_size: int = arg(32, "images per step; with --max-batch, where the search starts")
+    n_px: int | None = bench_n_px_arg()
+    n_vocab: int = arg(N_VOCAB, "palette size of the random model")
+    objective: str = same_as(TrainConfig, "objective")
+    compile: str = arg("auto", "torch.compile our model, as igpt pretrain decides ('auto': on CUDA GPUs with "
+                       "triton, off on CPU); compiling happens in the warm-up steps", choices=SWITCH)
+    dtype: str = dtype_arg()
+    grad_checkpoint: bool = arg(False, "recompute each block in the backward pass (activation checkpointing), "
+                                "for both models")
+    steps: int = arg(20, "timed training steps")
+    warmup: int = arg(3, "untimed steps before timing")
+    device: str = device_arg()
+    compare_hf: bool = arg(False, "also train Hugging Face's ImageGPT the same way (AR only; needs transformers)")
+    max_batch: bool = arg(False, "CUDA only: find the largest batch that fits (double until out of memory, then "
+                          "bisect) and measure there")
+    seed: int = arg(0, "seed of the weights, ids and masks")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require_at_least(self, ("batch_size", "steps", "n_vocab"), 1)
+        require_at_least(self, ("warmup",), 0)
+
+
+@dataclass(frozen=True)
+class BenchLoaderConfig:
+    """``igpt bench loader``: images per second of the training input pipeline alone."""
+
+    data: str = arg(None, "any --data igpt pretrain accepts", type=str)
+    n_px: int = arg(32, "image side")
+    batch_size: int = arg(64, "images per batch")
+    augment: str = same_as(TrainConfig, "augment")
+    workers: int = arg(0, "decoding worker processes, as igpt pretrain --workers")
+    batches: int = arg(20, "timed batches")
+    warmup: int = arg(2, "untimed batches first")
+    device: str = arg("auto", "where ids are quantized: 'auto', 'cpu', 'cuda'")
+    palette: str | None = arg(None, "palette file (required for ids data; default: fit a quick one on 500 "
+                              "training images)", type=str)
+    palette_k: int = arg(N_VOCAB, "colours of the quick palette")
+    seed: int = arg(0, "seed of the order and augmentation")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require_at_least(self, ("n_px", "batch_size", "batches"), 1)
+        require_at_least(self, ("warmup", "workers"), 0)
+        require_at_least(self, ("palette_k",), 2)
+
+
+@dataclass(frozen=True)
+class BenchMemoryConfig:
+    """``igpt bench memory``: the estimated memory per GPU of a pretraining step (docs/scaling.md)."""
+
+    preset: str = preset_arg()
+    n_px: int | None = bench_n_px_arg()
+    batch_size: int = arg(32, "micro-batch per GPU")
+    processes: int = arg(1, "GPUs sharing the job")
+    fsdp: bool = arg(False, "shard weights, gradients and Adam state (FSDP)")
+    grad_checkpoint: bool = arg(False, "activation checkpointing per block")
+    compiled: bool = arg(False, "torch.compile's smaller MLP activations (estimate)")
+    dtype: str = arg("bf16", "autocast dtype", choices=("bf16", "fp32"))
+    gpu_gb: float = arg(80.0, "memory of one GPU in GB, for the largest batch")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require_at_least(self, ("batch_size", "processes"), 1)
+        if not self.gpu_gb > 0:
+            raise ValueError(f"--gpu-gb must be > 0, got {self.gpu_gb}")

@@ -1,0 +1,148 @@
+"""How a checkpoint is sampled, scored, read out and probed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from igpt.config.fields import (DTYPES, SWITCH, arg, check_choices, device_arg, dtype_arg, require_at_least,
+                                require_fraction, resize_arg)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How ids are drawn, shared by ``igpt sample`` and ``igpt complete``."""
+
+    temperature: float = arg(1.0, "softmax temperature; 0 is the greedy argmax (the paper sampled at 1)")
+    top_k: int = arg(0, "draw only from the k most likely ids at each step; 0 = no top-k filter")
+    top_p: float = arg(1.0, "nucleus: draw only from the smallest set of ids whose probability reaches p; "
+                       "1 = no nucleus filter")
+    seed: int = arg(0, "seed of the draws (results also depend on the device and --batch-size)")
+    batch_size: int = arg(64, "images sampled at once")
+    device: str = device_arg()
+    dtype: str = arg("auto", "weights and KV cache: 'auto' (bf16 on GPUs that have it, fp32 elsewhere), "
+                     "'bf16' or 'fp32'", choices=DTYPES)
+    window: int = arg(64, "the one-token step attends the cache in multiples of this many slots (static "
+                      "shapes; one CUDA graph per multiple); 1 = exactly the filled slots")
+    cuda_graph: bool = arg(True, "on CUDA, replay the one-token step as CUDA graphs (no effect on the CPU)")
+    compile: str = arg("off", "torch.compile the one-token step, fusing its small kernels: 'on', 'off', or "
+                       "'auto' (on where pretraining's auto would compile); compiling takes a minute or more, "
+                       "so it pays off only for long jobs", choices=SWITCH)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):
+            object.__setattr__(self, "compile", "on" if self.compile else "off")
+        check_choices(self)
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        require_at_least(self, ("top_k",), 0)
+        require_fraction(self, "top_p", low_open=True, high_open=False)
+        require_at_least(self, ("batch_size", "window"), 1)
+
+    def filters(self) -> dict[str, float | int | None]:
+        """Keyword arguments of ``sample``/``infill``: the CLI's 0 and 1 mean 'off', the API's None."""
+        return {"temperature": self.temperature, "top_k": self.top_k or None,
+                "top_p": None if self.top_p >= 1.0 else self.top_p}
+
+
+@dataclass(frozen=True)
+class EvalDataConfig:
+    """The split of ``--data`` that ``score`` and ``complete`` read."""
+
+    data: str | None = arg(None, "dataset (any format 'igpt prepare' reads, or a prepared cache); an ids cache "
+                           "must come from the checkpoint's palette", type=str)
+    split: str | None = arg(None, "split to use (default: test when present, else val)", type=str,
+                            choices=("train", "val", "test", "unlabeled", "train_all"))
+    val_fraction: float = arg(0.1, "val carved from train when the source has none; match the run's")
+    split_seed: int = arg(0, "seed of that carve; match the run's --seed")
+    resize: str = resize_arg()
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require_fraction(self, "val_fraction")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """``igpt score``: the mean NLL of a split."""
+
+    batch_size: int = arg(64, "images per forward pass")
+    mask_prob: float = arg(-1.0, "BERT: fraction of positions masked; -1 = the rate the checkpoint was "
+                           "trained with (0.15 when it records none)")
+    seed: int = arg(0, "BERT: seed of the masks")
+    device: str = device_arg()
+    dtype: str = dtype_arg()
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require_at_least(self, ("batch_size",), 1)
+        if self.mask_prob != -1:
+            require_fraction(self, "mask_prob", low_open=True)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How features are read out of a model (``igpt probe``)."""
+
+    batch_size: int = arg(256, "images per forward pass when extracting features")
+    device: str = device_arg()
+    dtype: str = dtype_arg()
+    bert_mask: bool = arg(True, "BERT checkpoints: mask the inputs as in training when extracting features "
+                          "(the paper does); --no-bert-mask reads them unmasked")
+    mask_prob: float = arg(-1.0, "BERT: probability that a position is masked; -1 = the rate the checkpoint "
+                           "was trained with (0.15 when it records none)")
+    n_masks: int = arg(1, "BERT: average the features over this many independent masks (the paper "
+                       "ensembled 5, by a vote of predictions)")
+    flip_average: bool = arg(False, "average each image's features with those of its mirror image "
+                             "(test-time augmentation; not in the paper)")
+    mask_seed: int = arg(0, "seed of the BERT masks")
+    cache: bool = arg(True, "reuse features cached in --out by an earlier run with identical inputs")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require_at_least(self, ("batch_size", "n_masks"), 1)
+        if self.mask_prob != -1:
+            require_fraction(self, "mask_prob", low_open=True)
+
+
+DEFAULT_L2_GRID = "1e-6,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The linear probe of ``igpt probe``."""
+
+    l2_grid: str = arg(DEFAULT_L2_GRID, "comma-separated L2 strengths searched on the validation carve")
+    l2: float = arg(-1.0, "a fixed L2 strength (no search); -1 searches --l2-grid")
+    val_fraction: float = arg(0.1, "fraction of each class of train carved out (seeded) to choose the L2 "
+                              "strength and the best layer")
+    max_iter: int = arg(500, "L-BFGS iterations per fit")
+    seed: int = arg(0, "seed of the validation carve and of the low-data subsets")
+    concat: int = arg(0, "also probe the concatenation of this many layers centred on the best one "
+                      "(0 or 1: off; the paper used 5 for ImageNet)")
+    labels_per_class: int = arg(0, "low-data protocol: fit on this many labelled images per class (0: all of "
+                                "train)")
+    repeats: int = arg(5, "low-data protocol: how many random subsets; mean +- std is reported")
+    eval_subset: str = arg("all", "test images scored: 'all', or 'lossless' (the bit-exact images marked by "
+                           "test_lossless in cifar10.npz; 'all' is reported too)", choices=("all", "lossless"))
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        self.grid  # noqa: B018 -- parses and validates the grid
+        if self.l2 < 0 and self.l2 != -1:
+            raise ValueError(f"--l2 must be >= 0, or -1 to search --l2-grid; got {self.l2}")
+        require_fraction(self, "val_fraction")
+        require_at_least(self, ("max_iter", "repeats"), 1)
+        require_at_least(self, ("concat", "labels_per_class"), 0)
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        if self.l2 >= 0:
+            return (self.l2,)
+        try:
+            values = tuple(float(v) for v in self.l2_grid.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--l2-grid must be comma-separated numbers, got {self.l2_grid!r}") from None
+        if not values or min(values) < 0 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"--l2-grid must hold finite strengths >= 0, got {self.l2_grid!r}")
+        return values
