@@ -88,6 +88,15 @@ def add_data(parser: argparse.ArgumentParser, help: str = "") -> None:
     group.add_argument("--data", required=True, help=(help or f.metadata["help"]).replace("%", "%%"))
 
 
+def add_labelled_inputs(parser: argparse.ArgumentParser) -> None:
+    """What a probe and a fine-tune read and write: weights, labelled images, an output directory."""
+    add_checkpoint(parser)
+    add_data(parser, "labelled dataset, any format 'igpt prepare' accepts, or a prepared cache made with the "
+             "checkpoint's palette")
+    parser.add_argument("--out", required=True, help="output directory")
+    add_resize(parser)
+
+
 def add_resize(parser: argparse.ArgumentParser) -> None:
     add_fields(parser, DataConfig, title="images", only=("resize",))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from igpt.atomic import write_json
-from igpt.cli.args import add_checkpoint, add_data, add_eval_data, add_fields, add_resize, build, command
+from igpt.cli.args import add_checkpoint, add_eval_data, add_fields, add_labelled_inputs, build, command
 from igpt.config import EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
 from igpt.eval.probe import format_table, probe_checkpoint
 from igpt.eval.score import score
@@ -47,11 +47,7 @@ def _probe_parser(sub: Any) -> None:
                 description="Features of every layer in one pass (cached in --out), a logistic-regression "
                 "probe per layer with the L2 strength chosen on a validation carve of train, test accuracy, "
                 "metrics.json and probe.png.")
-    add_checkpoint(p)
-    add_data(p, "labelled dataset, any format 'igpt prepare' accepts, or a prepared cache made with the "
-             "checkpoint's palette")
-    p.add_argument("--out", required=True, help="output directory")
-    add_resize(p)
+    add_labelled_inputs(p)
     add_fields(p, ProbeConfig, title="probe")
     add_fields(p, FeatureConfig, title="features")
     p.set_defaults(func=cmd_probe)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from igpt.cli.args import add_checkpoint, add_data, add_fields, add_resize, build, command
+from igpt.cli.args import add_fields, add_labelled_inputs, build, command
 from igpt.config import PRESETS, DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from igpt.demo import run_demo
 from igpt.train import finetune, pretrain, resume
@@ -52,11 +52,7 @@ def _finetune_parser(sub: Any) -> None:
                 description="Zero-initialised head on the mean-pooled final norm, Adam at a constant learning "
                 "rate after warm-up, early stopping on validation accuracy; the best checkpoint (with "
                 "classifier.safetensors) goes to --out/checkpoints, metrics to --out/metrics.json.")
-    add_checkpoint(f)
-    add_data(f, "labelled dataset, any format 'igpt prepare' accepts, or a prepared cache made with the "
-             "checkpoint's palette")
-    f.add_argument("--out", required=True, help="output directory")
-    add_resize(f)
+    add_labelled_inputs(f)
     add_fields(f, FinetuneConfig, title="fine-tuning")
     f.set_defaults(func=cmd_finetune)
 

@@ -337,8 +337,10 @@ def read(kind: str, path: str, n_px: int, *, resize: str = "center", on_error: s
     if resize not in RESIZE_MODES:
         raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {resize!r}")
     root = Path(path)
-    readers = {"digits": lambda: _read_digits(n_px, resize), "openai": lambda: _read_openai(path, n_px),
-               "npz": lambda: _read_npz(root, n_px, resize), "cifar10": lambda: _read_cifar(root, _CIFAR10, n_px, resize),
+    readers = {"digits": lambda: _read_digits(n_px, resize),
+               "openai": lambda: _read_openai(path, n_px),
+               "npz": lambda: _read_npz(root, n_px, resize),
+               "cifar10": lambda: _read_cifar(root, _CIFAR10, n_px, resize),
                "cifar100": lambda: _read_cifar(root, _CIFAR100, n_px, resize),
                "stl10": lambda: _read_stl10(root, n_px, resize),
                "folder": lambda: _read_image_tree(root, n_px, resize, on_error)}
