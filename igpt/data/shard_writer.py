@@ -25,7 +25,7 @@ from igpt.atomic import replacing, write_json
 from igpt.data.images import DECODE_ERRORS
 from igpt.data.shards import FORMAT_VERSION, SHARDS_FILE, scan_tar
 from igpt.data.sources import list_image_folder, split_folders
-from igpt.data.splits import RawSplit, split_indices
+from igpt.data.splits import RawSplit, carve_val
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,14 @@ class _Plan:
     load: Callable[[int], tuple[bytes, str] | None]
     labels: np.ndarray | None
     keys: np.ndarray  # (n,) the source position of each image, used as its tar key
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, idx: np.ndarray) -> "_Plan":
+        """The images ``idx`` of this split (``igpt.data.splits.carve_val`` carves with it)."""
+        return _Plan(len(idx), lambda i: self.load(int(idx[i])), None if self.labels is None else self.labels[idx],
+                     self.keys[idx])
 
 
 def _file_loader(paths: list[Path], on_error: str) -> Callable[[int], tuple[bytes, str] | None]:
@@ -67,22 +75,6 @@ def _png_loader(pixels: np.ndarray) -> Callable[[int], tuple[bytes, str]]:
         return buf.getvalue(), "png"
 
     return load
-
-
-def _subset(plan: _Plan, idx: np.ndarray) -> _Plan:
-    return _Plan(len(idx), lambda i: plan.load(int(idx[i])), None if plan.labels is None else plan.labels[idx],
-                 plan.keys[idx])
-
-
-def _carve(plans: dict[str, _Plan], val_fraction: float, seed: int) -> bool:
-    """Carve val out of train as ``igpt prepare`` does (the same indices), when the source has no val."""
-    if "train" not in plans or "val" in plans or val_fraction == 0:
-        return False
-    train_idx, val_idx = split_indices(plans["train"].n, val_fraction, seed)
-    if len(val_idx) == 0:
-        return False
-    plans["train"], plans["val"] = _subset(plans["train"], train_idx), _subset(plans["train"], val_idx)
-    return True
 
 
 def _folder_plans(root: Path, on_error: str) -> tuple[dict[str, _Plan], list[str] | None]:
@@ -191,7 +183,8 @@ def _write_all(plans: dict[str, _Plan], classes: list[str] | None, out_dir: str 
 
     if per_shard < 1:
         raise ValueError(f"--shards must be >= 1 images per shard, got {per_shard}")
-    carved = _carve(plans, val_fraction, seed)
+    plans, carved = carve_val(plans, val_fraction, seed)  # the carve of igpt prepare: the same indices
+    plans.pop("train_all", None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SHARDS_FILE).unlink(missing_ok=True)  # from here until the end, out is not a complete dataset

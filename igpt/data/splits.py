@@ -9,6 +9,7 @@ whatever was carved out of it for "val").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,9 +68,11 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def carve_val(raw: dict[str, RawSplit], val_fraction: float, seed: int) -> tuple[dict[str, RawSplit], bool]:
+def carve_val(raw: dict[str, Any], val_fraction: float, seed: int) -> tuple[dict[str, Any], bool]:
     """Add "train_all" and, when the source has no val split, a carved "val" (``split_indices``; both keep
-    the source order). A source's own val split is used as is. Returns (splits, whether val was carved)."""
+    the source order). A source's own val split is used as is. Splits are anything with ``len`` and
+    ``take(indices)`` (a ``RawSplit``, or the shard writer's plan of files). Returns (splits, whether val was
+    carved)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     out = dict(raw)
