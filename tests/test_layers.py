@@ -55,3 +55,26 @@ def test_no_igpt_import_hides_inside_a_function():
                     found += [f"{path.relative_to(ROOT)}:{inner.lineno}" for n in names
                               if n == "igpt" or n.startswith("igpt.")]
     assert not found, found
+
+
+@pytest.mark.parametrize("door, names", [
+    # what a --data spec is, and how each kind is opened
+    ("igpt/data/open.py", ("is_shard_dir", "is_cache", "sources.read", "open_cache", "open_shard_split")),
+    # how weights of each format are read
+    ("igpt/weights/convert.py", ("load_igpt", "load_hf", "is_hf_dir", "load_openai")),
+])
+def test_one_front_door_per_question(door, names):
+    """Only the front door calls the functions that decide; every other module goes through it."""
+    found = []
+    for path in sorted((ROOT / "igpt").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel == door:
+            continue
+        tree = ast.parse(path.read_text())
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                called = ast.unparse(node.func)
+                hits = [n for n in names if (called == n or called.endswith("." + n)) and n not in defined]
+                found += [f"{rel}:{node.lineno} calls {h}" for h in hits]
+    assert not found, found

@@ -42,10 +42,9 @@ from igpt.bench.memory import plan
 from igpt.bench.sample import hf_config
 from igpt.bench.timing import DTYPE_NAMES, device_label, timed_seconds
 from igpt.config import BenchTrainConfig, ModelConfig, TrainConfig
-from igpt.model import GPT
 from igpt.runtime import autocast, compile_enabled, resolve_device, resolve_dtype
 from igpt.train.optim import pretrain_optimizer
-from igpt.train.pretrain import micro_loss
+from igpt.train.pretrain import init_model, micro_loss
 
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, step) -> scalar loss
 NO_CUDA_MEMORY = "not measured on the CPU: torch.cuda.max_memory_allocated counts CUDA memory only"
@@ -75,10 +74,7 @@ def igpt_step(config: ModelConfig, objective: str, cfg: TrainConfig, device: tor
     """Our model with pretraining's initialisation (from ``cfg.seed``), optimizer and loss; returns (step,
     label)."""
     torch.manual_seed(cfg.seed)
-    model = GPT(config, causal=objective == "ar").to(device).train()
-    model.grad_checkpoint = cfg.grad_checkpoint
-    if objective == "bert":
-        model.sos.requires_grad_(False)  # as in pretraining: BERT never reads the SOS vector
+    model = init_model(config, replace(cfg, objective=objective)).to(device).train()  # as pretraining builds it
     forward = torch.compile(model) if compile else model
 
     def loss_of(ids: torch.Tensor, step: int) -> torch.Tensor:

@@ -39,12 +39,13 @@ from igpt.distributed import (World, barrier, init_distributed, is_communication
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
 from igpt.palette import Palette
-from igpt.record import CheckpointRecord
+from igpt.record import CheckpointRecord, read_as
 from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_seed, resolve_device,
                           resolve_dtype, seed_everything)
 from igpt.train.optim import pretrain_lr, pretrain_optimizer, set_lr, warmup_steps
 from igpt.train.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
 from igpt.weights import checkpoint as ckpt
+from igpt.weights.convert import load
 from igpt.weights.sharded import load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,17 @@ def micro_loss(forward: torch.nn.Module, ids: torch.Tensor, cfg: TrainConfig, st
     generator = derived_generator(cfg.seed, step, micro)
     keep = sample_keep_mask((cfg.batch_size, ids.shape[1]), cfg.mask_prob, generator)
     return bert_loss(forward, ids, keep=keep[rows].to(ids.device))
+
+
+def init_model(model_cfg: ModelConfig, cfg: TrainConfig) -> GPT:
+    """A model initialised (from the global seed) for pretraining with ``cfg``: read as its objective trains
+    it, with activation checkpointing as asked, and BERT's SOS vector frozen (BERT never reads it, and DDP
+    insists that every trained parameter is used)."""
+    model = GPT(model_cfg, causal=read_as(cfg.objective, cfg.mask_prob).causal)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    if not model.causal:
+        model.sos.requires_grad_(False)
+    return model
 
 
 def resolve_palette(data_cfg: DataConfig, train: ImageSet, seed: int, device: torch.device) -> Palette:
@@ -95,11 +107,7 @@ class Trainer:
         self.fit_set, self.n_train, self.val_set = data.fit_set, data.n_train, data.val_set
         self.palette = self._palette(resume)
         self.model_cfg = replace(model_cfg, n_vocab=self.palette.k)
-        # same seed on every rank: identical replicas
-        self.model = GPT(self.model_cfg, causal=cfg.objective == "ar").to(self.device)
-        self.model.grad_checkpoint = cfg.grad_checkpoint
-        if cfg.objective == "bert":
-            self.model.sos.requires_grad_(False)  # BERT never reads the SOS vector (and DDP insists on use)
+        self.model = init_model(self.model_cfg, cfg).to(self.device)  # same seed on every rank: identical replicas
         self.sharded = cfg.fsdp and world.size > 1
         if self.sharded:  # each block its own unit, so only one block's parameters are gathered at a time
             for block in self.model.blocks:
@@ -139,7 +147,7 @@ class Trainer:
         if ckpt.read_record(ckpt_dir).sharded:  # each rank reads the slices it owns, whoever wrote them
             load_sharded(ckpt_dir, self.model, self.optimizer)
         else:
-            model, _, _ = ckpt.load_igpt(ckpt_dir, "cpu")
+            model, _, _ = load(ckpt_dir, "cpu")
             # Full (unsharded, name-keyed) state dicts: a run resumes on any number of processes, DDP or FSDP.
             set_model_state_dict(self.model, model.state_dict(), options=FULL_STATE)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_STATE)
@@ -163,9 +171,9 @@ class Trainer:
         """A full checkpoint (rank 0 writes, after the full weights and optimizer state are gathered, a
         collective under FSDP), or with --sharded-checkpoint every rank writes its own shards."""
         ckpt_dir = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
+        causal = self.model.causal
         record = CheckpointRecord(self.model_cfg, self.palette.fingerprint(), self.cfg.objective,
-                                  self.cfg.mask_prob if self.cfg.objective == "bert" else None, self.step,
-                                  data=self.data_cfg.data)
+                                  None if causal else self.cfg.mask_prob, self.step, data=self.data_cfg.data)
         if self.cfg.sharded_checkpoint:
             record = record.replace(sharded=True, saved_by_processes=self.world.size)
             save_sharded(ckpt_dir, self.model, self.optimizer, self.world, lambda tmp: ckpt.write_small_files(
