@@ -4,6 +4,7 @@ Everything igpt writes goes through a temporary name in the same directory (``.N
 ``os.replace``, so a reader, or a run killed at any moment (even by SIGKILL), sees the old file or the new
 one and never half of one. A temporary name in the same directory keeps the rename on one filesystem,
 where it is atomic. Files are opened normally, so they follow the umask like any other output.
+``read_json`` reads such a file back, with a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -88,6 +89,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as indented JSON with sorted keys (stable diffs between runs), written atomically."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from ``path``; FileNotFoundError or a one-line ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
 
 
 def require_new(path: str | os.PathLike, flag: str = "--out") -> Path:

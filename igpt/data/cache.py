@@ -8,13 +8,12 @@ source's order. On a cache, the val carve, its seed and the resize come from met
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from igpt.atomic import replacing, write_json
+from igpt.atomic import read_json, replacing, write_json
 from igpt.data.imageset import ImageSet
 from igpt.data.splits import RawSplit, carve_val, first_available, split_indices
 from igpt.palette import Palette
@@ -35,10 +34,7 @@ def _load(path: Path) -> np.ndarray:
 
 
 def read_meta(root: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((root / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{root / META}: unreadable cache metadata: {e}") from e
+    meta = read_json(root / META)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{root / META}: format_version {meta.get('format_version')!r}, this igpt "
                          f"reads {FORMAT_VERSION}; run prepare again")

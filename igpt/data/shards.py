@@ -17,7 +17,6 @@ member index is built by reading the tar headers at open time; a split is named 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from igpt.atomic import read_json
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,7 @@ def _read_index(tar: Path, idx: Path, n: int, size: int) -> np.ndarray:
 
 
 def _open_ours(root: Path) -> ShardIndex:
-    try:
-        meta = json.loads((root / SHARDS_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{root / SHARDS_FILE}: unreadable: {e}") from e
+    meta = read_json(root / SHARDS_FILE)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{root / SHARDS_FILE}: format_version {meta.get('format_version')!r}, this igpt reads "
                          f"{FORMAT_VERSION}; run prepare again")

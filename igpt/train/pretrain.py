@@ -133,13 +133,14 @@ class Trainer:
     def _palette(self, resume: bool) -> Palette:
         """The run's palette: the saved one on resume; else rank 0 fits or loads it and the others read it."""
         path = self.run_dir / "palette.npz"
-        if not (resume and path.exists()):
-            if self.world.is_main:
-                resolve_palette(self.data_cfg, self.fit_set, self.cfg.seed, self.device).save(path)
-            barrier(self.world)
-        palette = Palette.load(path)
-        check_ids(self.fit_set, palette)
-        return palette
+        if resume and path.exists():
+            palette = Palette.load(path)
+            check_ids(self.fit_set, palette)  # a new run checks in resolve_palette, before writing the palette
+            return palette
+        if self.world.is_main:
+            resolve_palette(self.data_cfg, self.fit_set, self.cfg.seed, self.device).save(path)
+        barrier(self.world)
+        return Palette.load(path)
 
     def restore(self) -> None:
         ckpt_dir = ckpt.resolve_checkpoint(self.run_dir)

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from igpt.atomic import replacing_dir, require_new, write_json
+from igpt.atomic import read_json, replacing_dir, require_new, write_json
 from igpt.config import ModelConfig
 from igpt.model import GPT, NORM_EPS
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
-from igpt.weights.tensors import build_model, check_tensors, load_weight_file, read_json
+from igpt.weights.tensors import build_model, check_tensors, load_weight_file
 
 HF_CONFIG, HF_PROCESSOR = "config.json", "preprocessor_config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")

@@ -3,10 +3,8 @@ shape checks that name the tensor, and building a model that holds exactly the g
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -54,16 +52,3 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # whatever the parser trips on, the answer is: this file is not usable weights
         raise ValueError(f"{path} cannot be read as weights (without executing pickled code): "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; one-line errors naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
