@@ -9,6 +9,7 @@ where it is atomic. Files are opened normally, so they follow the umask like any
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -111,4 +112,92 @@ def require_new(path: str | os.PathLike, flag: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{flag} {path} already exists and is not empty; choose a new directory")
+    check_writable(path, flag)
     return path
+
+
+def check_output(path: str | os.PathLike, flag: str = "--out", *, overwrite: bool = False,
+                 is_dir: bool = True) -> Path:
+    """Checked before any work: an output directory (``is_dir``) or file that can be written, and that
+    holds nothing yet unless ``overwrite`` (the ``--overwrite`` flag) says its contents may be replaced."""
+    path = Path(path)
+    if path.exists():
+        if is_dir and not path.is_dir():
+            raise ValueError(f"{flag} {path} is a file, not a directory")
+        if not is_dir and path.is_dir():
+            raise ValueError(f"{flag} {path} is a directory, not a file")
+        if not overwrite and (not path.is_dir() or any(path.iterdir())):
+            raise ValueError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another")
+    check_writable(path, flag)
+    return path
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """``path`` (or, when it does not exist yet, its nearest existing parent) can be written."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir() and existing != path:
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise ValueError(f"{flag} {path}: {existing} is not writable")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux reports it in /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, briefly
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file the mode an ordinary ``open`` would have: some writers (safetensors) create theirs 0600,
+    which teammates reading a run on a shared filesystem cannot open."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a directory so that readers see it whole or not at all: it is renamed to a hidden name first
+    (one atomic step), then deleted. A reader that finds it gone looks again (``igpt.load`` does)."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
+    _remove(doomed)
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    _remove(doomed)
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporary names (``.NAME.tmp-PID``, ``.NAME.old-PID``) that writes killed part-way left in
+    ``directory``. Only the directory's one writer (``igpt.lock.DirLock``) may call this."""
+    directory = Path(directory)
+    found = [p for p in directory.glob(".*") if ".tmp-" in p.name or ".old-" in p.name] if directory.is_dir() else []
+    for p in found:
+        _remove(p)
+    return found
+
+
+# How a full disk, a quota or a file-size limit (RLIMIT_FSIZE) shows through the writers igpt uses: an errno
+# from Python, "os error N" from safetensors, a short write from numpy and torch.save.
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_SPACE_TEXTS = tuple(f"os error {n}" for n in _SPACE_ERRNOS) + (
+    "No space left", "File too large", "Disk quota", "unexpected pos", "requested and", "file write failed")
+
+
+def write_error(e: BaseException, path: str | os.PathLike, needed_bytes: int) -> Exception:
+    """The one-line error of a failed write of ``path`` (a file or a directory of ``needed_bytes``)."""
+    text = str(e)
+    if getattr(e, "errno", None) in _SPACE_ERRNOS or any(s in text for s in _SPACE_TEXTS):
+        return ValueError(f"no space left writing {path}: {needed_bytes / 2**20:.0f} MB needed "
+                          f"({text.strip().splitlines()[-1][:120] if text.strip() else type(e).__name__})")
+    if isinstance(e, OSError):
+        return ValueError(f"cannot write {path}: {e.strerror or e}")
+    return e if isinstance(e, Exception) else RuntimeError(text)

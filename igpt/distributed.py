@@ -87,6 +87,15 @@ def mean_across(value: float, world: World, device: torch.device) -> float:
     return t.item() / world.size
 
 
+def any_across(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every rank when it is true on any (a stop request that reached only some processes)."""
+    if world.size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from igpt.cli import bench, convert, data, evaluate, generate, train
 from igpt.distributed import PeerLostError
+from igpt.stop import EXIT_STOPPED, Stopped
 
 COMMAND_MODULES = (data, train, evaluate, generate, convert, bench)
 
@@ -37,8 +38,25 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(argv: Sequence[str] | None) -> set[str]:
+    """The flags written on the command line, as opposed to left at their defaults: the same parser, every
+    default suppressed, parses the same arguments."""
+    parser = make_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif action.dest not in ("help", "version"):
+                action.default = argparse.SUPPRESS
+        p._defaults.clear()
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    args.given = _given(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     func: Callable[[argparse.Namespace], None] = args.func
@@ -51,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Exit at once: releasing the broken process group's objects (DDP's reducer, pending collectives)
         # can block forever in their C++ destructors, and everything worth keeping is already on disk.
         os._exit(2)
+    except Stopped as e:
+        print(f"igpt {args.command}: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:  # a second Ctrl-C: what was saved is whole (every write is atomic)
+        print(f"igpt {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"igpt {args.command}: error: {e}", file=sys.stderr)
         return 2

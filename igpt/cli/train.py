@@ -11,9 +11,21 @@ from igpt.demo import run_demo
 from igpt.train import finetune, pretrain, resume
 
 
+def _resume_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings written beside --resume: each is checked against the run's (see ``igpt.train.resume``)."""
+    given = args.given - {"resume", "command", "quiet", "given"}
+    if "out" in given:
+        raise ValueError("--resume RUN_DIR continues RUN_DIR in place: leave out --out")
+    changes = {name: getattr(args, name) for name in given if name != "preset"}
+    if "preset" in given:  # the preset's shape, as the flags beside it adjust it
+        changes.update(build(ModelConfig, args, PRESETS[args.preset]).to_dict())
+        changes.pop("n_vocab", None)  # the palette's size, not a preset's
+    return changes
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     if args.resume:
-        result = resume(args.resume)
+        result = resume(args.resume, changes=_resume_changes(args))
     else:
         if args.out is None:
             raise ValueError("pretrain needs --out RUN_DIR (or --resume RUN_DIR)")

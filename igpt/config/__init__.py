@@ -18,9 +18,9 @@ from igpt.config.evaluation import (DEFAULT_L2_GRID, EvalDataConfig, FeatureConf
 from igpt.config.fields import (DTYPES, N_VOCAB, OBJECTIVES, RESIZE_MODES, SWITCH, arg, check_choices, flag,
                                 require_at_least, require_fraction)
 from igpt.config.model import PRESETS, ModelConfig
-from igpt.config.train import DataConfig, FinetuneConfig, TrainConfig
+from igpt.config.train import RESUME_CHANGES, DataConfig, FinetuneConfig, TrainConfig
 
 __all__ = ["BenchLoaderConfig", "BenchMemoryConfig", "BenchSampleConfig", "BenchTrainConfig", "DEFAULT_L2_GRID",
            "DTYPES", "DataConfig", "EvalDataConfig", "FeatureConfig", "FinetuneConfig", "ModelConfig", "N_VOCAB",
-           "OBJECTIVES", "PRESETS", "ProbeConfig", "RESIZE_MODES", "SWITCH", "SampleConfig", "ScoreConfig",
+           "OBJECTIVES", "PRESETS", "ProbeConfig", "RESIZE_MODES", "RESUME_CHANGES", "SWITCH", "SampleConfig", "ScoreConfig",
            "TrainConfig", "arg", "check_choices", "flag", "require_at_least", "require_fraction"]

@@ -76,6 +76,13 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
+# What ``pretrain --resume`` may change: how long the run goes, how often it reports and saves, and where and
+# how fast it computes. The rest (the model, the data, the objective and the optimisation) is fixed for the
+# life of a run. A longer --max-steps also stretches the cosine schedule from the step it resumes at.
+RESUME_CHANGES = ("max_steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "workers",
+                  "tensorboard", "device", "dtype", "compile", "dist_timeout", "grad_checkpoint")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which images to train on and how they become ids."""

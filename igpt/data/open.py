@@ -20,7 +20,9 @@ it (or write it) whatever it is.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +158,42 @@ def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:
         return mask
     raise ValueError(f"--eval-subset lossless: --data {data} has no test_lossless array (an npz such as "
                      "../shared/data/cifar10.npz, or a cache prepared from one)")
+
+
+# ---- identity: has the data changed?
+
+_SAMPLE = 1 << 16  # bytes read from each end of a file: enough to tell two datasets apart, cheap for big ones
+_SAMPLED_FILES = 1000  # in a folder of more files than this, names and sizes alone stand for the contents
+
+
+def identity(data: str | Path | DataSpec) -> dict[str, Any]:
+    """What ``data`` is, cheaply: its kind and a digest of its files' names, sizes and (for all but folders
+    of many files) their first and last 64 KiB, which covers a cache's meta.json, a shard index and every
+    small file whole. A run records it so that a dataset replaced between a kill and a resume is noticed."""
+    d = data if isinstance(data, DataSpec) else resolve(data)
+    if d.kind == "digits":
+        return {"kind": d.kind, "digest": "digits"}
+    path = Path(d.path)
+    if d.kind == "openai":
+        files = sorted(path.parent.glob(f"{path.name}_*.npy"))
+        root = path.parent
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        root = path
+    else:
+        files, root = [path], path.parent
+    digest = hashlib.sha256()
+    sample = len(files) <= _SAMPLED_FILES
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(root)}\0{size}\0".encode())
+        if sample:
+            with open(f, "rb") as fh:
+                digest.update(fh.read(_SAMPLE))
+                if size > 2 * _SAMPLE:
+                    fh.seek(-_SAMPLE, os.SEEK_END)
+                    digest.update(fh.read(_SAMPLE))
+    return {"kind": d.kind, "files": len(files), "digest": digest.hexdigest()[:16]}
 
 
 # ---- writing: caches and shards

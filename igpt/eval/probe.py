@@ -33,7 +33,7 @@ from igpt.data.splits import balanced_subset, stratified_carve
 from igpt.eval.features import cached_extract, checkpoint_identity, for_reading
 from igpt.runtime import resolve_device
 from igpt.viz import layer_plot, save_png
-from igpt.weights.convert import load, locate
+from igpt.weights.convert import load_located
 
 PATIENCE = 3  # grid points in a row that do not beat the best validation accuracy end the L2 search
 
@@ -254,8 +254,7 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     """``igpt probe``: features of every layer of ``checkpoint`` (any weights ``igpt.load`` reads) on the
     whole train split ("train_all") and the test split of ``data`` (cached in ``out_dir``), the probe,
     ``metrics.json`` and ``probe.png``."""
-    ckpt_dir = locate(checkpoint)
-    model, palette, record = load(ckpt_dir)
+    ckpt_dir, (model, palette, record) = load_located(checkpoint)
     feat_cfg = for_reading(feat_cfg, record.reading)
     images = {split: open_labelled(data, split, n_px=model.config.n_px, palette=palette, resize=resize)
               for split in ("train_all", "test")}

@@ -45,7 +45,7 @@ from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dt
 from igpt.train.optim import lr_at, make_optimizer, set_lr
 from igpt.train.rundir import MetricsLog
 from igpt.weights import checkpoint as ckpt
-from igpt.weights.convert import load, load_classifier, locate
+from igpt.weights.convert import load_classifier, load_located
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def finetune(checkpoint: str | Path, data: str, out_dir: str | Path, cfg: Finetu
         raise ValueError(f"--out {out} already holds a fine-tuned checkpoint; choose another --out")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    base_dir = locate(checkpoint)
-    model, palette, base = load(base_dir, device)
+    base_dir, (model, palette, base) = load_located(checkpoint, device)
     mask_prob = base.reading.mask_prob if cfg.mask_prob == -1 else cfg.mask_prob
     splits = _splits(data, palette, model.config.n_px, cfg, resize)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,12 @@ Run layout (``--out RUN_DIR``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,21 +31,23 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from igpt.atomic import write_json
-from igpt.config import DataConfig, ModelConfig, TrainConfig
+from igpt.atomic import check_writable, remove_leftovers, write_json
+from igpt.config import RESUME_CHANGES, DataConfig, ModelConfig, TrainConfig, flag
 from igpt.data.imageset import ImageSet, check_ids
-from igpt.data.open import open_training
+from igpt.data.open import identity, open_training
 from igpt.data.streams import fixed_batches
-from igpt.distributed import (World, barrier, init_distributed, is_communication_error, mean_across,
+from igpt.distributed import (World, any_across, barrier, init_distributed, is_communication_error, mean_across,
                               peer_lost, shutdown)
+from igpt.lock import LOCK_FILE, DirLock
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord, read_as
 from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_seed, resolve_device,
                           resolve_dtype, seed_everything)
+from igpt.stop import GracefulStop, Stopped
 from igpt.train.optim import pretrain_lr, pretrain_optimizer, set_lr, warmup_steps
-from igpt.train.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, truncate_metrics
+from igpt.train.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, read_run_file, truncate_metrics
 from igpt.weights import checkpoint as ckpt
 from igpt.weights.convert import load
 from igpt.weights.sharded import load_sharded, save_sharded
@@ -131,10 +135,15 @@ class Trainer:
         return ", ".join(parts + ["activation checkpointing"] * self.cfg.grad_checkpoint)
 
     def _palette(self, resume: bool) -> Palette:
-        """The run's palette: the saved one on resume; else rank 0 fits or loads it and the others read it."""
+        """The run's palette: the saved one on resume (checked against the fingerprint its checkpoints
+        record); else rank 0 fits or loads it and the others read it."""
         path = self.run_dir / "palette.npz"
         if resume and path.exists():
             palette = Palette.load(path)
+            expected = self._recorded_palette()
+            if expected is not None and palette.fingerprint() != expected:
+                raise ValueError(f"{path} has palette {palette.fingerprint()}, but the run trained with {expected}: "
+                                 "it was replaced; put the run's palette back, or start a new run")
             check_ids(self.fit_set, palette)  # a new run checks in resolve_palette, before writing the palette
             return palette
         if self.world.is_main:
@@ -142,8 +151,43 @@ class Trainer:
         barrier(self.world)
         return Palette.load(path)
 
+    def _recorded_palette(self) -> str | None:
+        """The fingerprint of the palette the run trained with: its newest checkpoint's, else run.json's."""
+        for ckpt_dir in reversed(ckpt.step_checkpoints(self.run_dir)):
+            try:
+                return ckpt.read_record(ckpt_dir).palette_fingerprint
+            except ValueError:
+                continue  # an unreadable checkpoint; restore() says so
+        return read_run_file(self.run_dir).get("palette_fingerprint")
+
     def restore(self) -> None:
-        ckpt_dir = ckpt.resolve_checkpoint(self.run_dir)
+        """Continue from the newest checkpoint that reads whole. One that does not (a truncated file, a
+        corrupt training state) is set aside as ``.step-N.unreadable`` with a warning, and the one before it
+        is used."""
+        for ckpt_dir in reversed(ckpt.step_checkpoints(self.run_dir)):
+            try:
+                self._restore_from(ckpt_dir)
+                break
+            except Exception as e:
+                if self.world.size > 1 and is_communication_error(e):
+                    raise
+                reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+                log.warning("%s cannot be resumed from (%s); trying the checkpoint before it", ckpt_dir, reason)
+                barrier(self.world)
+                if self.world.is_main:
+                    aside = ckpt_dir.with_name(f".{ckpt_dir.name}.unreadable")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    ckpt_dir.rename(aside)
+                barrier(self.world)
+        else:
+            raise ValueError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir / 'checkpoints'} can be "
+                             "read; unreadable ones were renamed .step-N.unreadable")
+        barrier(self.world)  # every rank has read the checkpoint before rank 0 may rewrite the metrics
+        if self.world.is_main:
+            truncate_metrics(self.run_dir, self.step)
+        log.info("resumed %s at step %d", self.run_dir, self.step)
+
+    def _restore_from(self, ckpt_dir: Path) -> None:
         state = ckpt.load_train_state(ckpt_dir)
         if ckpt.read_record(ckpt_dir).sharded:  # each rank reads the slices it owns, whoever wrote them
             load_sharded(ckpt_dir, self.model, self.optimizer)
@@ -157,10 +201,6 @@ class Trainer:
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = int(state["step"])
-        barrier(self.world)  # every rank has read the checkpoint before rank 0 may rewrite the metrics
-        if self.world.is_main:
-            truncate_metrics(self.run_dir, self.step)
-        log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def _train_state(self) -> dict[str, Any]:
         state = {"step": self.step, "stream": self.stream.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -238,42 +278,105 @@ class Trainer:
         return result if self.world.is_main else None
 
 
-def _start_run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, world: World) -> None:
-    if ckpt.step_checkpoints(run_dir):
-        raise ValueError(f"--out {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                         f"or choose another --out")
-    barrier(world)  # every rank has looked before rank 0 writes
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        # Written before anything slow, so a run killed at any point can be resumed.
-        write_json(run_dir / RUN_FILE, {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
-                                        "data": data_cfg.to_dict()})
-    barrier(world)
+def _claim(run_dir: Path, resuming: bool) -> tuple[DirLock, bool]:
+    """Rank 0's hold on the run directory: (its lock, whether this call created the directory). A new run
+    needs a directory that is absent or empty; a resumed one needs run.json; either way no other process
+    may be writing it."""
+    what = "--resume" if resuming else "--out"
+    if resuming:
+        read_run(run_dir)  # a one-line error when it is not a run
+        return DirLock(run_dir, what).acquire(), False
+    check_writable(run_dir, what)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file, not a directory")
+    contents = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+    if contents and not (run_dir / LOCK_FILE).exists():
+        raise _not_empty(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = DirLock(run_dir, what).acquire()  # refuses while another process writes it
+    if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        lock.release()
+        raise _not_empty(run_dir)
+    return lock, created
+
+
+def _not_empty(run_dir: Path) -> ValueError:
+    if (run_dir / RUN_FILE).exists():
+        return ValueError(f"--out {run_dir} already holds a run: continue it with --resume {run_dir}, or choose "
+                          "another --out")
+    return ValueError(f"--out {run_dir} is not empty; a run starts in a new or empty directory")
+
+
+def _unmake(run_dir: Path, created: bool) -> None:
+    """Undo a new run that failed before its first step (a bad input): the directory goes back to absent or
+    empty, never half made."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        for p in run_dir.iterdir():
+            if p.name != LOCK_FILE:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _run_file(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig,
+              data_identity: dict[str, Any], palette: str | None) -> dict[str, Any]:
+    """run.json: the configs, and the identity of the run's inputs that a resume checks."""
+    return {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict(),
+            "data_identity": data_identity, "palette_fingerprint": palette}
 
 
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, out_dir: str | Path, *,
              progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Pretrain a new model into the run directory ``out_dir``. Under torchrun every process calls this;
-    only rank 0 writes files and shows progress. Returns the last train and validation metrics and the
-    newest checkpoint."""
+    """Pretrain a new model into the run directory ``out_dir`` (absent or empty). Under torchrun every process
+    calls this; only rank 0 writes files and shows progress. Returns the last train and validation metrics
+    and the newest checkpoint. SIGTERM or Ctrl-C ends the current step, writes a checkpoint and raises
+    ``igpt.stop.Stopped`` (see ``igpt.stop``)."""
     return _launch(model_cfg, cfg, data_cfg, Path(out_dir), False, progress, on_step)
 
 
-def resume(run_dir: str | Path, *, progress: bool = True,
+def resume(run_dir: str | Path, *, changes: Mapping[str, Any] | None = None, progress: bool = True,
            on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its newest checkpoint, with the configs in its run.json; the
-    loss curve is the one an uninterrupted run would have drawn."""
+    """Continue the run in ``run_dir`` from its newest readable checkpoint, with the configs in its run.json;
+    the loss curve is the one an uninterrupted run would have drawn. ``changes`` (flag name -> value, as
+    ``{"max_steps": 20000}``) may alter the settings in ``igpt.config.RESUME_CHANGES``; any other setting
+    that differs from the run's is refused, as is data or a palette that changed since the run started."""
     run_dir = Path(run_dir)
     model_cfg, cfg, data_cfg = read_run(run_dir)
+    cfg = _apply_changes(run_dir, (model_cfg, cfg, data_cfg), dict(changes or {}))
     return _launch(model_cfg, cfg, data_cfg, run_dir, True, progress, on_step)
+
+
+def _apply_changes(run_dir: Path, configs: tuple[ModelConfig, TrainConfig, DataConfig],
+                   changes: dict[str, Any]) -> TrainConfig:
+    cfg = configs[1]
+    fixed, applied = [], {}
+    for name, value in changes.items():
+        owner = next((c for c in configs if name in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
+            raise ValueError(f"--resume {run_dir}: {flag(name)} is not a setting of a run")
+        old = getattr(owner, name)
+        if value == old:
+            continue
+        if owner is cfg and name in RESUME_CHANGES:
+            applied[name] = value
+        else:
+            fixed.append(f"{flag(name)} {value} (the run's is {old})")
+    if fixed:
+        raise ValueError(f"--resume {run_dir}: {'; '.join(fixed)}: fixed for the life of a run; leave "
+                         f"{'it' if len(fixed) == 1 else 'them'} out, or start a new run with --out. A resume may "
+                         f"change {', '.join(flag(n) for n in RESUME_CHANGES)}")
+    for name, value in applied.items():
+        log.info("--resume %s: %s %s (was %s)", run_dir, flag(name), value, getattr(cfg, name))
+    return replace(cfg, **applied)
 
 
 def _launch(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resuming: bool,
             progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
     world, device = init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        return _run(model_cfg, cfg, data_cfg, run_dir, resuming, world, device, progress, on_step)
+        with GracefulStop("pretrain") as stop:
+            return _run(model_cfg, cfg, data_cfg, run_dir, resuming, world, device, progress, on_step, stop)
     except Exception as e:
         if world.size > 1 and is_communication_error(e):
             raise peer_lost(world, e, f"Resume with: igpt pretrain --resume {run_dir}") from e
@@ -282,32 +385,73 @@ def _launch(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_
         shutdown(world)
 
 
+def _agree(failed: BaseException | None, world: World, device: str, what: str) -> None:
+    """Every rank raises when rank 0 could not start (its own error there, a pointer to it elsewhere)."""
+    if any_across(failed is not None, world, torch.device(device) if world.size > 1 else torch.device("cpu")):
+        raise failed or ValueError(f"rank {world.rank}: rank 0 could not {what}; see its message")
+
+
 def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resume: bool,
-         world: World, device: str, progress: bool,
-         on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
-    if not resume:
-        _start_run(model_cfg, cfg, data_cfg, run_dir, world)
-    trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
-    if resume and ckpt.step_checkpoints(run_dir):
-        trainer.restore()
-    elif resume and world.is_main:
-        truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
+         world: World, device: str, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None,
+         stop: GracefulStop) -> dict[str, Any]:
+    lock, created, failed = None, False, None
     if world.is_main:
-        run = {"model": trainer.model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict()}
-        write_json(run_dir / RUN_FILE, run)
+        try:
+            lock, created = _claim(run_dir, resume)
+        except (ValueError, OSError) as e:
+            failed = e
+    _agree(failed, world, device, f"claim {run_dir}")
+    try:
+        return _run_locked(model_cfg, cfg, data_cfg, run_dir, resume, world, device, progress, on_step, stop,
+                           created)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resume: bool,
+                world: World, device: str, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None,
+                stop: GracefulStop, created: bool) -> dict[str, Any]:
+    if world.is_main:
+        for left in remove_leftovers(run_dir) + remove_leftovers(run_dir / "checkpoints"):
+            log.info("removed %s, left by a write that was killed part-way", left)
+    data_identity = identity(data_cfg.data)
+    if resume:
+        recorded = read_run_file(run_dir).get("data_identity")
+        if recorded is not None and recorded != data_identity:
+            raise ValueError(f"--resume {run_dir}: the data {data_cfg.data} has changed since the run started "
+                             f"(recorded {recorded}, found {data_identity}); resume with the run's data, or start "
+                             "a new run with --out")
+    elif world.is_main:
+        # Written before anything slow, so a run killed at any point can be resumed.
+        write_json(run_dir / RUN_FILE, _run_file(model_cfg, cfg, data_cfg, data_identity, None))
+    barrier(world)
+    try:
+        trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
+        if resume and ckpt.step_checkpoints(run_dir):
+            trainer.restore()
+        elif resume and world.is_main:
+            truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
+    except Exception:
+        if not resume and world.is_main:
+            _unmake(run_dir, created)
+        raise
+    if world.is_main:
+        write_json(run_dir / RUN_FILE, _run_file(trainer.model_cfg, cfg, data_cfg, data_identity,
+                                                 trainer.palette.fingerprint()))
         log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s (%s)", run_dir,
                  f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device,
                  trainer.fast_paths())
     metrics_log = MetricsLog(run_dir, cfg.tensorboard) if world.is_main else None
     try:
-        return _loop(trainer, metrics_log, progress and world.is_main, on_step)
+        return _loop(trainer, metrics_log, progress and world.is_main, on_step, stop)
     finally:
         if metrics_log is not None:
             metrics_log.close()
 
 
 def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
-          on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
+          on_step: Callable[[int, dict[str, float]], None] | None, stop: GracefulStop) -> dict[str, Any]:
     cfg, images_per_step = t.cfg, t.cfg.batch_size * t.cfg.grad_accum
     result: dict[str, Any] = last_metrics(t.run_dir)
     bar = tqdm(total=cfg.max_steps, initial=t.step, disable=not progress, desc="pretrain", unit="step")
@@ -327,13 +471,18 @@ def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
                     result["val"] = val
                     metrics_log.write({"step": t.step, "split": "val", **val})
                 tick = time.perf_counter()
-            if t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
+            stopping = any_across(stop.requested, t.world, t.device) and t.step < cfg.max_steps
+            if stopping or t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
                 t.save()
                 tick = time.perf_counter()
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
             if on_step is not None:
                 on_step(t.step, metrics)
+            if stopping:
+                raise Stopped(f"stopped by {stop.signal_name or 'a signal to another process'} at step {t.step} of "
+                              f"{cfg.max_steps}; checkpoint {ckpt.resolve_checkpoint(t.run_dir)}; continue with: "
+                              f"igpt pretrain --resume {t.run_dir}")
     finally:
         bar.close()
     result["checkpoint"] = str(ckpt.resolve_checkpoint(t.run_dir))

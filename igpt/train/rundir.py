@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from igpt.atomic import write_text
+from igpt.atomic import read_json, write_text
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 
 RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
@@ -34,6 +34,11 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
         record = json.loads(line)
         last[record.pop("split")] = {k: v for k, v in record.items() if k != "step"}
     return last
+
+
+def read_run_file(run_dir: Path) -> dict[str, Any]:
+    """run.json as written: the configs, and the identity of the data and palette a resume checks."""
+    return read_json(run_dir / RUN_FILE)
 
 
 def read_run(run_dir: Path) -> tuple[ModelConfig, TrainConfig, DataConfig]:

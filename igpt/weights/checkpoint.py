@@ -21,19 +21,18 @@ the old checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
-from igpt.atomic import replacing_dir, write_json
+from igpt.atomic import remove_dir, replacing_dir, write_error, write_json
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.sharded import load_sharded
-from igpt.weights.tensors import build_model
+from igpt.weights.tensors import build_model, load_weight_file, save_tensors
 
 WEIGHTS, CONFIG, PALETTE, STATE = "model.safetensors", "config.json", "palette.npz", "train_state.pt"
 CLASSIFIER = "classifier.safetensors"
@@ -48,13 +47,29 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, record: 
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint directory atomically. ``model`` must be the uncompiled module;
     ``state_dict``: the weights gathered from a sharded (FSDP) model, when ``model`` itself holds only
-    shards; ``classifier`` (a fine-tuned head's tensors) goes to classifier.safetensors."""
-    with replacing_dir(ckpt_dir) as tmp:
-        save_file(_cpu(state_dict or model.state_dict()), str(tmp / WEIGHTS))
-        write_small_files(tmp, record, palette, train_state)
-        if classifier is not None:
-            save_file(_cpu(classifier), str(tmp / CLASSIFIER))
+    shards; ``classifier`` (a fine-tuned head's tensors) goes to classifier.safetensors. A failed write (a
+    full disk, a file-size limit) leaves nothing behind and is a one-line error saying how much was needed."""
+    weights = _cpu(state_dict or model.state_dict())
+    try:
+        with replacing_dir(ckpt_dir) as tmp:
+            save_tensors(weights, tmp / WEIGHTS)
+            write_small_files(tmp, record, palette, train_state)
+            if classifier is not None:
+                save_tensors(_cpu(classifier), tmp / CLASSIFIER)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise write_error(e, ckpt_dir, nbytes([weights, classifier, train_state])) from e
     return Path(ckpt_dir)
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples: the size a checkpoint needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
 
 
 def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: Palette,
@@ -84,8 +99,10 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, each renamed away before it is deleted, so a
+    reader never finds one half gone."""
     for old in step_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -126,7 +143,7 @@ def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
         weights = ckpt_dir / WEIGHTS
         if not weights.is_file():
             raise ValueError(f"{ckpt_dir}: {WEIGHTS} is missing")
-        model = build_model(record.model, load_file(str(weights)), causal=causal, where=str(weights))
+        model = build_model(record.model, load_weight_file(weights), causal=causal, where=str(weights))
     return model.to(device).eval(), palette, record
 
 
@@ -135,7 +152,7 @@ def load_head(ckpt_dir: Path, record: CheckpointRecord, device: str | torch.devi
     if record.finetuned is None or not (ckpt_dir / CLASSIFIER).is_file():
         raise ValueError(f"{ckpt_dir} has no {CLASSIFIER}: it is not a fine-tuned classifier (see igpt finetune)")
     n_classes, d = record.finetuned.n_classes, record.model.n_embd
-    weight = load_file(str(ckpt_dir / CLASSIFIER)).get("head.weight")
+    weight = load_weight_file(ckpt_dir / CLASSIFIER).get("head.weight")
     if weight is None or tuple(weight.shape) != (n_classes, d):
         raise ValueError(f"{ckpt_dir / CLASSIFIER}: expected head.weight of shape ({n_classes}, {d}), got "
                          f"{None if weight is None else tuple(weight.shape)}")

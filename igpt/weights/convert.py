@@ -10,8 +10,9 @@ bidirectional forward. OpenAI's TensorFlow checkpoints are converted once with `
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -24,6 +25,8 @@ from igpt.weights.hf import is_hf_dir, load_hf, save_hf
 from igpt.weights.openai import load_openai
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_PRUNE_RETRIES = 5  # a reader loses the race only while a checkpoint is written; a few tries always win
 
 
 class Loaded(NamedTuple):
@@ -40,17 +43,38 @@ def locate(path: str | Path) -> Path:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """``igpt.load``: (model, palette, record) from any weights igpt reads (see the module docstring)."""
-    src = locate(path)
-    return Loaded(*(load_hf(src, device) if is_hf_dir(src) else load_igpt(src, device)))
+    return load_located(path, device)[1]
+
+
+def load_located(path: str | Path, device: str | torch.device = "cpu") -> tuple[Path, Loaded]:
+    """``load``, and the directory it read (for a run directory: the checkpoint that was newest then)."""
+    def read(src: Path) -> tuple[Path, Loaded]:
+        return src, Loaded(*(load_hf(src, device) if is_hf_dir(src) else load_igpt(src, device)))
+    return _newest(path, read)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[GPT, torch.nn.Linear, Palette, CheckpointRecord]:
     """A fine-tuned checkpoint (or its run directory): (model, head, palette, record). The head maps the mean
     over positions of the final norm's output, (B, d), to class logits (B, n_classes)."""
-    ckpt_dir = locate(path)
-    model, palette, record = load(ckpt_dir, device)
-    return model, load_head(ckpt_dir, record, device), palette, record
+    def read(ckpt_dir: Path) -> tuple[GPT, torch.nn.Linear, Palette, CheckpointRecord]:
+        model, palette, record = load_igpt(ckpt_dir, device)
+        return model, load_head(ckpt_dir, record, device), palette, record
+    return _newest(path, read)
+
+
+def _newest(path: str | Path, read: Callable[[Path], T]) -> T:
+    """``read`` the directory ``path`` names. A run that is training prunes old checkpoints as it writes new
+    ones, so the one chosen may vanish before it is read: then the run's newest is chosen again."""
+    for _ in range(_PRUNE_RETRIES):
+        src = locate(path)
+        try:
+            return read(src)
+        except Exception:
+            if src == Path(path) or src.exists():
+                raise  # a broken checkpoint, not a pruned one
+            log.info("%s was pruned while being read; reading the run's newest checkpoint again", src)
+    return read(locate(path))
 
 
 def convert_hf(src: str | Path, out: str | Path) -> Path:

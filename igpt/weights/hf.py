@@ -43,14 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from igpt.atomic import read_json, replacing_dir, require_new, write_json
 from igpt.config import ModelConfig
 from igpt.model import GPT, NORM_EPS
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
-from igpt.weights.tensors import build_model, check_tensors, load_weight_file
+from igpt.weights.tensors import build_model, check_tensors, load_weight_file, save_tensors
 
 HF_CONFIG, HF_PROCESSOR = "config.json", "preprocessor_config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -246,7 +245,7 @@ def save_hf(model: GPT, palette: Palette, out_dir: str | Path, record: Checkpoin
                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_color_quantize": True}
     with replacing_dir(out) as tmp:
-        save_file(state, str(tmp / HF_WEIGHTS[0]), metadata={"format": "pt"})
+        save_tensors(state, tmp / HF_WEIGHTS[0], metadata={"format": "pt"})
         write_json(tmp / HF_CONFIG, hf_config)
         write_json(tmp / HF_PROCESSOR, processor)
     return out

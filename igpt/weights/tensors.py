@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+from igpt.atomic import follow_umask
 
 from igpt.config import ModelConfig
 from igpt.model import GPT
@@ -52,3 +54,10 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # whatever the parser trips on, the answer is: this file is not usable weights
         raise ValueError(f"{path} cannot be read as weights (without executing pickled code): "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file with the mode any other output gets (safetensors creates its files 0600, which
+    teammates reading a run on a shared filesystem could not open)."""
+    save_file(tensors, str(path), metadata=metadata)
+    follow_umask(path)
