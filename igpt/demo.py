@@ -10,19 +10,19 @@ demo fits 16 colours (k-means merges two neighbouring greys). Everything else is
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from igpt.atomic import write_json
+from igpt.atomic import check_writable, remove_dir, write_json
 from igpt.config import DataConfig, FeatureConfig, ModelConfig, TrainConfig
 from igpt.data.open import open_split, prepare
 from igpt.eval.features import extract
 from igpt.eval.ridge_probe import probe_all_layers
 from igpt.generate.sample import sample
+from igpt.lock import LOCK_FILE, DirLock
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.train.pretrain import pretrain
@@ -31,6 +31,7 @@ from igpt.weights.convert import load
 
 log = logging.getLogger(__name__)
 DEMO_K = 16
+DEMO_MARK = ".igpt-demo"  # marks a directory the demo wrote, which a later demo may replace
 
 
 def probe_model(model: GPT, palette: Palette, data_dir: str, n_px: int) -> dict[str, Any]:
@@ -45,8 +46,23 @@ def probe_model(model: GPT, palette: Palette, data_dir: str, n_px: int) -> dict[
 
 
 def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0, progress: bool = True) -> dict:
+    """The whole pipeline into ``out_dir``: a new directory, or one an earlier demo wrote (whose outputs are
+    replaced). Anything else is refused, so a mistyped ``--out`` never loses a user's files."""
     out = Path(out_dir)
+    check_writable(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and not (out / DEMO_MARK).exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        raise ValueError(f"--out {out} is not empty and was not written by igpt demo; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out, "--out"):
+        (out / DEMO_MARK).touch()
+        for earlier in (out / "run", out / "data"):  # a fresh run and cache each time the demo is started
+            remove_dir(earlier)
+        return _demo(out, steps, seed, progress)
+
+
+def _demo(out: Path, steps: int, seed: int, progress: bool) -> dict:
     model_cfg = ModelConfig.from_preset("igpt-demo")
 
     # 1. palette, 2. ids cache
@@ -56,10 +72,8 @@ def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0,
     data_dir = str(out / "data")
     prepare("digits", data_dir, n_px=model_cfg.n_px, palette=palette, seed=seed, progress=False)
 
-    # 3. pretraining (a fresh run each time the demo is started)
+    # 3. pretraining
     run_dir = out / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     cfg = TrainConfig(batch_size=64, max_steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=0,
                       ckpt_every=steps, log_every=10, seed=seed, device="cpu")
     result = pretrain(model_cfg, cfg, DataConfig(data=data_dir, palette=str(out / "palette.npz")), run_dir,

@@ -146,12 +146,14 @@ def test_meta_json_written_last(npz_file, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(data_mod, "_write_array", failing)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
         prepare(str(path), str(out), n_px=8, progress=False)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(str(path), str(out), n_px=8, overwrite=True, progress=False)
     assert not (out / "meta.json").exists()  # the old, now inconsistent meta.json is gone too
     with pytest.raises(ValueError, match="accepted"):
         open_split(str(out), "train", n_px=8)
-    prepare(str(path), str(out), n_px=8, progress=False)
+    prepare(str(path), str(out), n_px=8, overwrite=True, progress=False)
     with pytest.raises(ValueError, match="already a prepared cache"):
         prepare(str(out), str(tmp_path / "again"), n_px=8, progress=False)
 

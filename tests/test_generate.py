@@ -170,7 +170,9 @@ def test_score_cli_reports_nats_bits_and_matches_evaluate(ar_run, tmp_path, caps
     direct = mean_loss(model, fixed_batches(test, len(test), 0, palette, torch.device("cpu")))
     assert report["nats_per_token"] == pytest.approx(direct["loss"], rel=1e-5)
     assert 1.0 < report["nats_per_token"] < 4.0  # near ln 16 = 2.77 after three steps, not garbage
-    assert main(["score", "--checkpoint", str(ar_run), "--data", "digits", "--split", "val", "--json", str(path)]) == 0
+    args = ["score", "--checkpoint", str(ar_run), "--data", "digits", "--split", "val", "--json", str(path)]
+    assert main(args) == 2  # an existing result is not replaced silently
+    assert main(args + ["--overwrite"]) == 0
     assert json.loads(path.read_text())["split"] == "val"
 
 

@@ -127,7 +127,7 @@ def test_interrupted_write_is_not_a_dataset(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="did not finish"):
         open_split(str(tmp_path / "s"), "train", n_px=8)
     monkeypatch.undo()
-    prepare("digits", tmp_path / "s", n_px=8, shards=2000, progress=False)  # again, fewer shards
+    prepare("digits", tmp_path / "s", n_px=8, shards=2000, overwrite=True, progress=False)  # again, fewer shards
     assert sorted(p.name for p in (tmp_path / "s").glob("train-*")) == ["train-000000.idx.npy", "train-000000.tar"]
     assert len(ShardIndex.open(tmp_path / "s").split("train")) == 1294
 

@@ -75,26 +75,33 @@ def command(sub: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
     return p
 
 
-def add_checkpoint(parser: argparse.ArgumentParser, help: str = "") -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+def add_checkpoint(parser: argparse.ArgumentParser, help: str = "", required: bool = True) -> None:
+    parser.add_argument("--checkpoint", required=required, metavar="PATH",
                         help=help or "weights: an igpt checkpoint, a run directory (its newest checkpoint) or a "
                         "Hugging Face ImageGPT folder")
 
 
-def add_data(parser: argparse.ArgumentParser, help: str = "") -> None:
-    """``--data`` (required), as ``igpt.config.DataConfig`` defines it."""
+def add_data(parser: argparse.ArgumentParser, help: str = "", required: bool = True) -> None:
+    """``--data``, as ``igpt.config.DataConfig`` defines it."""
     group = parser.add_argument_group("data")
     f = DataConfig.__dataclass_fields__["data"]
-    group.add_argument("--data", required=True, help=(help or f.metadata["help"]).replace("%", "%%"))
+    group.add_argument("--data", required=required, help=(help or f.metadata["help"]).replace("%", "%%"))
 
 
-def add_labelled_inputs(parser: argparse.ArgumentParser) -> None:
-    """What a probe and a fine-tune read and write: weights, labelled images, an output directory."""
-    add_checkpoint(parser)
+def add_labelled_inputs(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """What a probe and a fine-tune read and write: weights, labelled images, an output directory
+    (``required=False`` where ``--resume`` may stand in for them)."""
+    add_checkpoint(parser, required=required)
     add_data(parser, "labelled dataset, any format 'igpt prepare' accepts, or a prepared cache made with the "
-             "checkpoint's palette")
-    parser.add_argument("--out", required=True, help="output directory")
+             "checkpoint's palette", required=required)
+    parser.add_argument("--out", required=required, help="output directory")
     add_resize(parser)
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: the one way to let a command replace an output that already exists."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output if it exists (default: refuse, so nothing is lost by accident)")
 
 
 def add_resize(parser: argparse.ArgumentParser) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from igpt.cli.args import add_data, add_fields, add_resize, command
+from igpt.atomic import check_output
+from igpt.cli.args import add_data, add_fields, add_overwrite, add_resize, command
 from igpt.config import DataConfig
 from igpt.data.open import open_split, prepare
 from igpt.palette import Palette
 
 
 def cmd_palette_fit(args: argparse.Namespace) -> None:
+    check_output(args.out, "--out", overwrite=args.overwrite, is_dir=False)  # before minutes of k-means
     images = open_split(args.data, "train", n_px=args.n_px, val_fraction=0.0, resize=args.resize)
     if images.pixels is None:
         raise ValueError(f"--data {args.data} holds palette ids, not pixels: there is nothing to fit")
@@ -25,7 +27,8 @@ def cmd_palette_fit(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     palette = Palette.load(args.palette) if args.palette else None
     meta = prepare(args.data, args.out, n_px=args.n_px, palette=palette, shards=args.shards,
-                   val_fraction=args.val_fraction, seed=args.seed, resize=args.resize, on_error=args.on_error)
+                   val_fraction=args.val_fraction, seed=args.seed, resize=args.resize, on_error=args.on_error,
+                   overwrite=args.overwrite)
     if args.shards:
         splits = ", ".join(f"{k} {v['n']} in {len(v['shards'])} shards" for k, v in meta["splits"].items())
         stored = "original files" if meta["n_px"] is None else f"PNG at {args.n_px}x{args.n_px}"
@@ -46,6 +49,7 @@ def _palette_parser(sub: Any) -> None:
     fit.add_argument("--seed", type=int, default=0, help="seed of the k-means++ initialisation (default: 0)")
     fit.add_argument("--n-px", type=int, default=32, help="downscale images to this side first (default: 32)")
     add_resize(fit)
+    add_overwrite(fit)
     fit.set_defaults(func=cmd_palette_fit)
 
 
@@ -64,6 +68,7 @@ def _prepare_parser(sub: Any) -> None:
                    help="write WebDataset tar shards of N images each (+ index, shards.json) for streaming "
                         "instead of a memory-mapped cache; image folders keep their original files "
                         "(default: 0, the cache)")
+    add_overwrite(p)
     p.set_defaults(func=cmd_prepare)
 
 

@@ -7,8 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from igpt.atomic import write_json
-from igpt.cli.args import add_checkpoint, add_eval_data, add_fields, add_labelled_inputs, build, command
+from igpt.atomic import check_output, write_json
+from igpt.cli.args import (add_checkpoint, add_eval_data, add_fields, add_labelled_inputs, add_overwrite, build,
+                           command)
 from igpt.config import EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
 from igpt.eval.probe import format_table, probe_checkpoint
 from igpt.eval.score import score
@@ -17,7 +18,7 @@ from igpt.eval.score import score
 def cmd_probe(args: argparse.Namespace) -> None:
     cfg = build(ProbeConfig, args)
     metrics = probe_checkpoint(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
-                               resize=args.resize)
+                               resize=args.resize, overwrite=args.overwrite)
     print(format_table(metrics))
     setting = (f"{cfg.labels_per_class} labels per class, mean +- std over {cfg.repeats} subsets"
                if cfg.labels_per_class else f"{metrics['n_train']} training images")
@@ -26,6 +27,10 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    if args.json:  # checked before the images are scored
+        check_output(args.json, "--json", overwrite=args.overwrite, is_dir=False)
+    if args.out:
+        check_output(Path(args.out) / "score.json", "--out", overwrite=args.overwrite, is_dir=False)
     report = score(args.checkpoint, build(EvalDataConfig, args), build(ScoreConfig, args))
     head = (f"{report['objective'].upper()} score of {args.checkpoint} on {args.data} ({report['split']}, "
             f"{report['images']} images)")
@@ -50,6 +55,7 @@ def _probe_parser(sub: Any) -> None:
     add_labelled_inputs(p)
     add_fields(p, ProbeConfig, title="probe")
     add_fields(p, FeatureConfig, title="features")
+    add_overwrite(p)
     p.set_defaults(func=cmd_probe)
 
 
@@ -60,6 +66,7 @@ def _score_parser(sub: Any) -> None:
     add_fields(p, ScoreConfig, title="scoring")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.add_argument("--out", default=None, help="also write the result to OUT/score.json")
+    add_overwrite(p)
     p.set_defaults(func=cmd_score)
 
 

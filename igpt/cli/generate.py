@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from igpt.cli.args import add_checkpoint, add_eval_data, add_fields, build, command
+from igpt.cli.args import add_checkpoint, add_eval_data, add_fields, add_overwrite, build, command
 from igpt.config import EvalDataConfig, SampleConfig
 from igpt.generate.complete import complete, sample_images
 from igpt.generate.infill import SCHEDULES
@@ -18,7 +18,7 @@ from igpt.generate.infill import SCHEDULES
 
 def cmd_sample(args: argparse.Namespace) -> None:
     r = sample_images(args.checkpoint, args.out, n_images=args.n_images, cfg=build(SampleConfig, args),
-                      ncol=args.ncol, scale=args.scale)
+                      ncol=args.ncol, scale=args.scale, overwrite=args.overwrite)
     print(f"{r['n_images']} samples at {r['n_px']}x{r['n_px']} -> {r['out']}/sample-*.png and {r['out']}/grid.png")
 
 
@@ -26,7 +26,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
     r = complete(args.checkpoint, args.out, images=args.images, data=build(EvalDataConfig, args),
                  n_images=args.n_images, offset=args.offset, keep=args.keep, rows=args.rows,
                  n_samples=args.n_samples, rounds=args.rounds, schedule=args.schedule,
-                 cfg=build(SampleConfig, args), scale=args.scale)
+                 cfg=build(SampleConfig, args), scale=args.scale, overwrite=args.overwrite)
     print(f"{len(r['names'])} input(s) from {r['inputs']}: kept {r['rows_kept']} of {r['n_px']} rows, "
           f"{r['n_samples']} completion(s) each {r['how']} -> {r['out']}/completions.png and "
           f"{len(r['names'])} complete-*.png")
@@ -40,6 +40,7 @@ def _sample_parser(sub: Any) -> None:
     p.add_argument("--ncol", type=int, default=8, help="images per row of grid.png (default: 8)")
     p.add_argument("--scale", type=int, default=4, help="enlargement of grid.png (default: 4)")
     add_fields(p, SampleConfig, title="sampling")
+    add_overwrite(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -61,6 +62,7 @@ def _complete_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory (completions.png, complete-*.png)")
     p.add_argument("--scale", type=int, default=4, help="enlargement of the figures (default: 4)")
     add_fields(p, SampleConfig, title="sampling")
+    add_overwrite(p)
     p.set_defaults(func=cmd_complete)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from igpt.cli.args import add_fields, add_labelled_inputs, build, command
 from igpt.config import PRESETS, DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from igpt.demo import run_demo
-from igpt.train import finetune, pretrain, resume
+from igpt.train import finetune, pretrain, resume, resume_finetune
 
 
 def _resume_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,7 +37,17 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    m = finetune(args.checkpoint, args.data, args.out, build(FinetuneConfig, args), resize=args.resize)
+    if args.resume:
+        extra = sorted(args.given - {"resume", "command", "quiet", "given"})
+        if extra:  # everything is read from the fine-tune's own record
+            raise ValueError(f"--resume OUT continues OUT as it was started: leave out "
+                             f"{', '.join('--' + n.replace('_', '-') for n in extra)}")
+        m = resume_finetune(args.resume)
+    else:
+        missing = [f"--{n}" for n in ("checkpoint", "data", "out") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"finetune needs {', '.join(missing)} (or --resume OUT)")
+        m = finetune(args.checkpoint, args.data, args.out, build(FinetuneConfig, args), resize=args.resize)
     print(f"best validation accuracy {m['val_acc']:.4f} at step {m['best_step']} of {m['steps']}"
           f"{' (stopped early)' if m['stopped_early'] else ''}; test accuracy {m['test_acc']:.4f}; "
           f"classifier {m['checkpoint']}")
@@ -64,7 +74,9 @@ def _finetune_parser(sub: Any) -> None:
                 description="Zero-initialised head on the mean-pooled final norm, Adam at a constant learning "
                 "rate after warm-up, early stopping on validation accuracy; the best checkpoint (with "
                 "classifier.safetensors) goes to --out/checkpoints, metrics to --out/metrics.json.")
-    add_labelled_inputs(f)
+    add_labelled_inputs(f, required=False)
+    f.add_argument("--resume", default=None, metavar="OUT",
+                   help="continue the fine-tune in OUT from its last saved state (OUT/last)")
     add_fields(f, FinetuneConfig, title="fine-tuning")
     f.set_defaults(func=cmd_finetune)
 

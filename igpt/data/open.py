@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from igpt.atomic import check_output
 from igpt.data import cache, shard_streams, shard_writer, sources
 from igpt.data.augment import FolderImages
 from igpt.data.imageset import ImageSet, check_ids
@@ -201,13 +203,26 @@ def identity(data: str | Path | DataSpec) -> dict[str, Any]:
 
 def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palette | None = None, shards: int = 0,
             val_fraction: float = 0.1, seed: int = 0, resize: str = "center", on_error: str = "stop",
-            progress: bool = True) -> dict[str, Any]:
+            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write ``data`` as a cache (``igpt.data.cache``; ids with ``palette``, else pixels) or, with
-    ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata."""
+    ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata. An
+    existing ``out_dir`` is refused unless ``overwrite``."""
     d = resolve(data)
+    check_output(out_dir, "--out", overwrite=overwrite)
     if d.kind in ("cache", "shards"):
         what = "a prepared cache" if d.kind == "cache" else "a shards directory"
         raise ValueError(f"--data {data} is already {what}; use it directly")
+    created = not Path(out_dir).exists()
+    try:
+        return _prepare(d, out_dir, n_px, palette, shards, val_fraction, seed, resize, on_error, progress)
+    except Exception:
+        if created:  # a bad input (an unreadable image, ...) leaves no half-made output behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: Palette | None, shards: int, val_fraction: float,
+             seed: int, resize: str, on_error: str, progress: bool) -> dict[str, Any]:
     if shards:
         if palette is not None:
             raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")

@@ -39,6 +39,7 @@ from igpt.objectives import sample_keep_mask
 from igpt.palette import Palette
 from igpt.record import PAPER_MASK_PROB, CheckpointRecord, Reading
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype
+from igpt.stop import GracefulStop, Stopped
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -74,12 +75,22 @@ def _split_feats(model: GPT, ids: torch.Tensor, cfg: FeatureConfig, layers: list
     return {layer: f / count for layer, f in total.items()}
 
 
+class ExtractionStopped(Stopped):
+    """A signal stopped ``extract`` between batches: ``feats`` hold the first ``done`` images' features."""
+
+    def __init__(self, message: str, done: int, feats: dict[int, np.ndarray]) -> None:
+        super().__init__(message)
+        self.done, self.feats = done, feats
+
+
 @torch.no_grad()
 def extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureConfig = FeatureConfig(), *,
-            layers: list[int] | None = None, progress: bool = True, desc: str = "features") -> dict[int, np.ndarray]:
+            layers: list[int] | None = None, progress: bool = True, desc: str = "features",
+            resume: tuple[int, dict[int, np.ndarray]] | None = None) -> dict[int, np.ndarray]:
     """{layer: feats (N, D) float32} of every image of ``images`` (default layers 0..L), batched, under
     bf16 autocast on GPU, read as the model was trained (``model.causal``; a BERT model's inputs masked as
-    ``cfg`` says). The model is moved to the configured device and put in eval mode."""
+    ``cfg`` says). The model is moved to the configured device and put in eval mode. ``resume`` (done,
+    feats) continues an extraction that SIGTERM or Ctrl-C stopped (``ExtractionStopped``)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model = model.to(device).eval()
@@ -88,9 +99,15 @@ def extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureConfig =
     if len(images) == 0:
         raise ValueError(f"--data {images.source}: the split is empty")
     n, d = len(images), model.config.n_embd
-    out = {layer: np.empty((n, d), np.float32) for layer in layers}
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, n, cfg.batch_size):
+    done, out = resume or (0, {layer: np.empty((n, d), np.float32) for layer in layers})
+    with tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress) as bar, \
+            GracefulStop(desc) as stop:
+        # Batches start at multiples of the batch size, as in one uninterrupted pass (the BERT masks are
+        # drawn from each batch's start), so a resumed extraction gives the same features.
+        for start in range(done, n, cfg.batch_size):
+            if stop.requested:
+                raise ExtractionStopped(f"stopped by {stop.signal_name} after {start} of {n} images ({desc})",
+                                        start, out)
             index = np.arange(start, min(n, start + cfg.batch_size))
             ids = to_ids(images, index, palette, device)  # (B, T)
             with autocast(device, dtype):
@@ -142,12 +159,37 @@ def cached_extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureC
         return extract(model, images, palette, cfg, layers=layers, progress=progress, desc=f"features {split}")
     key = cache_key(model_identity, images, split, cfg, model.causal, layers)
     path = Path(cache_dir) / f"feats-{split}-{key}.npz"
+    partial = path.with_name(f"feats-{split}-{key}.partial.npz")  # an extraction stopped part-way
     if cfg.cache and path.is_file():
-        with np.load(path) as z:
-            return {int(name.split("_")[1]): z[name] for name in z.files}
-    feats = extract(model, images, palette, cfg, layers=layers, progress=progress, desc=f"features {split}")
+        return _read_feats(path)[1]
+    resume = _read_feats(partial) if cfg.cache and partial.is_file() else None
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        feats = extract(model, images, palette, cfg, layers=layers, progress=progress, desc=f"features {split}",
+                        resume=resume)
+    except ExtractionStopped as e:
+        _write_feats(partial, e.feats, e.done)
+        raise Stopped(f"{e}; saved in {partial}: the same command continues from there") from None
+    _write_feats(path, feats)
+    partial.unlink(missing_ok=True)
+    return feats
+
+
+def _write_feats(path: Path, feats: dict[int, np.ndarray], done: int | None = None) -> None:
+    arrays = {f"layer_{layer}": x for layer, x in feats.items()}
+    if done is not None:
+        arrays["done"] = np.asarray(done)
     # through a handle: np.savez would append .npz to the temporary name
     with replacing(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{f"layer_{layer}": x for layer, x in feats.items()})
-    return feats
+        np.savez(f, **arrays)
+
+
+def _read_feats(path: Path) -> tuple[int, dict[int, np.ndarray]]:
+    """(images done, {layer: feats}) of a file ``_write_feats`` wrote (pickles refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats = {int(name.split("_")[1]): z[name] for name in z.files if name.startswith("layer_")}
+            done = int(z["done"]) if "done" in z.files else len(next(iter(feats.values())))
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise ValueError(f"{path} is not a readable feature file ({e}); delete it to extract again") from None
+    return done, feats

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from igpt.atomic import write_json
+from igpt.atomic import check_output, write_json
 from igpt.config import FeatureConfig, ProbeConfig
 from igpt.data.open import lossless_mask, open_labelled
 from igpt.data.splits import balanced_subset, stratified_carve
@@ -249,11 +249,20 @@ def format_table(metrics: dict[str, Any], baseline: dict[str, Any] | None = None
 
 
 def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg: ProbeConfig = ProbeConfig(),
-                     feat_cfg: FeatureConfig = FeatureConfig(), *, resize: str = "center",
+                     feat_cfg: FeatureConfig = FeatureConfig(), *, resize: str = "center", overwrite: bool = False,
                      progress: bool = True) -> dict[str, Any]:
     """``igpt probe``: features of every layer of ``checkpoint`` (any weights ``igpt.load`` reads) on the
     whole train split ("train_all") and the test split of ``data`` (cached in ``out_dir``), the probe,
-    ``metrics.json`` and ``probe.png``."""
+    ``metrics.json`` and ``probe.png``. An ``out_dir`` holding anything but cached features (a finished probe's
+    results) is refused unless ``overwrite``; cached features, and an extraction a signal stopped part-way,
+    are reused either way."""
+    out = Path(out_dir)
+    if out.is_dir() and not overwrite:
+        held = sorted(p.name for p in out.iterdir() if not p.name.startswith(("feats-", ".")))
+        if held:
+            raise ValueError(f"--out {out} already holds {held[0]}; pass --overwrite to replace the results (cached "
+                             "features are reused), or choose another --out")
+    check_output(out, "--out", overwrite=True)
     ckpt_dir, (model, palette, record) = load_located(checkpoint)
     feat_cfg = for_reading(feat_cfg, record.reading)
     images = {split: open_labelled(data, split, n_px=model.config.n_px, palette=palette, resize=resize)
@@ -270,7 +279,6 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     metrics.update(data=str(data), checkpoint=str(ckpt_dir), objective=record.objective,
                    n_train=len(images["train_all"]), n_test=len(images["test"]), probe=dataclasses.asdict(cfg),
                    features=dataclasses.asdict(feat_cfg))
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     accs = {layer: r["acc"] for layer, r in metrics["layers"].items()}

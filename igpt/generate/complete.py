@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from igpt.atomic import check_output, replacing_dir
 from igpt.config import EvalDataConfig, SampleConfig
 from igpt.data.images import load_image
 from igpt.data.open import open_eval
@@ -34,10 +35,12 @@ def _sample_kw(cfg: SampleConfig, device: torch.device) -> dict[str, Any]:
 
 
 def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64, cfg: SampleConfig = SampleConfig(),
-                  ncol: int = 8, scale: int = 4, progress: bool = True) -> dict[str, Any]:
-    """``n_images`` unconditional samples as ``sample-NNNN.png`` and ``grid.png`` in ``out``."""
+                  ncol: int = 8, scale: int = 4, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``n_images`` unconditional samples as ``sample-NNNN.png`` and ``grid.png`` in the new directory ``out``
+    (with ``overwrite``, the new directory replaces an existing one whole)."""
     if n_images < 1:
         raise ValueError(f"--n-images must be >= 1, got {n_images}")
+    check_output(out, "--out", overwrite=overwrite)
     device = resolve_device(cfg.device)
     model, palette, record = load(checkpoint, device)
     check_can_sample(model)  # before any work: a BERT checkpoint is refused with a message
@@ -45,9 +48,10 @@ def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64
     n_px = model.config.n_px
     pixels = palette.decode(ids.cpu()).view(n_images, n_px, n_px, 3).numpy()  # (n, n_px, n_px, 3) uint8
     out = Path(out)
-    for i, img in enumerate(pixels):
-        save_png(Image.fromarray(img), out / f"sample-{i:04d}.png")
-    save_png(grid(pixels, ncol=ncol, scale=scale), out / "grid.png")
+    with replacing_dir(out) as tmp:
+        for i, img in enumerate(pixels):
+            save_png(Image.fromarray(img), tmp / f"sample-{i:04d}.png")
+        save_png(grid(pixels, ncol=ncol, scale=scale), tmp / "grid.png")
     return {"checkpoint": str(checkpoint), "step": record.step, "n_images": n_images, "n_px": n_px,
             "out": str(out), "files": [f"sample-{i:04d}.png" for i in range(n_images)] + ["grid.png"]}
 
@@ -83,12 +87,15 @@ def _inputs(images: list[str] | None, data: EvalDataConfig, n_images: int, offse
 def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | None = None,
              data: EvalDataConfig = EvalDataConfig(), n_images: int = 8, offset: int = 0, keep: float = 0.5,
              rows: int | None = None, n_samples: int = 4, rounds: int = 8, schedule: str = "cosine",
-             cfg: SampleConfig = SampleConfig(), scale: int = 4, progress: bool = True) -> dict[str, Any]:
+             cfg: SampleConfig = SampleConfig(), scale: int = 4, overwrite: bool = False,
+             progress: bool = True) -> dict[str, Any]:
     """Keep the top rows of each input (image files, or ``n_images`` of a split of ``data.data``), complete
     the rest ``n_samples`` times, and write the paper's figure (quantized original, kept rows, completions)
-    as ``completions.png`` plus one ``complete-NAME.png`` per input."""
+    as ``completions.png`` plus one ``complete-NAME.png`` per input, in the new directory ``out`` (with
+    ``overwrite``, the new directory replaces an existing one whole)."""
     if bool(images) == bool(data.data):
         raise ValueError("complete needs exactly one of --images FILE... and --data DATA")
+    check_output(out, "--out", overwrite=overwrite)
     if n_samples < 1:
         raise ValueError(f"--n-samples must be >= 1, got {n_samples}")
     device = resolve_device(cfg.device)
@@ -113,10 +120,11 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     completions = palette.decode(result.cpu()).view(M, N, n_px, n_px, 3).numpy()
     hidden = hide_rows(originals, kept)
     dest = Path(out)
-    for i, name in enumerate(names):
-        save_png(completion_figure(originals[i:i + 1], hidden[i:i + 1], completions[i:i + 1], scale=scale),
-                 dest / f"complete-{name}.png")
-    save_png(completion_figure(originals, hidden, completions, scale=scale), dest / "completions.png")
+    with replacing_dir(dest) as tmp:
+        for i, name in enumerate(names):
+            save_png(completion_figure(originals[i:i + 1], hidden[i:i + 1], completions[i:i + 1], scale=scale),
+                     tmp / f"complete-{name}.png")
+        save_png(completion_figure(originals, hidden, completions, scale=scale), tmp / "completions.png")
     return {"checkpoint": str(checkpoint), "objective": reading.objective, "how": how, "inputs": where,
             "names": names, "rows_kept": kept, "n_px": n_px, "n_samples": N, "out": str(dest),
             "ids": result.cpu(), "original_ids": ids}

@@ -16,38 +16,55 @@
   ``igpt.load`` (the model) and ``igpt.weights.load_classifier`` (model and head) read; the test accuracy
   is that of the best checkpoint, reloaded from disk. The schedule and the metrics log are pretraining's
   (``igpt.train.optim``, ``igpt.train.rundir.MetricsLog``).
+- Resumable: ``OUT/last`` holds the model, head and training state after every evaluation (and on SIGTERM or
+  Ctrl-C, which finish the step, save and stop); ``resume_finetune(OUT)`` (``igpt finetune --resume OUT``)
+  continues from it exactly. One process writes OUT at a time (``igpt.lock``).
+
+Output layout (``--out OUT``)::
+
+    finetune.json      what was asked: the base checkpoint, data, resize, the FinetuneConfig, the data's identity
+    checkpoints/step-N the best checkpoint so far (model + classifier.safetensors): what ``igpt.load`` reads
+    last/              the newest state (model, head, optimizer, data position): what a resume reads
+    metrics.jsonl      one line per evaluation;  metrics.json  the result, written at the end
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch import nn
 from tqdm.auto import tqdm
 
-from igpt.atomic import write_json
+from igpt.atomic import check_writable, read_json, remove_dir, remove_leftovers, write_json
 from igpt.config import FinetuneConfig
 from igpt.data.imageset import ImageSet
-from igpt.data.open import open_labelled
+from igpt.data.open import identity, open_labelled
 from igpt.data.splits import balanced_subset
 from igpt.data.streams import LabelledBatchStream, labelled_batches
+from igpt.lock import LOCK_FILE, DirLock
 from igpt.model import GPT
 from igpt.objectives import EVAL_MASK_KEY, masked_loss, sample_keep_mask
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord, Finetuned
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
+from igpt.stop import GracefulStop, Stopped
 from igpt.train.optim import lr_at, make_optimizer, set_lr
-from igpt.train.rundir import MetricsLog
+from igpt.train.rundir import MetricsLog, truncate_metrics
 from igpt.weights import checkpoint as ckpt
 from igpt.weights.convert import load_classifier, load_located
 
 log = logging.getLogger(__name__)
+SPEC_FILE, LAST = "finetune.json", "last"
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # keyed by parameter name
 
 
 class Classifier(nn.Module):
@@ -118,83 +135,182 @@ def _splits(data: str, palette: Palette, n_px: int, cfg: FinetuneConfig, resize:
 
 def finetune(checkpoint: str | Path, data: str, out_dir: str | Path, cfg: FinetuneConfig = FinetuneConfig(), *,
              resize: str = "center", progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``checkpoint`` (any weights ``igpt.load`` reads) on the labelled ``data`` into ``out_dir``;
-    returns (and writes to ``out_dir/metrics.json``) {"val_acc", "best_step", "test_acc", "steps",
-    "checkpoint", ...}."""
+    """Fine-tune ``checkpoint`` (any weights ``igpt.load`` reads) on the labelled ``data`` into ``out_dir`` (a
+    new or empty directory); returns (and writes to ``out_dir/metrics.json``) {"val_acc", "best_step",
+    "test_acc", "steps", "checkpoint", ...}. SIGTERM or Ctrl-C saves ``out_dir/last`` and raises
+    ``igpt.stop.Stopped``; ``resume_finetune`` continues."""
     out = Path(out_dir)
-    if ckpt.step_checkpoints(out):
-        raise ValueError(f"--out {out} already holds a fine-tuned checkpoint; choose another --out")
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    base_dir, (model, palette, base) = load_located(checkpoint, device)
-    mask_prob = base.reading.mask_prob if cfg.mask_prob == -1 else cfg.mask_prob
-    splits = _splits(data, palette, model.config.n_px, cfg, resize)
+    if (out / SPEC_FILE).exists():
+        raise ValueError(f"--out {out} already holds a fine-tune: continue it with --resume {out}, or choose "
+                         "another --out")
+    check_writable(out, "--out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a fine-tune never mixes into other files
+        raise ValueError(f"--out {out} is not empty; a fine-tune starts in a new or empty directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    labels = np.concatenate([np.asarray(s.labels) for s in splits.values()])
-    classes = splits["train"].classes
-    n_classes = max(int(labels.max()) + 1, len(classes or []))
-    seed_everything(cfg.seed)
-    clf = Classifier(model, n_classes, mask_prob).to(device).train()
-    opt = make_optimizer(clf, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0, device=device)
-    stream = LabelledBatchStream(splits["train"], cfg.batch_size, cfg.seed, palette, device, cfg.augment)
-    record = CheckpointRecord(model.config, palette.fingerprint(), base.objective, mask_prob if not model.causal
-                              else None, data=str(data),
-                              finetuned=Finetuned(n_classes, tuple(classes) if classes else None,
-                                                  base_checkpoint=str(base_dir)))
-    best = _train(clf, opt, stream, splits["val"], palette, cfg, device, dtype, out, record, progress)
-
-    tuned, head, _, _ = load_classifier(out, device)  # the best checkpoint, as a user would load it
-    best_clf = Classifier(tuned, n_classes, mask_prob).to(device)
-    best_clf.head.load_state_dict(head.state_dict())
-    metrics = {**best, "test_acc": _accuracy(best_clf, splits["test"], palette, cfg, device, dtype),
-               "checkpoint": str(ckpt.resolve_checkpoint(out)), "data": str(data), "n_train": len(splits["train"]),
-               "base_checkpoint": str(base_dir), "config": dataclasses.asdict(cfg)}
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    with DirLock(out, "--out"):
+        try:
+            job = _Job.new(checkpoint, data, out, cfg, resize)
+        except BaseException:
+            _unmake(out, created)  # a bad input leaves no half-made output behind
+            raise
+        return job.run(progress)
 
 
-def _train(clf: Classifier, opt: torch.optim.Optimizer, stream: LabelledBatchStream, val: ImageSet,
-           palette: Palette, cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype, out: Path,
-           record: CheckpointRecord, progress: bool) -> dict[str, Any]:
-    """The loop: warm-up then constant LR, evaluations, saving each new best, early stopping."""
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+def resume_finetune(out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Continue the fine-tune in ``out_dir`` from ``out_dir/last``, as if it had never stopped."""
+    out = Path(out_dir)
+    spec = read_json(out / SPEC_FILE) if (out / SPEC_FILE).is_file() else None
+    if spec is None:
+        raise ValueError(f"--resume {out}: no {SPEC_FILE} there, so it is not an igpt fine-tune")
+    with DirLock(out, "--resume"):
+        remove_leftovers(out)
+        if not ckpt.is_checkpoint(out / LAST):
+            if (out / "metrics.json").is_file():
+                raise ValueError(f"--resume {out}: this fine-tune has finished (see {out / 'metrics.json'})")
+            raise ValueError(f"--resume {out}: no saved state ({out / LAST}) yet; start it again with --out")
+        return _Job.restore(out, spec).run(progress)
+
+
+def _unmake(out: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        for p in out.iterdir():
+            if p.name != LOCK_FILE:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+class _Job:
+    """One fine-tune: what it trains, on what, and where it is."""
+
+    def __init__(self, out: Path, spec: dict[str, Any], clf: Classifier, palette: Palette,
+                 splits: dict[str, ImageSet], record: CheckpointRecord, cfg: FinetuneConfig) -> None:
+        self.out, self.spec, self.clf, self.palette, self.splits, self.record, self.cfg = (
+            out, spec, clf, palette, splits, record, cfg)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.opt = make_optimizer(clf, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0, device=self.device)
+        self.stream = LabelledBatchStream(splits["train"], cfg.batch_size, cfg.seed, palette, self.device,
+                                          cfg.augment)
+        self.step, self.stale = 0, 0
+        self.best: dict[str, Any] = {"val_acc": -1.0, "best_step": 0, "stopped_early": False}
+
+    @classmethod
+    def new(cls, checkpoint: str | Path, data: str, out: Path, cfg: FinetuneConfig, resize: str) -> "_Job":
+        device = resolve_device(cfg.device)
+        base_dir, (model, palette, base) = load_located(checkpoint, device)
+        mask_prob = base.reading.mask_prob if cfg.mask_prob == -1 else cfg.mask_prob
+        splits = _splits(data, palette, model.config.n_px, cfg, resize)
+        labels = np.concatenate([np.asarray(s.labels) for s in splits.values()])
+        classes = splits["train"].classes
+        n_classes = max(int(labels.max()) + 1, len(classes or []))
+        seed_everything(cfg.seed)
+        clf = Classifier(model, n_classes, mask_prob).to(device).train()
+        record = CheckpointRecord(model.config, palette.fingerprint(), base.objective, mask_prob if not model.causal
+                                  else None, data=str(data),
+                                  finetuned=Finetuned(n_classes, tuple(classes) if classes else None,
+                                                      base_checkpoint=str(base_dir)))
+        spec = {"checkpoint": str(base_dir), "data": str(data), "resize": resize, "config": dataclasses.asdict(cfg),
+                "data_identity": identity(data)}
+        write_json(out / SPEC_FILE, spec)
+        return cls(out, spec, clf, palette, splits, record, cfg)
+
+    @classmethod
+    def restore(cls, out: Path, spec: dict[str, Any]) -> "_Job":
+        cfg = FinetuneConfig(**spec["config"])
+        found = identity(spec["data"])
+        if found != spec["data_identity"]:
+            raise ValueError(f"--resume {out}: the data {spec['data']} has changed since the fine-tune started "
+                             f"(recorded {spec['data_identity']}, found {found}); resume with the same data")
+        device = resolve_device(cfg.device)
+        model, head, palette, record = load_classifier(out / LAST, device)
+        splits = _splits(spec["data"], palette, model.config.n_px, cfg, spec["resize"])
+        mask_prob = record.mask_prob if record.mask_prob is not None else cfg.mask_prob
+        clf = Classifier(model, record.finetuned.n_classes, mask_prob).to(device).train()
+        clf.head.load_state_dict(head.state_dict())
+        job = cls(out, spec, clf, palette, splits, record, cfg)
+        state = ckpt.load_train_state(out / LAST)
+        set_optimizer_state_dict(clf, job.opt, state["optimizer"], options=FULL_STATE)
+        job.stream.load_state_dict(state["stream"])
+        torch.set_rng_state(state["torch_rng"])
+        job.step, job.stale = int(state["step"]), int(state["stale"])
+        job.best = {"val_acc": float(state["best"]["val_acc"]), "best_step": int(state["best"]["best_step"]),
+                    "stopped_early": bool(state["best"]["stopped_early"])}
+        truncate_metrics(out, job.step)
+        log.info("resumed %s at step %d (best validation accuracy %.4f at step %d)", out, job.step,
+                 job.best["val_acc"], job.best["best_step"])
+        return job
+
+    def save_last(self) -> None:
+        """The state a resume continues from, replaced whole (``igpt.atomic``)."""
+        state = {"step": self.step, "stale": self.stale, "best": dict(self.best),
+                 "optimizer": get_optimizer_state_dict(self.clf, self.opt, options=FULL_STATE),
+                 "stream": self.stream.state_dict(), "torch_rng": torch.get_rng_state()}
+        ckpt.save_checkpoint(self.out / LAST, self.clf.gpt, self.palette, self.record.replace(step=self.step),
+                             train_state=state, classifier={"head.weight": self.clf.head.weight})
+
+    def run(self, progress: bool) -> dict[str, Any]:
+        cfg, device, dtype = self.cfg, self.device, self.dtype
+        with GracefulStop("finetune") as stop:
+            best = _train(self, stop, progress)
+        tuned, head, _, _ = load_classifier(self.out, device)  # the best checkpoint, as a user would load it
+        best_clf = Classifier(tuned, self.clf.head.out_features, self.clf.mask_prob).to(device)
+        best_clf.head.load_state_dict(head.state_dict())
+        metrics = {**best, "test_acc": _accuracy(best_clf, self.splits["test"], self.palette, cfg, device, dtype),
+                   "checkpoint": str(ckpt.resolve_checkpoint(self.out)), "data": self.spec["data"],
+                   "n_train": len(self.splits["train"]), "base_checkpoint": self.spec["checkpoint"],
+                   "config": dataclasses.asdict(cfg)}
+        write_json(self.out / "metrics.json", metrics)
+        remove_dir(self.out / LAST)  # finished: the best checkpoint is what remains to be read
+        return metrics
+
+
+def _train(job: _Job, stop: GracefulStop, progress: bool) -> dict[str, Any]:
+    """The loop: warm-up then constant LR, evaluations, saving each new best and the state to resume from,
+    early stopping, and a clean stop on a signal."""
+    clf, opt, stream, cfg, device, dtype = job.clf, job.opt, job.stream, job.cfg, job.device, job.dtype
+    val, palette, out, best = job.splits["val"], job.palette, job.out, job.best
     metrics_log = MetricsLog(out)
-    best = {"val_acc": -1.0, "best_step": 0, "stopped_early": False}
-    stale, step = 0, 0
-    bar = tqdm(total=cfg.max_steps, desc="finetune", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.max_steps, initial=job.step, desc="finetune", unit="step", disable=not progress)
     try:
-        while step < cfg.max_steps:
-            lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup_steps, max_steps=cfg.max_steps, decay="constant")
+        while job.step < cfg.max_steps and not best["stopped_early"]:
+            lr = lr_at(job.step, lr=cfg.lr, warmup=cfg.warmup_steps, max_steps=cfg.max_steps, decay="constant")
             set_lr(opt, lr)
             ids, labels = stream.next()
-            keep = clf.keep(tuple(ids.shape), device, cfg.seed, step)
+            keep = clf.keep(tuple(ids.shape), device, cfg.seed, job.step)
             with autocast(device, dtype):
                 parts = losses(clf, ids, labels, cfg.gen_weight, keep)
             parts["loss"].backward()
             torch.nn.utils.clip_grad_norm_(clf.parameters(), cfg.grad_clip or float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
+            job.step += 1
             bar.update(1)
-            if step % cfg.eval_every and step != cfg.max_steps:
-                continue
-            acc = _accuracy(clf, val, palette, cfg, device, dtype)
-            metrics_log.write({"step": step, "split": "val", "lr": lr, "val_acc": acc,
-                               **{k: v.item() for k, v in parts.items()}})
-            bar.set_postfix(loss=f"{parts['loss'].item():.3f}", val_acc=f"{acc:.3f}")
-            if acc > best["val_acc"]:
-                best.update(val_acc=acc, best_step=step)
-                stale = 0
-                tuned = record.replace(step=step, finetuned=dataclasses.replace(record.finetuned, val_acc=acc))
-                ckpt.save_checkpoint(out / "checkpoints" / f"step-{step:07d}", clf.gpt, palette, tuned,
-                                     classifier={"head.weight": clf.head.weight})
-                ckpt.prune_checkpoints(out, keep_last=1)
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    best["stopped_early"] = True
-                    break
+            evaluate = job.step % cfg.eval_every == 0 or job.step == cfg.max_steps
+            if evaluate:
+                acc = _accuracy(clf, val, palette, cfg, device, dtype)
+                metrics_log.write({"step": job.step, "split": "val", "lr": lr, "val_acc": acc,
+                                   **{k: v.item() for k, v in parts.items()}})
+                bar.set_postfix(loss=f"{parts['loss'].item():.3f}", val_acc=f"{acc:.3f}")
+                if acc > best["val_acc"]:
+                    best.update(val_acc=acc, best_step=job.step)
+                    job.stale = 0
+                    tuned = job.record.replace(step=job.step,
+                                               finetuned=dataclasses.replace(job.record.finetuned, val_acc=acc))
+                    ckpt.save_checkpoint(out / "checkpoints" / f"step-{job.step:07d}", clf.gpt, palette, tuned,
+                                         classifier={"head.weight": clf.head.weight})
+                    ckpt.prune_checkpoints(out, keep_last=1)
+                else:
+                    job.stale += 1
+                    best["stopped_early"] = job.stale >= cfg.patience
+            if stop.requested and job.step < cfg.max_steps and not best["stopped_early"]:
+                job.save_last()
+                raise Stopped(f"stopped by {stop.signal_name} at step {job.step} of {cfg.max_steps}; state in "
+                              f"{out / LAST}; continue with: igpt finetune --resume {out}")
+            if evaluate:
+                job.save_last()
     finally:
         bar.close()
         metrics_log.close()
-    return {**best, "steps": step}
+    return {**best, "steps": job.step}
