@@ -412,26 +412,8 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir
 def _run_locked(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resume: bool,
                 world: World, device: str, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None,
                 stop: GracefulStop, created: bool) -> dict[str, Any]:
-    if world.is_main:
-        for left in remove_leftovers(run_dir) + remove_leftovers(run_dir / "checkpoints"):
-            log.info("removed %s, left by a write that was killed part-way", left)
-    data_identity = identity(data_cfg.data)
-    if resume:
-        recorded = read_run_file(run_dir).get("data_identity")
-        if recorded is not None and recorded != data_identity:
-            raise ValueError(f"--resume {run_dir}: the data {data_cfg.data} has changed since the run started "
-                             f"(recorded {recorded}, found {data_identity}); resume with the run's data, or start "
-                             "a new run with --out")
-    elif world.is_main:
-        # Written before anything slow, so a run killed at any point can be resumed.
-        write_json(run_dir / RUN_FILE, _run_file(model_cfg, cfg, data_cfg, data_identity, None))
-    barrier(world)
-    try:
-        trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
-        if resume and ckpt.step_checkpoints(run_dir):
-            trainer.restore()
-        elif resume and world.is_main:
-            truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
+    try:  # until training starts, a failure of a new run (a bad input) undoes it
+        trainer, data_identity = _setup(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
     except Exception:
         if not resume and world.is_main:
             _unmake(run_dir, created)
@@ -448,6 +430,32 @@ def _run_locked(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, 
     finally:
         if metrics_log is not None:
             metrics_log.close()
+
+
+def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resume: bool,
+           world: World, device: str) -> tuple[Trainer, dict[str, Any]]:
+    """(The trainer of a new run, or of a resumed one at its checkpoint; the data's identity), after
+    checking a resumed run's data against the identity recorded when it started."""
+    if world.is_main:
+        for left in remove_leftovers(run_dir) + remove_leftovers(run_dir / "checkpoints"):
+            log.info("removed %s, left by a write that was killed part-way", left)
+    data_identity = identity(data_cfg.data)
+    if resume:
+        recorded = read_run_file(run_dir).get("data_identity")
+        if recorded is not None and recorded != data_identity:
+            raise ValueError(f"--resume {run_dir}: the data {data_cfg.data} has changed since the run started "
+                             f"(recorded {recorded}, found {data_identity}); resume with the run's data, or start "
+                             "a new run with --out")
+    elif world.is_main:
+        # Written before anything slow, so a run killed at any point can be resumed.
+        write_json(run_dir / RUN_FILE, _run_file(model_cfg, cfg, data_cfg, data_identity, None))
+    barrier(world)
+    trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
+    if resume and ckpt.step_checkpoints(run_dir):
+        trainer.restore()
+    elif resume and world.is_main:
+        truncate_metrics(run_dir, 0)  # killed before its first checkpoint: start over
+    return trainer, data_identity
 
 
 def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
