@@ -45,6 +45,11 @@ def probe_model(model: GPT, palette: Palette, data_dir: str, n_px: int) -> dict[
 
 
 def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0, progress: bool = True) -> dict:
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    # built (and so checked, the seed included) before anything is written
+    cfg = TrainConfig(batch_size=64, max_steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=0,
+                      ckpt_every=steps, log_every=10, seed=seed, device="cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = ModelConfig.from_preset("igpt-demo")
@@ -60,8 +65,6 @@ def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0,
     run_dir = out / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = TrainConfig(batch_size=64, max_steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=0,
-                      ckpt_every=steps, log_every=10, seed=seed, device="cpu")
     result = pretrain(model_cfg, cfg, DataConfig(data=data_dir, palette=str(out / "palette.npz")), run_dir,
                       progress=progress)
     model, palette, _ = load(run_dir)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from igpt.config import check_seed
 from igpt.data import cache, shard_streams, shard_writer, sources
 from igpt.data.augment import FolderImages
 from igpt.data.imageset import ImageSet, check_ids
@@ -166,6 +167,7 @@ def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palett
             progress: bool = True) -> dict[str, Any]:
     """Write ``data`` as a cache (``igpt.data.cache``; ids with ``palette``, else pixels) or, with
     ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata."""
+    check_seed("--seed", seed)  # the carve's default_rng would refuse a negative one without naming it
     d = resolve(data)
     if d.kind in ("cache", "shards"):
         what = "a prepared cache" if d.kind == "cache" else "a shards directory"

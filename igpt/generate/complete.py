@@ -26,6 +26,13 @@ from igpt.viz import completion_figure, grid, hide_rows, save_png
 from igpt.weights.convert import load
 
 
+def _require_at_least(values: dict[str, int], low: int) -> None:
+    """The command's own counts (``{"--scale": 4}``), checked before the checkpoint is read."""
+    for name, value in values.items():
+        if not value >= low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
 def _sample_kw(cfg: SampleConfig, device: torch.device) -> dict[str, Any]:
     """Keyword arguments of ``sample`` from the flags."""
     return {"generator": make_generator(cfg.seed, device), "dtype": resolve_dtype(cfg.dtype, device),
@@ -36,8 +43,7 @@ def _sample_kw(cfg: SampleConfig, device: torch.device) -> dict[str, Any]:
 def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64, cfg: SampleConfig = SampleConfig(),
                   ncol: int = 8, scale: int = 4, progress: bool = True) -> dict[str, Any]:
     """``n_images`` unconditional samples as ``sample-NNNN.png`` and ``grid.png`` in ``out``."""
-    if n_images < 1:
-        raise ValueError(f"--n-images must be >= 1, got {n_images}")
+    _require_at_least({"--n-images": n_images, "--ncol": ncol, "--scale": scale}, 1)
     device = resolve_device(cfg.device)
     model, palette, record = load(checkpoint, device)
     check_can_sample(model)  # before any work: a BERT checkpoint is refused with a message
@@ -89,8 +95,10 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     as ``completions.png`` plus one ``complete-NAME.png`` per input."""
     if bool(images) == bool(data.data):
         raise ValueError("complete needs exactly one of --images FILE... and --data DATA")
-    if n_samples < 1:
-        raise ValueError(f"--n-samples must be >= 1, got {n_samples}")
+    _require_at_least({"--n-samples": n_samples, "--rounds": rounds, "--scale": scale}, 1)
+    _require_at_least({"--offset": offset}, 0)
+    if data.data:
+        _require_at_least({"--n-images": n_images}, 1)
     device = resolve_device(cfg.device)
     model, palette, record = load(checkpoint, device)
     n_px, T = model.config.n_px, model.config.n_ctx

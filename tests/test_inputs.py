@@ -1,0 +1,168 @@
+"""Bad input is one line naming the flag or the file, refused before anything is written.
+
+Each case runs the CLI in-process (``igpt.cli.main``) in an empty working directory, and asserts exit code 2,
+one line on stderr naming the culprit, and a working directory still empty afterwards (no run directory, no
+output folder). The configs are also built directly, so the Python API gets the same checks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from igpt.cli import main
+from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchSampleConfig, BenchTrainConfig, DataConfig,
+                         EvalDataConfig, FeatureConfig, FinetuneConfig, ModelConfig, ProbeConfig, SampleConfig,
+                         ScoreConfig, TrainConfig)
+from igpt.model import GPT
+from igpt.palette import Palette
+from igpt.record import CheckpointRecord
+from igpt.weights.checkpoint import save_checkpoint
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """An untrained igpt-nano checkpoint at 4x4 with a 16-colour palette: enough for a command to load."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("igpt-nano", n_vocab=16, n_px=4))
+    palette = Palette(torch.rand(16, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    return save_checkpoint(path, model, palette, CheckpointRecord(model.config, palette.fingerprint(), step=1))
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in sorted(root.rglob("*"))}
+
+
+def refuse(argv: list[str], needle: str, untouched: Path, capsys) -> str:
+    """Run ``igpt argv``: exit 2, one line naming ``needle``, and nothing under ``untouched`` written."""
+    before = tree(untouched)
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert needle in err, (needle, err)
+    assert tree(untouched) == before
+    return err
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+# ---- 1. flags: every numeric field is checked once, in its config
+
+
+PRETRAIN = ["pretrain", "--preset", "igpt-nano", "--data", "digits", "--out", "run", "--max-steps", "1",
+            "--device", "cpu"]
+FLAG_CASES = [
+    (PRETRAIN + ["--grad-clip", "-1"], "--grad-clip"),
+    (PRETRAIN + ["--weight-decay", "-1"], "--weight-decay"),
+    (PRETRAIN + ["--dist-timeout", "nan"], "--dist-timeout"),
+    (PRETRAIN + ["--dist-timeout", "inf"], "--dist-timeout"),
+    (PRETRAIN + ["--lr", "inf"], "--lr"),
+    (PRETRAIN + ["--beta1", "1.5"], "--beta1"),
+    (PRETRAIN + ["--beta2", "nan"], "--beta2"),
+    (PRETRAIN + ["--log-every", "0"], "--log-every"),
+    (PRETRAIN + ["--ckpt-every", "0"], "--ckpt-every"),
+    (PRETRAIN + ["--seed", "-1"], "--seed"),
+    (PRETRAIN + ["--dropout", "inf"], "--dropout"),
+    (PRETRAIN + ["--objective", "bert", "--mask-prob", "inf"], "--mask-prob"),
+    (PRETRAIN + ["--device", "mps"], "--device 'mps'"),
+    (PRETRAIN + ["--device", "cuda:7"], "--device 'cuda:7'"),
+    (PRETRAIN + ["--device", "tpu"], "--device 'tpu'"),
+    (["sample", "--out", "o", "--temperature", "nan"], "--temperature"),
+    (["sample", "--out", "o", "--temperature", "inf"], "--temperature"),
+    (["sample", "--out", "o", "--top-p", "nan"], "--top-p"),
+    (["sample", "--out", "o", "--seed", "-1"], "--seed"),
+    (["sample", "--out", "o", "--scale", "0"], "--scale"),
+    (["sample", "--out", "o", "--ncol", "0"], "--ncol"),
+    (["sample", "--out", "o", "--device", "mps"], "--device"),
+    (["complete", "--out", "o", "--data", "digits", "--temperature", "inf"], "--temperature"),
+    (["complete", "--out", "o", "--data", "digits", "--rounds", "0"], "--rounds"),
+    (["complete", "--out", "o", "--data", "digits", "--scale", "0"], "--scale"),
+    (["complete", "--out", "o", "--data", "digits", "--split-seed", "-1"], "--split-seed"),
+    (["score", "--data", "digits", "--json", "s.json", "--mask-prob", "nan"], "--mask-prob"),
+    (["score", "--data", "digits", "--json", "s.json", "--seed", "-1"], "--seed"),
+    (["probe", "--data", "digits", "--out", "o", "--l2", "nan"], "--l2"),
+    (["probe", "--data", "digits", "--out", "o", "--l2", "inf"], "--l2"),
+    (["probe", "--data", "digits", "--out", "o", "--mask-seed", "-1"], "--mask-seed"),
+    (["finetune", "--data", "digits", "--out", "o", "--lr", "inf"], "--lr"),
+    (["finetune", "--data", "digits", "--out", "o", "--beta1", "-0.1"], "--beta1"),
+    (["finetune", "--data", "digits", "--out", "o", "--gen-weight", "inf"], "--gen-weight"),
+    (["bench", "memory", "--preset", "igpt-nano", "--json", "m.json", "--gpu-gb", "inf"], "--gpu-gb"),
+    (["bench", "memory", "--preset", "igpt-nano", "--json", "m.json", "--n-px", "0"], "--n-px"),
+    (["bench", "sample", "--preset", "igpt-nano", "--json", "b.json", "--n-px", "0"], "--n-px"),
+    (["bench", "train", "--preset", "igpt-nano", "--json", "b.json", "--device", "mps"], "--device"),
+    (["bench", "loader", "--data", "digits", "--json", "b.json", "--seed", "-1"], "--seed"),
+    (["prepare", "--data", "digits", "--n-px", "8", "--out", "cache", "--seed", "-1"], "--seed"),
+    (["demo", "--out", "demo", "--steps", "0"], "--steps"),
+    (["demo", "--out", "demo", "--seed", "-1"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", FLAG_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_a_bad_flag_is_one_line_and_leaves_nothing(argv, needle, ckpt, workdir, capsys):
+    if argv[0] in ("sample", "complete", "score", "probe", "finetune"):
+        argv = [argv[0], "--checkpoint", str(ckpt)] + argv[1:]
+    refuse(argv, needle, workdir, capsys)
+    assert not any(workdir.iterdir())  # no run directory, output folder or JSON file
+
+
+CONFIG_CASES = [
+    (ModelConfig, {"n_layer": NAN}, "--n-layer"),
+    (ModelConfig, {"dropout": NAN}, "--dropout"),
+    (TrainConfig, {"grad_clip": -1.0}, "--grad-clip"),
+    (TrainConfig, {"weight_decay": -1e-3}, "--weight-decay"),
+    (TrainConfig, {"dist_timeout": NAN}, "--dist-timeout"),
+    (TrainConfig, {"lr": INF}, "--lr"),
+    (TrainConfig, {"max_steps": INF}, "--max-steps"),
+    (TrainConfig, {"log_every": 0}, "--log-every"),
+    (TrainConfig, {"ckpt_every": 0}, "--ckpt-every"),
+    (TrainConfig, {"seed": 2**32}, "--seed"),
+    (TrainConfig, {"device": "cuda:x"}, "--device"),
+    (DataConfig, {"val_fraction": NAN}, "--val-fraction"),
+    (FinetuneConfig, {"grad_clip": INF}, "--grad-clip"),
+    (FinetuneConfig, {"beta2": 1.0}, "--beta2"),
+    (SampleConfig, {"temperature": INF}, "--temperature"),
+    (SampleConfig, {"temperature": -0.5}, "--temperature"),
+    (EvalDataConfig, {"split_seed": -1}, "--split-seed"),
+    (ScoreConfig, {"mask_prob": INF}, "--mask-prob"),
+    (FeatureConfig, {"mask_seed": -1}, "--mask-seed"),
+    (ProbeConfig, {"l2": NAN}, "--l2"),
+    (BenchSampleConfig, {"n_px": 0}, "--n-px"),
+    (BenchTrainConfig, {"seed": -1}, "--seed"),
+    (BenchLoaderConfig, {"device": "mps"}, "--device"),
+    (BenchMemoryConfig, {"gpu_gb": NAN}, "--gpu-gb"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,needle", CONFIG_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_the_python_api_gets_the_same_checks(cls, kw, needle):
+    with pytest.raises(ValueError, match=needle) as e:
+        cls(**kw)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_zero_still_means_off_where_it_did():
+    cfg = TrainConfig(grad_clip=0.0, eval_every=0, eval_batches=0, weight_decay=0.0)
+    assert cfg.grad_clip == 0 and SampleConfig(temperature=0.0).temperature == 0
+    assert math.isclose(ProbeConfig(l2=-1.0).grid[0], 1e-6) and ScoreConfig(mask_prob=-1.0).mask_prob == -1
+
+
+def test_a_device_index_past_the_last_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert TrainConfig(device="cuda:0").device == "cuda:0"
+    with pytest.raises(ValueError, match=r"--device 'cuda:7': this machine has 1 CUDA device\(s\)"):
+        TrainConfig(device="cuda:7")
+
