@@ -7,7 +7,10 @@ output folder). The configs are also built directly, so the Python API gets the 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,8 @@ from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchSampleConfig
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
+from igpt.train import pretrain
+from igpt.train.rundir import read_metrics
 from igpt.weights.checkpoint import save_checkpoint
 
 NAN, INF = float("nan"), float("inf")
@@ -166,3 +171,57 @@ def test_a_device_index_past_the_last_gpu_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"--device 'cuda:7': this machine has 1 CUDA device\(s\)"):
         TrainConfig(device="cuda:7")
 
+
+# ---- 3. a run directory's files: run.json and metrics.jsonl
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A two-step igpt-nano run on digits with both steps' metrics and a final checkpoint."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    pretrain(ModelConfig.from_preset("igpt-nano"), TrainConfig(max_steps=2, batch_size=16, eval_every=0, log_every=1,
+             device="cpu"), DataConfig(data="digits", palette_k=8), run, progress=False)
+    return run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def test_a_truncated_run_json_is_named(run_copy, capsys):
+    text = (run_copy / "run.json").read_text()
+    (run_copy / "run.json").write_text(text[:len(text) // 2])
+    refuse(["pretrain", "--resume", str(run_copy)], "run.json is not readable JSON", run_copy, capsys)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda run: {k: v for k, v in run.items() if k != "train"}, "no 'train' section"),
+    (lambda run: {**run, "train": {**run["train"], "log_every": 0}}, "--log-every"),
+    (lambda run: {**run, "data": {**run["data"], "colour": 1}}, "colour"),
+])
+def test_a_run_json_edited_wrong_is_named(run_copy, capsys, edit, needle):
+    path = run_copy / "run.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    err = refuse(["pretrain", "--resume", str(run_copy)], needle, run_copy, capsys)
+    assert "run.json" in err
+
+
+def test_a_partial_last_metrics_line_is_dropped_with_a_warning(run_copy, capsys, caplog):
+    path = run_copy / "metrics.jsonl"
+    whole = path.read_text()
+    path.write_text(whole + '{"step": 3, "split": "tra')  # killed while appending
+    with caplog.at_level(logging.WARNING, logger="igpt.train.rundir"):
+        assert main(["pretrain", "--resume", str(run_copy)]) == 0
+    assert "partial last line 3" in caplog.text and "metrics.jsonl" in caplog.text
+    assert path.read_text() == whole  # the torn tail is gone, the records before it are kept
+    assert [r["step"] for r in read_metrics(run_copy)] == [1, 2]
+
+
+def test_a_corrupt_metrics_line_before_the_last_is_named_with_its_number(run_copy, capsys):
+    path = run_copy / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    corrupt = "\n".join([lines[0], '{"step": 2, "loss": 1.0', *lines[1:]]) + "\n"
+    path.write_text(corrupt)
+    refuse(["pretrain", "--resume", str(run_copy)], "metrics.jsonl: line 2 is not a metrics record", run_copy,
+           capsys)  # the file is left as it was, for the user to repair
