@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import rand_images
 
 from igpt.cli import main
 from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchSampleConfig, BenchTrainConfig, DataConfig,
                          EvalDataConfig, FeatureConfig, FinetuneConfig, ModelConfig, ProbeConfig, SampleConfig,
                          ScoreConfig, TrainConfig)
+from igpt.data.open import lossless_mask, prepare
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
@@ -225,3 +229,94 @@ def test_a_corrupt_metrics_line_before_the_last_is_named_with_its_number(run_cop
     path.write_text(corrupt)
     refuse(["pretrain", "--resume", str(run_copy)], "metrics.jsonl: line 2 is not a metrics record", run_copy,
            capsys)  # the file is left as it was, for the user to repair
+
+
+# ---- 2. labels, and 3. numpy files igpt will not unpickle: one line naming the file
+
+
+def _npz(path: Path, **arrays) -> str:
+    arrays.setdefault("x_train", rand_images(6, 8, 8))
+    np.savez(path, **arrays)  # allow_pickle is numpy's default when writing: object arrays are stored pickled
+    return str(path)
+
+
+def _truncated(path: Path, size: int) -> str:
+    path.write_bytes(path.read_bytes()[:size])  # a copy cut short
+    return str(path)
+
+
+def _cifar(root: Path, labels: list, names: list[str]) -> str:
+    root.mkdir()
+    rows = rand_images(len(labels), 32, 32).transpose(0, 3, 1, 2).reshape(len(labels), 3072)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": labels}, f)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in names]}, f)
+    return str(root)
+
+
+def _stl10(root: Path, labels: list[int], names: list[str]) -> str:
+    root.mkdir()
+    (root / "train_X.bin").write_bytes(rand_images(len(labels), 96, 96).tobytes())
+    (root / "train_y.bin").write_bytes(bytes(labels))
+    (root / "class_names.txt").write_text("\n".join(names) + "\n")
+    return str(root)
+
+
+def _cache_with(root: Path, name: str, array: np.ndarray) -> str:
+    """A pixel cache written by prepare, then one of its arrays replaced by ``array``."""
+    prepare(_npz(root.parent / f"{root.name}.npz", y_train=np.arange(6) % 2), root, n_px=8, val_fraction=0.0,
+            progress=False)
+    np.save(root / name, array, allow_pickle=True)
+    return str(root)
+
+
+def _openai(prefix: Path, x: np.ndarray) -> str:
+    np.save(f"{prefix}_trX.npy", x, allow_pickle=True)
+    return str(prefix)
+
+
+OBJECTS = np.array([1, "two", None], dtype=object)
+DATA_CASES = {
+    "npz float labels": (lambda d: _npz(d / "f.npz", y_train=np.arange(6, dtype=np.float32) % 2),
+                         "f.npz: y_train: labels must be integer class ids, got dtype float32"),
+    "npz label past label_names": (lambda d: _npz(d / "p.npz", y_train=np.arange(6) % 3,
+                                                  label_names=np.array(["cat", "dog"])),
+                                   "p.npz: y_train: label 2 has no class name: the data names 2 classes"),
+    "npz negative label": (lambda d: _npz(d / "n.npz", y_train=np.arange(6) - 1), "n.npz: y_train: labels must be >= 0"),
+    "npz object label_names": (lambda d: _npz(d / "o.npz", y_train=np.arange(6) % 3, label_names=OBJECTS),
+                               "o.npz: array 'label_names' cannot be read: it holds Python objects"),
+    "npz object pixels": (lambda d: _npz(d / "x.npz", x_train=OBJECTS), "x.npz: array 'x_train' cannot be read"),
+    "npz truncated": (lambda d: _truncated(Path(_npz(d / "t.npz")), 300), "t.npz: not a readable .npz archive"),
+    "cifar float labels": (lambda d: _cifar(d / "cifar", [0.0, 1.5], ["a", "b"]),
+                           "data_batch_1: b'labels': labels must be integer class ids"),
+    "cifar label past its names": (lambda d: _cifar(d / "cifar", [0, 2], ["a", "b"]),
+                                   "data_batch_1: b'labels': label 2 has no class name"),
+    "stl10 label past class_names.txt": (lambda d: _stl10(d / "stl", [1, 3], ["a", "b"]),
+                                         "train_y.bin: label 2 has no class name"),
+    "cache float labels": (lambda d: _cache_with(d / "cache", "train_labels.npy", np.zeros(6, np.float64)),
+                           "train_labels.npy: labels must be integer class ids, got dtype float64"),
+    "cache object pixels": (lambda d: _cache_with(d / "cache", "train_pixels.npy", OBJECTS),
+                            "train_pixels.npy: not a readable .npy array: it holds Python objects"),
+    "openai object ids": (lambda d: _openai(d / "cifar10", OBJECTS), "cifar10_trX.npy: not a readable .npy array"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_a_bad_data_file_is_one_line_naming_it(case, tmp_path, workdir, capsys):
+    make, needle = DATA_CASES[case]
+    data = make(tmp_path)
+    argv = (["palette", "fit", "--data", data, "--n-px", "8", "--palette-k", "2", "--out", "p.npz"]
+            if "cache" in case else ["prepare", "--data", data, "--n-px", "8", "--out", "cache"])
+    refuse(argv, needle, workdir, capsys)
+    assert not any(workdir.iterdir())
+
+
+def test_an_object_array_palette_and_lossless_mask_are_named(tmp_path, workdir, capsys):
+    np.save(tmp_path / "kmeans_centers.npy", OBJECTS, allow_pickle=True)
+    refuse(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(tmp_path / "kmeans_centers.npy"),
+            "--out", "cache"], "kmeans_centers.npy could not be read", workdir, capsys)
+    data = _npz(tmp_path / "l.npz", x_test=rand_images(3, 8, 8), test_lossless=OBJECTS)
+    with pytest.raises(ValueError, match="l.npz: array 'test_lossless' cannot be read"):
+        lossless_mask(data, 3)

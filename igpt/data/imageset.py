@@ -29,6 +29,21 @@ class ImageSet:
                         self.palette_fingerprint, self.source)
 
 
+def check_labels(labels: np.ndarray, classes: list[str] | None, where: str) -> np.ndarray:
+    """Class ids (N,) as int64, or an error naming ``where`` (the file, and the array in it). Labels must be
+    integers (floats are cast to class ids nowhere: 2.7 is no class), >= 0, and each must have a name when
+    the data names its classes (a head sized by the names would not have a row for it)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{where}: labels must be integer class ids, got dtype {labels.dtype}")
+    if labels.size and int(labels.min()) < 0:
+        raise ValueError(f"{where}: labels must be >= 0, found {int(labels.min())}")
+    if classes is not None and labels.size and int(labels.max()) >= len(classes):
+        raise ValueError(f"{where}: label {int(labels.max())} has no class name: the data names {len(classes)} "
+                         f"classes (0..{len(classes) - 1})")
+    return labels.astype(np.int64, copy=False)
+
+
 def check_ids(images: ImageSet, palette: Palette) -> None:
     """The one check that ids fit a palette: ids made by another of our palettes (by fingerprint), or ids
     past the palette's size, are an error naming the data. Pixels need no check (they are quantized with

@@ -31,6 +31,7 @@ import torch
 
 from igpt.config import check_seed
 from igpt.data import cache, shard_streams, shard_writer, sources
+from igpt.data.arrays import load_npy, npz_array, open_npz
 from igpt.data.augment import FolderImages
 from igpt.data.imageset import ImageSet, check_ids
 from igpt.data.shards import ShardIndex, is_shard_dir
@@ -144,12 +145,12 @@ def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:
         candidates += [Path(d.path) / "test_lossless.npy", source if source.is_absolute() else Path.cwd() / source]
     for c in candidates:
         if c.is_file() and c.suffix == ".npy":
-            mask = np.load(c, allow_pickle=False)
+            mask = load_npy(c)
         elif c.is_file() and c.suffix == ".npz":
-            with np.load(c, allow_pickle=False) as z:
+            with open_npz(c) as z:
                 if "test_lossless" not in z.files:
                     continue
-                mask = z["test_lossless"]
+                mask = npz_array(z, "test_lossless", c)
         else:
             continue
         if mask.shape != (n_test,) or mask.dtype != bool:

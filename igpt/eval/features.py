@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from igpt.atomic import replacing
 from igpt.config import FeatureConfig
+from igpt.data.arrays import npz_array, open_npz
 from igpt.data.imageset import ImageSet
 from igpt.data.streams import to_ids
 from igpt.model import GPT
@@ -143,8 +144,12 @@ def cached_extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureC
     key = cache_key(model_identity, images, split, cfg, model.causal, layers)
     path = Path(cache_dir) / f"feats-{split}-{key}.npz"
     if cfg.cache and path.is_file():
-        with np.load(path) as z:
-            return {int(name.split("_")[1]): z[name] for name in z.files}
+        try:
+            with open_npz(path) as z:
+                feats = {name: npz_array(z, name, path) for name in z.files}
+        except ValueError as e:  # a damaged cache file (the error names it): say how to do without it
+            raise ValueError(f"{e}; delete it, or pass --no-cache") from None
+        return {int(name.split("_")[1]): x for name, x in feats.items()}
     feats = extract(model, images, palette, cfg, layers=layers, progress=progress, desc=f"features {split}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # through a handle: np.savez would append .npz to the temporary name
