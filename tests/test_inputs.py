@@ -23,7 +23,8 @@ from igpt.cli import main
 from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchSampleConfig, BenchTrainConfig, DataConfig,
                          EvalDataConfig, FeatureConfig, FinetuneConfig, ModelConfig, ProbeConfig, SampleConfig,
                          ScoreConfig, TrainConfig)
-from igpt.data.open import lossless_mask, prepare
+from igpt.data.imageset import check_ids
+from igpt.data.open import lossless_mask, open_training, prepare
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
@@ -320,3 +321,75 @@ def test_an_object_array_palette_and_lossless_mask_are_named(tmp_path, workdir, 
     data = _npz(tmp_path / "l.npz", x_test=rand_images(3, 8, 8), test_lossless=OBJECTS)
     with pytest.raises(ValueError, match="l.npz: array 'test_lossless' cannot be read"):
         lossless_mask(data, 3)
+
+
+# ---- 3. palette ids meet a palette: OpenAI's pre-quantized files record none
+
+
+@pytest.fixture
+def openai_files(tmp_path) -> dict[str, str]:
+    """OpenAI-layout ids at 4x4 (ids 0..511, and 0..15 for a 16-colour checkpoint), OpenAI's palette as
+    they ship it (a plain .npy of 512 colours), and a 512-colour palette fitted by igpt."""
+    rng = np.random.default_rng(0)
+    for prefix, high in (("wide", 512), ("narrow", 16)):
+        np.save(tmp_path / f"{prefix}_trX.npy", rng.integers(0, high, (6, 16)))
+        np.save(tmp_path / f"{prefix}_teX.npy", rng.integers(0, high, (3, 16)))
+        np.save(tmp_path / f"{prefix}_teY.npy", np.eye(2, dtype=np.float32)[[0, 1, 0]])
+    centers = rng.uniform(-1, 1, (512, 3)).astype(np.float32)
+    Palette(centers).save(tmp_path / "kmeans_centers.npy")
+    fitted = Palette(centers[::-1].copy())
+    fitted.meta = {"k": 512, "seed": 0}
+    fitted.save(tmp_path / "fitted.npz")
+    Palette(centers[:16]).save(tmp_path / "p16.npy")
+    return {k: str(tmp_path / v) for k, v in (("wide", "wide"), ("narrow", "narrow"), ("openai", "kmeans_centers.npy"),
+                                               ("fitted", "fitted.npz"), ("p16", "p16.npy"))}
+
+
+def test_openai_ids_past_a_small_palette_name_the_data_and_the_palette(openai_files, workdir, capsys):
+    f = openai_files
+    err = refuse(["prepare", "--data", f["wide"], "--n-px", "4", "--palette", f["p16"], "--out", "cache"],
+                 "past the 16 colours (ids 0..15) of palette", workdir, capsys)
+    assert f["wide"] in err and "p16.npy" in err and not any(workdir.iterdir())
+    refuse(["bench", "loader", "--data", f["wide"], "--n-px", "4", "--palette", f["p16"], "--batch-size", "2",
+            "--device", "cpu"], "past the 16 colours", workdir, capsys)
+
+
+def test_a_validation_split_past_the_palette_is_refused_before_the_first_step(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "v_trX.npy", rng.integers(0, 16, (6, 16)))  # train fits 16 colours, val does not
+    np.save(tmp_path / "v_vaX.npy", rng.integers(0, 512, (3, 16)))
+    data = open_training(str(tmp_path / "v"), 4, batch_size=2, seed=0, device=torch.device("cpu"))
+    palette = Palette(rng.uniform(-1, 1, (16, 3)))
+    check_ids(data.fit_set, palette, any_palette=True)
+    with pytest.raises(ValueError, match=r"v: holds ids up to 5\d\d, past the 16 colours"):
+        data.make_stream(palette)  # was an IndexError in the embedding at the first evaluation
+
+
+@pytest.mark.parametrize("command", ["prepare", "score", "bench loader"])
+def test_openai_ids_need_openai_palette_or_any_palette(command, openai_files, ckpt, workdir, capsys):
+    f = openai_files
+    argv, ok = {
+        "prepare": (["prepare", "--data", f["wide"], "--n-px", "4", "--palette", f["fitted"], "--out", "cache"],
+                    ["prepare", "--data", f["wide"], "--n-px", "4", "--palette", f["openai"], "--out", "cache"]),
+        "score": (["score", "--checkpoint", str(ckpt), "--data", f["narrow"], "--device", "cpu"], None),
+        "bench loader": (["bench", "loader", "--data", f["wide"], "--n-px", "4", "--palette", f["fitted"],
+                          "--batch-size", "2", "--batches", "1", "--warmup", "0", "--device", "cpu"], None),
+    }[command]
+    err = refuse(argv, "is not OpenAI's kmeans_centers.npy", workdir, capsys)
+    assert "--any-palette" in err and not any(workdir.iterdir())
+    assert main(argv + ["--any-palette"]) == 0  # the user says the palette is right
+    if ok is not None:
+        shutil.rmtree(workdir / "cache")
+        assert main(ok) == 0  # OpenAI's own file, recognised by its format
+
+
+def test_pretraining_on_openai_ids_refuses_a_fitted_palette(openai_files, workdir, capsys):
+    f = openai_files
+    capsys.readouterr()
+    assert main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", f["wide"], "--palette", f["fitted"],
+                 "--out", "run", "--batch-size", "2", "--max-steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fitted.npz" in err and "is not OpenAI's kmeans_centers.npy" in err
+    # igpt.train.pretrain writes run.json before it reads the data, so the run directory stays behind, but
+    # no step was taken
+    assert not (workdir / "run" / "checkpoints").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from igpt.config.evaluation import SampleConfig
+from igpt.config.evaluation import EvalDataConfig, SampleConfig
 from igpt.config.fields import (DTYPES, N_VOCAB, SWITCH, arg, check_fields, device_arg, dtype_arg,
                                 require_at_least, require_positive, same_as, seed_arg)
 from igpt.config.model import PRESETS
@@ -99,6 +99,7 @@ class BenchLoaderConfig:
     palette: str | None = arg(None, "palette file (required for ids data; default: fit a quick one on 500 "
                               "training images)", type=str)
     palette_k: int = arg(N_VOCAB, "colours of the quick palette")
+    any_palette: bool = same_as(EvalDataConfig, "any_palette")
     seed: int = seed_arg("seed of the order and augmentation")
 
     def __post_init__(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from igpt.config.fields import (DTYPES, SWITCH, arg, check_fields, device_arg, dtype_arg, require_at_least,
-                                require_fraction, resize_arg, seed_arg)
+from igpt.config.fields import (DTYPES, SWITCH, any_palette_arg, arg, check_fields, device_arg, dtype_arg,
+                                require_at_least, require_fraction, resize_arg, seed_arg)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class EvalDataConfig:
     val_fraction: float = arg(0.1, "val carved from train when the source has none; match the run's")
     split_seed: int = seed_arg("seed of that carve; match the run's --seed")
     resize: str = resize_arg()
+    any_palette: bool = any_palette_arg()
 
     def __post_init__(self) -> None:
         check_fields(self)

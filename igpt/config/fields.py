@@ -119,6 +119,12 @@ def device_arg(help: str = "where to compute: 'auto' (CUDA when present), 'cpu',
     return arg("auto", help, check=check_device)
 
 
+def any_palette_arg() -> Any:
+    return arg(False, "accept, for OpenAI's pre-quantized ids (which record no palette, so only their range can "
+               "be checked), a palette that is not OpenAI's kmeans_centers.npy (512 colours, no fit metadata; a "
+               "run's or converted checkpoint's copy of it counts as it)")
+
+
 def dtype_arg() -> Any:
     return arg("auto", "autocast dtype: 'auto' (bf16 on GPUs that have it, Ampere and newer; fp32 elsewhere), "
                "'bf16' or 'fp32'", choices=DTYPES)

@@ -115,22 +115,22 @@ def _first_split(data: str | Path | DataSpec, names: tuple[str, ...], n_px: int,
 
 
 def open_labelled(data: str | Path, split: str, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
-                  seed: int = 0, resize: str = "center") -> ImageSet:
+                  seed: int = 0, resize: str = "center", any_palette: bool = False) -> ImageSet:
     """A labelled split whose ids fit ``palette`` (``check_ids``): for probes and fine-tuning."""
     images = open_split(data, split, n_px=n_px, val_fraction=val_fraction, seed=seed, resize=resize)
     if images.labels is None:
         raise ValueError(f"--data {data}: the {split!r} split has no labels; a probe or fine-tune needs labelled "
                          "images (class sub-folders, y_train/y_test arrays, ...)")
-    check_ids(images, palette)
+    check_ids(images, palette, any_palette=any_palette)
     return images
 
 
 def open_eval(data: str | Path, split: str | None, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
-              seed: int = 0, resize: str = "center") -> tuple[ImageSet, str]:
+              seed: int = 0, resize: str = "center", any_palette: bool = False) -> tuple[ImageSet, str]:
     """(images, split name) that a model is scored or completed on: ``split``, or test when the data has
     one and val otherwise. Their ids must fit ``palette``."""
     images, name = _first_split(data, (split,) if split else ("test", "val"), n_px, val_fraction, seed, resize)
-    check_ids(images, palette)
+    check_ids(images, palette, any_palette=any_palette)
     return images, name
 
 
@@ -165,9 +165,11 @@ def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:
 
 def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palette | None = None, shards: int = 0,
             val_fraction: float = 0.1, seed: int = 0, resize: str = "center", on_error: str = "stop",
-            progress: bool = True) -> dict[str, Any]:
+            any_palette: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write ``data`` as a cache (``igpt.data.cache``; ids with ``palette``, else pixels) or, with
-    ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata."""
+    ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata. Ids
+    that are read, not made (OpenAI's files), must fit ``palette`` (``check_ids``), whose fingerprint the
+    cache records."""
     check_seed("--seed", seed)  # the carve's default_rng would refuse a negative one without naming it
     d = resolve(data)
     if d.kind in ("cache", "shards"):
@@ -183,6 +185,9 @@ def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palett
         return shard_writer.write_array_shards(raw, out_dir, source=d.spec, n_px=n_px, per_shard=shards,
                                                val_fraction=val_fraction, seed=seed, progress=progress)
     raw = sources.read(d.kind, d.path, n_px, resize=resize, on_error=on_error)
+    if palette is not None:  # before the cache records the palette's fingerprint for ids it did not make
+        for s in raw.values():
+            check_ids(ImageSet(n_px, None, s.ids, None, None, None, d.spec), palette, any_palette=any_palette)
     return cache.write_cache(raw, out_dir, source=d.spec, n_px=n_px, palette=palette, val_fraction=val_fraction,
                              seed=seed, resize=resize, progress=progress)
 
@@ -219,8 +224,13 @@ def open_training(data: str | Path, n_px: int, *, batch_size: int, seed: int, de
             val = open_split(d, "val", **kw)
         except ValueError as e:
             log.warning("no validation split, so no validation loss: %s", e)
-    return TrainingData(train, len(train), val, lambda palette: BatchStream(
-        train, batch_size, seed, palette, device, augment, rows))
+
+    def make_stream(palette: Palette) -> BatchStream:
+        if val is not None:  # the run checks train against its palette; val is first read at an evaluation
+            check_ids(val, palette)
+        return BatchStream(train, batch_size, seed, palette, device, augment, rows)
+
+    return TrainingData(train, len(train), val, make_stream)
 
 
 def _shard_training(d: DataSpec, n_px: int, batch_size: int, seed: int, device: torch.device, augment: str,

@@ -77,7 +77,7 @@ def _inputs(images: list[str] | None, data: EvalDataConfig, n_images: int, offse
         names = [f"{i:03d}-{Path(p).stem}" for i, p in enumerate(images)]
         return names, palette.encode(pixels).view(len(pixels), -1), f"{len(pixels)} image file(s)"
     found, split = open_eval(data.data, data.split, n_px=n_px, palette=palette, val_fraction=data.val_fraction,
-                             seed=data.split_seed, resize=data.resize)
+                             seed=data.split_seed, resize=data.resize, any_palette=data.any_palette)
     if n_images < 1 or not 0 <= offset < len(found):
         raise ValueError(f"--offset {offset} / --n-images {n_images}: the {split} split of {data.data} has "
                          f"{len(found)} images")
