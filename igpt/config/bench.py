@@ -99,8 +99,8 @@ class BenchLoaderConfig:
     palette: str | None = arg(None, "palette file (required for ids data; default: fit a quick one on 500 "
                               "training images)", type=str)
     palette_k: int = arg(N_VOCAB, "colours of the quick palette")
-    any_palette: bool = same_as(EvalDataConfig, "any_palette")
     seed: int = seed_arg("seed of the order and augmentation")
+    any_palette: bool = same_as(EvalDataConfig, "any_palette")
 
     def __post_init__(self) -> None:
         check_fields(self)
