@@ -48,6 +48,11 @@ def probe_model(model: GPT, palette: Palette, data_dir: str, n_px: int) -> dict[
 def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0, progress: bool = True) -> dict:
     """The whole pipeline into ``out_dir``: a new directory, or one an earlier demo wrote (whose outputs are
     replaced). Anything else is refused, so a mistyped ``--out`` never loses a user's files."""
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    # built (and so checked, the seed included) before anything is written
+    cfg = TrainConfig(batch_size=64, max_steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=0,
+                      ckpt_every=steps, log_every=10, seed=seed, device="cpu")
     out = Path(out_dir)
     check_writable(out, "--out")
     if out.exists() and not out.is_dir():
@@ -74,8 +79,6 @@ def _demo(out: Path, steps: int, seed: int, progress: bool) -> dict:
 
     # 3. pretraining
     run_dir = out / "run"
-    cfg = TrainConfig(batch_size=64, max_steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=0,
-                      ckpt_every=steps, log_every=10, seed=seed, device="cpu")
     result = pretrain(model_cfg, cfg, DataConfig(data=data_dir, palette=str(out / "palette.npz")), run_dir,
                       progress=progress)
     model, palette, _ = load(run_dir)

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from igpt.atomic import replacing
+from igpt.config import N_VOCAB
 
 EXTENSIONS = (".npy", ".npz")  # .npy: OpenAI's kmeans_centers.npy layout; .npz: centres plus our fit metadata
 _RANGE_SLACK = 1e-6  # centres may sit a float32 rounding outside [-1, 1]
@@ -217,6 +218,7 @@ class Palette:
         self.centers = c  # (K, 3) float32
         self.meta: dict[str, Any] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # per-device copies, built on use
+        self.source: str | None = None  # the file it was loaded from, for messages
 
     @property
     def k(self) -> int:
@@ -224,6 +226,17 @@ class Palette:
 
     def __repr__(self) -> str:
         return f"Palette(k={self.k}, fingerprint={self.fingerprint()})"
+
+    def describe(self) -> str:
+        """How messages name this palette: its file (when loaded from one) and fingerprint."""
+        return f"{self.source} ({self.fingerprint()})" if self.source else self.fingerprint()
+
+    def looks_like_openai(self) -> bool:
+        """Whether this can be OpenAI's kmeans_centers.npy, the palette of their pre-quantized ids (which
+        carry no fingerprint): 512 colours and no fit metadata. ``load`` reads a plain (K, 3) .npy, OpenAI's
+        layout, with empty meta, and an .npz copy of it (a run's or a converted checkpoint's palette.npz)
+        keeps meta empty; every palette ``fit`` makes records its fit."""
+        return self.k == N_VOCAB and not self.meta
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(centres (K, 3), ||c||^2 (K,), arange(K) float32, decoded colours uint8 (K, 3)) on device."""
@@ -239,7 +252,7 @@ class Palette:
         """A palette with the same centres and meta whose centres live on device."""
         out = Palette(self.centers.cpu())
         out.centers = self.centers.to(device)
-        out.meta = dict(self.meta)
+        out.meta, out.source = dict(self.meta), self.source
         return out
 
     def encode(self, pixels: np.ndarray | torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -360,7 +373,7 @@ class Palette:
             palette = cls(centers.astype(np.float32))
         except ValueError as e:
             raise ValueError(f"palette file {path}: {e}") from e
-        palette.meta = meta
+        palette.meta, palette.source = meta, str(path)
         return palette
 
 

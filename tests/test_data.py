@@ -14,6 +14,7 @@ from igpt.data import cache as data_mod
 from igpt.data.imageset import ImageSet, check_ids as check_palette
 from igpt.data.open import open_split, prepare
 from igpt.data.splits import split_indices
+from igpt.palette import Palette
 
 from conftest import read_source
 
@@ -21,7 +22,8 @@ SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 
 
 class TinyPalette:
-    """Nearest-centre quantizer with the Palette interface (encode, fingerprint), independent of igpt.palette."""
+    """Nearest-centre quantizer with the Palette interface (encode, fingerprint, describe), independent of
+    igpt.palette."""
 
     def __init__(self, k: int, seed: int) -> None:
         self.centers = np.random.default_rng(seed).uniform(-1, 1, (k, 3))  # (K, 3) in [-1, 1]
@@ -36,6 +38,9 @@ class TinyPalette:
 
     def fingerprint(self) -> str:
         return f"tiny-{len(self.centers)}-{self.seed}"
+
+    def describe(self) -> str:
+        return self.fingerprint()
 
     @property
     def k(self) -> int:
@@ -123,13 +128,22 @@ def test_prepare_openai_and_real_palette(tmp_path):
         assert_same(open_split(str(tmp_path / "cache"), split, n_px=4),
                     open_split(str(tmp_path / "cifar10"), split, n_px=4, val_fraction=0.5))
     ids = open_split(str(tmp_path / "cache"), "train", n_px=4)
-    check_palette(ids, TinyPalette(512, seed=0))  # OpenAI ids carry no fingerprint: only their range is checked
-    with pytest.raises(ValueError, match="palette has only 4 colours"):
-        check_palette(ids, TinyPalette(4, seed=0))
-    palette_mod = pytest.importorskip("igpt.palette")
-    real = palette_mod.Palette(np.random.default_rng(0).uniform(-1, 1, (8, 3)).astype(np.float32))
-    meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "c2"), n_px=4, palette=real, progress=False)
-    assert meta["palette_fingerprint"] == real.fingerprint()
+    # OpenAI ids carry no fingerprint: their range is checked, and the palette must be OpenAI's (512 colours,
+    # no fit metadata) unless the caller accepts any palette
+    openai = Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
+    check_palette(ids, openai)
+    with pytest.raises(ValueError, match=r"past the 4 colours \(ids 0..3\)"):
+        check_palette(ids, Palette(np.random.default_rng(0).uniform(-1, 1, (4, 3))), any_palette=True)
+    fitted = Palette(openai.centers)
+    fitted.meta = {"k": 512}
+    with pytest.raises(ValueError, match="not OpenAI's kmeans_centers.npy: it has 512 colours and was fitted"):
+        check_palette(ids, fitted)
+    check_palette(ids, fitted, any_palette=True)
+    meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "c2"), n_px=4, palette=openai, progress=False)
+    assert meta["palette_fingerprint"] == openai.fingerprint()
+    with pytest.raises(ValueError, match="--any-palette"):
+        prepare(str(tmp_path / "cifar10"), str(tmp_path / "c3"), n_px=4, palette=fitted, progress=False)
+    assert not (tmp_path / "c3").exists()
 
 
 def test_meta_json_written_last(npz_file, tmp_path, monkeypatch):

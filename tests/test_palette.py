@@ -132,7 +132,10 @@ def test_fingerprint_sees_tiny_changes_and_ids_are_checked_by_it():
 
     ids = ImageSet(2, None, np.zeros((1, 4), np.uint16), None, None, fp, "dataset x")
     check_ids(ids, pal)
-    check_ids(ImageSet(2, None, ids.ids, None, None, None, "dataset x"), other)  # no fingerprint: range only
+    no_fingerprint = ImageSet(2, None, ids.ids, None, None, None, "dataset x")  # OpenAI's: range checked only...
+    check_ids(no_fingerprint, other, any_palette=True)
+    with pytest.raises(ValueError, match="not OpenAI's kmeans_centers.npy: it has 16 colours"):
+        check_ids(no_fingerprint, other)  # ...once the user accepts a palette that is not theirs
     with pytest.raises(ValueError, match=f"dataset x: ids were made with palette {fp}.*{other.fingerprint()}"):
         check_ids(ids, other)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from igpt.config import BenchLoaderConfig
+from igpt.data.imageset import check_ids
 from igpt.data.open import open_training
 from igpt.palette import Palette
 from igpt.runtime import resolve_device
@@ -35,6 +36,7 @@ def bench_loader(cfg: BenchLoaderConfig, *, show: bool = True) -> dict[str, Any]
                           workers=workers, val_fraction=0.0, validate=False)
     if palette is not None:
         pal = Palette.load(palette)
+        check_ids(train.fit_set, pal, any_palette=cfg.any_palette)  # the ids a training run would check
     elif train.fit_set.pixels is None:
         raise ValueError(f"--data {data} holds palette ids: pass the --palette it was prepared with")
     else:

@@ -7,7 +7,7 @@ from typing import Any
 
 from igpt.atomic import check_output
 from igpt.cli.args import add_data, add_fields, add_overwrite, add_resize, command
-from igpt.config import DataConfig
+from igpt.config import DataConfig, EvalDataConfig
 from igpt.data.open import open_split, prepare
 from igpt.palette import Palette
 
@@ -28,7 +28,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     palette = Palette.load(args.palette) if args.palette else None
     meta = prepare(args.data, args.out, n_px=args.n_px, palette=palette, shards=args.shards,
                    val_fraction=args.val_fraction, seed=args.seed, resize=args.resize, on_error=args.on_error,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, any_palette=args.any_palette)
     if args.shards:
         splits = ", ".join(f"{k} {v['n']} in {len(v['shards'])} shards" for k, v in meta["splits"].items())
         stored = "original files" if meta["n_px"] is None else f"PNG at {args.n_px}x{args.n_px}"
@@ -61,6 +61,7 @@ def _prepare_parser(sub: Any) -> None:
     p.add_argument("--n-px", type=int, required=True, help="image side after downscaling")
     p.add_argument("--palette", default=None, help="palette file: store its ids instead of pixels (default: none)")
     add_fields(p, DataConfig, title="data", only=("val_fraction", "resize"))
+    add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
     p.add_argument("--seed", type=int, default=0, help="seed of the validation carve (default: 0)")
     p.add_argument("--on-error", default="stop", choices=("stop", "skip"),
                    help="an unreadable image stops the run, or is skipped and counted (default: stop)")

@@ -18,7 +18,7 @@ from igpt.eval.score import score
 def cmd_probe(args: argparse.Namespace) -> None:
     cfg = build(ProbeConfig, args)
     metrics = probe_checkpoint(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
-                               resize=args.resize, overwrite=args.overwrite)
+                               resize=args.resize, overwrite=args.overwrite, any_palette=args.any_palette)
     print(format_table(metrics))
     setting = (f"{cfg.labels_per_class} labels per class, mean +- std over {cfg.repeats} subsets"
                if cfg.labels_per_class else f"{metrics['n_train']} training images")
@@ -53,6 +53,7 @@ def _probe_parser(sub: Any) -> None:
                 "probe per layer with the L2 strength chosen on a validation carve of train, test accuracy, "
                 "metrics.json and probe.png.")
     add_labelled_inputs(p)
+    add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
     add_fields(p, ProbeConfig, title="probe")
     add_fields(p, FeatureConfig, title="features")
     add_overwrite(p)

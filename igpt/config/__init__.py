@@ -1,10 +1,10 @@
 """Frozen configuration dataclasses, their presets, and every flag the command line has.
 
 Each field carries its help text (and, where it has them, its choices) in ``metadata``; ``igpt.cli.args``
-turns the fields into flags, so a default, its help and its choices are written once, here. Choices are
-checked once, from that metadata (``check_choices``); ranges by each class's ``__post_init__``. Fields that
-several commands share (the device, the autocast dtype, the resize mode) come from one factory each
-(``igpt.config.fields``).
+turns the fields into flags, so a default, its help and its choices are written once, here. Every config
+first runs ``check_fields``: choices (from that metadata), no NaN or infinity in any number, seeds and
+devices; ranges are then checked by each class's ``__post_init__``. Fields that several commands share (the
+device, the seed, the autocast dtype, the resize mode) come from one factory each (``igpt.config.fields``).
 
 - ``model``: ``ModelConfig`` and ``PRESETS``;
 - ``train``: ``TrainConfig``, ``DataConfig`` (pretraining) and ``FinetuneConfig``;
@@ -15,12 +15,13 @@ several commands share (the device, the autocast dtype, the resize mode) come fr
 from igpt.config.bench import BenchLoaderConfig, BenchMemoryConfig, BenchSampleConfig, BenchTrainConfig
 from igpt.config.evaluation import (DEFAULT_L2_GRID, EvalDataConfig, FeatureConfig, ProbeConfig, SampleConfig,
                                     ScoreConfig)
-from igpt.config.fields import (DTYPES, N_VOCAB, OBJECTIVES, RESIZE_MODES, SWITCH, arg, check_choices, flag,
-                                require_at_least, require_fraction)
+from igpt.config.fields import (DTYPES, N_VOCAB, OBJECTIVES, RESIZE_MODES, SWITCH, arg, check_fields, check_seed,
+                                flag, require_at_least, require_fraction, require_positive)
 from igpt.config.model import PRESETS, ModelConfig
 from igpt.config.train import RESUME_CHANGES, DataConfig, FinetuneConfig, TrainConfig
 
 __all__ = ["BenchLoaderConfig", "BenchMemoryConfig", "BenchSampleConfig", "BenchTrainConfig", "DEFAULT_L2_GRID",
            "DTYPES", "DataConfig", "EvalDataConfig", "FeatureConfig", "FinetuneConfig", "ModelConfig", "N_VOCAB",
-           "OBJECTIVES", "PRESETS", "ProbeConfig", "RESIZE_MODES", "RESUME_CHANGES", "SWITCH", "SampleConfig", "ScoreConfig",
-           "TrainConfig", "arg", "check_choices", "flag", "require_at_least", "require_fraction"]
+           "OBJECTIVES", "PRESETS", "ProbeConfig", "RESIZE_MODES", "RESUME_CHANGES", "SWITCH", "SampleConfig",
+           "ScoreConfig", "TrainConfig", "arg", "check_fields", "check_seed", "flag", "require_at_least",
+           "require_fraction", "require_positive"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from igpt.config.evaluation import SampleConfig
-from igpt.config.fields import (DTYPES, N_VOCAB, SWITCH, arg, check_choices, device_arg, dtype_arg,
-                                require_at_least, same_as)
+from igpt.config.evaluation import EvalDataConfig, SampleConfig
+from igpt.config.fields import (DTYPES, N_VOCAB, SWITCH, arg, check_fields, device_arg, dtype_arg,
+                                require_at_least, require_positive, same_as, seed_arg)
 from igpt.config.model import PRESETS
 from igpt.config.train import TrainConfig
 
@@ -18,6 +18,12 @@ def preset_arg() -> Any:
 
 def bench_n_px_arg() -> Any:
     return arg(None, "image side (default: the preset's)", type=int)
+
+
+def require_n_px(cfg: Any) -> None:
+    """None takes the preset's side; 0 must not be read as None."""
+    if cfg.n_px is not None:
+        require_at_least(cfg, ("n_px",), 1)
 
 
 @dataclass(frozen=True)
@@ -40,10 +46,11 @@ class BenchSampleConfig:
                      "'fp32'", choices=DTYPES)
     compare_hf: bool = arg(False, "also time Hugging Face's ImageGPT generate (needs transformers)")
     hf_batches: int = arg(1, "timed batches of Hugging Face's generate")
-    seed: int = arg(0, "seed of the weights and draws")
+    seed: int = seed_arg("seed of the weights and draws")
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
+        require_n_px(self)
         require_at_least(self, ("batch_size", "batches", "n_vocab", "window", "hf_batches"), 1)
         require_at_least(self, ("warmup", "top_k"), 0)
 
@@ -68,10 +75,11 @@ class BenchTrainConfig:
     compare_hf: bool = arg(False, "also train Hugging Face's ImageGPT the same way (AR only; needs transformers)")
     max_batch: bool = arg(False, "CUDA only: find the largest batch that fits (double until out of memory, then "
                           "bisect) and measure there")
-    seed: int = arg(0, "seed of the weights, ids and masks")
+    seed: int = seed_arg("seed of the weights, ids and masks")
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
+        require_n_px(self)
         require_at_least(self, ("batch_size", "steps", "n_vocab"), 1)
         require_at_least(self, ("warmup",), 0)
 
@@ -87,14 +95,15 @@ class BenchLoaderConfig:
     workers: int = arg(0, "decoding worker processes, as igpt pretrain --workers")
     batches: int = arg(20, "timed batches")
     warmup: int = arg(2, "untimed batches first")
-    device: str = arg("auto", "where ids are quantized: 'auto', 'cpu', 'cuda'")
+    device: str = device_arg("where ids are quantized: 'auto', 'cpu', 'cuda'")
     palette: str | None = arg(None, "palette file (required for ids data; default: fit a quick one on 500 "
                               "training images)", type=str)
     palette_k: int = arg(N_VOCAB, "colours of the quick palette")
-    seed: int = arg(0, "seed of the order and augmentation")
+    seed: int = seed_arg("seed of the order and augmentation")
+    any_palette: bool = same_as(EvalDataConfig, "any_palette")
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         require_at_least(self, ("n_px", "batch_size", "batches"), 1)
         require_at_least(self, ("warmup", "workers"), 0)
         require_at_least(self, ("palette_k",), 2)
@@ -115,7 +124,7 @@ class BenchMemoryConfig:
     gpu_gb: float = arg(80.0, "memory of one GPU in GB, for the largest batch")
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
+        require_n_px(self)
         require_at_least(self, ("batch_size", "processes"), 1)
-        if not self.gpu_gb > 0:
-            raise ValueError(f"--gpu-gb must be > 0, got {self.gpu_gb}")
+        require_positive(self, ("gpu_gb",))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from igpt.config.fields import (DTYPES, SWITCH, arg, check_choices, device_arg, dtype_arg, require_at_least,
-                                require_fraction, resize_arg)
+from igpt.config.fields import (DTYPES, SWITCH, any_palette_arg, arg, check_fields, device_arg, dtype_arg,
+                                require_at_least, require_fraction, resize_arg, seed_arg)
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class SampleConfig:
     top_k: int = arg(0, "draw only from the k most likely ids at each step; 0 = no top-k filter")
     top_p: float = arg(1.0, "nucleus: draw only from the smallest set of ids whose probability reaches p; "
                        "1 = no nucleus filter")
-    seed: int = arg(0, "seed of the draws (results also depend on the device and --batch-size)")
+    seed: int = seed_arg("seed of the draws (results also depend on the device and --batch-size)")
     batch_size: int = arg(64, "images sampled at once")
     device: str = device_arg()
     dtype: str = arg("auto", "weights and KV cache: 'auto' (bf16 on GPUs that have it, fp32 elsewhere), "
@@ -32,10 +32,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):
             object.__setattr__(self, "compile", "on" if self.compile else "off")
-        check_choices(self)
-        if not self.temperature >= 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
-        require_at_least(self, ("top_k",), 0)
+        check_fields(self)
+        require_at_least(self, ("temperature", "top_k"), 0)
         require_fraction(self, "top_p", low_open=True, high_open=False)
         require_at_least(self, ("batch_size", "window"), 1)
 
@@ -54,11 +52,12 @@ class EvalDataConfig:
     split: str | None = arg(None, "split to use (default: test when present, else val)", type=str,
                             choices=("train", "val", "test", "unlabeled", "train_all"))
     val_fraction: float = arg(0.1, "val carved from train when the source has none; match the run's")
-    split_seed: int = arg(0, "seed of that carve; match the run's --seed")
+    split_seed: int = seed_arg("seed of that carve; match the run's --seed")
     resize: str = resize_arg()
+    any_palette: bool = any_palette_arg()
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         require_fraction(self, "val_fraction")
 
 
@@ -69,12 +68,12 @@ class ScoreConfig:
     batch_size: int = arg(64, "images per forward pass")
     mask_prob: float = arg(-1.0, "BERT: fraction of positions masked; -1 = the rate the checkpoint was "
                            "trained with (0.15 when it records none)")
-    seed: int = arg(0, "BERT: seed of the masks")
+    seed: int = seed_arg("BERT: seed of the masks")
     device: str = device_arg()
     dtype: str = dtype_arg()
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         require_at_least(self, ("batch_size",), 1)
         if self.mask_prob != -1:
             require_fraction(self, "mask_prob", low_open=True)
@@ -95,11 +94,11 @@ class FeatureConfig:
                        "ensembled 5, by a vote of predictions)")
     flip_average: bool = arg(False, "average each image's features with those of its mirror image "
                              "(test-time augmentation; not in the paper)")
-    mask_seed: int = arg(0, "seed of the BERT masks")
+    mask_seed: int = seed_arg("seed of the BERT masks")
     cache: bool = arg(True, "reuse features cached in --out by an earlier run with identical inputs")
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         require_at_least(self, ("batch_size", "n_masks"), 1)
         if self.mask_prob != -1:
             require_fraction(self, "mask_prob", low_open=True)
@@ -117,7 +116,7 @@ class ProbeConfig:
     val_fraction: float = arg(0.1, "fraction of each class of train carved out (seeded) to choose the L2 "
                               "strength and the best layer")
     max_iter: int = arg(500, "L-BFGS iterations per fit")
-    seed: int = arg(0, "seed of the validation carve and of the low-data subsets")
+    seed: int = seed_arg("seed of the validation carve and of the low-data subsets")
     concat: int = arg(0, "also probe the concatenation of this many layers centred on the best one "
                       "(0 or 1: off; the paper used 5 for ImageNet)")
     labels_per_class: int = arg(0, "low-data protocol: fit on this many labelled images per class (0: all of "
@@ -127,7 +126,7 @@ class ProbeConfig:
                            "test_lossless in cifar10.npz; 'all' is reported too)", choices=("all", "lossless"))
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         self.grid  # noqa: B018 -- parses and validates the grid
         if self.l2 < 0 and self.l2 != -1:
             raise ValueError(f"--l2 must be >= 0, or -1 to search --l2-grid; got {self.l2}")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import field
 from typing import Any
+
+import torch
 
 N_VOCAB = 512  # the 9-bit colour palette of the paper (section 3.2); no SOS, MASK or PAD id
 DTYPES = ("auto", "bf16", "fp32")
@@ -18,7 +21,7 @@ RESIZE_MODES = ("center", "squash")
 def arg(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its CLI help text attached. ``choices`` lists the allowed values; ``type``
     gives the flag's type when the default (None) does not; ``cli=False`` keeps a field off the command
-    line."""
+    line; ``check(flag, value)`` raises on a value no command can use (``check_fields`` calls it)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -32,12 +35,19 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_choices(cfg: Any) -> None:
-    """Every field with ``choices`` in its metadata holds one of them (None is allowed for None defaults)."""
+def check_fields(cfg: Any) -> None:
+    """The checks every config runs first, read from its fields: a field with ``choices`` holds one of them
+    (None is allowed for None defaults), no number is NaN or infinite (they slip through ``x < 0`` checks,
+    and no flag has a use for them), and each field's own ``check`` passes (seeds, devices)."""
     for f in dataclasses.fields(cfg):
-        value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        value, choices, name = getattr(cfg, f.name), f.metadata.get("choices"), flag(f.name)
         if choices is not None and value not in choices and not (value is None and f.default is None):
-            raise ValueError(f"{flag(f.name)} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+        check: Callable[[str, Any], None] | None = f.metadata.get("check")
+        if check is not None:
+            check(name, value)
 
 
 def require_at_least(cfg: Any, names: tuple[str, ...], low: float) -> None:
@@ -46,6 +56,14 @@ def require_at_least(cfg: Any, names: tuple[str, ...], low: float) -> None:
         value = getattr(cfg, name)
         if not value >= low:  # also catches NaN
             raise ValueError(f"{flag(name)} must be >= {low}, got {value}")
+
+
+def require_positive(cfg: Any, names: tuple[str, ...]) -> None:
+    """Raise naming the flag of the first field that is not > 0 (infinity is ``check_fields``'s to refuse)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:  # also catches NaN
+            raise ValueError(f"{flag(name)} must be > 0, got {value}")
 
 
 def require_fraction(cfg: Any, name: str, *, low_open: bool = False, high_open: bool = True) -> None:
@@ -57,11 +75,54 @@ def require_fraction(cfg: Any, name: str, *, low_open: bool = False, high_open: 
         raise ValueError(f"{flag(name)} must be in {lo}0, 1{hi}, got {v}")
 
 
+# seeds reach np.random.seed and np.random.default_rng, which take only these
+SEED_RANGE = (0, 2**32)
+
+
+def check_seed(name: str, value: int) -> None:
+    low, high = SEED_RANGE
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in {low}..{high - 1}, got {value}")
+
+
+def check_device(name: str, value: str) -> None:
+    """A device this machine has: a config refuses the others when it is built, before a command writes
+    anything (torch would fail only when the first tensor moves, after a run directory exists)."""
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} {value!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:N' or "
+                         "'mps'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {value!r}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} {value!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{name} {value!r}: Apple's MPS backend is not available on this machine")
+    elif device.type != "cpu":
+        raise ValueError(f"{name} {value!r}: igpt runs on 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
 # ---- shared fields: one definition each
 
 
-def device_arg() -> Any:
-    return arg("auto", "where to compute: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+def seed_arg(help: str) -> Any:
+    return arg(0, help, check=check_seed)
+
+
+def device_arg(help: str = "where to compute: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...") -> Any:
+    return arg("auto", help, check=check_device)
+
+
+def any_palette_arg() -> Any:
+    return arg(False, "accept, for OpenAI's pre-quantized ids (which record no palette, so only their range can "
+               "be checked), a palette that is not OpenAI's kmeans_centers.npy (512 colours, no fit metadata; a "
+               "run's or converted checkpoint's copy of it counts as it)")
 
 
 def dtype_arg() -> Any:

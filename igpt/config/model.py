@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from igpt.config.fields import N_VOCAB, arg, flag, require_fraction
+from igpt.config.fields import N_VOCAB, arg, check_fields, require_at_least, require_fraction
 
 # Shapes of the released and paper models (reference igpt.md section 13) plus small ones for tests and
 # the demo. iGPT-XL's head count is unpublished; 24 heads (head_dim 128) is our choice, not OpenAI's.
@@ -37,9 +37,8 @@ class ModelConfig:
     dropout: float = arg(0.0, "dropout on attention weights and residual branches (the paper used none)")
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_embd", "n_head", "n_px", "n_vocab"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)
+        require_at_least(self, ("n_layer", "n_embd", "n_head", "n_px", "n_vocab"), 1)
         if self.n_embd % self.n_head:
             raise ValueError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
         require_fraction(self, "dropout")

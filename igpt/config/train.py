@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from igpt.config.fields import (OBJECTIVES, SWITCH, arg, check_choices, device_arg, dtype_arg, require_at_least,
-                                require_fraction, resize_arg, val_fraction_arg)
+from igpt.config.fields import (OBJECTIVES, SWITCH, any_palette_arg, arg, check_fields, device_arg, dtype_arg, require_at_least,
+                                require_fraction, require_positive, resize_arg, seed_arg, val_fraction_arg)
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,14 @@ class TrainConfig:
                        "directories); 0 = in the main process")
     eval_every: int = arg(200, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = arg(8, "validation micro-batches per evaluation; 0 = the whole split")
-    log_every: int = arg(10, "steps between metric lines in metrics.jsonl")
+    log_every: int = arg(10, "steps between metric lines in metrics.jsonl (the last step is always logged)")
     tensorboard: bool = arg(False, "also log metrics to TensorBoard in RUN/tensorboard (needs tensorboard)")
     ckpt_every: int = arg(500, "steps between checkpoints (one is always written at the end)")
     keep_last: int = arg(2, "how many step checkpoints to keep")
     sharded_checkpoint: bool = arg(False, "write checkpoints with torch.distributed.checkpoint: each process "
                                    "saves its own shards, nothing is gathered on one rank (for --fsdp with "
                                    "large models); resumable on any number of processes")
-    seed: int = arg(0, "seed for initialisation, batch order, masks and augmentation")
+    seed: int = seed_arg("seed for initialisation, batch order, masks and augmentation")
     device: str = device_arg()
     dtype: str = dtype_arg()
     compile: str = arg("auto", "torch.compile the model: 'auto' (on CUDA GPUs of compute capability 7.0 or "
@@ -57,16 +57,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # run.json files of earlier versions stored a bool
             object.__setattr__(self, "compile", "on" if self.compile else "off")
-        check_choices(self)
+        check_fields(self)
         require_fraction(self, "mask_prob", low_open=True)
-        require_at_least(self, ("batch_size", "grad_accum", "max_steps", "keep_last"), 1)
-        require_at_least(self, ("eval_every", "eval_batches", "log_every", "ckpt_every", "workers"), 0)
+        # log_every and ckpt_every are step periods (step % every): 0 has no meaning there
+        require_at_least(self, ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every", "ckpt_every"), 1)
+        require_at_least(self, ("eval_every", "eval_batches", "workers", "weight_decay", "grad_clip"), 0)
         require_at_least(self, ("warmup_steps",), -1)
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        require_positive(self, ("lr", "dist_timeout"))
         require_fraction(self, "min_lr_ratio", high_open=False)
-        if not self.dist_timeout > 0:
-            raise ValueError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
+        for beta in ("beta1", "beta2"):  # Adam's own range, checked before a run directory is written
+            require_fraction(self, beta)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,9 +94,10 @@ class DataConfig:
     palette: str | None = arg(None, "palette file (.npy OpenAI layout or .npz); default: fit one on the "
                               "training pixels", type=str)
     palette_k: int = arg(512, "colours of a palette fitted here (512 in the paper)")
+    any_palette: bool = any_palette_arg()
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         require_fraction(self, "val_fraction")
         require_at_least(self, ("palette_k",), 2)
 
@@ -126,17 +127,19 @@ class FinetuneConfig:
     val_fraction: float = arg(0.1, "fraction of train carved out (seeded) for validation when the data has no "
                               "val split")
     labels_per_class: int = arg(0, "train on a balanced, seeded subset of this many images per class (0: all)")
+    any_palette: bool = any_palette_arg()
     eval_batch_size: int = arg(256, "images per forward pass when evaluating")
-    seed: int = arg(0, "seed for the head, batch order, augmentation, masks and subsets")
+    seed: int = seed_arg("seed for the head, batch order, augmentation, masks and subsets")
     device: str = device_arg()
     dtype: str = dtype_arg()
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         require_at_least(self, ("batch_size", "max_steps", "eval_every", "patience", "eval_batch_size"), 1)
         require_at_least(self, ("warmup_steps", "labels_per_class", "gen_weight", "grad_clip"), 0)
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        require_positive(self, ("lr",))
+        for beta in ("beta1", "beta2"):
+            require_fraction(self, beta)
         if self.mask_prob != -1:
             require_fraction(self, "mask_prob", low_open=True)
         if not 0.0 < self.val_fraction < 1.0:

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from igpt.atomic import read_json, replacing, write_json
-from igpt.data.imageset import ImageSet
+from igpt.data.arrays import load_npy
+from igpt.data.imageset import ImageSet, check_labels
 from igpt.data.splits import RawSplit, carve_val, first_available, split_indices
 from igpt.palette import Palette
 
@@ -30,7 +31,7 @@ def is_cache(path: str | Path) -> bool:
 def _load(path: Path) -> np.ndarray:
     if not path.is_file():
         raise ValueError(f"{path}: missing from the prepared cache; run prepare again")
-    return np.load(path, mmap_mode="r")
+    return load_npy(path, mmap=True)
 
 
 def read_meta(root: Path) -> dict[str, Any]:
@@ -49,8 +50,10 @@ def _cache_split(root: Path, meta: dict, split: str) -> tuple[np.ndarray, np.nda
     if x.shape != want:
         raise ValueError(f"{root / f'{split}_{kind}.npy'}: shape {x.shape}, {META} says {want}; run prepare again")
     labels = _load(root / f"{split}_labels.npy") if meta["splits"][split]["labeled"] else None
-    if labels is not None and labels.shape != (n,):
-        raise ValueError(f"{root / f'{split}_labels.npy'}: shape {labels.shape}, expected ({n},)")
+    if labels is not None:
+        if labels.shape != (n,):
+            raise ValueError(f"{root / f'{split}_labels.npy'}: shape {labels.shape}, expected ({n},)")
+        labels = check_labels(labels, meta.get("classes"), str(root / f"{split}_labels.npy"))
     return x, labels
 
 

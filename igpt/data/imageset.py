@@ -29,17 +29,42 @@ class ImageSet:
                         self.palette_fingerprint, self.source)
 
 
-def check_ids(images: ImageSet, palette: Palette) -> None:
-    """The one check that ids fit a palette: ids made by another of our palettes (by fingerprint), or ids
-    past the palette's size, are an error naming the data. Pixels need no check (they are quantized with
-    ``palette``); ids without a fingerprint (OpenAI's pre-quantized files) can only be range-checked."""
+def check_labels(labels: np.ndarray, classes: list[str] | None, where: str) -> np.ndarray:
+    """Class ids (N,) as int64, or an error naming ``where`` (the file, and the array in it). Labels must be
+    integers (floats are cast to class ids nowhere: 2.7 is no class), >= 0, and each must have a name when
+    the data names its classes (a head sized by the names would not have a row for it)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{where}: labels must be integer class ids, got dtype {labels.dtype}")
+    if labels.size and int(labels.min()) < 0:
+        raise ValueError(f"{where}: labels must be >= 0, found {int(labels.min())}")
+    if classes is not None and labels.size and int(labels.max()) >= len(classes):
+        raise ValueError(f"{where}: label {int(labels.max())} has no class name: the data names {len(classes)} "
+                         f"classes (0..{len(classes) - 1})")
+    return labels.astype(np.int64, copy=False)
+
+
+def check_ids(images: ImageSet, palette: Palette, *, any_palette: bool = False) -> None:
+    """The one check that ids fit a palette: ids made by another of our palettes (by fingerprint), ids past
+    the palette's size, or ids without a fingerprint (OpenAI's pre-quantized files, and caches prepared from
+    them without a palette) met by a palette that is not OpenAI's (``Palette.looks_like_openai``), unless
+    ``any_palette``, are an error naming the data and the palette. Pixels need no check (they are
+    quantized with ``palette``)."""
     if images.ids is None:
         return
     have = palette.fingerprint()
     if images.palette_fingerprint is not None and images.palette_fingerprint != have:
         raise ValueError(f"--data {images.source}: ids were made with palette {images.palette_fingerprint} "
-                         f"but the palette given is {have}; use the palette that prepared the data or prepare "
-                         "again")
-    if len(images) and int(np.max(images.ids)) >= palette.k:
-        raise ValueError(f"--data {images.source}: holds id {int(np.max(images.ids))} but the palette has only "
-                         f"{palette.k} colours; use the palette the data was prepared with")
+                         f"but the palette given is {palette.describe()}; use the palette that prepared the data "
+                         "or prepare again")
+    top = int(np.max(images.ids)) if len(images) else -1
+    if top >= palette.k:
+        raise ValueError(f"--data {images.source}: holds ids up to {top}, past the {palette.k} colours (ids "
+                         f"0..{palette.k - 1}) of palette {palette.describe()}; use the palette the data was "
+                         "made with")
+    if images.palette_fingerprint is None and not any_palette and not palette.looks_like_openai():
+        fitted = " and was fitted by igpt" if palette.meta else ""
+        raise ValueError(f"--data {images.source}: holds OpenAI's pre-quantized ids, which record no palette, but "
+                         f"palette {palette.describe()} is not OpenAI's kmeans_centers.npy: it has {palette.k} "
+                         f"colours{fitted} (theirs: 512, no fit metadata); use that file, or --any-palette to "
+                         "accept this one")

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 from igpt.atomic import check_output
+from igpt.config import check_seed
 from igpt.data import cache, shard_streams, shard_writer, sources
+from igpt.data.arrays import load_npy, npz_array, open_npz
 from igpt.data.augment import FolderImages
 from igpt.data.imageset import ImageSet, check_ids
 from igpt.data.shards import ShardIndex, is_shard_dir
@@ -117,22 +119,22 @@ def _first_split(data: str | Path | DataSpec, names: tuple[str, ...], n_px: int,
 
 
 def open_labelled(data: str | Path, split: str, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
-                  seed: int = 0, resize: str = "center") -> ImageSet:
+                  seed: int = 0, resize: str = "center", any_palette: bool = False) -> ImageSet:
     """A labelled split whose ids fit ``palette`` (``check_ids``): for probes and fine-tuning."""
     images = open_split(data, split, n_px=n_px, val_fraction=val_fraction, seed=seed, resize=resize)
     if images.labels is None:
         raise ValueError(f"--data {data}: the {split!r} split has no labels; a probe or fine-tune needs labelled "
                          "images (class sub-folders, y_train/y_test arrays, ...)")
-    check_ids(images, palette)
+    check_ids(images, palette, any_palette=any_palette)
     return images
 
 
 def open_eval(data: str | Path, split: str | None, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
-              seed: int = 0, resize: str = "center") -> tuple[ImageSet, str]:
+              seed: int = 0, resize: str = "center", any_palette: bool = False) -> tuple[ImageSet, str]:
     """(images, split name) that a model is scored or completed on: ``split``, or test when the data has
     one and val otherwise. Their ids must fit ``palette``."""
     images, name = _first_split(data, (split,) if split else ("test", "val"), n_px, val_fraction, seed, resize)
-    check_ids(images, palette)
+    check_ids(images, palette, any_palette=any_palette)
     return images, name
 
 
@@ -147,12 +149,12 @@ def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:
         candidates += [Path(d.path) / "test_lossless.npy", source if source.is_absolute() else Path.cwd() / source]
     for c in candidates:
         if c.is_file() and c.suffix == ".npy":
-            mask = np.load(c, allow_pickle=False)
+            mask = load_npy(c)
         elif c.is_file() and c.suffix == ".npz":
-            with np.load(c, allow_pickle=False) as z:
+            with open_npz(c) as z:
                 if "test_lossless" not in z.files:
                     continue
-                mask = z["test_lossless"]
+                mask = npz_array(z, "test_lossless", c)
         else:
             continue
         if mask.shape != (n_test,) or mask.dtype != bool:
@@ -203,10 +205,12 @@ def identity(data: str | Path | DataSpec) -> dict[str, Any]:
 
 def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palette | None = None, shards: int = 0,
             val_fraction: float = 0.1, seed: int = 0, resize: str = "center", on_error: str = "stop",
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+            overwrite: bool = False, any_palette: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write ``data`` as a cache (``igpt.data.cache``; ids with ``palette``, else pixels) or, with
-    ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata. An
-    existing ``out_dir`` is refused unless ``overwrite``."""
+    ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata. Ids
+    that are read, not made (OpenAI's files), must fit ``palette`` (``check_ids``), whose fingerprint the
+    cache records. An existing ``out_dir`` is refused unless ``overwrite``."""
+    check_seed("--seed", seed)  # the carve's default_rng would refuse a negative one without naming it
     d = resolve(data)
     check_output(out_dir, "--out", overwrite=overwrite)
     if d.kind in ("cache", "shards"):
@@ -214,7 +218,8 @@ def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palett
         raise ValueError(f"--data {data} is already {what}; use it directly")
     created = not Path(out_dir).exists()
     try:
-        return _prepare(d, out_dir, n_px, palette, shards, val_fraction, seed, resize, on_error, progress)
+        return _prepare(d, out_dir, n_px, palette, shards, val_fraction, seed, resize, on_error, any_palette,
+                        progress)
     except Exception:
         if created:  # a bad input (an unreadable image, ...) leaves no half-made output behind
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -222,7 +227,7 @@ def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palett
 
 
 def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: Palette | None, shards: int, val_fraction: float,
-             seed: int, resize: str, on_error: str, progress: bool) -> dict[str, Any]:
+             seed: int, resize: str, on_error: str, any_palette: bool, progress: bool) -> dict[str, Any]:
     if shards:
         if palette is not None:
             raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")
@@ -233,6 +238,9 @@ def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: Palette | Non
         return shard_writer.write_array_shards(raw, out_dir, source=d.spec, n_px=n_px, per_shard=shards,
                                                val_fraction=val_fraction, seed=seed, progress=progress)
     raw = sources.read(d.kind, d.path, n_px, resize=resize, on_error=on_error)
+    if palette is not None:  # before the cache records the palette's fingerprint for ids it did not make
+        for s in raw.values():
+            check_ids(ImageSet(n_px, None, s.ids, None, None, None, d.spec), palette, any_palette=any_palette)
     return cache.write_cache(raw, out_dir, source=d.spec, n_px=n_px, palette=palette, val_fraction=val_fraction,
                              seed=seed, resize=resize, progress=progress)
 
@@ -250,7 +258,8 @@ class TrainingData:
 
 def open_training(data: str | Path, n_px: int, *, batch_size: int, seed: int, device: torch.device,
                   augment: str = "none", workers: int = 0, val_fraction: float = 0.1, resize: str = "center",
-                  validate: bool = True, val_images: int = 0, rows: slice = slice(None)) -> TrainingData:
+                  validate: bool = True, val_images: int = 0, rows: slice = slice(None),
+                  any_palette: bool = False) -> TrainingData:
     """The data of a pretraining run: ``batch_size`` images a micro-batch, ordered and augmented from
     ``seed``; ``rows`` is this process's share of each micro-batch. Shards stream from tar files decoded in
     ``workers`` processes; an image folder with ``augment="imagenet"`` likewise; everything else is read
@@ -269,8 +278,13 @@ def open_training(data: str | Path, n_px: int, *, batch_size: int, seed: int, de
             val = open_split(d, "val", **kw)
         except ValueError as e:
             log.warning("no validation split, so no validation loss: %s", e)
-    return TrainingData(train, len(train), val, lambda palette: BatchStream(
-        train, batch_size, seed, palette, device, augment, rows))
+
+    def make_stream(palette: Palette) -> BatchStream:
+        if val is not None:  # the run checks train against its palette; val is first read at an evaluation
+            check_ids(val, palette, any_palette=any_palette)
+        return BatchStream(train, batch_size, seed, palette, device, augment, rows)
+
+    return TrainingData(train, len(train), val, make_stream)
 
 
 def _shard_training(d: DataSpec, n_px: int, batch_size: int, seed: int, device: torch.device, augment: str,

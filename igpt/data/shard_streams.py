@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from igpt.data.augment import cifar_augment, cifar_augment_params, imagenet_style
-from igpt.data.imageset import ImageSet
+from igpt.data.imageset import ImageSet, check_labels
 from igpt.data.images import open_image, to_n_px
 from igpt.data.shards import ShardIndex, ShardSplit
 from igpt.data.splits import first_available
@@ -221,8 +221,10 @@ def open_shard_split(data: str, names: tuple[str, ...], n_px: int) -> tuple[Imag
     names = ["train", "val"] if split == "train_all" and index.val_carved else \
         ["train" if split == "train_all" else split]
     parts = [index.split(name) for name in names]
-    log.info("%s: decoding the %d %s images of the shards into memory", data, sum(map(len, parts)), split)
-    pixels = np.concatenate([decode_images(p, n_px, np.arange(len(p))) for p in parts])
     labeled = all(p.labeled for p in parts)
     labels = np.concatenate([p.labels for p in parts]) if labeled else None
+    if labels is not None:  # .cls members past the classes of shards.json
+        check_labels(labels, index.classes, f"{data}: the .cls labels of the {split} shards")
+    log.info("%s: decoding the %d %s images of the shards into memory", data, sum(map(len, parts)), split)
+    pixels = np.concatenate([decode_images(p, n_px, np.arange(len(p))) for p in parts])
     return ImageSet(n_px, pixels, None, labels, index.classes if labeled else None, None, str(data)), split

@@ -30,7 +30,9 @@ import numpy as np
 
 from igpt.config import N_VOCAB  # OpenAI's files hold ids of their 512-colour palette
 from igpt.config import RESIZE_MODES
+from igpt.data.arrays import load_npy, npz_array, open_npz
 from igpt.data.images import open_image, to_n_px
+from igpt.data.imageset import check_labels
 from igpt.data.splits import RawSplit
 
 log = logging.getLogger(__name__)
@@ -172,7 +174,7 @@ def _load_pickle(path: Path) -> dict:
     return d
 
 
-def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(path: Path, label_key: bytes, classes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
     d = _load_pickle(path)
     if b"data" not in d or label_key not in d:
         raise ValueError(f"{path}: expected keys b'data' and {label_key!r}, found {sorted(d, key=str)}")
@@ -181,10 +183,10 @@ def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: b'data' must be uint8 (N, 3072), got {getattr(data, 'dtype', type(data))} "
                          f"{getattr(data, 'shape', '')}")
     x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3): a row is R plane | G plane | B plane
-    y = np.asarray(d[label_key], np.int64)  # (N,)
+    y = np.asarray(d[label_key])  # (N,)
     if y.shape != (len(x),):
         raise ValueError(f"{path}: {len(x)} images but labels of shape {y.shape}")
-    return x, y
+    return x, check_labels(y, classes, f"{path}: {label_key!r}")
 
 
 def _cifar_names(path: Path, key: bytes) -> list[str] | None:
@@ -203,8 +205,8 @@ def _read_cifar(root: Path, layout: tuple, n_px: int, resize: str) -> dict[str, 
     if missing:
         raise ValueError(f"{root}: incomplete CIFAR python folder, missing {', '.join(missing)}")
     classes = _cifar_names(root / names_file, names_key)
-    parts = [_cifar_batch(root / f, key) for f in train_files]
-    x_te, y_te = _cifar_batch(root / test_file, key)
+    parts = [_cifar_batch(root / f, key, classes) for f in train_files]
+    x_te, y_te = _cifar_batch(root / test_file, key, classes)
     x_tr, y_tr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return {"train": RawSplit(_resize_array(x_tr, n_px, resize), None, y_tr, classes),
             "test": RawSplit(_resize_array(x_te, n_px, resize), None, y_te, classes)}
@@ -220,11 +222,11 @@ def _stl_images(path: Path) -> np.ndarray:
     return x.transpose(0, 3, 2, 1)  # (N, 96, 96, 3), still a memmap view
 
 
-def _stl_labels(path: Path, n: int) -> np.ndarray:
+def _stl_labels(path: Path, n: int, classes: list[str] | None) -> np.ndarray:
     y = np.fromfile(path, np.uint8).astype(np.int64)  # 1..10
     if y.shape != (n,) or (n and y.min() < 1):
         raise ValueError(f"{path}: expected {n} labels in 1..10, got {len(y)} (min {y.min() if len(y) else '-'})")
-    return y - 1
+    return check_labels(y - 1, classes, str(path))
 
 
 def _read_stl10(root: Path, n_px: int, resize: str) -> dict[str, RawSplit]:
@@ -237,7 +239,7 @@ def _read_stl10(root: Path, n_px: int, resize: str) -> dict[str, RawSplit]:
             continue
         x = _stl_images(root / f"{split}_X.bin")
         y_file = root / f"{split}_y.bin"
-        labels = _stl_labels(y_file, len(x)) if y_file.is_file() else None
+        labels = _stl_labels(y_file, len(x), classes) if y_file.is_file() else None
         out[split] = RawSplit(_resize_array(x, n_px, resize), None, labels, classes if labels is not None else None)
     return out
 
@@ -253,28 +255,30 @@ def _npz_images(x: np.ndarray, path: Path, key: str, n_px: int, resize: str) -> 
 
 
 def _read_npz(path: Path, n_px: int, resize: str) -> dict[str, RawSplit]:
-    with np.load(path) as z:
+    with open_npz(path) as z:
         if "x_train" not in z.files:
             raise ValueError(f"{path}: no 'x_train' array (found {', '.join(z.files) or 'none'}); expected "
                              "x_train [y_train, x_val, y_val, x_test, y_test, label_names]")
-        classes = [str(n) for n in z["label_names"]] if "label_names" in z.files else None
+        names = npz_array(z, "label_names", path) if "label_names" in z.files else None
+        classes = [str(n) for n in names] if names is not None else None
         out = {}
         for split in ("train", "val", "test"):
             if f"x_{split}" not in z.files:
                 continue
-            x = _npz_images(z[f"x_{split}"], path, f"x_{split}", n_px, resize)
+            x = _npz_images(npz_array(z, f"x_{split}", path), path, f"x_{split}", n_px, resize)
             labels = None
             if f"y_{split}" in z.files:
-                labels = np.asarray(z[f"y_{split}"]).astype(np.int64)
+                labels = npz_array(z, f"y_{split}", path)
                 labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
                 if labels.shape != (len(x),):
                     raise ValueError(f"{path}: y_{split} has shape {labels.shape}, expected ({len(x)},)")
+                labels = check_labels(labels, classes, f"{path}: y_{split}")
             out[split] = RawSplit(x, None, labels, classes if labels is not None else None)
     return out
 
 
 def _openai_ids(path: Path, n_px: int) -> np.ndarray:
-    x = np.load(path, mmap_mode="r")
+    x = load_npy(path, mmap=True)
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"{path}: expected integer ids (N, T), got {x.dtype} {x.shape}")
     if x.shape[1] != n_px * n_px:
@@ -289,7 +293,7 @@ def _openai_ids(path: Path, n_px: int) -> np.ndarray:
 
 
 def _openai_labels(path: Path, n: int) -> np.ndarray:
-    y = np.load(path, mmap_mode="r")  # (N, C) one-hot; ImageNet's is ~5 GB as float32, so read it in chunks
+    y = load_npy(path, mmap=True)  # (N, C) one-hot; ImageNet's is ~5 GB as float32, so read it in chunks
     if y.ndim != 2 or len(y) != n:
         raise ValueError(f"{path}: expected one-hot labels ({n}, C), got shape {y.shape}")
     labels = np.empty(n, np.int64)

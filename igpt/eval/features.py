@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from igpt.atomic import replacing
 from igpt.config import FeatureConfig
+from igpt.data.arrays import npz_array, open_npz
 from igpt.data.imageset import ImageSet
 from igpt.data.streams import to_ids
 from igpt.model import GPT

@@ -250,7 +250,7 @@ def format_table(metrics: dict[str, Any], baseline: dict[str, Any] | None = None
 
 def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg: ProbeConfig = ProbeConfig(),
                      feat_cfg: FeatureConfig = FeatureConfig(), *, resize: str = "center", overwrite: bool = False,
-                     progress: bool = True) -> dict[str, Any]:
+                     any_palette: bool = False, progress: bool = True) -> dict[str, Any]:
     """``igpt probe``: features of every layer of ``checkpoint`` (any weights ``igpt.load`` reads) on the
     whole train split ("train_all") and the test split of ``data`` (cached in ``out_dir``), the probe,
     ``metrics.json`` and ``probe.png``. An ``out_dir`` holding anything but cached features (a finished probe's
@@ -265,8 +265,8 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     check_output(out, "--out", overwrite=True)
     ckpt_dir, (model, palette, record) = load_located(checkpoint)
     feat_cfg = for_reading(feat_cfg, record.reading)
-    images = {split: open_labelled(data, split, n_px=model.config.n_px, palette=palette, resize=resize)
-              for split in ("train_all", "test")}
+    images = {split: open_labelled(data, split, n_px=model.config.n_px, palette=palette, resize=resize,
+                                   any_palette=any_palette) for split in ("train_all", "test")}
     subsets: dict[str, np.ndarray | None] = {"all": None}
     if cfg.eval_subset == "lossless":
         subsets = {"lossless": lossless_mask(data, len(images["test"])), "all": None}

@@ -32,7 +32,8 @@ def score(checkpoint: str | Path, data: EvalDataConfig, cfg: ScoreConfig = Score
     reading = record.reading
     mask_prob = reading.mask_prob if cfg.mask_prob == -1 else cfg.mask_prob
     images, split = open_eval(data.data, data.split, n_px=model.config.n_px, palette=palette,
-                              val_fraction=data.val_fraction, seed=data.split_seed, resize=data.resize)
+                              val_fraction=data.val_fraction, seed=data.split_seed, resize=data.resize,
+                              any_palette=data.any_palette)
     batches = fixed_batches(images, cfg.batch_size, 0, palette, device)
     batches = tqdm(batches, total=math.ceil(len(images) / cfg.batch_size), desc="score", unit="batch",
                    disable=not progress)

@@ -27,6 +27,13 @@ from igpt.viz import completion_figure, grid, hide_rows, save_png
 from igpt.weights.convert import load
 
 
+def _require_at_least(values: dict[str, int], low: int) -> None:
+    """The command's own counts (``{"--scale": 4}``), checked before the checkpoint is read."""
+    for name, value in values.items():
+        if not value >= low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
 def _sample_kw(cfg: SampleConfig, device: torch.device) -> dict[str, Any]:
     """Keyword arguments of ``sample`` from the flags."""
     return {"generator": make_generator(cfg.seed, device), "dtype": resolve_dtype(cfg.dtype, device),
@@ -38,8 +45,7 @@ def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64
                   ncol: int = 8, scale: int = 4, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """``n_images`` unconditional samples as ``sample-NNNN.png`` and ``grid.png`` in the new directory ``out``
     (with ``overwrite``, the new directory replaces an existing one whole)."""
-    if n_images < 1:
-        raise ValueError(f"--n-images must be >= 1, got {n_images}")
+    _require_at_least({"--n-images": n_images, "--ncol": ncol, "--scale": scale}, 1)
     check_output(out, "--out", overwrite=overwrite)
     device = resolve_device(cfg.device)
     model, palette, record = load(checkpoint, device)
@@ -75,7 +81,7 @@ def _inputs(images: list[str] | None, data: EvalDataConfig, n_images: int, offse
         names = [f"{i:03d}-{Path(p).stem}" for i, p in enumerate(images)]
         return names, palette.encode(pixels).view(len(pixels), -1), f"{len(pixels)} image file(s)"
     found, split = open_eval(data.data, data.split, n_px=n_px, palette=palette, val_fraction=data.val_fraction,
-                             seed=data.split_seed, resize=data.resize)
+                             seed=data.split_seed, resize=data.resize, any_palette=data.any_palette)
     if n_images < 1 or not 0 <= offset < len(found):
         raise ValueError(f"--offset {offset} / --n-images {n_images}: the {split} split of {data.data} has "
                          f"{len(found)} images")
@@ -96,8 +102,10 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     if bool(images) == bool(data.data):
         raise ValueError("complete needs exactly one of --images FILE... and --data DATA")
     check_output(out, "--out", overwrite=overwrite)
-    if n_samples < 1:
-        raise ValueError(f"--n-samples must be >= 1, got {n_samples}")
+    _require_at_least({"--n-samples": n_samples, "--rounds": rounds, "--scale": scale}, 1)
+    _require_at_least({"--offset": offset}, 0)
+    if data.data:
+        _require_at_least({"--n-images": n_images}, 1)
     device = resolve_device(cfg.device)
     model, palette, record = load(checkpoint, device)
     n_px, T = model.config.n_px, model.config.n_ctx

@@ -125,7 +125,8 @@ def _accuracy(clf: Classifier, images: ImageSet, palette: Palette, cfg: Finetune
 
 
 def _splits(data: str, palette: Palette, n_px: int, cfg: FinetuneConfig, resize: str) -> dict[str, ImageSet]:
-    kw = {"n_px": n_px, "palette": palette, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "resize": resize}
+    kw = {"n_px": n_px, "palette": palette, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "resize": resize,
+          "any_palette": cfg.any_palette}
     splits = {split: open_labelled(data, split, **kw) for split in ("train", "val", "test")}
     if cfg.labels_per_class:
         splits["train"] = splits["train"].take(balanced_subset(splits["train"].labels, cfg.labels_per_class,

@@ -83,7 +83,7 @@ def resolve_palette(data_cfg: DataConfig, train: ImageSet, seed: int, device: to
     """The given palette file (checked against the data), or a palette fitted on the training pixels."""
     if data_cfg.palette is not None:
         palette = Palette.load(data_cfg.palette)
-        check_ids(train, palette)
+        check_ids(train, palette, any_palette=data_cfg.any_palette)
         return palette
     if train.pixels is None:
         hint = ("OpenAI's kmeans_centers.npy" if train.palette_fingerprint is None
@@ -107,7 +107,7 @@ class Trainer:
                              device=self.device, augment=cfg.augment, workers=cfg.workers,
                              val_fraction=data_cfg.val_fraction, resize=data_cfg.resize,
                              validate=cfg.eval_every > 0, val_images=cfg.eval_batches * cfg.batch_size,
-                             rows=self.rows)
+                             rows=self.rows, any_palette=data_cfg.any_palette)
         self.fit_set, self.n_train, self.val_set = data.fit_set, data.n_train, data.val_set
         self.palette = self._palette(resume)
         self.model_cfg = replace(model_cfg, n_vocab=self.palette.k)
@@ -144,7 +144,7 @@ class Trainer:
             if expected is not None and palette.fingerprint() != expected:
                 raise ValueError(f"{path} has palette {palette.fingerprint()}, but the run trained with {expected}: "
                                  "it was replaced; put the run's palette back, or start a new run")
-            check_ids(self.fit_set, palette)  # a new run checks in resolve_palette, before writing the palette
+            check_ids(self.fit_set, palette, any_palette=self.data_cfg.any_palette)  # a new run checks in resolve_palette, before writing the palette
             return palette
         if self.world.is_main:
             resolve_palette(self.data_cfg, self.fit_set, self.cfg.seed, self.device).save(path)

@@ -4,12 +4,14 @@ step). See ``igpt.train.pretrain`` for the whole layout."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from igpt.atomic import read_json, write_text
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 
+log = logging.getLogger(__name__)
 RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
 
 
@@ -18,20 +20,52 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """The metrics record a line holds, or None when it holds none."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("split"), str)
+    return record if ok else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl, in order. A process killed while appending leaves a partial last line:
+    it is dropped with a warning, as a log-structured store drops a torn tail (the steps it held are logged
+    again after the resume). A bad line before the last cannot come from that; it is an error naming the
+    file and the line."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()  # garbage bytes become a bad line, not a decode error
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(numbered):
+        record = _record(line)
+        if record is not None:
+            records.append(record)
+        elif i == len(numbered) - 1:
+            log.warning("%s: dropped its partial last line %d (%d characters), left by a run that stopped while "
+                        "writing it", path, n, len(line))
+        else:
+            raise ValueError(f"{path}: line {n} is not a metrics record (a JSON object with step and split); "
+                             "repair or delete that line")
+    return records
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint so the file holds one consistent curve."""
     path = run_dir / METRICS_FILE
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        write_text(path, "".join(l + "\n" for l in lines))
+        records = [r for r in read_metrics(run_dir) if r["step"] <= step]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def last_metrics(run_dir: Path) -> dict[str, Any]:
     """The last logged train and val records: what a resumed, already finished run reports."""
     last: dict[str, Any] = {}
-    path = run_dir / METRICS_FILE
-    for line in path.read_text().splitlines() if path.exists() else []:
-        record = json.loads(line)
+    for record in read_metrics(run_dir):
         last[record.pop("split")] = {k: v for k, v in record.items() if k != "step"}
     return last
 
@@ -45,11 +79,16 @@ def read_run(run_dir: Path) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     path = run_dir / RUN_FILE
     if not path.exists():
         raise ValueError(f"--resume {run_dir}: no {RUN_FILE} there, so it is not an igpt run directory")
-    run = json.loads(path.read_text())
-    train = dict(run["train"])
-    if run["model"].get("grad_checkpoint"):  # run.json files of earlier versions kept it with the model
-        train["grad_checkpoint"] = True
-    return ModelConfig.from_dict(run["model"]), TrainConfig.from_dict(train), DataConfig(**run["data"])
+    run = read_json(path)  # a truncated or garbled file is an error naming it
+    try:
+        train = dict(run["train"])
+        if run["model"].get("grad_checkpoint"):  # run.json files of earlier versions kept it with the model
+            train["grad_checkpoint"] = True
+        return ModelConfig.from_dict(run["model"]), TrainConfig.from_dict(train), DataConfig(**run["data"])
+    except KeyError as e:
+        raise ValueError(f"{path}: has no {e.args[0]!r} section; it was not written by igpt pretrain") from None
+    except (TypeError, AttributeError, ValueError) as e:  # a wrong type or value, e.g. edited by hand
+        raise ValueError(f"{path}: {e}") from None
 
 
 class MetricsLog:
