@@ -64,10 +64,10 @@ def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0,
         (out / DEMO_MARK).touch()
         for earlier in (out / "run", out / "data"):  # a fresh run and cache each time the demo is started
             remove_dir(earlier)
-        return _demo(out, steps, seed, progress)
+        return _demo(out, cfg, seed, progress)
 
 
-def _demo(out: Path, steps: int, seed: int, progress: bool) -> dict:
+def _demo(out: Path, cfg: TrainConfig, seed: int, progress: bool) -> dict:
     model_cfg = ModelConfig.from_preset("igpt-demo")
 
     # 1. palette, 2. ids cache
