@@ -7,8 +7,12 @@ A checkpoint is a directory::
       model.safetensors       weights of the uncompiled GPT (strictly loaded)
       config.json             the CheckpointRecord: model shape, objective, palette fingerprint, step, ...
       palette.npz             the palette the ids were made with (igpt.palette format)
-      train_state.pt          optimizer, data position and RNG state (pretraining checkpoints only)
+      train_state.json        pretraining checkpoints only: optimizer, data position and RNG state, the
+      train_state.safetensors   tensors in the safetensors file, the rest in the JSON (igpt.weights.trainstate)
       classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]
+
+No file of a checkpoint is a pickle, so reading one cannot run code. Checkpoints written before
+train_state.json existed hold ``train_state.pt`` instead, still read by torch's restricted unpickler.
 
 A sharded checkpoint (``--sharded-checkpoint``, ``igpt.weights.sharded``) declares ``"sharded": true`` in
 its record and holds ``sharded/`` in place of model.safetensors (the optimizer is there too).
@@ -20,23 +24,24 @@ the old checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from igpt.atomic import replacing_dir, write_json
+from igpt.atomic import read_json, replacing_dir, write_json
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.sharded import load_sharded
-from igpt.weights.tensors import build_model
+from igpt.weights.tensors import build_model, load_weight_file, unreadable
+from igpt.weights.trainstate import load_train_state_files, save_train_state
 
-WEIGHTS, CONFIG, PALETTE, STATE = "model.safetensors", "config.json", "palette.npz", "train_state.pt"
-CLASSIFIER = "classifier.safetensors"
+WEIGHTS, CONFIG, PALETTE, CLASSIFIER = "model.safetensors", "config.json", "palette.npz", "classifier.safetensors"
+STATE, STATE_TENSORS = "train_state.json", "train_state.safetensors"
+LEGACY_STATE = "train_state.pt"  # a torch.save pickle, written by earlier versions
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,7 +64,7 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, record: 
 
 def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: Palette,
                       train_state: dict[str, Any] | None) -> None:
-    """Everything of a checkpoint but its weights: palette.npz, config.json and train_state.pt."""
+    """Everything of a checkpoint but its weights: palette.npz, config.json and the train state."""
     if record.model.n_vocab != palette.k:
         raise ValueError(f"model has {record.model.n_vocab} ids but the palette has {palette.k} colours")
     if record.palette_fingerprint != palette.fingerprint():
@@ -67,7 +72,7 @@ def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: Palette
     palette.save(ckpt_dir / PALETTE)
     write_json(ckpt_dir / CONFIG, record.to_json())
     if train_state is not None:
-        torch.save(train_state, ckpt_dir / STATE)
+        save_train_state(train_state, ckpt_dir / STATE, ckpt_dir / STATE_TENSORS)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -103,11 +108,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_record(ckpt_dir: Path) -> CheckpointRecord:
-    try:
-        data = json.loads((ckpt_dir / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {ckpt_dir / CONFIG}: {e}") from None
-    return CheckpointRecord.from_json(data, str(ckpt_dir / CONFIG))
+    return CheckpointRecord.from_json(read_json(ckpt_dir / CONFIG), str(ckpt_dir / CONFIG))
 
 
 def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, CheckpointRecord]:
@@ -126,7 +127,7 @@ def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
         weights = ckpt_dir / WEIGHTS
         if not weights.is_file():
             raise ValueError(f"{ckpt_dir}: {WEIGHTS} is missing")
-        model = build_model(record.model, load_file(str(weights)), causal=causal, where=str(weights))
+        model = build_model(record.model, load_weight_file(weights), causal=causal, where=str(weights))
     return model.to(device).eval(), palette, record
 
 
@@ -135,7 +136,7 @@ def load_head(ckpt_dir: Path, record: CheckpointRecord, device: str | torch.devi
     if record.finetuned is None or not (ckpt_dir / CLASSIFIER).is_file():
         raise ValueError(f"{ckpt_dir} has no {CLASSIFIER}: it is not a fine-tuned classifier (see igpt finetune)")
     n_classes, d = record.finetuned.n_classes, record.model.n_embd
-    weight = load_file(str(ckpt_dir / CLASSIFIER)).get("head.weight")
+    weight = load_weight_file(ckpt_dir / CLASSIFIER).get("head.weight")
     if weight is None or tuple(weight.shape) != (n_classes, d):
         raise ValueError(f"{ckpt_dir / CLASSIFIER}: expected head.weight of shape ({n_classes}, {d}), got "
                          f"{None if weight is None else tuple(weight.shape)}")
@@ -146,7 +147,18 @@ def load_head(ckpt_dir: Path, record: CheckpointRecord, device: str | torch.devi
 
 
 def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
-    path = ckpt_dir / STATE
-    if not path.exists():
+    """What the trainer saved with the checkpoint (``save_checkpoint(train_state=...)``), tensors on the CPU."""
+    if (ckpt_dir / STATE).exists():
+        return load_train_state_files(ckpt_dir / STATE, ckpt_dir / STATE_TENSORS)
+    legacy = ckpt_dir / LEGACY_STATE
+    if not legacy.exists():
         raise ValueError(f"{ckpt_dir} has no {STATE}: it cannot be resumed (was it exported, not trained?)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # The one pickle igpt still reads of its own: train_state.pt of runs written by earlier versions, through
+    # torch's restricted unpickler (tensors and plain values only; any other global is refused, never run).
+    try:
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the unpickler trips on, the file is unusable
+        raise ValueError(f"{legacy} cannot be read as a train state: {unreadable(e)}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{legacy} holds a {type(state).__name__}, not a train state")
+    return state
