@@ -4,7 +4,8 @@ Everything igpt writes goes through a temporary name in the same directory (``.N
 ``os.replace``, so a reader, or a run killed at any moment (even by SIGKILL), sees the old file or the new
 one and never half of one. A temporary name in the same directory keeps the rename on one filesystem,
 where it is atomic. Files are opened normally, so they follow the umask like any other output.
-``read_json`` reads such a file back, with a one-line error naming it.
+``read_json`` and ``load_array`` read such files back, with a one-line error naming the file; arrays are
+read with pickles off, so an object array or a pickle in their place is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -112,3 +116,31 @@ def require_new(path: str | os.PathLike, flag: str = "--out") -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{flag} {path} already exists and is not empty; choose a new directory")
     return path
+
+
+def array_error(e: Exception) -> str:
+    """numpy's reason in one line; its pickle refusals (which go on to suggest unpickling) in our words."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "pickled" in text:  # np.load takes any file that is neither .npy nor .npz for a pickle
+        return "not a .npy or .npz array file (numpy would unpickle it, which igpt never does)"
+    if "Object arrays" in text or "Python objects" in text:
+        return "an array of pickled Python objects, which igpt never unpickles"
+    return text
+
+
+def load_array(path: str | os.PathLike, mmap_mode: str | None = None) -> Any:
+    """``np.load`` with pickles off: an ndarray for .npy (memory-mapped with ``mmap_mode``), an open NpzFile
+    for .npz (read its arrays with ``npz_member``). A one-line ValueError naming the file when it is not one."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: {array_error(e)}") from None
+
+
+def npz_member(npz: Any, key: str, path: str | os.PathLike) -> np.ndarray:
+    """Array ``key`` of an NpzFile opened by ``load_array`` (arrays are read on access, so this is where an
+    object array is refused); a one-line ValueError naming the file and key."""
+    try:
+        return npz[key]
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: {key}: {array_error(e)}") from None

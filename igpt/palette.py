@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from igpt.atomic import replacing
+from igpt.atomic import array_error, replacing
 
 EXTENSIONS = (".npy", ".npz")  # .npy: OpenAI's kmeans_centers.npy layout; .npz: centres plus our fit metadata
 _RANGE_SLACK = 1e-6  # centres may sit a float32 rounding outside [-1, 1]
@@ -350,8 +351,8 @@ class Palette:
             raise FileNotFoundError(f"palette file {path} does not exist")
         try:
             centers, meta = _read(path, ext)
-        except ValueError as e:  # e.g. a pickled object array, or a file that is not .npy / .npz at all
-            raise ValueError(f"palette file {path} could not be read: {e}") from e
+        except (ValueError, EOFError, zipfile.BadZipFile) as e:  # e.g. an object array, or not .npy / .npz at all
+            raise ValueError(f"palette file {path} could not be read: {array_error(e)}") from e
         if centers.ndim != 2 or centers.shape[1:] != (3,):
             raise ValueError(f"palette file {path} holds an array of shape {centers.shape}, expected (K, 3)")
         if not np.issubdtype(centers.dtype, np.floating):

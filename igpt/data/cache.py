@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from igpt.atomic import read_json, replacing, write_json
+from igpt.atomic import load_array, read_json, replacing, write_json
 from igpt.data.imageset import ImageSet
 from igpt.data.splits import RawSplit, carve_val, first_available, split_indices
 from igpt.palette import Palette
@@ -30,7 +30,7 @@ def is_cache(path: str | Path) -> bool:
 def _load(path: Path) -> np.ndarray:
     if not path.is_file():
         raise ValueError(f"{path}: missing from the prepared cache; run prepare again")
-    return np.load(path, mmap_mode="r")
+    return load_array(path, mmap_mode="r")
 
 
 def read_meta(root: Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from igpt.atomic import load_array, npz_member
 from igpt.data import cache, shard_streams, shard_writer, sources
 from igpt.data.augment import FolderImages
 from igpt.data.imageset import ImageSet, check_ids
@@ -143,12 +144,12 @@ def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:
         candidates += [Path(d.path) / "test_lossless.npy", source if source.is_absolute() else Path.cwd() / source]
     for c in candidates:
         if c.is_file() and c.suffix == ".npy":
-            mask = np.load(c, allow_pickle=False)
+            mask = load_array(c)
         elif c.is_file() and c.suffix == ".npz":
-            with np.load(c, allow_pickle=False) as z:
+            with load_array(c) as z:
                 if "test_lossless" not in z.files:
                     continue
-                mask = z["test_lossless"]
+                mask = npz_member(z, "test_lossless", c)
         else:
             continue
         if mask.shape != (n_test,) or mask.dtype != bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from igpt.atomic import load_array, npz_member
 from igpt.config import N_VOCAB  # OpenAI's files hold ids of their 512-colour palette
 from igpt.config import RESIZE_MODES
 from igpt.data.images import open_image, to_n_px
@@ -253,19 +254,20 @@ def _npz_images(x: np.ndarray, path: Path, key: str, n_px: int, resize: str) -> 
 
 
 def _read_npz(path: Path, n_px: int, resize: str) -> dict[str, RawSplit]:
-    with np.load(path) as z:
+    with load_array(path) as z:
         if "x_train" not in z.files:
             raise ValueError(f"{path}: no 'x_train' array (found {', '.join(z.files) or 'none'}); expected "
                              "x_train [y_train, x_val, y_val, x_test, y_test, label_names]")
-        classes = [str(n) for n in z["label_names"]] if "label_names" in z.files else None
+        member = (lambda key: npz_member(z, key, path))  # noqa: E731
+        classes = [str(n) for n in member("label_names")] if "label_names" in z.files else None
         out = {}
         for split in ("train", "val", "test"):
             if f"x_{split}" not in z.files:
                 continue
-            x = _npz_images(z[f"x_{split}"], path, f"x_{split}", n_px, resize)
+            x = _npz_images(member(f"x_{split}"), path, f"x_{split}", n_px, resize)
             labels = None
             if f"y_{split}" in z.files:
-                labels = np.asarray(z[f"y_{split}"]).astype(np.int64)
+                labels = np.asarray(member(f"y_{split}")).astype(np.int64)
                 labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
                 if labels.shape != (len(x),):
                     raise ValueError(f"{path}: y_{split} has shape {labels.shape}, expected ({len(x)},)")
@@ -274,7 +276,7 @@ def _read_npz(path: Path, n_px: int, resize: str) -> dict[str, RawSplit]:
 
 
 def _openai_ids(path: Path, n_px: int) -> np.ndarray:
-    x = np.load(path, mmap_mode="r")
+    x = load_array(path, mmap_mode="r")
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"{path}: expected integer ids (N, T), got {x.dtype} {x.shape}")
     if x.shape[1] != n_px * n_px:
@@ -289,7 +291,7 @@ def _openai_ids(path: Path, n_px: int) -> np.ndarray:
 
 
 def _openai_labels(path: Path, n: int) -> np.ndarray:
-    y = np.load(path, mmap_mode="r")  # (N, C) one-hot; ImageNet's is ~5 GB as float32, so read it in chunks
+    y = load_array(path, mmap_mode="r")  # (N, C) one-hot; ImageNet's is ~5 GB as float32, so read it in chunks
     if y.ndim != 2 or len(y) != n:
         raise ValueError(f"{path}: expected one-hot labels ({n}, C), got shape {y.shape}")
     labels = np.empty(n, np.int64)

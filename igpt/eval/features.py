@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from igpt.atomic import replacing
+from igpt.atomic import load_array, npz_member, replacing
 from igpt.config import FeatureConfig
 from igpt.data.imageset import ImageSet
 from igpt.data.streams import to_ids
@@ -143,8 +143,8 @@ def cached_extract(model: GPT, images: ImageSet, palette: Palette, cfg: FeatureC
     key = cache_key(model_identity, images, split, cfg, model.causal, layers)
     path = Path(cache_dir) / f"feats-{split}-{key}.npz"
     if cfg.cache and path.is_file():
-        with np.load(path) as z:
-            return {int(name.split("_")[1]): z[name] for name in z.files}
+        with load_array(path) as z:
+            return {int(name.split("_")[1]): npz_member(z, name, path) for name in z.files}
     feats = extract(model, images, palette, cfg, layers=layers, progress=progress, desc=f"features {split}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # through a handle: np.savez would append .npz to the temporary name
