@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 import igpt
 from igpt.palette import Palette
@@ -110,8 +112,6 @@ def test_records_of_the_first_format_still_load(tmp_path, nano_model, palette16)
 
 def optimizer_state(model) -> dict:
     """What the pretraining trainer saves: the full, name-keyed AdamW state after one step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     opt = torch.optim.AdamW([{"params": [model.sos], "weight_decay": 0.0},
                              {"params": [p for n, p in model.named_parameters() if n != "sos"]}],
                             lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
@@ -130,7 +130,7 @@ def same(a, b) -> bool:
         return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b or (a != a and b != b)  # nan equals nan here
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
 
 
 def test_train_state_round_trips_exactly_without_pickle(tmp_path, nano_model, palette16):
