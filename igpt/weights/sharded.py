@@ -26,7 +26,7 @@ and byte items through ``torch.load(weights_only=True)`` (tensors, numbers, stri
 
 from __future__ import annotations
 
-import dataclasses
+import io
 import pickle
 import shutil
 import warnings
@@ -40,7 +40,7 @@ from torch.distributed.checkpoint._traverse import set_element  # what DefaultLo
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                                    TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.futures import Future
@@ -136,8 +136,9 @@ def read_metadata(path: Path) -> Metadata:
 
 
 class _Reader(FileSystemReader):
-    """DCP's file reader with the metadata read by ``read_metadata``, and each shard file's failure reported
-    as a one-line error naming that file."""
+    """DCP's file reader with the metadata read by ``read_metadata`` and every item read here: tensors with
+    ``torch.load(weights_only=True)`` (DCP's own reader passes no ``weights_only`` before torch 2.6, so its
+    default there unpickles in full), byte items by the planner. A failure is one line naming its shard file."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")  # newer DCP falls back to per-rank metadata files
@@ -152,13 +153,40 @@ class _Reader(FileSystemReader):
         for item in plan.items:
             files.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
         for name, items in files.items():
+            path = Path(self.path) / name
             try:
-                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+                with open(path, "rb") as f:
+                    for item in sorted(items, key=lambda it: self.storage_data[it.storage_index].offset):
+                        self._read_item(f, item, planner)
             except Exception as e:
-                raise _FileError(f"{Path(self.path) / name}: {unreadable(e)}") from e
+                raise _FileError(f"{path}: {unreadable(e)}") from e
         done: Future = Future()
         done.set_result(None)
         return done
+
+    def _read_item(self, f: Any, item: ReadItem, planner: LoadPlanner) -> None:
+        where = self.storage_data[item.storage_index]
+        if getattr(where, "transform_descriptors", None):  # compression etc.: never written by igpt
+            raise ValueError(f"item {item.storage_index.fqn} is stored with transforms "
+                             f"{list(where.transform_descriptors)}, which igpt does not read")
+        f.seek(where.offset)
+        blob = f.read(where.length)
+        if len(blob) != where.length:
+            raise EOFError
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(blob))
+            return
+        tensor = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"item {item.storage_index.fqn} holds a {type(tensor).__name__}, not a tensor")
+        for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+            tensor = tensor.narrow(dim, start, length)  # the part of the stored chunk this rank needs
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise ValueError(f"item {item.storage_index.fqn} has shape {tuple(tensor.size())} where "
+                             f"{tuple(target.size())} is needed")
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
 
 
 class _Planner(DefaultLoadPlanner):
