@@ -245,6 +245,12 @@ def cifar_case(tmp, marker, run):
     return lambda: open_split(root, "train", n_px=8), root / "data_batch_1"
 
 
+def stl10_case(tmp, marker, run):
+    (tmp / "stl10_binary").mkdir()
+    as_pickle(tmp / "stl10_binary" / "train_X.bin", marker)  # raw pixel bytes: a pickle is just bytes here
+    return lambda: open_split(tmp / "stl10_binary", "train", n_px=8), tmp / "stl10_binary" / "train_X.bin"
+
+
 def image_folder_case(tmp, marker, run):
     (tmp / "images").mkdir()
     as_pickle(tmp / "images" / "a.png", marker)
@@ -329,6 +335,7 @@ CASES = {
     "openai data _trX.npy": openai_data_case("X"),
     "openai data _trY.npy": openai_data_case("Y"),
     "cifar python pickle": cifar_case,
+    "stl-10 binary": stl10_case,
     "image folder file": image_folder_case,
     "cache meta.json": cache_case("meta.json", as_pickle),
     "cache train_pixels.npy": cache_case("train_pixels.npy", as_npy),

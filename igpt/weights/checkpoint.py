@@ -11,11 +11,12 @@ A checkpoint is a directory::
       train_state.safetensors   tensors in the safetensors file, the rest in the JSON (igpt.weights.trainstate)
       classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]
 
-No file of a checkpoint is a pickle, so reading one cannot run code. Checkpoints written before
+None of these files is a pickle, so reading them cannot run code. Checkpoints written before
 train_state.json existed hold ``train_state.pt`` instead, still read by torch's restricted unpickler.
 
 A sharded checkpoint (``--sharded-checkpoint``, ``igpt.weights.sharded``) declares ``"sharded": true`` in
-its record and holds ``sharded/`` in place of model.safetensors (the optimizer is there too).
+its record and holds ``sharded/`` in place of model.safetensors (the optimizer is there too). DCP writes
+those files with pickle; ``igpt.weights.sharded`` reads them with restricted unpicklers.
 
 A run directory holds ``checkpoints/step-*``; ``resolve_checkpoint(run_dir)`` is the newest complete one.
 Each directory is assembled under a temporary name and renamed into place, so a crash (even SIGKILL) leaves

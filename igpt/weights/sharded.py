@@ -18,10 +18,11 @@ keyed by parameter name and global shape, not by process, so a run resumes on an
 ``model.safetensors`` checkpoint. As with full checkpoints the directory is assembled under a temporary
 name and renamed into place (under torchrun that name must be on a filesystem every node sees).
 
-DCP's own reader would run code from a tampered checkpoint: it reads ``.metadata`` with ``pickle.load`` and
-every non-tensor item (the optimizer's ``param_groups``) with ``torch.load(weights_only=False)``. Here
-``.metadata`` goes through ``MetadataUnpickler``, which rebuilds DCP's metadata classes and nothing else,
-and byte items through ``torch.load(weights_only=True)`` (tensors, numbers, strings, tuples, lists, dicts).
+DCP's own reader would run code from a tampered checkpoint: it reads ``.metadata`` with ``pickle.load``,
+every non-tensor item (the optimizer's ``param_groups``) with ``torch.load(weights_only=False)``, and,
+before torch 2.6, the tensors with an unrestricted ``torch.load`` too. Here ``.metadata`` goes through
+``MetadataUnpickler``, which rebuilds DCP's metadata classes and nothing else, and every item through
+``torch.load(weights_only=True)`` (tensors, numbers, strings, tuples, lists, dicts).
 """
 
 from __future__ import annotations
