@@ -154,8 +154,8 @@ def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
     legacy = ckpt_dir / LEGACY_STATE
     if not legacy.exists():
         raise ValueError(f"{ckpt_dir} has no {STATE}: it cannot be resumed (was it exported, not trained?)")
-    # The one pickle igpt still reads of its own: train_state.pt of runs written by earlier versions, through
-    # torch's restricted unpickler (tensors and plain values only; any other global is refused, never run).
+    # The only pickle of igpt's own formats still read: train_state.pt of runs written by earlier versions,
+    # through torch's restricted unpickler (tensors and plain values only; any other global is refused).
     try:
         state = torch.load(legacy, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever the unpickler trips on, the file is unusable
