@@ -4,7 +4,8 @@ Everything igpt writes goes through a temporary name in the same directory (``.N
 ``os.replace``, so a reader, or a run killed at any moment (even by SIGKILL), sees the old file or the new
 one and never half of one. A temporary name in the same directory keeps the rename on one filesystem,
 where it is atomic. Files are opened normally, so they follow the umask like any other output.
-``read_json`` reads such a file back, with a one-line error naming it.
+``read_json`` and ``load_array`` read such files back, with a one-line error naming the file; arrays are
+read with pickles off, so an object array or a pickle in their place is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
 
 
 def temp_path(path: str | os.PathLike) -> Path:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from igpt.arrays import UNREADABLE, array_error
 from igpt.atomic import replacing
 from igpt.config import N_VOCAB
 
@@ -363,8 +364,8 @@ class Palette:
             raise FileNotFoundError(f"palette file {path} does not exist")
         try:
             centers, meta = _read(path, ext)
-        except ValueError as e:  # e.g. a pickled object array, or a file that is not .npy / .npz at all
-            raise ValueError(f"palette file {path} could not be read: {e}") from e
+        except UNREADABLE as e:  # e.g. an object array, or not .npy / .npz at all
+            raise ValueError(f"palette file {path} could not be read: {array_error(e)}") from e
         if centers.ndim != 2 or centers.shape[1:] != (3,):
             raise ValueError(f"palette file {path} holds an array of shape {centers.shape}, expected (K, 3)")
         if not np.issubdtype(centers.dtype, np.floating):

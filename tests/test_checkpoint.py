@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 import igpt
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
-from igpt.weights.checkpoint import save_checkpoint
+from igpt.weights.checkpoint import load_train_state, save_checkpoint
 from igpt.weights.convert import load as load_checkpoint
 
 
@@ -105,3 +108,54 @@ def test_records_of_the_first_format_still_load(tmp_path, nano_model, palette16)
     path.write_text(json.dumps({**v1, "format_version": 7}))
     with pytest.raises(ValueError, match="config.json: format_version 7"):
         igpt.load(tmp_path / "old")
+
+
+def optimizer_state(model) -> dict:
+    """What the pretraining trainer saves: the full, name-keyed AdamW state after one step."""
+    opt = torch.optim.AdamW([{"params": [model.sos], "weight_decay": 0.0},
+                             {"params": [p for n, p in model.named_parameters() if n != "sos"]}],
+                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    model(torch.randint(0, 16, (2, 16))).sum().backward()
+    opt.step()
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def same(a, b) -> bool:
+    """Equal values of the same types, tensors bit for bit (dtype and shape too)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+def test_train_state_round_trips_exactly_without_pickle(tmp_path, nano_model, palette16):
+    state = {"step": 3, "stream": {"epoch": 1, "pos": 48}, "torch_rng": torch.get_rng_state(),
+             "optimizer": optimizer_state(nano_model), "extra": [None, True, 0.1, -0.0, float("inf"), float("nan"),
+                                                                  (1, "a"), torch.tensor(2.5, dtype=torch.bfloat16)]}
+    save_checkpoint(tmp_path / "ckpt", nano_model, palette16, rec(nano_model, palette16), train_state=state)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json", "model.safetensors", "palette.npz", "train_state.json", "train_state.safetensors"]
+    assert b"\x80" not in (tmp_path / "ckpt" / "train_state.json").read_bytes()[:2]  # JSON, not a pickle
+    back = load_train_state(tmp_path / "ckpt")
+    assert same(back, state)
+    assert back["optimizer"]["param_groups"][1]["betas"] == (0.9, 0.95)
+    with pytest.raises(ValueError, match="train state: stream/pos is a numpy.int64"):
+        save_checkpoint(tmp_path / "bad", nano_model, palette16, rec(nano_model, palette16),
+                        train_state={"stream": {"pos": np.int64(3)}})
+    assert not (tmp_path / "bad").exists()  # nothing half written
+
+
+def test_a_legacy_train_state_pt_still_reads(tmp_path, nano_model, palette16):
+    state = {"step": 3, "stream": {"epoch": 0, "pos": 16}, "torch_rng": torch.get_rng_state(),
+             "optimizer": optimizer_state(nano_model)}
+    save_checkpoint(tmp_path / "old", nano_model, palette16, rec(nano_model, palette16))
+    torch.save(state, tmp_path / "old" / "train_state.pt")  # as earlier versions wrote it
+    assert same(load_train_state(tmp_path / "old"), state)
+    (tmp_path / "old" / "train_state.pt").unlink()
+    with pytest.raises(ValueError, match="has no train_state.json: it cannot be resumed"):
+        load_train_state(tmp_path / "old")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from igpt.atomic import read_json, replacing, write_json
-from igpt.data.arrays import load_npy
+from igpt.arrays import load_npy
 from igpt.data.imageset import ImageSet, check_labels
 from igpt.data.splits import RawSplit, carve_val, first_available, split_indices
 from igpt.palette import Palette

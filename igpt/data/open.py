@@ -35,7 +35,7 @@ import torch
 from igpt.atomic import check_output
 from igpt.config import check_seed
 from igpt.data import cache, shard_streams, shard_writer, sources
-from igpt.data.arrays import load_npy, npz_array, open_npz
+from igpt.arrays import load_npy, npz_array, open_npz
 from igpt.data.augment import FolderImages
 from igpt.data.imageset import ImageSet, check_ids
 from igpt.data.shards import ShardIndex, is_shard_dir

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from igpt.arrays import load_npy
 from igpt.atomic import read_json
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,7 @@ def _read_index(tar: Path, idx: Path, n: int, size: int) -> np.ndarray:
     if tar.stat().st_size != size:
         raise ValueError(f"{tar}: {tar.stat().st_size} bytes, {SHARDS_FILE} says {size}: truncated or "
                          "overwritten; run prepare again")
-    try:
-        rows = np.load(idx, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{idx}: unreadable shard index: {e}") from e
+    rows = load_npy(idx)
     if rows.shape != (n, 3) or rows.dtype != np.int64:
         raise ValueError(f"{idx}: {rows.dtype} {rows.shape}, expected int64 ({n}, 3); run prepare again")
     if n and ((rows[:, 0] < 0).any() or (rows[:, 0] + rows[:, 1]).max() > size):

@@ -30,7 +30,7 @@ import numpy as np
 
 from igpt.config import N_VOCAB  # OpenAI's files hold ids of their 512-colour palette
 from igpt.config import RESIZE_MODES
-from igpt.data.arrays import load_npy, npz_array, open_npz
+from igpt.arrays import load_npy, npz_array, open_npz
 from igpt.data.images import open_image, to_n_px
 from igpt.data.imageset import check_labels
 from igpt.data.splits import RawSplit

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from igpt.atomic import replacing
 from igpt.config import FeatureConfig
-from igpt.data.arrays import npz_array, open_npz
+from igpt.arrays import npz_array, open_npz
 from igpt.data.imageset import ImageSet
 from igpt.data.streams import to_ids
 from igpt.model import GPT
@@ -188,9 +188,9 @@ def _write_feats(path: Path, feats: dict[int, np.ndarray], done: int | None = No
 def _read_feats(path: Path) -> tuple[int, dict[int, np.ndarray]]:
     """(images done, {layer: feats}) of a file ``_write_feats`` wrote (pickles refused)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            feats = {int(name.split("_")[1]): z[name] for name in z.files if name.startswith("layer_")}
-            done = int(z["done"]) if "done" in z.files else len(next(iter(feats.values())))
-    except (OSError, ValueError, KeyError, StopIteration) as e:
-        raise ValueError(f"{path} is not a readable feature file ({e}); delete it to extract again") from None
+        with open_npz(path) as z:
+            feats = {int(name.split("_")[1]): npz_array(z, name, path) for name in z.files if name.startswith("layer_")}
+            done = int(npz_array(z, "done", path)) if "done" in z.files else len(next(iter(feats.values())))
+    except (ValueError, StopIteration) as e:  # a damaged cache file (the error names it): say how to do without it
+        raise ValueError(f"{e or path}; delete it, or pass --no-cache") from None
     return done, feats

@@ -7,11 +7,16 @@ A checkpoint is a directory::
       model.safetensors       weights of the uncompiled GPT (strictly loaded)
       config.json             the CheckpointRecord: model shape, objective, palette fingerprint, step, ...
       palette.npz             the palette the ids were made with (igpt.palette format)
-      train_state.pt          optimizer, data position and RNG state (pretraining checkpoints only)
+      train_state.json        pretraining checkpoints only: optimizer, data position and RNG state, the
+      train_state.safetensors   tensors in the safetensors file, the rest in the JSON (igpt.weights.trainstate)
       classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]
 
+None of these files is a pickle, so reading them cannot run code. Checkpoints written before
+train_state.json existed hold ``train_state.pt`` instead, still read by torch's restricted unpickler.
+
 A sharded checkpoint (``--sharded-checkpoint``, ``igpt.weights.sharded``) declares ``"sharded": true`` in
-its record and holds ``sharded/`` in place of model.safetensors (the optimizer is there too).
+its record and holds ``sharded/`` in place of model.safetensors (the optimizer is there too). DCP writes
+those files with pickle; ``igpt.weights.sharded`` reads them with restricted unpicklers.
 
 A run directory holds ``checkpoints/step-*``; ``resolve_checkpoint(run_dir)`` is the newest complete one.
 Each directory is assembled under a temporary name and renamed into place, so a crash (even SIGKILL) leaves
@@ -20,22 +25,23 @@ the old checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
-from igpt.atomic import remove_dir, replacing_dir, write_error, write_json
+from igpt.atomic import read_json, remove_dir, replacing_dir, write_error, write_json
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.sharded import load_sharded
-from igpt.weights.tensors import build_model, load_weight_file, save_tensors
+from igpt.weights.tensors import build_model, load_weight_file, save_tensors, unreadable
+from igpt.weights.trainstate import load_train_state_files, save_train_state
 
-WEIGHTS, CONFIG, PALETTE, STATE = "model.safetensors", "config.json", "palette.npz", "train_state.pt"
-CLASSIFIER = "classifier.safetensors"
+WEIGHTS, CONFIG, PALETTE, CLASSIFIER = "model.safetensors", "config.json", "palette.npz", "classifier.safetensors"
+STATE, STATE_TENSORS = "train_state.json", "train_state.safetensors"
+LEGACY_STATE = "train_state.pt"  # a torch.save pickle, written by earlier versions
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,7 +80,7 @@ def nbytes(obj: Any) -> int:
 
 def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: Palette,
                       train_state: dict[str, Any] | None) -> None:
-    """Everything of a checkpoint but its weights: palette.npz, config.json and train_state.pt."""
+    """Everything of a checkpoint but its weights: palette.npz, config.json and the train state."""
     if record.model.n_vocab != palette.k:
         raise ValueError(f"model has {record.model.n_vocab} ids but the palette has {palette.k} colours")
     if record.palette_fingerprint != palette.fingerprint():
@@ -82,7 +88,7 @@ def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: Palette
     palette.save(ckpt_dir / PALETTE)
     write_json(ckpt_dir / CONFIG, record.to_json())
     if train_state is not None:
-        torch.save(train_state, ckpt_dir / STATE)
+        save_train_state(train_state, ckpt_dir / STATE, ckpt_dir / STATE_TENSORS)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -120,11 +126,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_record(ckpt_dir: Path) -> CheckpointRecord:
-    try:
-        data = json.loads((ckpt_dir / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {ckpt_dir / CONFIG}: {e}") from None
-    return CheckpointRecord.from_json(data, str(ckpt_dir / CONFIG))
+    return CheckpointRecord.from_json(read_json(ckpt_dir / CONFIG), str(ckpt_dir / CONFIG))
 
 
 def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, CheckpointRecord]:
@@ -163,7 +165,18 @@ def load_head(ckpt_dir: Path, record: CheckpointRecord, device: str | torch.devi
 
 
 def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
-    path = ckpt_dir / STATE
-    if not path.exists():
+    """What the trainer saved with the checkpoint (``save_checkpoint(train_state=...)``), tensors on the CPU."""
+    if (ckpt_dir / STATE).exists():
+        return load_train_state_files(ckpt_dir / STATE, ckpt_dir / STATE_TENSORS)
+    legacy = ckpt_dir / LEGACY_STATE
+    if not legacy.exists():
         raise ValueError(f"{ckpt_dir} has no {STATE}: it cannot be resumed (was it exported, not trained?)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # The only pickle of igpt's own formats still read: train_state.pt of runs written by earlier versions,
+    # through torch's restricted unpickler (tensors and plain values only; any other global is refused).
+    try:
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the unpickler trips on, the file is unusable
+        raise ValueError(f"{legacy} cannot be read as a train state: {unreadable(e)}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{legacy} holds a {type(state).__name__}, not a train state")
+    return state

@@ -9,31 +9,62 @@ keyed by parameter name and global shape, not by process, so a run resumes on an
     step-0001000/
       config.json         the record, with "sharded": true (its declared kind) and "saved_by_processes"
       palette.npz
-      train_state.pt      step, data position and RNG state (the optimizer is in the shards)
+      train_state.json    step, data position and RNG state (the optimizer is in the shards),
+      train_state.safetensors   as in a full checkpoint
       sharded/            DCP files: .metadata and one __<rank>_<n>.distcp per writing process
                           {"model": name-keyed weights, "optim": name-keyed Adam state}
 
 ``igpt.load`` reads it directly in one process; ``igpt convert --consolidate`` turns it into a single
 ``model.safetensors`` checkpoint. As with full checkpoints the directory is assembled under a temporary
 name and renamed into place (under torchrun that name must be on a filesystem every node sees).
+
+DCP's own reader would run code from a tampered checkpoint: it reads ``.metadata`` with ``pickle.load``,
+every non-tensor item (the optimizer's ``param_groups``) with ``torch.load(weights_only=False)``, and,
+before torch 2.6, the tensors with an unrestricted ``torch.load`` too. Here ``.metadata`` goes through
+``MetadataUnpickler``, which rebuilds DCP's metadata classes and nothing else, and every item through
+``torch.load(weights_only=True)`` (tensors, numbers, strings, tuples, lists, dicts).
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 import shutil
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from torch.futures import Future
 
 from igpt.atomic import move_into_place
 from igpt.distributed import World, barrier
+from igpt.weights.tensors import unreadable
 
-SHARDS = "sharded"
+SHARDS, METADATA = "sharded", ".metadata"  # DCP's name for its index of the shards
+
+# Every global a DCP .metadata pickle names (found by listing the find_class calls that reading our sharded
+# checkpoints makes): the metadata dataclasses and the enum TensorProperties stores its memory format as,
+# _StorageInfo (where each item's bytes lie), torch.Size, the dtypes, and torch's layout lookup by name.
+_METADATA_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+    "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout")}
+_DTYPES = {name for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+# StorageMeta.checkpoint_id is the path it was saved to; as a pure path it never touches the filesystem,
+# and a checkpoint written on another OS still reads.
+_PATHS = {"PosixPath": PurePosixPath, "PurePosixPath": PurePosixPath, "WindowsPath": PureWindowsPath,
+          "PureWindowsPath": PureWindowsPath}
 
 
 def _no_dist() -> bool:
@@ -59,19 +90,149 @@ def save_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
     barrier(world)
 
 
+class MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's metadata and nothing else: any global outside ``_METADATA_GLOBALS``, the dtypes and
+    the path classes (a function such as os.system, any class that runs code as it is built) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and name in _DTYPES):
+            return super().find_class(module, name)
+        if module == "pathlib" and name in _PATHS:
+            return _PATHS[name]
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP metadata never holds: refused, "
+                                     "nothing in it was run")
+
+
+class _FileError(ValueError):
+    """A one-line error that already names the file it is about."""
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
+def read_metadata(path: Path) -> Metadata:
+    """The DCP index ``path`` (``sharded/.metadata``), unpickled by ``MetadataUnpickler`` and checked to
+    point only at files beside it; a one-line ValueError naming it when it is missing, corrupt or hostile."""
+    try:
+        with open(path, "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise _FileError(f"{path} is missing: the sharded checkpoint is incomplete") from None
+    except Exception as e:  # a truncated or tampered pickle trips the unpickler in any number of ways
+        raise _FileError(f"{path} is not readable DCP metadata: {unreadable(e)}") from e
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
+            and isinstance(metadata.storage_data, dict)
+            and isinstance(metadata.storage_meta, (StorageMeta, type(None)))):
+        raise _FileError(f"{path} is not DCP metadata (it holds a {type(metadata).__name__})")
+    for key, kind in metadata.state_dict_metadata.items():
+        if not isinstance(key, str) or not isinstance(kind, (TensorStorageMetadata, BytesStorageMetadata)):
+            raise _FileError(f"{path}: entry {key!r} is a {type(kind).__name__}, not tensor or bytes metadata")
+    for index, where in metadata.storage_data.items():
+        if not (isinstance(index, MetadataIndex) and isinstance(where, _StorageInfo)
+                and _plain_name(where.relative_path)):
+            raise _FileError(f"{path}: item {getattr(index, 'fqn', index)!r} points at "
+                             f"{getattr(where, 'relative_path', where)!r}, not at a shard file beside it")
+    return metadata
+
+
+class _Reader(FileSystemReader):
+    """DCP's file reader with the metadata read by ``read_metadata`` and every item read here: tensors with
+    ``torch.load(weights_only=True)`` (DCP's own reader passes no ``weights_only`` before torch 2.6, so its
+    default there unpickles in full), byte items by the planner. A failure is one line naming its shard file."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")  # newer DCP falls back to per-rank metadata files
+        metadata = read_metadata(Path(self.path) / (METADATA if rank is None else f"__{rank}{METADATA}"))
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+        return metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        files: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            files.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in files.items():
+            path = Path(self.path) / name
+            try:
+                with open(path, "rb") as f:
+                    for item in sorted(items, key=lambda it: self.storage_data[it.storage_index].offset):
+                        self._read_item(f, item, planner)
+            except Exception as e:
+                raise _FileError(f"{path}: {unreadable(e)}") from e
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _read_item(self, f: Any, item: ReadItem, planner: LoadPlanner) -> None:
+        where = self.storage_data[item.storage_index]
+        if getattr(where, "transform_descriptors", None):  # compression etc.: never written by igpt
+            raise ValueError(f"item {item.storage_index.fqn} is stored with transforms "
+                             f"{list(where.transform_descriptors)}, which igpt does not read")
+        f.seek(where.offset)
+        blob = f.read(where.length)
+        if len(blob) != where.length:
+            raise EOFError
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(blob))
+            return
+        tensor = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"item {item.storage_index.fqn} holds a {type(tensor).__name__}, not a tensor")
+        for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+            tensor = tensor.narrow(dim, start, length)  # the part of the stored chunk this rank needs
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise ValueError(f"item {item.storage_index.fqn} has shape {tuple(tensor.size())} where "
+                             f"{tuple(target.size())} is needed")
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
+
+
+class _Planner(DefaultLoadPlanner):
+    """DefaultLoadPlanner, but a byte item (a non-tensor value: the optimizer's learning rate, betas, flags and
+    parameter names) is read by torch's restricted unpickler instead of ``torch.load(weights_only=False)``."""
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"item {read_item.dest_index.fqn}: {unreadable(e)}") from e
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _failure(e: BaseException) -> BaseException:
+    """The exception inside DCP's CheckpointException (the first failing rank's), or ``e`` itself."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
+
+
 def load_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Collective: fill ``model`` (plain, DDP-replicated or FSDP-sharded) and ``optimizer`` from a sharded
     checkpoint written by any number of processes. A tensor missing from the checkpoint is an error."""
+    root = Path(ckpt_dir) / SHARDS
+    read_metadata(root / METADATA)  # a bad index fails here in one line, before DCP logs its own retries
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     try:
         with warnings.catch_warnings():  # DCP warns that a single process is assumed, which is the point
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(state, checkpoint_id=Path(ckpt_dir) / SHARDS, no_dist=_no_dist())
-    except Exception as e:  # DCP wraps per-rank failures in its own exception types
-        raise ValueError(f"{ckpt_dir / SHARDS}: cannot load this sharded checkpoint into the model: "
-                         f"{str(e).strip().splitlines()[-1][:300]}") from e
+            dcp.load(state, storage_reader=_Reader(root), planner=_Planner(), no_dist=_no_dist())
+    # CheckpointException derives from BaseException, so it is named: DCP wraps every rank's failure in it
+    except (Exception, CheckpointException) as e:
+        cause = _failure(e)
+        if not isinstance(cause, Exception):  # a KeyboardInterrupt or SystemExit inside DCP stays one
+            raise cause from e
+        if isinstance(cause, _FileError):
+            raise ValueError(str(cause)) from e
+        raise ValueError(f"{root}: cannot load this sharded checkpoint into the model: "
+                         f"{unreadable(cause)}") from e
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -3,6 +3,7 @@ shape checks that name the tensor, and building a model that holds exactly the g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -44,6 +45,20 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, causal: bool =
     return model.eval()
 
 
+def unreadable(e: BaseException) -> str:
+    """Why a file could not be read, in one line. For a pickle that torch's restricted loader refused: what
+    it asked for (torch's own message goes on to suggest loading the file unrestricted, which would run it)."""
+    text = str(e).strip()
+    if isinstance(e, EOFError):
+        return "it ends early: the file is truncated"
+    if "Weights only load failed" in text:
+        name, op = re.search(r"GLOBAL ([\w.]+)", text), re.search(r"Unsupported operand (\d+)", text)
+        what = (f"needs {name.group(1)}" if name else f"uses pickle opcode {op.group(1)}" if op
+                else "needs more than tensors and plain values")
+        return f"it holds a pickle that {what}: refused, nothing in it was run"
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file, or a PyTorch ``.bin`` read with ``weights_only`` (a pickle that needs anything
     but tensors is refused, never executed)."""
@@ -52,8 +67,7 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever the parser trips on, the answer is: this file is not usable weights
-        raise ValueError(f"{path} cannot be read as weights (without executing pickled code): "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ValueError(f"{path} cannot be read as weights: {unreadable(e)}") from e
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -15,10 +15,11 @@ import numpy as np
 
 # What numpy raises on a file it cannot read: ValueError (object arrays, bad headers, short memory maps),
 # OSError and EOFError (truncated files), and from the zip layer of an .npz BadZipFile and zlib.error.
-_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
-def _reason(e: BaseException) -> str:
+def array_error(e: BaseException) -> str:
+    """numpy's reason in one line; its refusals to unpickle (which go on to suggest unpickling) in our words."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "Object arrays cannot be loaded" in text or "Python objects in dtype" in text:
         return ("it holds Python objects (a pickled object array), which igpt does not unpickle; store numbers, "
@@ -32,8 +33,8 @@ def load_npy(path: str | Path, *, mmap: bool = False) -> np.ndarray:
     """The array of the .npy file ``path`` (memory-mapped read-only with ``mmap``)."""
     try:
         x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except _UNREADABLE as e:
-        raise ValueError(f"{path}: not a readable .npy array: {_reason(e)}") from None
+    except UNREADABLE as e:
+        raise ValueError(f"{path}: not a readable .npy array: {array_error(e)}") from None
     if not isinstance(x, np.ndarray):
         x.close()
         raise ValueError(f"{path}: is an .npz archive, expected one .npy array")
@@ -45,8 +46,8 @@ def open_npz(path: str | Path) -> Iterator[Any]:
     """The archive of the .npz file ``path`` (numpy's NpzFile); read its arrays with ``npz_array``."""
     try:
         z = np.load(path, allow_pickle=False)
-    except _UNREADABLE as e:
-        raise ValueError(f"{path}: not a readable .npz archive: {_reason(e)}") from None
+    except UNREADABLE as e:
+        raise ValueError(f"{path}: not a readable .npz archive: {array_error(e)}") from None
     if isinstance(z, np.ndarray):
         raise ValueError(f"{path}: holds one .npy array, expected an .npz archive")
     with z:
@@ -57,5 +58,5 @@ def npz_array(z: Any, key: str, path: str | Path) -> np.ndarray:
     """The array ``key`` of an archive from ``open_npz(path)``."""
     try:
         return z[key]
-    except _UNREADABLE as e:
-        raise ValueError(f"{path}: array {key!r} cannot be read: {_reason(e)}") from None
+    except UNREADABLE as e:
+        raise ValueError(f"{path}: array {key!r} cannot be read: {array_error(e)}") from None
