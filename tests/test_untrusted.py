@@ -347,6 +347,9 @@ CASES = {
     "feature cache .npz": features_case,
 }
 NEEDS_RUN = ("train_state", "resume", "sharded")
+# metrics.jsonl's last line is dropped with a warning when it is not a record (what a kill in mid-append
+# leaves), so a garbage file is read as empty and the resume goes on; what matters is that nothing runs.
+RECOVERS = {"resume: metrics.jsonl"}
 
 
 @pytest.mark.parametrize("kind", CASES)
@@ -358,6 +361,9 @@ def test_a_hostile_file_is_refused_and_never_run(kind, tmp_path, request):
     marker = tmp_path / "MARKER"
     call, named = CASES[kind](tmp_path, marker, run)
     try:
+        if kind in RECOVERS:
+            call()
+            return
         with pytest.raises(ValueError) as info:
             call()
     finally:

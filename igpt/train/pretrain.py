@@ -161,9 +161,10 @@ class Trainer:
         return read_run_file(self.run_dir).get("palette_fingerprint")
 
     def restore(self) -> None:
-        """Continue from the newest checkpoint that reads whole. One that does not (a truncated file, a
-        corrupt training state) is set aside as ``.step-N.unreadable`` with a warning, and the one before it
-        is used."""
+        """Continue from the newest checkpoint that reads whole. Newer ones that do not (a truncated file, a
+        corrupt training state) are set aside as ``.step-N.unreadable``, with a warning each; when none reads,
+        nothing is moved and the error names the newest one's fault."""
+        failed: list[tuple[Path, str]] = []
         for ckpt_dir in reversed(ckpt.step_checkpoints(self.run_dir)):
             try:
                 self._restore_from(ckpt_dir)
@@ -173,17 +174,15 @@ class Trainer:
                     raise
                 reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
                 log.warning("%s cannot be resumed from (%s); trying the checkpoint before it", ckpt_dir, reason)
-                barrier(self.world)
-                if self.world.is_main:
-                    aside = ckpt_dir.with_name(f".{ckpt_dir.name}.unreadable")
-                    shutil.rmtree(aside, ignore_errors=True)
-                    ckpt_dir.rename(aside)
-                barrier(self.world)
+                failed.append((ckpt_dir, reason))
         else:
-            raise ValueError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir / 'checkpoints'} can be "
-                             "read; unreadable ones were renamed .step-N.unreadable")
-        barrier(self.world)  # every rank has read the checkpoint before rank 0 may rewrite the metrics
+            raise ValueError(f"--resume {self.run_dir}: no checkpoint can be read; the newest: {failed[0][1]}")
+        barrier(self.world)  # every rank has read the checkpoint before rank 0 renames or rewrites anything
         if self.world.is_main:
+            for ckpt_dir, _ in failed:  # newer than the one resumed from: they would be taken for the newest
+                aside = ckpt_dir.with_name(f".{ckpt_dir.name}.unreadable")
+                shutil.rmtree(aside, ignore_errors=True)
+                ckpt_dir.rename(aside)
             truncate_metrics(self.run_dir, self.step)
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
