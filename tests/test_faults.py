@@ -345,3 +345,68 @@ def test_outputs_are_not_replaced_silently(tmp_path, straight):
                           ("pretrain", [*FLAGS, "--data", "digits", "--out", str(mine)])]:
         assert str(mine) in error_line(igpt_cli(command, *args), command)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+# A signal that arrives at a chosen moment of a fine-tune or a probe: sent by the process to itself from
+# inside the work, so the test does not race the work.
+SIGNAL_AT = """
+import importlib, os, signal, sys
+from igpt.cli import main
+where, at = {where!r}, {at}
+calls = [0]
+def hook(real):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    return wrapped
+module, name = where.split(":")
+owner = importlib.import_module(module)
+if "." in name:  # a method: Class.method
+    cls, method = name.split(".")
+    setattr(getattr(owner, cls), method, hook(getattr(getattr(owner, cls), method)))
+else:
+    setattr(owner, name, hook(getattr(owner, name)))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_signalled(where: str, at: int, *args: str) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(SIGNAL_AT).format(where=where, at=at)
+    return subprocess.run([sys.executable, "-c", script, "-q", *args], capture_output=True, text=True, timeout=180)
+
+
+def test_finetune_stops_on_sigterm_and_resumes_to_the_straight_result(tmp_path, straight):
+    flags = ["--checkpoint", str(straight), "--data", "digits", "--max-steps", "9", "--eval-every", "3",
+             "--batch-size", "16", "--labels-per-class", "20", "--augment", "cifar", "--device", "cpu"]
+    assert igpt_cli("finetune", *flags, "--out", str(tmp_path / "straight")).returncode == 0
+    out = tmp_path / "ft"
+    proc = run_signalled("igpt.data.streams:LabelledBatchStream.next", 5, "finetune", *flags, "--out", str(out))
+    assert proc.returncode == EXIT_STOPPED and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"igpt finetune --resume {out}" in proc.stderr.strip().splitlines()[-1]
+    assert (out / "last" / "config.json").is_file() and not (out / "metrics.json").exists()
+    assert "leave out --data" in error_line(igpt_cli("finetune", "--resume", str(out), "--data", "digits"),
+                                            "finetune")
+    proc = igpt_cli("finetune", "--resume", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "straight"))
+    assert {k: got[k] for k in ("val_acc", "best_step", "test_acc", "steps")} == \
+        {k: want[k] for k in ("val_acc", "best_step", "test_acc", "steps")}
+    assert (out / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+    assert not (out / "last").exists()  # finished: only the best checkpoint remains
+
+
+def test_feature_extraction_stops_on_sigterm_and_the_same_command_continues(tmp_path, straight):
+    args = ["probe", "--checkpoint", str(straight), "--data", "digits", "--batch-size", "100", "--device", "cpu"]
+    assert igpt_cli(*args, "--out", str(tmp_path / "straight")).returncode == 0
+    out = tmp_path / "probe"
+    proc = run_signalled("igpt.eval.features:_split_feats", 4, *args, "--out", str(out))
+    assert proc.returncode == EXIT_STOPPED and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "the same command continues" in proc.stderr.strip().splitlines()[-1]
+    assert len(list(out.glob("feats-*.partial.npz"))) == 1 and not (out / "metrics.json").exists()
+    proc = igpt_cli(*args, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(out.glob("*.partial.npz"))
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "straight"))
+    assert got["layers"] == want["layers"]
