@@ -112,10 +112,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_with_fault(run: Path, kill_step: int = -1, kill_in_write: int = -1) -> subprocess.CompletedProcess:
+def run_with_fault(run: Path, kill_step: int = -1, kill_in_write: int = -1, *extra: str) -> subprocess.CompletedProcess:
     script = textwrap.dedent(INJECT).format(kill_step=kill_step, kill_in_write=kill_in_write)
     return subprocess.run([sys.executable, "-c", script, "-q", "pretrain", *FLAGS, "--data", "digits", "--max-steps",
-                           str(STEPS), "--out", str(run)], capture_output=True, text=True, timeout=180)
+                           str(STEPS), "--out", str(run), *extra], capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.parametrize("kill_step", sorted(np.random.default_rng(0).choice(np.arange(1, STEPS), 2, replace=False)))
@@ -201,10 +201,12 @@ def test_a_second_signal_stops_at_once_and_loses_nothing_written(tmp_path, strai
     assert_same_run(run, straight)
 
 
-def test_a_file_size_limit_during_a_checkpoint_write_is_one_line_and_recoverable(tmp_path, straight):
+@pytest.mark.parametrize("kind", ["full", "sharded"])
+def test_a_file_size_limit_during_a_checkpoint_write_is_one_line_and_recoverable(tmp_path, straight, kind):
     run = tmp_path / "run"
-    assert run_with_fault(run, kill_step=5).returncode == -signal.SIGKILL
-    weights = (run / "checkpoints" / "step-0000004" / "model.safetensors").stat().st_size
+    extra = ["--sharded-checkpoint"] if kind == "sharded" else []
+    assert run_with_fault(run, 5, -1, *extra).returncode == -signal.SIGKILL
+    weights = sum(p.stat().st_size for p in (run / "checkpoints" / "step-0000004").rglob("*") if p.is_file()) // 3
 
     def limit() -> None:  # room for everything but a checkpoint's weights
         resource.setrlimit(resource.RLIMIT_FSIZE, (weights // 2, weights // 2))

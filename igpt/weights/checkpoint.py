@@ -36,7 +36,7 @@ from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.sharded import load_sharded
-from igpt.weights.tensors import build_model, load_weight_file, save_tensors, unreadable
+from igpt.weights.tensors import build_model, load_weight_file, nbytes, save_tensors, unreadable
 from igpt.weights.trainstate import load_train_state_files, save_train_state
 
 WEIGHTS, CONFIG, PALETTE, CLASSIFIER = "model.safetensors", "config.json", "palette.npz", "classifier.safetensors"
@@ -65,17 +65,6 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, record: 
     except (OSError, RuntimeError, SafetensorError) as e:
         raise write_error(e, ckpt_dir, nbytes([weights, classifier, train_state])) from e
     return Path(ckpt_dir)
-
-
-def nbytes(obj: Any) -> int:
-    """Bytes of every tensor in a nest of dicts, lists and tuples: the size a checkpoint needs on disk."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(nbytes(v) for v in obj)
-    return 0
 
 
 def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: Palette,

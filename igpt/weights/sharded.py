@@ -46,9 +46,9 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.futures import Future
 
-from igpt.atomic import move_into_place
+from igpt.atomic import move_into_place, write_error
 from igpt.distributed import World, barrier
-from igpt.weights.tensors import unreadable
+from igpt.weights.tensors import nbytes, unreadable
 
 SHARDS, METADATA = "sharded", ".metadata"  # DCP's name for its index of the shards
 
@@ -82,11 +82,20 @@ def save_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
         tmp.mkdir(parents=True)
     barrier(world)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=tmp / SHARDS, no_dist=_no_dist())
-    barrier(world)  # every rank's shard is on disk before the directory becomes visible
-    if world.is_main:
-        write_rest(tmp)
-        move_into_place(tmp, ckpt_dir)
+    try:
+        dcp.save(state, checkpoint_id=tmp / SHARDS, no_dist=_no_dist())
+        barrier(world)  # every rank's shard is on disk before the directory becomes visible
+        if world.is_main:
+            write_rest(tmp)
+            move_into_place(tmp, ckpt_dir)
+    # CheckpointException derives from BaseException, so it is named: DCP wraps every rank's failure in it
+    except (Exception, CheckpointException) as e:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = _failure(e)
+        if not isinstance(cause, Exception):  # a KeyboardInterrupt or SystemExit inside DCP stays one
+            raise cause from e
+        raise write_error(cause, ckpt_dir, nbytes(state)) from e
     barrier(world)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,3 +76,16 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     teammates reading a run on a shared filesystem could not open)."""
     save_file(tensors, str(path), metadata=metadata)
     follow_umask(path)
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples (of a DTensor, this process's shard): what
+    writing them needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if hasattr(obj, "to_local") else obj
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
