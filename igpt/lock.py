@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import sys
 from pathlib import Path
+
+from igpt.atomic import check_writable
 
 LOCK_FILE = ".lock"
 
@@ -23,6 +26,7 @@ class DirLock:
 
     def __init__(self, path: str | os.PathLike, flag: str = "--out") -> None:
         self.path, self.flag, self.fd = Path(path), flag, -1
+        self.created = False  # by claim_new: whether the directory did not exist before
 
     def acquire(self) -> "DirLock":
         lock = self.path / LOCK_FILE
@@ -45,7 +49,47 @@ class DirLock:
             self.fd = -1
 
     def __enter__(self) -> "DirLock":
-        return self.acquire()
+        return self if self.fd >= 0 else self.acquire()  # claim_new's lock is already held
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    def discard(self) -> None:
+        """Undo a new output that failed before it held anything worth keeping (a bad input): the directory
+        goes back to absent, or to empty when it existed before ``claim_new``."""
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for p in self.path.iterdir():
+            if p.name != LOCK_FILE:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def claim_new(path: str | os.PathLike, *, marker: str, what: str, resume_flag: str = "--resume") -> DirLock:
+    """The lock of a new output directory, which must be absent or empty; a directory holding ``marker``
+    is ``what`` (a run, a fine-tune) to continue with ``resume_flag``, and either way is refused with one line.
+    A user's non-empty directory is never given a lock file."""
+    path = Path(path)
+    check_writable(path, "--out")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a directory")
+
+    def refuse() -> ValueError:
+        if (path / marker).exists():
+            return ValueError(f"--out {path} already holds {what}: continue it with {resume_flag} {path}, or "
+                              "choose another --out")
+        return ValueError(f"--out {path} is not empty; {what} starts in a new or empty directory")
+
+    def others() -> bool:
+        return path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir())
+
+    if others() and not (path / LOCK_FILE).exists():
+        raise refuse()
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock = DirLock(path, "--out").acquire()  # refuses, naming the holder, while another process writes it
+    if others():  # written by a process that held the lock a moment ago
+        lock.release()
+        raise refuse()
+    lock.created = created
+    return lock

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +43,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from torch import nn
 from tqdm.auto import tqdm
 
-from igpt.atomic import check_writable, read_json, remove_dir, remove_leftovers, write_json
+from igpt.atomic import read_json, remove_dir, remove_leftovers, write_json
 from igpt.config import FinetuneConfig
 from igpt.data.imageset import ImageSet
 from igpt.data.open import identity, open_labelled
 from igpt.data.splits import balanced_subset
 from igpt.data.streams import LabelledBatchStream, labelled_batches
-from igpt.lock import LOCK_FILE, DirLock
+from igpt.lock import DirLock, claim_new
 from igpt.model import GPT
 from igpt.objectives import EVAL_MASK_KEY, masked_loss, sample_keep_mask
 from igpt.palette import Palette
@@ -141,19 +140,11 @@ def finetune(checkpoint: str | Path, data: str, out_dir: str | Path, cfg: Finetu
     "test_acc", "steps", "checkpoint", ...}. SIGTERM or Ctrl-C saves ``out_dir/last`` and raises
     ``igpt.stop.Stopped``; ``resume_finetune`` continues."""
     out = Path(out_dir)
-    if (out / SPEC_FILE).exists():
-        raise ValueError(f"--out {out} already holds a fine-tune: continue it with --resume {out}, or choose "
-                         "another --out")
-    check_writable(out, "--out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a fine-tune never mixes into other files
-        raise ValueError(f"--out {out} is not empty; a fine-tune starts in a new or empty directory")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with DirLock(out, "--out"):
+    with claim_new(out, marker=SPEC_FILE, what="a fine-tune") as lock:
         try:
             job = _Job.new(checkpoint, data, out, cfg, resize)
         except BaseException:
-            _unmake(out, created)  # a bad input leaves no half-made output behind
+            lock.discard()  # a bad input leaves no half-made output behind
             raise
         return job.run(progress)
 
@@ -171,15 +162,6 @@ def resume_finetune(out_dir: str | Path, *, progress: bool = True) -> dict[str, 
                 raise ValueError(f"--resume {out}: this fine-tune has finished (see {out / 'metrics.json'})")
             raise ValueError(f"--resume {out}: no saved state ({out / LAST}) yet; start it again with --out")
         return _Job.restore(out, spec).run(progress)
-
-
-def _unmake(out: Path, created: bool) -> None:
-    if created:
-        shutil.rmtree(out, ignore_errors=True)
-    else:
-        for p in out.iterdir():
-            if p.name != LOCK_FILE:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 class _Job:

@@ -31,14 +31,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from igpt.atomic import check_writable, remove_leftovers, write_json
+from igpt.atomic import remove_leftovers, write_json
 from igpt.config import RESUME_CHANGES, DataConfig, ModelConfig, TrainConfig, flag
 from igpt.data.imageset import ImageSet, check_ids
 from igpt.data.open import identity, open_training
 from igpt.data.streams import fixed_batches
 from igpt.distributed import (World, any_across, barrier, init_distributed, is_communication_error, mean_across,
                               peer_lost, shutdown)
-from igpt.lock import LOCK_FILE, DirLock
+from igpt.lock import DirLock, claim_new
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
 from igpt.palette import Palette
@@ -277,45 +277,13 @@ class Trainer:
         return result if self.world.is_main else None
 
 
-def _claim(run_dir: Path, resuming: bool) -> tuple[DirLock, bool]:
-    """Rank 0's hold on the run directory: (its lock, whether this call created the directory). A new run
-    needs a directory that is absent or empty; a resumed one needs run.json; either way no other process
-    may be writing it."""
-    what = "--resume" if resuming else "--out"
+def _claim(run_dir: Path, resuming: bool) -> DirLock:
+    """Rank 0's hold on the run directory: a new run needs one that is absent or empty, a resumed one its
+    run.json; either way no other process may be writing it."""
     if resuming:
         read_run(run_dir)  # a one-line error when it is not a run
-        return DirLock(run_dir, what).acquire(), False
-    check_writable(run_dir, what)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir} is a file, not a directory")
-    contents = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
-    if contents and not (run_dir / LOCK_FILE).exists():
-        raise _not_empty(run_dir)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = DirLock(run_dir, what).acquire()  # refuses while another process writes it
-    if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        lock.release()
-        raise _not_empty(run_dir)
-    return lock, created
-
-
-def _not_empty(run_dir: Path) -> ValueError:
-    if (run_dir / RUN_FILE).exists():
-        return ValueError(f"--out {run_dir} already holds a run: continue it with --resume {run_dir}, or choose "
-                          "another --out")
-    return ValueError(f"--out {run_dir} is not empty; a run starts in a new or empty directory")
-
-
-def _unmake(run_dir: Path, created: bool) -> None:
-    """Undo a new run that failed before its first step (a bad input): the directory goes back to absent or
-    empty, never half made."""
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    else:
-        for p in run_dir.iterdir():
-            if p.name != LOCK_FILE:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return DirLock(run_dir, "--resume").acquire()
+    return claim_new(run_dir, marker=RUN_FILE, what="a run")
 
 
 def _run_file(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig,
@@ -393,16 +361,15 @@ def _agree(failed: BaseException | None, world: World, device: str, what: str) -
 def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resume: bool,
          world: World, device: str, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None,
          stop: GracefulStop) -> dict[str, Any]:
-    lock, created, failed = None, False, None
+    lock, failed = None, None
     if world.is_main:
         try:
-            lock, created = _claim(run_dir, resume)
+            lock = _claim(run_dir, resume)
         except (ValueError, OSError) as e:
             failed = e
     _agree(failed, world, device, f"claim {run_dir}")
     try:
-        return _run_locked(model_cfg, cfg, data_cfg, run_dir, resume, world, device, progress, on_step, stop,
-                           created)
+        return _run_locked(model_cfg, cfg, data_cfg, run_dir, resume, world, device, progress, on_step, stop, lock)
     finally:
         if lock is not None:
             lock.release()
@@ -410,12 +377,12 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir
 
 def _run_locked(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resume: bool,
                 world: World, device: str, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None,
-                stop: GracefulStop, created: bool) -> dict[str, Any]:
+                stop: GracefulStop, lock: DirLock | None) -> dict[str, Any]:
     try:  # until training starts, a failure of a new run (a bad input) undoes it
         trainer, data_identity = _setup(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
     except Exception:
-        if not resume and world.is_main:
-            _unmake(run_dir, created)
+        if not resume and lock is not None:
+            lock.discard()
         raise
     if world.is_main:
         write_json(run_dir / RUN_FILE, _run_file(trainer.model_cfg, cfg, data_cfg, data_identity,
