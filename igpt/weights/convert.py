@@ -10,6 +10,7 @@ bidirectional forward. OpenAI's TensorFlow checkpoints are converted once with `
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -26,7 +27,8 @@ from igpt.weights.openai import load_openai
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_PRUNE_RETRIES = 5  # a reader loses the race only while a checkpoint is written; a few tries always win
+_PRUNE_PATIENCE = 60.0  # seconds a reader keeps choosing again while a run prunes under it
+_LISTING_RETRIES = 20
 
 
 class Loaded(NamedTuple):
@@ -65,16 +67,26 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"
 
 def _newest(path: str | Path, read: Callable[[Path], T]) -> T:
     """``read`` the directory ``path`` names. A run that is training prunes old checkpoints as it writes new
-    ones, so the one chosen may vanish before it is read: then the run's newest is chosen again."""
-    for _ in range(_PRUNE_RETRIES):
-        src = locate(path)
+    ones, so the one chosen may vanish before it is read (and a listing taken while checkpoints are renamed
+    may miss them all): then the run's newest is chosen again, for as long as the run keeps winning the race
+    (``_PRUNE_PATIENCE`` seconds, far more than one checkpoint interval)."""
+    path = Path(path)
+    deadline, misses = time.monotonic() + _PRUNE_PATIENCE, 0
+    while True:
+        try:
+            src = locate(path)
+        except ValueError:
+            misses += 1  # a listing that raced renames misses entries; a few more show whether any are there
+            if misses > _LISTING_RETRIES or not (path / "checkpoints").is_dir():
+                raise
+            time.sleep(0.01)
+            continue
         try:
             return read(src)
         except Exception:
-            if src == Path(path) or src.exists():
+            if src == path or src.exists() or time.monotonic() > deadline:
                 raise  # a broken checkpoint, not a pruned one
             log.info("%s was pruned while being read; reading the run's newest checkpoint again", src)
-    return read(locate(path))
 
 
 def convert_hf(src: str | Path, out: str | Path) -> Path:
