@@ -12,8 +12,25 @@ from igpt.config.model import PRESETS
 from igpt.config.train import TrainConfig
 
 
+# The shape the timed benchmarks fall back to on a machine without a GPU: igpt-s at T = 1024 would plan
+# tens of GB of activations on the CPU and take minutes a step, so the defaults would not run there.
+CPU_PRESET = "igpt-demo"
+
+
 def preset_arg() -> Any:
     return arg("igpt-s", "model shape", choices=tuple(PRESETS))
+
+
+def timed_preset_arg() -> Any:
+    return arg(None, f"model shape (default: igpt-s on a GPU; {CPU_PRESET} when --device resolves to the CPU, "
+               "so that the defaults run there in seconds)", type=str, choices=tuple(PRESETS))
+
+
+def resolve_preset(preset: str | None, device_type: str) -> str:
+    """The preset a timed benchmark uses: the one asked for, else igpt-s on a GPU and CPU_PRESET on the CPU."""
+    if preset is not None:
+        return preset
+    return CPU_PRESET if device_type == "cpu" else "igpt-s"
 
 
 def bench_n_px_arg() -> Any:
@@ -30,7 +47,7 @@ def require_n_px(cfg: Any) -> None:
 class BenchSampleConfig:
     """``igpt bench sample``: images per second of the KV-cached sampler (and of Hugging Face's generate)."""
 
-    preset: str = preset_arg()
+    preset: str | None = timed_preset_arg()
     batch_size: int = arg(256, "images sampled at once")
     n_px: int | None = bench_n_px_arg()
     n_vocab: int = arg(N_VOCAB, "palette size of the random model")
@@ -59,7 +76,7 @@ class BenchSampleConfig:
 class BenchTrainConfig:
     """``igpt bench train``: tokens/s, MFU and peak memory of training steps (and of Hugging Face's)."""
 
-    preset: str = preset_arg()
+    preset: str | None = timed_preset_arg()
     batch_size: int = arg(32, "images per step; with --max-batch, where the search starts")
     n_px: int | None = bench_n_px_arg()
     n_vocab: int = arg(N_VOCAB, "palette size of the random model")
