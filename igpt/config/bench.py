@@ -23,7 +23,7 @@ def preset_arg() -> Any:
 
 def timed_preset_arg() -> Any:
     return arg(None, f"model shape (default: igpt-s on a GPU; {CPU_PRESET} when --device resolves to the CPU, "
-               "so that the defaults run there in seconds)", type=str, choices=tuple(PRESETS))
+               "so that a command without flags runs there in seconds)", type=str, choices=tuple(PRESETS))
 
 
 def resolve_preset(preset: str | None, device_type: str) -> str:
