@@ -95,7 +95,7 @@ def part_configs(cfg: BenchReportConfig) -> Parts:
     """The full shapes, or with ``smoke`` tiny ones on the CPU (a few seconds each on two cores)."""
     if cfg.smoke:
         shape = {"preset": "igpt-nano", "n_px": 4, "n_vocab": 16, "device": "cpu", "seed": cfg.seed}
-        train = BenchTrainConfig(**shape, batch_size=2, steps=2, warmup=1, compile="off", dtype="fp32")
+        train = BenchTrainConfig(**shape, batch_size=2, steps=3, warmup=2, compile="off", dtype="fp32")
         return Parts(train_ar=BenchTrainConfig(**{**asdict(train), "compare_hf": True}),
                      train_bert=BenchTrainConfig(**{**asdict(train), "objective": "bert"}),
                      sample=BenchSampleConfig(**shape, batch_size=4, batches=1, warmup=1, dtype="fp32",
