@@ -139,8 +139,8 @@ def check_fits(needed: float, device: torch.device, batch: int, largest: Callabl
     if needed > (1 - HEADROOM) * free:
         fit = largest(free)
         hint = f"the largest batch that fits is {fit}" if fit else "not even a batch of 1 fits"
-        raise ValueError(f"--batch-size {batch}: {what} needs {needed / GB:.3g} GB by the memory plan, but {device} has "
-                         f"{free / GB:.3g} GB free (keeping {HEADROOM:.0%} of it spare); {hint}")
+        raise ValueError(f"--batch-size {batch}: {what} needs {needed / GB:.3g} GB by the memory plan, but "
+                         f"{device} has {free / GB:.3g} GB free (keeping {HEADROOM:.0%} of it spare); {hint}")
 
 
 def format_plan(cfg: ModelConfig, batch: int, p: MemoryPlan) -> str:

@@ -22,7 +22,6 @@ report.md in ``--out``.
 from __future__ import annotations
 
 import datetime
-import gc
 import logging
 import os
 import platform
@@ -42,7 +41,7 @@ from igpt.atomic import check_output, write_json, write_text
 from igpt.bench.loader import bench_loader
 from igpt.bench.memory import GB
 from igpt.bench.sample import bench_sample
-from igpt.bench.train import bench_train
+from igpt.bench.train import bench_train, free_memory
 from igpt.config import BenchLoaderConfig, BenchReportConfig, BenchSampleConfig, BenchTrainConfig, ModelConfig
 from igpt.config.bench import REPORT_SHARES
 from igpt.runtime import resolve_device
@@ -113,17 +112,9 @@ def part_configs(cfg: BenchReportConfig) -> Parts:
                                           device=cfg.device, seed=cfg.seed))
 
 
-def _runner(name: str) -> Callable[[Any], dict[str, Any]]:
+def _runner(name: str) -> Callable[..., dict[str, Any]]:
     """The benchmark behind a part, looked up when called (so that a test can replace one with monkeypatch)."""
     return {"train_ar": bench_train, "train_bert": bench_train, "sample": bench_sample, "loader": bench_loader}[name]
-
-
-def _release(device: torch.device) -> None:
-    """What a failed or interrupted part left behind (its frames die with the exception) goes back."""
-    torch.compiler.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_part(name: str, cfg: Any, cap: float, device: torch.device) -> dict[str, Any]:
@@ -145,10 +136,9 @@ def run_part(name: str, cfg: Any, cap: float, device: torch.device) -> dict[str,
         out["status"] = f"failed: {type(e).__name__}: {first}" if first else f"failed: {type(e).__name__}"
     out["seconds"] = time.perf_counter() - start
     if out["status"] != "ok":
-        _release(device)
+        free_memory(device)  # what the part's frames held died with the exception; give it back
         log.warning("bench report: %s %s after %.0f s", name, out["status"], out["seconds"])
     return out
-
 
 
 # ---- the rows
