@@ -26,7 +26,11 @@ buffers, and the communication buffers of DDP (its gradient buckets add up to 4 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from igpt.config import ModelConfig
 
@@ -92,6 +96,51 @@ def max_batch(cfg: ModelConfig, gpu_bytes: float, **kw) -> int:
     one = plan(cfg, 1, **kw)  # activations grow linearly with the batch; nothing else depends on it
     room = (1 - HEADROOM) * gpu_bytes - (one.total - one.activations)
     return max(0, int(room // one.activations))
+
+
+def sampling_bytes(cfg: ModelConfig, batch: int, *, bytes_per_value: int = 2) -> float:
+    """Memory of sampling ``batch`` images (``igpt bench sample``): the fp32 weights, their copy in the
+    sampling dtype, the full KV cache (K and V of every layer, all T slots) and one step's logits in fp32."""
+    P, d, L, T = cfg.num_params(), cfg.n_embd, cfg.n_layer, cfg.n_ctx
+    return (4 + bytes_per_value) * P + batch * (2 * L * T * d * bytes_per_value + 4 * cfg.n_vocab)
+
+
+def max_sampling_batch(cfg: ModelConfig, free_bytes: float, *, bytes_per_value: int = 2) -> int:
+    """The largest sampling batch whose memory fits in ``(1 - HEADROOM) * free_bytes`` (0 if none does)."""
+    fixed = sampling_bytes(cfg, 0, bytes_per_value=bytes_per_value)
+    per_image = sampling_bytes(cfg, 1, bytes_per_value=bytes_per_value) - fixed
+    return max(0, int(((1 - HEADROOM) * free_bytes - fixed) // per_image))
+
+
+def host_available_bytes() -> float:
+    """What the kernel says it can still give without swapping (MemAvailable), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux: fall back to the free page count, which leaves out reclaimable caches
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes(device: torch.device) -> float:
+    """Memory a benchmark can still take on ``device``: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return host_available_bytes()
+
+
+def check_fits(needed: float, device: torch.device, batch: int, largest: Callable[[float], int], what: str) -> None:
+    """Refuse, in one line, a benchmark whose planned memory exceeds ``(1 - HEADROOM)`` of what ``device``
+    has free, before it starts: a run past the host's RAM is killed by the kernel with no message, and one
+    past the GPU's dies mid-compilation. ``largest(free)`` gives the batch that would fit."""
+    free = available_bytes(device)
+    if needed > (1 - HEADROOM) * free:
+        fit = largest(free)
+        hint = f"the largest batch that fits is {fit}" if fit else "not even a batch of 1 fits"
+        raise ValueError(f"--batch-size {batch}: {what} needs {needed / GB:.3g} GB by the memory plan, but "
+                         f"{device} has {free / GB:.3g} GB free (keeping {HEADROOM:.0%} of it spare); {hint}")
 
 
 def format_plan(cfg: ModelConfig, batch: int, p: MemoryPlan) -> str:

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from igpt.bench.memory import check_fits, max_sampling_batch, sampling_bytes
 from igpt.bench.timing import DTYPE_NAMES, device_label, random_model, timed_seconds
 from igpt.config import BenchSampleConfig, ModelConfig
+from igpt.config.bench import resolve_preset
 from igpt.generate.sample import Sampler, make_generator
 from igpt.model import GPT
 from igpt.runtime import compile_enabled, resolve_device, resolve_dtype
@@ -85,9 +87,13 @@ def bench_sample(cfg: BenchSampleConfig = BenchSampleConfig(), *, show: bool = T
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
     compile = compile_enabled(cfg.compile, dev)
-    batch, top_k, seed = cfg.batch_size, cfg.top_k or None, cfg.seed
-    config = ModelConfig.from_preset(cfg.preset, n_vocab=cfg.n_vocab, **({"n_px": cfg.n_px} if cfg.n_px else {}))
-    setup = {"preset": cfg.preset, "n_px": config.n_px, "n_vocab": cfg.n_vocab, "params": config.num_params(),
+    batch, top_k, seed, preset = cfg.batch_size, cfg.top_k or None, cfg.seed, resolve_preset(cfg.preset, dev.type)
+    config = ModelConfig.from_preset(preset, n_vocab=cfg.n_vocab, **({"n_px": cfg.n_px} if cfg.n_px else {}))
+    width = dt.itemsize  # bytes per cached value
+    check_fits(sampling_bytes(config, batch, bytes_per_value=width), dev, batch,
+               lambda free: max_sampling_batch(config, free, bytes_per_value=width),
+               f"sampling {preset} at T = {config.n_ctx}")
+    setup = {"preset": preset, "n_px": config.n_px, "n_vocab": cfg.n_vocab, "params": config.num_params(),
              "device": device_label(dev), "dtype": DTYPE_NAMES.get(dt, str(dt)), "batch": batch,
              "window": cfg.window, "compile": compile, "top_k": top_k, "torch": torch.__version__}
     result: dict[str, Any] = {"setup": setup, "hf": None, "hf_skipped": None}

@@ -38,10 +38,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from igpt.bench.flops import measure_matmul_flops, train_flops_per_token
-from igpt.bench.memory import plan
+from igpt.bench.memory import check_fits, max_batch as plan_max_batch, plan
 from igpt.bench.sample import hf_config
 from igpt.bench.timing import DTYPE_NAMES, device_label, timed_seconds
 from igpt.config import BenchTrainConfig, ModelConfig, TrainConfig
+from igpt.config.bench import resolve_preset
 from igpt.runtime import autocast, compile_enabled, resolve_device, resolve_dtype
 from igpt.train.optim import pretrain_optimizer
 from igpt.train.pretrain import init_model, micro_loss
@@ -243,10 +244,15 @@ def bench_train(bench: BenchTrainConfig = BenchTrainConfig(), *, show: bool = Tr
     _check_device(bench.max_batch, dev)
     dt = resolve_dtype(bench.dtype, dev)
     compile = compile_enabled(bench.compile, dev)  # as igpt pretrain decides
-    preset, batch, n_vocab, objective, seed = bench.preset, bench.batch_size, bench.n_vocab, bench.objective, bench.seed
+    preset, batch, n_vocab, objective, seed = (resolve_preset(bench.preset, dev.type), bench.batch_size, bench.n_vocab,
+                                               bench.objective, bench.seed)
     steps, warmup, grad_checkpoint = bench.steps, bench.warmup, bench.grad_checkpoint
     config = ModelConfig.from_preset(preset, n_vocab=n_vocab, **({"n_px": bench.n_px} if bench.n_px else {}))
     cfg = TrainConfig(objective=objective, batch_size=batch, seed=seed, grad_checkpoint=grad_checkpoint)
+    memory = {"bf16": dt == torch.bfloat16, "grad_checkpoint": grad_checkpoint, "compiled": compile}
+    if not bench.max_batch:  # the search finds its own limit by trying
+        check_fits(plan(config, batch, **memory).total, dev, batch,
+                   lambda free: plan_max_batch(config, free, **memory), f"training {preset} at T = {config.n_ctx}")
     causal = objective == "ar"
     flops_per_token = train_flops_per_token(config, causal=causal)
     matmul = measure_matmul_flops(dev, dt)
@@ -271,8 +277,7 @@ def bench_train(bench: BenchTrainConfig = BenchTrainConfig(), *, show: bool = Tr
         ids = random_ids(batch, config, dev, seed)
         result["igpt"] = _bench_igpt(config, objective, cfg, dt, ids, compile=compile, **kw)
     # igpt.bench.memory's estimate for the same step, to set beside the measured peak (docs/scaling.md)
-    result["igpt"]["planned_memory_bytes"] = plan(config, batch, bf16=dt == torch.bfloat16,
-                                                  grad_checkpoint=grad_checkpoint, compiled=compile).total
+    result["igpt"]["planned_memory_bytes"] = plan(config, batch, **memory).total
     result["hf"], result["hf_skipped"] = _maybe_hf(config, cfg, dt, dev, batch, bench.compare_hf, bench.max_batch, kw)
     if result["hf"] is not None:
         import transformers

@@ -57,6 +57,7 @@ def _given(argv: Sequence[str] | None) -> set[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     args.given = _given(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports that name it
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     func: Callable[[argparse.Namespace], None] = args.func

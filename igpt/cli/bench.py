@@ -1,15 +1,18 @@
 """``igpt bench <what>``: speed measurements. ``bench sample`` times sampling, ``bench train`` training steps,
-``bench loader`` the input pipeline alone; ``bench memory`` prints the per-GPU memory plan.
+``bench loader`` the input pipeline alone; ``bench memory`` prints the per-GPU memory plan; ``bench report``
+runs the first three in one time budget and writes every headline figure to one JSON and one markdown file.
 
     igpt bench sample --preset igpt-s --batch-size 256 --compare-hf   # our images/s and HF's
     igpt bench train --preset igpt-s --batch-size 32 --compare-hf     # tokens/s, MFU, peak memory: ours and HF's
     igpt bench loader --data cache/cifar10 --palette p.npz            # images/s of the input pipeline
     igpt bench memory --preset igpt-xl --batch-size 4 --processes 8 --fsdp --grad-checkpoint
+    igpt bench report --out reports/h100                              # all of the above in one budget (8 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,12 @@ from typing import Any
 from igpt.atomic import write_json
 from igpt.bench.loader import bench_loader
 from igpt.bench.memory import format_plan, max_batch, plan
+from igpt.bench.report import bench_report
 from igpt.bench.sample import bench_sample
 from igpt.bench.train import bench_train
-from igpt.cli.args import add_fields, build, command
-from igpt.config import BenchLoaderConfig, BenchMemoryConfig, BenchSampleConfig, BenchTrainConfig, ModelConfig
+from igpt.cli.args import add_fields, add_overwrite, build, command
+from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchReportConfig, BenchSampleConfig, BenchTrainConfig,
+                          ModelConfig)
 
 
 def _write_json(result: dict[str, Any], path: str | None) -> None:
@@ -56,6 +61,10 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     _write_json({"setup": setup, "plan": {**asdict(p), "total": p.total}, "max_batch": largest}, args.json)
 
 
+def cmd_bench_report(args: argparse.Namespace) -> None:
+    bench_report(build(BenchReportConfig, args), command=shlex.join(["igpt", *args.argv]), overwrite=args.overwrite)
+
+
 _COMMANDS = (("sample", BenchSampleConfig, cmd_bench_sample), ("train", BenchTrainConfig, cmd_bench_train),
              ("loader", BenchLoaderConfig, cmd_bench_loader), ("memory", BenchMemoryConfig, cmd_bench_memory))
 
@@ -68,3 +77,7 @@ def register(sub: Any) -> None:
         add_fields(b, cls, title=name, required=("data",) if cls is BenchLoaderConfig else ())
         b.add_argument("--json", default=None, help="also write the result to this JSON file")
         b.set_defaults(func=func)
+    r = command(bsub, "report", help=(BenchReportConfig.__doc__ or "").split(": ", 1)[-1].rstrip("."))
+    add_fields(r, BenchReportConfig, title="report", required=("out",))
+    add_overwrite(r)
+    r.set_defaults(func=cmd_bench_report)

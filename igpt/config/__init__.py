@@ -12,7 +12,8 @@ device, the seed, the autocast dtype, the resize mode) come from one factory eac
 - ``bench``: the ``igpt bench`` commands.
 """
 
-from igpt.config.bench import BenchLoaderConfig, BenchMemoryConfig, BenchSampleConfig, BenchTrainConfig
+from igpt.config.bench import (BenchLoaderConfig, BenchMemoryConfig, BenchReportConfig, BenchSampleConfig,
+                               BenchTrainConfig)
 from igpt.config.evaluation import (DEFAULT_L2_GRID, EvalDataConfig, FeatureConfig, ProbeConfig, SampleConfig,
                                     ScoreConfig)
 from igpt.config.fields import (DTYPES, N_VOCAB, OBJECTIVES, RESIZE_MODES, SWITCH, arg, check_fields, check_seed,
@@ -20,8 +21,8 @@ from igpt.config.fields import (DTYPES, N_VOCAB, OBJECTIVES, RESIZE_MODES, SWITC
 from igpt.config.model import PRESETS, ModelConfig
 from igpt.config.train import RESUME_CHANGES, DataConfig, FinetuneConfig, TrainConfig
 
-__all__ = ["BenchLoaderConfig", "BenchMemoryConfig", "BenchSampleConfig", "BenchTrainConfig", "DEFAULT_L2_GRID",
-           "DTYPES", "DataConfig", "EvalDataConfig", "FeatureConfig", "FinetuneConfig", "ModelConfig", "N_VOCAB",
-           "OBJECTIVES", "PRESETS", "ProbeConfig", "RESIZE_MODES", "RESUME_CHANGES", "SWITCH", "SampleConfig",
-           "ScoreConfig", "TrainConfig", "arg", "check_fields", "check_seed", "flag", "require_at_least",
-           "require_fraction", "require_positive"]
+__all__ = ["BenchLoaderConfig", "BenchMemoryConfig", "BenchReportConfig", "BenchSampleConfig", "BenchTrainConfig",
+           "DEFAULT_L2_GRID", "DTYPES", "DataConfig", "EvalDataConfig", "FeatureConfig", "FinetuneConfig",
+           "ModelConfig", "N_VOCAB", "OBJECTIVES", "PRESETS", "ProbeConfig", "RESIZE_MODES", "RESUME_CHANGES",
+           "SWITCH", "SampleConfig", "ScoreConfig", "TrainConfig", "arg", "check_fields", "check_seed", "flag",
+           "require_at_least", "require_fraction", "require_positive"]

@@ -12,8 +12,25 @@ from igpt.config.model import PRESETS
 from igpt.config.train import TrainConfig
 
 
+# The shape the timed benchmarks fall back to on a machine without a GPU: igpt-s at T = 1024 would plan
+# tens of GB of activations on the CPU and take minutes a step, so the defaults would not run there.
+CPU_PRESET = "igpt-demo"
+
+
 def preset_arg() -> Any:
     return arg("igpt-s", "model shape", choices=tuple(PRESETS))
+
+
+def timed_preset_arg() -> Any:
+    return arg(None, f"model shape (default: igpt-s on a GPU; {CPU_PRESET} when --device resolves to the CPU, "
+               "so that a command without flags runs there in seconds)", type=str, choices=tuple(PRESETS))
+
+
+def resolve_preset(preset: str | None, device_type: str) -> str:
+    """The preset a timed benchmark uses: the one asked for, else igpt-s on a GPU and CPU_PRESET on the CPU."""
+    if preset is not None:
+        return preset
+    return CPU_PRESET if device_type == "cpu" else "igpt-s"
 
 
 def bench_n_px_arg() -> Any:
@@ -30,7 +47,7 @@ def require_n_px(cfg: Any) -> None:
 class BenchSampleConfig:
     """``igpt bench sample``: images per second of the KV-cached sampler (and of Hugging Face's generate)."""
 
-    preset: str = preset_arg()
+    preset: str | None = timed_preset_arg()
     batch_size: int = arg(256, "images sampled at once")
     n_px: int | None = bench_n_px_arg()
     n_vocab: int = arg(N_VOCAB, "palette size of the random model")
@@ -59,7 +76,7 @@ class BenchSampleConfig:
 class BenchTrainConfig:
     """``igpt bench train``: tokens/s, MFU and peak memory of training steps (and of Hugging Face's)."""
 
-    preset: str = preset_arg()
+    preset: str | None = timed_preset_arg()
     batch_size: int = arg(32, "images per step; with --max-batch, where the search starts")
     n_px: int | None = bench_n_px_arg()
     n_vocab: int = arg(N_VOCAB, "palette size of the random model")
@@ -128,3 +145,43 @@ class BenchMemoryConfig:
         require_n_px(self)
         require_at_least(self, ("batch_size", "processes"), 1)
         require_positive(self, ("gpu_gb",))
+
+
+# Shares of ``igpt bench report``'s budget, one per part, in the order they run: training is timed with
+# compilation (about a minute per compiled model on a GPU) and HF's eager model; sampling includes HF's
+# generate, a few images per second at batch 256. What a part leaves unused goes to the parts after it.
+REPORT_SHARES = {"train_ar": 0.35, "train_bert": 0.2, "sample": 0.35, "loader": 0.1}
+
+
+@dataclass(frozen=True)
+class BenchReportConfig:
+    """``igpt bench report``: every headline figure in one process and one time budget."""
+
+    out: str = arg(None, "output directory for report.json and report.md (refused if it holds anything, unless "
+                   "--overwrite)", type=str)
+    minutes: float = arg(8.0, "time budget of the whole report, compilation included; each part is capped at its "
+                         "share (" + ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in REPORT_SHARES.items())
+                         + ") plus what earlier parts left, and reported as timed out past it")
+    smoke: bool = arg(False, "tiny shapes on the CPU, under a minute: checks the harness and the report, not the "
+                      "speed (the shape, batch and device flags are then ignored)")
+    preset: str = arg("igpt-s", "model shape of the training and sampling rows", choices=tuple(PRESETS))
+    train_batch: int = arg(32, "images per training step (AR, BERT and Hugging Face's)")
+    sample_batch: int = arg(256, "images sampled at once (ours and Hugging Face's)")
+    steps: int = arg(20, "timed training steps per model")
+    warmup: int = arg(3, "untimed training steps first (compilation happens there)")
+    data: str = arg("digits", "images for the loader row, any --data igpt pretrain accepts (digits need no "
+                    "download; upscaled to the preset's side)", type=str)
+    loader_palette_k: int = arg(256, "colours of the loader's quick palette (upscaled digits hold only 256; 512 "
+                                "for photographs such as CIFAR-10)")
+    compile: str = arg("auto", "torch.compile our training steps, as igpt pretrain decides ('auto': on CUDA GPUs "
+                       "with triton)", choices=SWITCH)
+    device: str = device_arg()
+    dtype: str = dtype_arg()
+    seed: int = seed_arg("seed of the weights, ids, masks and draws")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        require_positive(self, ("minutes",))
+        require_at_least(self, ("train_batch", "sample_batch", "steps"), 1)
+        require_at_least(self, ("warmup",), 0)
+        require_at_least(self, ("loader_palette_k",), 2)
