@@ -101,6 +101,11 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first waits for the others, so that none tears
+    down its connections while a peer's last collective is still in flight (gloo aborts the process when
+    that happens at exit); after an error there may be no peer left to wait for."""
     if world.size > 1 and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

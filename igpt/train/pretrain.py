@@ -341,15 +341,21 @@ def _apply_changes(run_dir: Path, configs: tuple[ModelConfig, TrainConfig, DataC
 def _launch(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resuming: bool,
             progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
     world, device = init_distributed(cfg.device, cfg.dist_timeout)
+    clean = False
     try:
         with GracefulStop("pretrain") as stop:
-            return _run(model_cfg, cfg, data_cfg, run_dir, resuming, world, device, progress, on_step, stop)
+            result = _run(model_cfg, cfg, data_cfg, run_dir, resuming, world, device, progress, on_step, stop)
+        clean = True
+        return result
+    except Stopped:
+        clean = True  # every rank stopped at the same step, by agreement
+        raise
     except Exception as e:
         if world.size > 1 and is_communication_error(e):
             raise peer_lost(world, e, f"Resume with: igpt pretrain --resume {run_dir}") from e
         raise
     finally:
-        shutdown(world)
+        shutdown(world, clean)
 
 
 def _agree(failed: BaseException | None, world: World, device: str, what: str) -> None:
