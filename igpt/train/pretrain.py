@@ -13,7 +13,6 @@ Run layout (``--out RUN_DIR``)::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import shutil
@@ -32,13 +31,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from igpt.atomic import remove_leftovers, write_json
-from igpt.config import RESUME_CHANGES, DataConfig, ModelConfig, TrainConfig, flag
+from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data.imageset import ImageSet, check_ids
 from igpt.data.open import identity, open_training
 from igpt.data.streams import fixed_batches
 from igpt.distributed import (World, any_across, barrier, init_distributed, is_communication_error, mean_across,
                               peer_lost, shutdown)
-from igpt.lock import DirLock, claim_new
+from igpt.lock import DirLock
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
 from igpt.palette import Palette
@@ -47,7 +46,8 @@ from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_
                           resolve_dtype, seed_everything)
 from igpt.stop import GracefulStop, Stopped
 from igpt.train.optim import pretrain_lr, pretrain_optimizer, set_lr, warmup_steps
-from igpt.train.rundir import RUN_FILE, MetricsLog, last_metrics, read_run, read_run_file, truncate_metrics
+from igpt.train.rundir import (RUN_FILE, MetricsLog, apply_resume_changes, claim_run, last_metrics, read_run,
+                               read_run_file, run_record, truncate_metrics)
 from igpt.weights import checkpoint as ckpt
 from igpt.weights.convert import load
 from igpt.weights.sharded import load_sharded, save_sharded
@@ -277,22 +277,6 @@ class Trainer:
         return result if self.world.is_main else None
 
 
-def _claim(run_dir: Path, resuming: bool) -> DirLock:
-    """Rank 0's hold on the run directory: a new run needs one that is absent or empty, a resumed one its
-    run.json; either way no other process may be writing it."""
-    if resuming:
-        read_run(run_dir)  # a one-line error when it is not a run
-        return DirLock(run_dir, "--resume").acquire()
-    return claim_new(run_dir, marker=RUN_FILE, what="a run")
-
-
-def _run_file(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig,
-              data_identity: dict[str, Any], palette: str | None) -> dict[str, Any]:
-    """run.json: the configs, and the identity of the run's inputs that a resume checks."""
-    return {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict(),
-            "data_identity": data_identity, "palette_fingerprint": palette}
-
-
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, out_dir: str | Path, *,
              progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Pretrain a new model into the run directory ``out_dir`` (absent or empty). Under torchrun every process
@@ -310,32 +294,8 @@ def resume(run_dir: str | Path, *, changes: Mapping[str, Any] | None = None, pro
     that differs from the run's is refused, as is data or a palette that changed since the run started."""
     run_dir = Path(run_dir)
     model_cfg, cfg, data_cfg = read_run(run_dir)
-    cfg = _apply_changes(run_dir, (model_cfg, cfg, data_cfg), dict(changes or {}))
+    cfg = apply_resume_changes(run_dir, (model_cfg, cfg, data_cfg), dict(changes or {}))
     return _launch(model_cfg, cfg, data_cfg, run_dir, True, progress, on_step)
-
-
-def _apply_changes(run_dir: Path, configs: tuple[ModelConfig, TrainConfig, DataConfig],
-                   changes: dict[str, Any]) -> TrainConfig:
-    cfg = configs[1]
-    fixed, applied = [], {}
-    for name, value in changes.items():
-        owner = next((c for c in configs if name in {f.name for f in dataclasses.fields(c)}), None)
-        if owner is None:
-            raise ValueError(f"--resume {run_dir}: {flag(name)} is not a setting of a run")
-        old = getattr(owner, name)
-        if value == old:
-            continue
-        if owner is cfg and name in RESUME_CHANGES:
-            applied[name] = value
-        else:
-            fixed.append(f"{flag(name)} {value} (the run's is {old})")
-    if fixed:
-        raise ValueError(f"--resume {run_dir}: {'; '.join(fixed)}: fixed for the life of a run; leave "
-                         f"{'it' if len(fixed) == 1 else 'them'} out, or start a new run with --out. A resume may "
-                         f"change {', '.join(flag(n) for n in RESUME_CHANGES)}")
-    for name, value in applied.items():
-        log.info("--resume %s: %s %s (was %s)", run_dir, flag(name), value, getattr(cfg, name))
-    return replace(cfg, **applied)
 
 
 def _launch(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resuming: bool,
@@ -370,7 +330,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir
     lock, failed = None, None
     if world.is_main:
         try:
-            lock = _claim(run_dir, resume)
+            lock = claim_run(run_dir, resume)
         except (ValueError, OSError) as e:
             failed = e
     _agree(failed, world, device, f"claim {run_dir}")
@@ -391,7 +351,7 @@ def _run_locked(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, 
             lock.discard()
         raise
     if world.is_main:
-        write_json(run_dir / RUN_FILE, _run_file(trainer.model_cfg, cfg, data_cfg, data_identity,
+        write_json(run_dir / RUN_FILE, run_record(trainer.model_cfg, cfg, data_cfg, data_identity,
                                                  trainer.palette.fingerprint()))
         log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s (%s)", run_dir,
                  f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device,
@@ -420,7 +380,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
                              "a new run with --out")
     elif world.is_main:
         # Written before anything slow, so a run killed at any point can be resumed.
-        write_json(run_dir / RUN_FILE, _run_file(model_cfg, cfg, data_cfg, data_identity, None))
+        write_json(run_dir / RUN_FILE, run_record(model_cfg, cfg, data_cfg, data_identity, None))
     barrier(world)
     trainer = Trainer(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
     if resume and ckpt.step_checkpoints(run_dir):

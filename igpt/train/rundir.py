@@ -1,15 +1,19 @@
-"""Bookkeeping of a run directory: ``run.json`` (the configs) and ``metrics.jsonl`` (one record per logged
-step). See ``igpt.train.pretrain`` for the whole layout."""
+"""Bookkeeping of a run directory: who may write it (``claim_run``), ``run.json`` (the configs and the
+identity of the inputs, ``run_record``; what a resume may change, ``apply_resume_changes``) and
+``metrics.jsonl`` (one record per logged step). See ``igpt.train.pretrain`` for the whole layout."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from igpt.atomic import read_json, write_text
-from igpt.config import DataConfig, ModelConfig, TrainConfig
+from igpt.config import RESUME_CHANGES, DataConfig, ModelConfig, TrainConfig, flag
+from igpt.lock import DirLock, claim_new
 
 log = logging.getLogger(__name__)
 RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
@@ -114,3 +118,45 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def claim_run(run_dir: Path, resuming: bool) -> DirLock:
+    """Rank 0's hold on the run directory: a new run needs one that is absent or empty, a resumed one its
+    run.json; either way no other process may be writing it."""
+    if resuming:
+        read_run(run_dir)  # a one-line error when it is not a run
+        return DirLock(run_dir, "--resume").acquire()
+    return claim_new(run_dir, marker=RUN_FILE, what="a run")
+
+
+def run_record(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig,
+              data_identity: dict[str, Any], palette: str | None) -> dict[str, Any]:
+    """run.json: the configs, and the identity of the run's inputs that a resume checks."""
+    return {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict(),
+            "data_identity": data_identity, "palette_fingerprint": palette}
+
+
+def apply_resume_changes(run_dir: Path, configs: tuple[ModelConfig, TrainConfig, DataConfig],
+                          changes: dict[str, Any]) -> TrainConfig:
+    """The run's TrainConfig with ``changes`` (flag name -> value) applied: those in RESUME_CHANGES are
+    applied and logged; any other that differs from the run's is refused, naming them all."""
+    cfg = configs[1]
+    fixed, applied = [], {}
+    for name, value in changes.items():
+        owner = next((c for c in configs if name in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
+            raise ValueError(f"--resume {run_dir}: {flag(name)} is not a setting of a run")
+        old = getattr(owner, name)
+        if value == old:
+            continue
+        if owner is cfg and name in RESUME_CHANGES:
+            applied[name] = value
+        else:
+            fixed.append(f"{flag(name)} {value} (the run's is {old})")
+    if fixed:
+        raise ValueError(f"--resume {run_dir}: {'; '.join(fixed)}: fixed for the life of a run; leave "
+                         f"{'it' if len(fixed) == 1 else 'them'} out, or start a new run with --out. A resume may "
+                         f"change {', '.join(flag(n) for n in RESUME_CHANGES)}")
+    for name, value in applied.items():
+        log.info("--resume %s: %s %s (was %s)", run_dir, flag(name), value, getattr(cfg, name))
+    return replace(cfg, **applied)
