@@ -157,3 +157,17 @@ def test_compile_setting_auto_is_off_on_cpu_and_old_run_files_still_read():
     assert TrainConfig.from_dict({"compile": False}).compile == "off"
     with pytest.raises(ValueError, match="--compile"):
         TrainConfig(compile="sometimes")
+
+
+def test_resume_on_another_device_applies_the_change_before_checking_it(tmp_path):
+    run = tmp_path / "run"
+    pretrain(MODEL, train_cfg(max_steps=2), DATA, run, progress=False)
+    recorded = json.loads((run / "run.json").read_text())
+    recorded["train"]["device"] = "cuda:7"  # as if the run had started on a machine with eight GPUs
+    (run / "run.json").write_text(json.dumps(recorded))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device 'cuda:7'"):
+            resume(run, progress=False)
+    resume(run, changes={"device": "cpu", "max_steps": 3}, progress=False)
+    assert max(losses(run)) == 3
+    assert json.loads((run / "run.json").read_text())["train"]["device"] == "cpu"

@@ -46,7 +46,7 @@ from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_
                           resolve_dtype, seed_everything)
 from igpt.stop import GracefulStop, Stopped
 from igpt.train.optim import pretrain_lr, pretrain_optimizer, set_lr, warmup_steps
-from igpt.train.rundir import (RUN_FILE, MetricsLog, apply_resume_changes, claim_run, last_metrics, read_run,
+from igpt.train.rundir import (RUN_FILE, MetricsLog, claim_run, last_metrics, read_run,
                                read_run_file, run_record, truncate_metrics)
 from igpt.weights import checkpoint as ckpt
 from igpt.weights.convert import load
@@ -293,8 +293,7 @@ def resume(run_dir: str | Path, *, changes: Mapping[str, Any] | None = None, pro
     ``{"max_steps": 20000}``) may alter the settings in ``igpt.config.RESUME_CHANGES``; any other setting
     that differs from the run's is refused, as is data or a palette that changed since the run started."""
     run_dir = Path(run_dir)
-    model_cfg, cfg, data_cfg = read_run(run_dir)
-    cfg = apply_resume_changes(run_dir, (model_cfg, cfg, data_cfg), dict(changes or {}))
+    model_cfg, cfg, data_cfg = read_run(run_dir, dict(changes or {}))
     return _launch(model_cfg, cfg, data_cfg, run_dir, True, progress, on_step)
 
 

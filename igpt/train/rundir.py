@@ -1,5 +1,5 @@
 """Bookkeeping of a run directory: who may write it (``claim_run``), ``run.json`` (the configs and the
-identity of the inputs, ``run_record``; what a resume may change, ``apply_resume_changes``) and
+identity of the inputs, ``run_record``; what a resume may change, ``read_run``) and
 ``metrics.jsonl`` (one record per logged step). See ``igpt.train.pretrain`` for the whole layout."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +78,51 @@ def read_run_file(run_dir: Path) -> dict[str, Any]:
     return read_json(run_dir / RUN_FILE)
 
 
-def read_run(run_dir: Path) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+def read_run(run_dir: Path, changes: dict[str, Any] | None = None) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+    """The configs of the run in ``run_dir``, with ``changes`` (flag name -> value) applied before they are
+    built: those in RESUME_CHANGES are applied and logged (so a run recorded on ``--device cuda:3`` can
+    resume with ``--device cuda:0`` elsewhere); any other that differs from the run's is refused, naming them
+    all."""
     path = run_dir / RUN_FILE
     if not path.exists():
         raise ValueError(f"--resume {run_dir}: no {RUN_FILE} there, so it is not an igpt run directory")
     run = read_json(path)  # a truncated or garbled file is an error naming it
     try:
-        train = dict(run["train"])
-        if run["model"].get("grad_checkpoint"):  # run.json files of earlier versions kept it with the model
-            train["grad_checkpoint"] = True
-        return ModelConfig.from_dict(run["model"]), TrainConfig.from_dict(train), DataConfig(**run["data"])
+        model, train, data = dict(run["model"]), dict(run["train"]), dict(run["data"])
     except KeyError as e:
         raise ValueError(f"{path}: has no {e.args[0]!r} section; it was not written by igpt pretrain") from None
+    except (TypeError, ValueError) as e:  # a section that is not an object
+        raise ValueError(f"{path}: {e}") from None
+    if model.pop("grad_checkpoint", False):  # run.json files of earlier versions kept it with the model
+        train["grad_checkpoint"] = True
+    _apply_changes(run_dir, {"model": (ModelConfig, model), "train": (TrainConfig, train), "data": (DataConfig, data)},
+                   changes or {})
+    try:
+        return ModelConfig.from_dict(model), TrainConfig.from_dict(train), DataConfig(**data)
     except (TypeError, AttributeError, ValueError) as e:  # a wrong type or value, e.g. edited by hand
         raise ValueError(f"{path}: {e}") from None
+
+
+def _apply_changes(run_dir: Path, sections: dict[str, tuple[type, dict[str, Any]]], changes: dict[str, Any]) -> None:
+    fixed = []
+    for name, value in changes.items():
+        owner = next((s for s, (cls, _) in sections.items() if name in {f.name for f in dataclasses.fields(cls)}),
+                     None)
+        if owner is None:
+            raise ValueError(f"--resume {run_dir}: {flag(name)} is not a setting of a run")
+        cls, recorded = sections[owner]
+        old = recorded.get(name, cls.__dataclass_fields__[name].default)
+        if value == old:
+            continue
+        if owner == "train" and name in RESUME_CHANGES:
+            log.info("--resume %s: %s %s (was %s)", run_dir, flag(name), value, old)
+            recorded[name] = value
+        else:
+            fixed.append(f"{flag(name)} {value} (the run's is {old})")
+    if fixed:
+        raise ValueError(f"--resume {run_dir}: {'; '.join(fixed)}: fixed for the life of a run; leave "
+                         f"{'it' if len(fixed) == 1 else 'them'} out, or start a new run with --out. A resume may "
+                         f"change {', '.join(flag(n) for n in RESUME_CHANGES)}")
 
 
 class MetricsLog:
@@ -124,7 +154,8 @@ def claim_run(run_dir: Path, resuming: bool) -> DirLock:
     """Rank 0's hold on the run directory: a new run needs one that is absent or empty, a resumed one its
     run.json; either way no other process may be writing it."""
     if resuming:
-        read_run(run_dir)  # a one-line error when it is not a run
+        if not (run_dir / RUN_FILE).is_file():  # resume() has read it; a one-line error for other callers
+            raise ValueError(f"--resume {run_dir}: no {RUN_FILE} there, so it is not an igpt run directory")
         return DirLock(run_dir, "--resume").acquire()
     return claim_new(run_dir, marker=RUN_FILE, what="a run")
 
@@ -134,29 +165,3 @@ def run_record(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig,
     """run.json: the configs, and the identity of the run's inputs that a resume checks."""
     return {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict(),
             "data_identity": data_identity, "palette_fingerprint": palette}
-
-
-def apply_resume_changes(run_dir: Path, configs: tuple[ModelConfig, TrainConfig, DataConfig],
-                          changes: dict[str, Any]) -> TrainConfig:
-    """The run's TrainConfig with ``changes`` (flag name -> value) applied: those in RESUME_CHANGES are
-    applied and logged; any other that differs from the run's is refused, naming them all."""
-    cfg = configs[1]
-    fixed, applied = [], {}
-    for name, value in changes.items():
-        owner = next((c for c in configs if name in {f.name for f in dataclasses.fields(c)}), None)
-        if owner is None:
-            raise ValueError(f"--resume {run_dir}: {flag(name)} is not a setting of a run")
-        old = getattr(owner, name)
-        if value == old:
-            continue
-        if owner is cfg and name in RESUME_CHANGES:
-            applied[name] = value
-        else:
-            fixed.append(f"{flag(name)} {value} (the run's is {old})")
-    if fixed:
-        raise ValueError(f"--resume {run_dir}: {'; '.join(fixed)}: fixed for the life of a run; leave "
-                         f"{'it' if len(fixed) == 1 else 'them'} out, or start a new run with --out. A resume may "
-                         f"change {', '.join(flag(n) for n in RESUME_CHANGES)}")
-    for name, value in applied.items():
-        log.info("--resume %s: %s %s (was %s)", run_dir, flag(name), value, getattr(cfg, name))
-    return replace(cfg, **applied)
