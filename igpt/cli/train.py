@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from igpt.cli.args import add_fields, add_labelled_inputs, build, command
-from igpt.config import PRESETS, DataConfig, FinetuneConfig, ModelConfig, TrainConfig
+from igpt.config import FINETUNE_RESUME_CHANGES, PRESETS, DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from igpt.demo import run_demo
 from igpt.train import finetune, pretrain, resume, resume_finetune
 
@@ -38,11 +38,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     if args.resume:
-        extra = sorted(args.given - {"resume", "command", "quiet", "given"})
-        if extra:  # everything is read from the fine-tune's own record
+        given = args.given - {"resume", "command", "quiet", "given"}
+        extra = sorted(given - set(FINETUNE_RESUME_CHANGES))
+        if extra:  # everything else is read from the fine-tune's own record
             raise ValueError(f"--resume OUT continues OUT as it was started: leave out "
                              f"{', '.join('--' + n.replace('_', '-') for n in extra)}")
-        m = resume_finetune(args.resume)
+        m = resume_finetune(args.resume, changes={name: getattr(args, name) for name in given})
     else:
         missing = [f"--{n}" for n in ("checkpoint", "data", "out") if getattr(args, n) is None]
         if missing:

@@ -19,10 +19,10 @@ from igpt.config.evaluation import (DEFAULT_L2_GRID, EvalDataConfig, FeatureConf
 from igpt.config.fields import (DTYPES, N_VOCAB, OBJECTIVES, RESIZE_MODES, SWITCH, arg, check_fields, check_seed,
                                 flag, require_at_least, require_fraction, require_positive)
 from igpt.config.model import PRESETS, ModelConfig
-from igpt.config.train import RESUME_CHANGES, DataConfig, FinetuneConfig, TrainConfig
+from igpt.config.train import FINETUNE_RESUME_CHANGES, RESUME_CHANGES, DataConfig, FinetuneConfig, TrainConfig
 
 __all__ = ["BenchLoaderConfig", "BenchMemoryConfig", "BenchReportConfig", "BenchSampleConfig", "BenchTrainConfig",
-           "DEFAULT_L2_GRID", "DTYPES", "DataConfig", "EvalDataConfig", "FeatureConfig", "FinetuneConfig",
+           "DEFAULT_L2_GRID", "DTYPES", "DataConfig", "FINETUNE_RESUME_CHANGES", "EvalDataConfig", "FeatureConfig", "FinetuneConfig",
            "ModelConfig", "N_VOCAB", "OBJECTIVES", "PRESETS", "ProbeConfig", "RESIZE_MODES", "RESUME_CHANGES",
            "SWITCH", "SampleConfig", "ScoreConfig", "TrainConfig", "arg", "check_fields", "check_seed", "flag",
            "require_at_least", "require_fraction", "require_positive"]

@@ -83,6 +83,10 @@ RESUME_CHANGES = ("max_steps", "eval_every", "eval_batches", "log_every", "ckpt_
                   "tensorboard", "device", "dtype", "compile", "dist_timeout", "grad_checkpoint")
 
 
+# What ``finetune --resume`` may change: where it computes. The recipe is fixed for the life of a fine-tune.
+FINETUNE_RESUME_CHANGES = ("device", "dtype")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which images to train on and how they become ids."""

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from igpt.atomic import read_json, remove_dir, remove_leftovers, write_json
-from igpt.config import FinetuneConfig
+from igpt.config import FINETUNE_RESUME_CHANGES, FinetuneConfig
 from igpt.data.imageset import ImageSet
 from igpt.data.open import identity, open_labelled
 from igpt.data.splits import balanced_subset
@@ -149,12 +149,15 @@ def finetune(checkpoint: str | Path, data: str, out_dir: str | Path, cfg: Finetu
         return job.run(progress)
 
 
-def resume_finetune(out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Continue the fine-tune in ``out_dir`` from ``out_dir/last``, as if it had never stopped."""
+def resume_finetune(out_dir: str | Path, *, changes: dict[str, Any] | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Continue the fine-tune in ``out_dir`` from ``out_dir/last``, as if it had never stopped; ``changes``
+    may move it to another device (``FINETUNE_RESUME_CHANGES``)."""
     out = Path(out_dir)
     spec = read_json(out / SPEC_FILE) if (out / SPEC_FILE).is_file() else None
     if spec is None:
         raise ValueError(f"--resume {out}: no {SPEC_FILE} there, so it is not an igpt fine-tune")
+    spec["config"].update(changes or {})
     with DirLock(out, "--resume"):
         remove_leftovers(out)
         if not ckpt.is_checkpoint(out / LAST):
