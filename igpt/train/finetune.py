@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from igpt.atomic import read_json, remove_dir, remove_leftovers, write_json
-from igpt.config import FINETUNE_RESUME_CHANGES, FinetuneConfig
+from igpt.config import FinetuneConfig
 from igpt.data.imageset import ImageSet
 from igpt.data.open import identity, open_labelled
 from igpt.data.splits import balanced_subset
