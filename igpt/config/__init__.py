@@ -24,5 +24,5 @@ from igpt.config.train import RESUME_CHANGES, DataConfig, FinetuneConfig, TrainC
 __all__ = ["BenchLoaderConfig", "BenchMemoryConfig", "BenchReportConfig", "BenchSampleConfig", "BenchTrainConfig",
            "DEFAULT_L2_GRID", "DTYPES", "DataConfig", "EvalDataConfig", "FeatureConfig", "FinetuneConfig",
            "ModelConfig", "N_VOCAB", "OBJECTIVES", "PRESETS", "ProbeConfig", "QualityConfig", "RESIZE_MODES",
-           "RESUME_CHANGES", "SWITCH", "SampleConfig", "ScoreConfig", "TrainConfig", "arg", "check_fields", "check_seed", "flag",
-           "require_at_least", "require_fraction", "require_positive"]
+           "RESUME_CHANGES", "SWITCH", "SampleConfig", "ScoreConfig", "TrainConfig", "arg", "check_fields",
+           "check_seed", "flag", "require_at_least", "require_fraction", "require_positive"]
