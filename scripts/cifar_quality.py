@@ -1,5 +1,10 @@
 """The CIFAR-10 quality protocol: pretrain on the CIFAR-10 train set, probe every layer.
 
+The command line of ``igpt.bench.quality``, which holds the implementation; ``igpt bench report --quality
+IDS`` runs the same ``run`` on a ``pack`` file as its last part, its pretraining shortened to what the
+report's budget has left (docs/benchmarks.md). The model, pretraining and probe flags of ``run`` come from
+``igpt.config.QualityConfig``, the defaults both share.
+
 Two steps, so that what a GPU machine receives stays small (its uploads are limited to 64 MiB):
 
 1. ``pack`` (CPU, once): fit the 512-colour palette on the 50,000 training images, quantize train and

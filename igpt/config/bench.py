@@ -190,7 +190,7 @@ class BenchReportConfig:
     out: str = arg(None, "output directory for report.json and report.md (refused if it holds anything, unless "
                    "--overwrite)", type=str)
     minutes: float = arg(18.0, "time budget of the whole report, compilation included; each part is capped at its "
-                         "share (" + ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in REPORT_SHARES.items())
+                         "share (" + ", ".join(f"{k.replace('_', ' ')} {v * 100:g}%" for k, v in REPORT_SHARES.items())
                          + ") plus what earlier parts left, and reported as timed out past it")
     quality: str | None = arg(None, "also run the CIFAR-10 quality protocol on this ids file (written by "
                               "scripts/cifar_quality.py pack) for its share of the budget and report its probe "
