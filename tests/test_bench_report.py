@@ -146,3 +146,18 @@ def test_a_bad_quality_file_is_one_line_before_measuring(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--quality" in err and str(path) in err, err
         assert not (tmp_path / "r").exists()
+
+
+def test_a_quality_part_past_its_cap_is_timed_out_in_both_rows(tmp_path, monkeypatch):
+    def endless(ids, out, settings, **kw):
+        while True:
+            time.sleep(0.05)
+
+    monkeypatch.setattr(report, "quality_run", endless)
+    cfg = BenchReportConfig(out=str(tmp_path / "r"), smoke=True, quality="ids.tar.xz")
+    part_cfg = report.quality_part(cfg, tmp_path / "r").with_cap(0.3)
+    assert part_cfg.pretrain_seconds == pytest.approx(0.3 * report.QUALITY_PRETRAIN_SHARE)
+    part = report.run_part("quality", part_cfg, 0.3, torch.device("cpu"))
+    assert part["status"] == "timed out"
+    rows = report._quality_rows(part)
+    assert [r["status"] for r in rows] == ["timed out"] * 2 and rows[0]["target"] == report.TARGETS["quality"]

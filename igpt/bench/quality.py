@@ -163,12 +163,13 @@ def probe_model(model: GPT, palette: Palette, images: dict[str, Any], mask: np.n
                 cfg: QualityConfig, out: Path) -> dict[str, Any]:
     """Features of every layer (cached under out/feats), then the probe, scored on both test subsets."""
     feat_cfg = FeatureConfig(batch_size=cfg.eval_batch_size, device=cfg.device, flip_average=cfg.flip_average)
+    show = log.isEnabledFor(logging.INFO)  # progress bars where the caller asked for INFO logging
     feats = {split: cached_extract(model, im, palette, feat_cfg, split=split, model_identity=identity,
-                                   cache_dir=out / "feats") for split, im in images.items()}
+                                   cache_dir=out / "feats", progress=show) for split, im in images.items()}
     probe_cfg = ProbeConfig(concat=cfg.concat, max_iter=cfg.max_iter, eval_subset="lossless")
     metrics = probe_layers(feats["train_all"], images["train_all"].labels, feats["test"], images["test"].labels,
                            probe_cfg, subsets={"lossless": mask, "all": None}, device=resolve_device(cfg.device),
-                           progress=log.isEnabledFor(logging.INFO))
+                           progress=show)
     return {**metrics, "n_train": len(images["train_all"]), "n_test": len(mask), "n_lossless": int(mask.sum())}
 
 
