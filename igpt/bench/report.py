@@ -2,6 +2,7 @@
 
     igpt bench report --out reports/h100          # one GPU: igpt-s at T = 1024, about 8 minutes with compilation
     igpt bench report --smoke --out /tmp/smoke    # tiny shapes on the CPU, seconds: checks the harness only
+    igpt bench report --quality cifar10-ids.tar.xz --out reports/h100   # and the CIFAR-10 probe, 18 minutes
 
 The parts run one after another, each through the benchmark that measures it alone:
 
@@ -10,7 +11,10 @@ The parts run one after another, each through the benchmark that measures it alo
 - ``train_bert``: ``bench_train`` of our BERT step (HF has no masked-pixel objective);
 - ``sample``: ``bench_sample``, our KV-cached sampler against HF's ``generate`` at the same batch;
 - ``loader``: ``bench_loader``, the input pipeline alone at the training batch, set against the images/s
-  the AR training step consumes (its appetite).
+  the AR training step consumes (its appetite);
+- ``quality`` (with ``--quality IDS``, a file written by ``scripts/cifar_quality.py pack``): the CIFAR-10
+  quality protocol (``igpt.bench.quality``) with its pretraining shortened to ``QUALITY_PRETRAIN_SHARE`` of
+  the part's cap, the rest left for unpacking, calibration and probing the trained and the random-init model.
 
 Each part is capped at its share of ``--minutes`` (``REPORT_SHARES``) plus what the parts before it left
 unused. A part past its cap is interrupted (SIGALRM, so the main thread only) and reported as "timed out";
@@ -30,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -40,9 +44,11 @@ import torch
 from igpt.atomic import check_output, write_json, write_text
 from igpt.bench.loader import bench_loader
 from igpt.bench.memory import GB
+from igpt.bench.quality import check_packed, quality_run
 from igpt.bench.sample import bench_sample
 from igpt.bench.train import bench_train, free_memory
-from igpt.config import BenchLoaderConfig, BenchReportConfig, BenchSampleConfig, BenchTrainConfig, ModelConfig
+from igpt.config import (BenchLoaderConfig, BenchReportConfig, BenchSampleConfig, BenchTrainConfig, ModelConfig,
+                         QualityConfig)
 from igpt.config.bench import REPORT_SHARES
 from igpt.runtime import resolve_device
 
@@ -52,7 +58,14 @@ log = logging.getLogger(__name__)
 TARGETS = {"train_ar": ">= 50% MFU, <= 16 GB peak (igpt-s, T = 1024, batch 32, one H100)",
            "train_bert": "within 10% of AR tokens/s",
            "sample": ">= 90 images/s (igpt-s, batch 256, one H100)",
-           "loader": ">= 1x the training step's appetite"}
+           "loader": ">= 1x the training step's appetite",
+           "quality": ">= 75% CIFAR-10 probe accuracy within 10 minutes (one H100)"}
+NOT_RUN = "not run (pass --quality IDS)"
+# The script's split: 5.5 of its 10 minutes pretrain; unpacking, timing a step, extracting the features of
+# every layer for 60,000 images and probing them, twice (trained and random init), take the rest.
+QUALITY_PRETRAIN_SHARE = 0.55
+# The smoke run's pretraining stops after a few seconds whatever its cap: it checks the plumbing.
+SMOKE_PRETRAIN_SECONDS = 3.0
 
 
 class PartTimedOut(BaseException):
@@ -88,10 +101,47 @@ class Parts:
     train_bert: BenchTrainConfig
     sample: BenchSampleConfig
     loader: BenchLoaderConfig
+    quality: QualityPart | None
 
 
-def part_configs(cfg: BenchReportConfig) -> Parts:
+@dataclass(frozen=True)
+class QualityPart:
+    """The quality part: the ids file, where it works, its settings and its pretraining budget (set from the
+    cap when the part starts)."""
+
+    ids: str
+    out: str
+    settings: QualityConfig
+    pretrain_seconds: float = 0.0
+    max_pretrain_seconds: float | None = None
+
+    def with_cap(self, cap: float) -> QualityPart:
+        seconds = QUALITY_PRETRAIN_SHARE * max(cap, 0.0)
+        return replace(self, pretrain_seconds=min(seconds, self.max_pretrain_seconds or seconds))
+
+
+def bench_quality(part: QualityPart, show: bool = False) -> dict[str, Any]:
+    """The quality protocol on ``part.ids`` within its pretraining budget (``show`` is unused: the report
+    prints)."""
+    return quality_run(part.ids, Path(part.out), part.settings, seconds=part.pretrain_seconds, flag="--quality")
+
+
+def quality_part(cfg: BenchReportConfig, out: Path) -> QualityPart | None:
+    """None without --quality; tiny settings with --smoke (the ids' side is whatever was packed)."""
+    if cfg.quality is None:
+        return None
+    if cfg.smoke:
+        settings = QualityConfig(preset="igpt-nano", batch_size=16, compile="off", concat=2, max_iter=30,
+                                 eval_batch_size=500, device="cpu", seed=cfg.seed)
+        return QualityPart(ids=cfg.quality, out=str(out / "quality"), settings=settings,
+                           max_pretrain_seconds=SMOKE_PRETRAIN_SECONDS)
+    settings = QualityConfig(device=cfg.device, seed=cfg.seed, compile=cfg.compile)
+    return QualityPart(ids=cfg.quality, out=str(out / "quality"), settings=settings)
+
+
+def part_configs(cfg: BenchReportConfig, out: Path) -> Parts:
     """The full shapes, or with ``smoke`` tiny ones on the CPU (a few seconds each on two cores)."""
+    quality = quality_part(cfg, out)
     if cfg.smoke:
         shape = {"preset": "igpt-nano", "n_px": 4, "n_vocab": 16, "device": "cpu", "seed": cfg.seed}
         train = BenchTrainConfig(**shape, batch_size=2, steps=3, warmup=2, compile="off", dtype="fp32")
@@ -100,7 +150,8 @@ def part_configs(cfg: BenchReportConfig) -> Parts:
                      sample=BenchSampleConfig(**shape, batch_size=4, batches=1, warmup=1, dtype="fp32",
                                               compare_hf=True),
                      loader=BenchLoaderConfig(data="digits", n_px=8, batch_size=16, batches=3, warmup=1,
-                                              palette_k=16, device="cpu", seed=cfg.seed))
+                                              palette_k=16, device="cpu", seed=cfg.seed),
+                     quality=quality)
     common = {"preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype, "seed": cfg.seed}
     train = BenchTrainConfig(**common, batch_size=cfg.train_batch, steps=cfg.steps, warmup=cfg.warmup,
                              compile=cfg.compile)
@@ -109,12 +160,14 @@ def part_configs(cfg: BenchReportConfig) -> Parts:
                  sample=BenchSampleConfig(**common, batch_size=cfg.sample_batch, compare_hf=True),
                  loader=BenchLoaderConfig(data=cfg.data, n_px=ModelConfig.from_preset(cfg.preset).n_px,
                                           batch_size=cfg.train_batch, palette_k=cfg.loader_palette_k,
-                                          device=cfg.device, seed=cfg.seed))
+                                          device=cfg.device, seed=cfg.seed),
+                 quality=quality)
 
 
 def _runner(name: str) -> Callable[..., dict[str, Any]]:
     """The benchmark behind a part, looked up when called (so that a test can replace one with monkeypatch)."""
-    return {"train_ar": bench_train, "train_bert": bench_train, "sample": bench_sample, "loader": bench_loader}[name]
+    return {"train_ar": bench_train, "train_bert": bench_train, "sample": bench_sample, "loader": bench_loader,
+            "quality": bench_quality}[name]
 
 
 def run_part(name: str, cfg: Any, cap: float, device: torch.device) -> dict[str, Any]:
@@ -227,10 +280,32 @@ def _bert_against_ar(bert: dict[str, Any], ar: dict[str, Any]) -> None:
         bert["values"]["ar_tokens_per_s_ratio"] = ratio
 
 
+def _accuracy(h: dict[str, Any]) -> str:
+    return (f"{h['lossless']:.1%} on the {h['n_lossless']:,} exact test images, {h['all']:.1%} on all "
+            f"{h['n_test']:,} (layer {h['best_layer']})")
+
+
+def _quality_rows(part: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pretrained model's probe accuracy (held to the target) and the same architecture's at random init."""
+    if part["status"] != "ok":
+        return [_row("CIFAR-10 probe, pretrained", part["status"], target=TARGETS["quality"]),
+                _row("CIFAR-10 probe, random init", part["status"])]
+    r = part["result"]
+    m, minutes = r["model"], sum(r["seconds"].values()) / 60
+    shape = f"{m['n_layer']} layers x {m['n_embd']}, T={m['n_px'] ** 2}, {r['steps']} steps"
+    figure = _accuracy(r["trained"]) + f"; {minutes:.1f} min in all"
+    keys = ("best_layer", "lossless", "all", "n_lossless", "n_test")
+    return [_row(f"CIFAR-10 probe, pretrained ({shape})", "ok", figure, TARGETS["quality"],
+                 minutes=minutes, steps=r["steps"], **{k: r["trained"][k] for k in keys}),
+            _row("CIFAR-10 probe, random init", "ok", _accuracy(r["random_init"]),
+                 **{k: r["random_init"][k] for k in keys})]
+
+
 def rows(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ar, bert = _train_rows(parts["train_ar"], "AR"), _train_rows(parts["train_bert"], "BERT")
     _bert_against_ar(bert[0], ar[0])
-    return [*ar, *bert, *_sample_rows(parts["sample"]), _loader_row(parts["loader"], parts["train_ar"])]
+    return [*ar, *bert, *_sample_rows(parts["sample"]), _loader_row(parts["loader"], parts["train_ar"]),
+            *_quality_rows(parts["quality"])]
 
 
 # ---- the machine, the versions and the files
@@ -303,18 +378,27 @@ def bench_report(cfg: BenchReportConfig, *, command: str, overwrite: bool = Fals
     if cfg.out is None:
         raise ValueError("--out is required: the directory report.json and report.md are written to")
     out = check_output(cfg.out, "--out", overwrite=overwrite)  # before minutes of measuring
-    configs = part_configs(cfg)
+    if cfg.quality is not None:
+        check_packed(cfg.quality, "--quality")
+    configs = part_configs(cfg, out)
     device = resolve_device(configs.train_ar.device)
-    # the smoke run promises under a minute, so its caps say so too (a loaded machine then shows timed-out rows)
-    budget, started = min(cfg.minutes, 1.0 if cfg.smoke else cfg.minutes) * 60, time.perf_counter()
+    # the smoke run promises under two minutes, so its caps say so too (a loaded machine then shows timed-out
+    # rows); without --quality the speed parts' shares of them come to 54 s
+    budget, started = min(cfg.minutes, 2.0 if cfg.smoke else cfg.minutes) * 60, time.perf_counter()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts: dict[str, dict[str, Any]] = {}
     share = 0.0
     for name, fraction in REPORT_SHARES.items():
         share += fraction  # what earlier parts left unused is this one's too
-        parts[name] = run_part(name, getattr(configs, name), share * budget - (time.perf_counter() - started),
-                               device)
-        parts[name]["config"] = asdict(getattr(configs, name))
+        part_cfg, cap = getattr(configs, name), share * budget - (time.perf_counter() - started)
+        if name == "quality":
+            if part_cfg is None:
+                parts[name] = {"status": NOT_RUN, "seconds": 0.0, "cap_seconds": cap, "result": None, "config": None}
+                continue
+            part_cfg = part_cfg.with_cap(cap)
+            Path(part_cfg.out).mkdir(parents=True, exist_ok=True)
+        parts[name] = run_part(name, part_cfg, cap, device)
+        parts[name]["config"] = asdict(part_cfg)
     report = {"date": date, "command": command, "machine": machine(device), "versions": versions(),
               "smoke": cfg.smoke, "budget_minutes": budget / 60, "seconds": time.perf_counter() - started,
               "config": asdict(cfg), "rows": rows(parts), "parts": parts}
