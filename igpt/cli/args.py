@@ -31,6 +31,8 @@ def _add(group: Any, f: dataclasses.Field, *, preset: bool, required: bool) -> N
         kw["type"] = kind
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
+        if "metavar" in f.metadata:
+            kw["metavar"] = f.metadata["metavar"]
     if required:
         kw["required"] = True
         del kw["default"]

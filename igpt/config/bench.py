@@ -149,9 +149,9 @@ class BenchMemoryConfig:
 
 # Shares of ``igpt bench report``'s budget, one per part, in the order they run: training is timed with
 # compilation (about a minute per compiled model on a GPU) and HF's eager model; sampling includes HF's
-# generate, a few images per second at batch 256. The speed parts keep the 8 minutes they had before the
-# quality part (45% of 18), which gets the 10 minutes its target allows. What a part leaves unused goes to
-# the parts after it; without --quality the last share is simply not spent.
+# generate, a few images per second at batch 256. The speed parts share 8 of the default 18 minutes (45%);
+# the quality part gets the 10 minutes its target allows. What a part leaves unused goes to the parts after
+# it; without --quality the last share is simply not spent.
 REPORT_SHARES = {"train_ar": 0.155, "train_bert": 0.09, "sample": 0.155, "loader": 0.045, "quality": 0.555}
 
 
@@ -194,7 +194,7 @@ class BenchReportConfig:
                          + ") plus what earlier parts left, and reported as timed out past it")
     quality: str | None = arg(None, "also run the CIFAR-10 quality protocol on this ids file (written by "
                               "scripts/cifar_quality.py pack) for its share of the budget and report its probe "
-                              "accuracy beside random init's", type=str)
+                              "accuracy beside random init's", type=str, metavar="IDS")
     smoke: bool = arg(False, "tiny shapes on the CPU, under two minutes: checks the harness and the report, not the "
                       "speed (the shape, batch and device flags are then ignored)")
     preset: str = arg("igpt-s", "model shape of the training and sampling rows", choices=tuple(PRESETS))

@@ -20,7 +20,8 @@ RESIZE_MODES = ("center", "squash")
 
 def arg(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its CLI help text attached. ``choices`` lists the allowed values; ``type``
-    gives the flag's type when the default (None) does not; ``cli=False`` keeps a field off the command
+    gives the flag's type when the default (None) does not; ``metavar`` names its value in ``--help``;
+    ``cli=False`` keeps a field off the command
     line; ``check(flag, value)`` raises on a value no command can use (``check_fields`` calls it)."""
     return field(default=default, metadata={"help": help, **kw})
 
