@@ -165,6 +165,9 @@ def test_bench_memory_cli_prints_the_plan(tmp_path, capsys):
     assert result["plan"]["state"] == 16 * ModelConfig.from_preset("igpt-xl").num_params() / 8
     assert result["max_batch"] >= 2
     assert "largest micro-batch per GPU" in capsys.readouterr().out
-    assert main(["bench", "memory", "--preset", "igpt-xl", "--json", str(out)]) == 0  # one GPU: nothing fits
-    assert json.loads(out.read_text())["max_batch"] == 0
+    capsys.readouterr()
+    assert main(["bench", "memory", "--preset", "igpt-xl", "--json", str(out)]) == 2  # an earlier result stays
+    assert "--json" in capsys.readouterr().err and json.loads(out.read_text())["max_batch"] >= 2
+    assert main(["bench", "memory", "--preset", "igpt-xl", "--json", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["max_batch"] == 0  # one GPU: nothing fits
 

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from igpt.atomic import write_json
+from igpt.atomic import check_output, write_json
 from igpt.bench.loader import bench_loader
 from igpt.bench.memory import format_plan, max_batch, plan
 from igpt.bench.report import bench_report
@@ -28,27 +28,35 @@ from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchReportConfig
                           ModelConfig)
 
 
-def _write_json(result: dict[str, Any], path: str | None) -> None:
+def _json_out(args: argparse.Namespace) -> Path | None:
+    """``--json``, checked before anything is measured: a file that does not exist yet, or ``--overwrite``."""
+    return None if args.json is None else check_output(args.json, "--json", overwrite=args.overwrite, is_dir=False)
+
+
+def _write_json(result: dict[str, Any], path: Path | None) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(path), result)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, result)
         print(f"-> {path}")
 
 
 def cmd_bench_sample(args: argparse.Namespace) -> None:
-    _write_json(bench_sample(build(BenchSampleConfig, args)), args.json)
+    cfg, out = build(BenchSampleConfig, args), _json_out(args)
+    _write_json(bench_sample(cfg), out)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    _write_json(bench_train(build(BenchTrainConfig, args)), args.json)
+    cfg, out = build(BenchTrainConfig, args), _json_out(args)
+    _write_json(bench_train(cfg), out)
 
 
 def cmd_bench_loader(args: argparse.Namespace) -> None:
-    _write_json(bench_loader(build(BenchLoaderConfig, args)), args.json)
+    cfg, out = build(BenchLoaderConfig, args), _json_out(args)
+    _write_json(bench_loader(cfg), out)
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
-    cfg = build(BenchMemoryConfig, args)
+    cfg, out = build(BenchMemoryConfig, args), _json_out(args)
     config = ModelConfig.from_preset(cfg.preset, **({"n_px": cfg.n_px} if cfg.n_px else {}))
     kw = {"processes": cfg.processes, "fsdp": cfg.fsdp, "bf16": cfg.dtype == "bf16",
           "grad_checkpoint": cfg.grad_checkpoint, "compiled": cfg.compiled}
@@ -58,7 +66,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     fits = largest or "none (the state alone is too big)"
     print(f"largest micro-batch per GPU within 90% of {cfg.gpu_gb:g} GB: {fits}")
     setup = {**asdict(cfg), "n_px": config.n_px}
-    _write_json({"setup": setup, "plan": {**asdict(p), "total": p.total}, "max_batch": largest}, args.json)
+    _write_json({"setup": setup, "plan": {**asdict(p), "total": p.total}, "max_batch": largest}, out)
 
 
 def cmd_bench_report(args: argparse.Namespace) -> None:
@@ -76,6 +84,7 @@ def register(sub: Any) -> None:
         b = command(bsub, name, help=(cls.__doc__ or "").split(": ", 1)[-1].rstrip("."))
         add_fields(b, cls, title=name, required=("data",) if cls is BenchLoaderConfig else ())
         b.add_argument("--json", default=None, help="also write the result to this JSON file")
+        add_overwrite(b)
         b.set_defaults(func=func)
     r = command(bsub, "report", help=(BenchReportConfig.__doc__ or "").split(": ", 1)[-1].rstrip("."))
     add_fields(r, BenchReportConfig, title="report", required=("out",))
