@@ -153,10 +153,10 @@ def test_a_quality_part_past_its_cap_is_timed_out_in_both_rows(tmp_path, monkeyp
         while True:
             time.sleep(0.05)
 
-    monkeypatch.setattr(report, "quality_run", endless)
+    monkeypatch.setattr(quality, "quality_run", endless)
     cfg = BenchReportConfig(out=str(tmp_path / "r"), smoke=True, quality="ids.tar.xz")
     part_cfg = report.quality_part(cfg, tmp_path / "r").with_cap(0.3)
-    assert part_cfg.pretrain_seconds == pytest.approx(0.3 * report.QUALITY_PRETRAIN_SHARE)
+    assert part_cfg.pretrain_seconds == pytest.approx(0.3 * quality.QUALITY_PRETRAIN_SHARE)
     part = report.run_part("quality", part_cfg, 0.3, torch.device("cpu"))
     assert part["status"] == "timed out"
     rows = report._quality_rows(part)

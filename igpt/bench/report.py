@@ -13,7 +13,7 @@ The parts run one after another, each through the benchmark that measures it alo
 - ``loader``: ``bench_loader``, the input pipeline alone at the training batch, set against the images/s
   the AR training step consumes (its appetite);
 - ``quality`` (with ``--quality IDS``, a file written by ``scripts/cifar_quality.py pack``): the CIFAR-10
-  quality protocol (``igpt.bench.quality``) with its pretraining shortened to ``QUALITY_PRETRAIN_SHARE`` of
+  quality protocol (``igpt.bench.quality``) with its pretraining shortened to ``igpt.bench.quality.QUALITY_PRETRAIN_SHARE`` of
   the part's cap, the rest left for unpacking, calibration and probing the trained and the random-init model.
 
 Each part is capped at its share of ``--minutes`` (``REPORT_SHARES``) plus what the parts before it left
@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ import torch
 from igpt.atomic import check_output, write_json, write_text
 from igpt.bench.loader import bench_loader
 from igpt.bench.memory import GB
-from igpt.bench.quality import check_packed, quality_run
+from igpt.bench.quality import QualityPart, bench_quality, check_packed
 from igpt.bench.sample import bench_sample
 from igpt.bench.train import bench_train, free_memory
 from igpt.config import (BenchLoaderConfig, BenchReportConfig, BenchSampleConfig, BenchTrainConfig, ModelConfig,
@@ -61,9 +61,6 @@ TARGETS = {"train_ar": ">= 50% MFU, <= 16 GB peak (igpt-s, T = 1024, batch 32, o
            "loader": ">= 1x the training step's appetite",
            "quality": ">= 75% CIFAR-10 probe accuracy within 10 minutes (one H100)"}
 NOT_RUN = "not run (pass --quality IDS)"
-# The script's split: 5.5 of its 10 minutes pretrain; unpacking, timing a step, extracting the features of
-# every layer for 60,000 images and probing them, twice (trained and random init), take the rest.
-QUALITY_PRETRAIN_SHARE = 0.55
 # The smoke run's pretraining stops after a few seconds whatever its cap: it checks the plumbing.
 SMOKE_PRETRAIN_SECONDS = 3.0
 
@@ -102,28 +99,6 @@ class Parts:
     sample: BenchSampleConfig
     loader: BenchLoaderConfig
     quality: QualityPart | None
-
-
-@dataclass(frozen=True)
-class QualityPart:
-    """The quality part: the ids file, where it works, its settings and its pretraining budget (set from the
-    cap when the part starts)."""
-
-    ids: str
-    out: str
-    settings: QualityConfig
-    pretrain_seconds: float = 0.0
-    max_pretrain_seconds: float | None = None
-
-    def with_cap(self, cap: float) -> QualityPart:
-        seconds = QUALITY_PRETRAIN_SHARE * max(cap, 0.0)
-        return replace(self, pretrain_seconds=min(seconds, self.max_pretrain_seconds or seconds))
-
-
-def bench_quality(part: QualityPart, show: bool = False) -> dict[str, Any]:
-    """The quality protocol on ``part.ids`` within its pretraining budget (``show`` is unused: the report
-    prints)."""
-    return quality_run(part.ids, Path(part.out), part.settings, seconds=part.pretrain_seconds, flag="--quality")
 
 
 def quality_part(cfg: BenchReportConfig, out: Path) -> QualityPart | None:
