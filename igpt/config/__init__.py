@@ -9,7 +9,8 @@ device, the seed, the autocast dtype, the resize mode) come from one factory eac
 - ``model``: ``ModelConfig`` and ``PRESETS``;
 - ``train``: ``TrainConfig``, ``DataConfig`` (pretraining) and ``FinetuneConfig``;
 - ``evaluation``: ``SampleConfig``, ``EvalDataConfig``, ``ScoreConfig``, ``FeatureConfig``, ``ProbeConfig``;
-- ``bench``: the ``igpt bench`` commands.
+- ``bench``: the ``igpt bench`` commands;
+- ``serve``: ``ServeConfig``, the ``igpt serve`` page.
 """
 
 from igpt.config.bench import (BenchLoaderConfig, BenchMemoryConfig, BenchReportConfig, BenchSampleConfig,
@@ -19,10 +20,11 @@ from igpt.config.evaluation import (DEFAULT_L2_GRID, EvalDataConfig, FeatureConf
 from igpt.config.fields import (DTYPES, N_VOCAB, OBJECTIVES, RESIZE_MODES, SWITCH, arg, check_fields, check_seed,
                                 flag, require_at_least, require_fraction, require_positive)
 from igpt.config.model import PRESETS, ModelConfig
+from igpt.config.serve import ServeConfig
 from igpt.config.train import FINETUNE_RESUME_CHANGES, RESUME_CHANGES, DataConfig, FinetuneConfig, TrainConfig
 
 __all__ = ["BenchLoaderConfig", "BenchMemoryConfig", "BenchReportConfig", "BenchSampleConfig", "BenchTrainConfig",
            "DEFAULT_L2_GRID", "DTYPES", "DataConfig", "EvalDataConfig", "FINETUNE_RESUME_CHANGES", "FeatureConfig",
            "FinetuneConfig", "ModelConfig", "N_VOCAB", "OBJECTIVES", "PRESETS", "ProbeConfig", "QualityConfig",
-           "RESIZE_MODES", "RESUME_CHANGES", "SWITCH", "SampleConfig", "ScoreConfig", "TrainConfig", "arg",
-           "check_fields", "check_seed", "flag", "require_at_least", "require_fraction", "require_positive"]
+           "RESIZE_MODES", "RESUME_CHANGES", "SWITCH", "SampleConfig", "ScoreConfig", "ServeConfig", "TrainConfig",
+           "arg", "check_fields", "check_seed", "flag", "require_at_least", "require_fraction", "require_positive"]

@@ -20,6 +20,7 @@ with the same generator.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -157,13 +158,27 @@ class Sampler:
             top_p: float | None = None, generator: torch.Generator | None = None,
             bar: tqdm | None = None) -> torch.Tensor:
         """One batch: ids (B, T) whose first P pixels are ``prefix`` (B, P)."""
+        for _, out in self.fill(prefix, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                bar=bar, every=self.T):
+            pass
+        return out
+
+    @torch.no_grad()
+    def fill(self, prefix: torch.Tensor | None = None, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None, bar: tqdm | None = None,
+             every: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+        """``run``, yielding (pixels filled, the ids (B, T) being filled: one tensor, updated in place) once
+        with the prefix, then whenever the count of filled pixels reaches a multiple of ``every``, and at the
+        end; positions not yet drawn hold 0. The draws are those of ``run``: yielding only lets a caller show
+        the image as it grows."""
         B, T = self.batch, self.T
         out = torch.zeros(B, T, dtype=torch.long, device=self.device)
         P = 0 if prefix is None else prefix.shape[1]
         if prefix is not None:
             out[:, :P] = prefix.to(self.device)
+        yield P, out
         if P == T:
-            return out
+            return
         for layer_cache in self.cache:
             layer_cache.length = 0  # stale slots of an earlier batch are masked, and finite
         logits = self.model.decode_step(out[:, :P], self.cache)  # SOS + prefix in one pass -> pixel P
@@ -173,7 +188,8 @@ class Sampler:
                 logits = self.step(out[:, i:i + 1], i + 1)
             if bar is not None:
                 bar.update(1)
-        return out
+            if (i + 1) % every == 0 or i + 1 == T:
+                yield i + 1, out
 
 
 @torch.no_grad()
@@ -207,3 +223,22 @@ def sample(model: GPT, n: int, *, prefix: torch.Tensor | None = None, temperatur
             out[start:stop] = sampler.run(chunk, temperature=temperature, top_k=top_k, top_p=top_p,
                                           generator=generator, bar=bar)
     return out
+
+
+def sample_rows(model: GPT, n: int, *, prefix: torch.Tensor | None = None, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32, window: int = 64, cuda_graph: bool | None = None
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``sample`` of n images in one batch, row by row: yields (rows complete, ids (n, T)) first with the
+    rows ``prefix`` (n, P) completes, then after each row drawn (rows below it hold 0). The ids are a copy;
+    the last equal ``sample``'s with the same generator."""
+    _check(model, n, prefix, temperature)
+    device, n_px = model.wte.weight.device, model.config.n_px
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the model on {device}; "
+                         f"use make_generator(seed, device)")
+    sampler = Sampler(model, n, dtype=dtype, window=window, cuda_graph=cuda_graph)
+    with torch.no_grad():
+        for filled, out in sampler.fill(prefix, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        generator=generator, every=n_px):
+            yield filled // n_px, out.clone()

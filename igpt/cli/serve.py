@@ -1,0 +1,39 @@
+"""``igpt serve``: the interactive page (complete, infill, sample) on a local port.
+
+    igpt serve --checkpoint igpt-demo/run                   # http://127.0.0.1:7860
+    igpt serve --checkpoint igpt-s --data cifar10.npz       # also pick images from a dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from typing import Any
+
+from igpt.cli.args import add_checkpoint, add_eval_data, add_fields, build, command
+from igpt.config import EvalDataConfig, SampleConfig, ServeConfig
+from igpt.serve import Engine
+
+INSTALL_HINT = "pip install 'igpt[serve]'"
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    if importlib.util.find_spec("gradio") is None:  # before the checkpoint is read
+        raise ValueError(f"the page needs Gradio, which is not installed: {INSTALL_HINT}")
+    cfg, sampling, data = build(ServeConfig, args), build(SampleConfig, args), build(EvalDataConfig, args)
+    engine = Engine(args.checkpoint, cfg, sampling, data)
+    # Gradio is an optional dependency: imported only once it is known to be there (checked above).
+    from igpt.serve.page import launch
+    print(f"igpt serve: {engine.where} on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", flush=True)
+    launch(engine)
+
+
+def register(sub: Any) -> None:
+    p = command(sub, "serve", help="a local web page to complete, infill and sample images with a checkpoint "
+                f"(needs {INSTALL_HINT})")
+    add_checkpoint(p)
+    add_eval_data(p, required=False)
+    add_fields(p, ServeConfig, title="page")
+    add_fields(p, SampleConfig, title="sampling (the page's defaults)",
+               only=("temperature", "top_k", "top_p", "seed", "device", "dtype", "window", "cuda_graph"))
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,9 @@
+"""``igpt serve``: a local web page to complete, infill and sample images with a checkpoint.
+
+``engine`` holds what the page computes (no web library needed, so it is tested without a browser);
+``page`` lays it out with Gradio, the optional ``serve`` extra, and launches it.
+"""
+
+from igpt.serve.engine import Draw, Engine
+
+__all__ = ["Draw", "Engine"]

@@ -1,0 +1,252 @@
+"""The page of ``igpt serve``, built with Gradio: choose an image, then complete it, infill it or sample.
+
+Everything the page computes is ``igpt.serve.engine``'s; this module lays it out and turns its messages into
+words on the page. Safety: uploads arrive as bytes (``gr.UploadButton(type="binary")``) and drawings as
+arrays, so no path a client sends is ever opened; Gradio's own upload limit (``max_file_size``) refuses big
+files before they are stored; one queue computes ``--concurrency`` requests at a time; nothing calls out
+(no analytics, no share link, system fonts instead of web fonts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import torch
+
+from igpt.serve.engine import UPLOAD_KINDS, Draw, Engine
+from igpt.viz import hide_rows
+
+# Small images are shown enlarged with crisp square pixels, as in the paper's figures.
+CSS = """
+.pixels img, .pixels canvas { image-rendering: pixelated; }
+#status { min-height: 2.5em; }
+"""
+EDITOR_SIDE = 256  # the infill canvas: the image enlarged to about this many screen pixels
+
+
+def _theme() -> gr.themes.Base:
+    # Gradio's default theme loads Google Fonts over the network; a closed network would wait for them.
+    return gr.themes.Base(font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+                          font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def _say(kind: str, text: str) -> str:
+    return f"**{kind}:** {text}"
+
+
+def _card_markdown(engine: Engine) -> str:
+    c = engine.card()
+    val = c["val"]
+    lines = [
+        f"**Checkpoint:** `{c['checkpoint']}`",
+        f"**Preset:** {c['preset']} ({c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads)",
+        f"**Parameters:** {c['params']:,}",
+        f"**Image size:** {c['n_px']}x{c['n_px']} pixels, **palette:** {c['palette_k']} colours (below)",
+        f"**Objective:** {'autoregressive (AR): reads pixels left to right, top to bottom' if c['objective'] == 'ar' else 'BERT: predicts masked pixels from all the others'}",
+        f"**Training step:** {c['step'] if c['step'] is not None else 'not recorded'}",
+        "**Validation loss:** " + (f"{val['loss']:.4f} nats per pixel at step {val['step']}" if val and "loss" in val
+                                   else "not recorded with this checkpoint"),
+        f"**Converted from:** {c['source']}" if c["source"] else "",
+        f"**Running on:** {c['device']} ({c['dtype']})",
+    ]
+    return "\n\n".join(line for line in lines if line)
+
+
+def _guard(fn: Callable[..., Iterator[tuple]], n_out: int) -> Callable[..., Iterator[tuple]]:
+    """Run a streaming handler so that a refusal or a CUDA out-of-memory becomes a message in the status box
+    (and a notice) instead of a traceback, and the server goes on serving. The handler's last output is the
+    status box; the others are left as they are."""
+    def run(*args: Any) -> Iterator[tuple]:
+        try:
+            yield from fn(*args)
+        except ValueError as e:
+            gr.Warning(str(e))
+            yield (*([gr.update()] * (n_out - 1)), _say("Error", str(e)))
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            msg = "Out of GPU memory for this request; ask for fewer images, or try again when the GPU is free."
+            gr.Warning(msg)
+            yield (*([gr.update()] * (n_out - 1)), _say("Error", msg))
+    return run
+
+
+def _gallery(pixels: np.ndarray, rows: int, label: str) -> list[tuple[np.ndarray, str]]:
+    """Images (n, n_px, n_px, 3) with the rows not yet drawn greyed out, captioned."""
+    shown = hide_rows(pixels, rows) if rows < pixels.shape[1] else pixels
+    return [(img, f"{label} {i + 1}") for i, img in enumerate(shown)]
+
+
+def _progress(rows: int, n_px: int, start: int, what: str) -> str:
+    if rows >= n_px:
+        return _say("Done", what)
+    return _say("Working", f"{what}: row {rows} of {n_px} ({rows - start} drawn)")
+
+
+def build_page(engine: Engine) -> gr.Blocks:
+    """The page (not yet launched)."""
+    n_px, cfg, sampling = engine.n_px, engine.cfg, engine.sampling
+    ar = engine.can_sample
+    scale = max(1, EDITOR_SIDE // n_px)
+
+    with gr.Blocks(title="igpt: Image GPT", analytics_enabled=False) as page:
+        gr.Markdown(
+            f"# Image GPT: complete a picture\n"
+            f"Choose a picture; the model sees it as **{n_px}x{n_px} pixels in {engine.palette.k} colours** "
+            f"(shown as *Quantized original*). **Complete** keeps the top rows and lets the model draw the rest, "
+            f"row by row, several times. **Infill** refills a region you paint over. **Sample** draws new "
+            f"images from nothing. The *Model* tab describes the checkpoint.")
+        original = gr.State(None)  # the quantized original (n_px, n_px, 3) uint8, or None
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("### 1. Choose a picture")
+                with gr.Tabs():
+                    with gr.Tab("Upload"):
+                        upload = gr.UploadButton("Upload an image", type="binary", variant="primary",
+                                                 elem_id="upload")
+                        gr.Markdown(f"{UPLOAD_KINDS}, up to {cfg.max_upload_mb:g} MB. It is cropped to a "
+                                    f"centred square and shrunk to {n_px}x{n_px} pixels.")
+                    with gr.Tab("Draw"):
+                        sketch = gr.Sketchpad(label="Draw a picture", type="numpy", image_mode="RGBA",
+                                              canvas_size=(EDITOR_SIDE, EDITOR_SIDE), elem_id="sketch")
+                        use_sketch = gr.Button("Use the drawing")
+                    with gr.Tab("From the dataset"):
+                        if engine.data is not None:
+                            pick = gr.Slider(0, len(engine.data) - 1, value=0, step=1,
+                                             label=f"Image number in {engine.data_name} ({engine.split} split)")
+                            use_pick = gr.Button("Use this image")
+                        else:
+                            gr.Markdown("No dataset was given: start the page with `--data DATA` to pick "
+                                        "images from one.")
+                shown = gr.Image(label="Quantized original (what the model sees)", type="numpy", format="png",
+                                 interactive=False, height=EDITOR_SIDE, elem_id="original",
+                                 elem_classes="pixels")
+            with gr.Column(scale=2):
+                gr.Markdown("### 2. Choose how to draw")
+                with gr.Row():
+                    n = gr.Slider(1, cfg.max_samples, value=cfg.n_samples, step=1, label="Images to draw",
+                                  elem_id="n")
+                    temperature = gr.Slider(0.0, 2.0, value=sampling.temperature, step=0.05,
+                                            label="Temperature (0 = always the likeliest colour)",
+                                            elem_id="temperature")
+                    top_k = gr.Slider(0, engine.palette.k, value=sampling.top_k, step=1,
+                                      label="Top-k (draw among the k likeliest colours; 0 = all)", elem_id="top_k")
+                    seed = gr.Number(value=sampling.seed, precision=0, minimum=0, maximum=2**32 - 1,
+                                     label="Seed (same seed, same images)", elem_id="seed")
+                status = gr.Markdown(_say("Ready", "choose a picture, or press Sample."), elem_id="status")
+                with gr.Tabs():
+                    with gr.Tab("Complete", elem_id="tab-complete"):
+                        rows = gr.Slider(0, n_px, value=n_px // 2, step=1, label="Rows to keep from the top",
+                                         elem_id="rows")
+                        complete_btn = gr.Button("Complete", variant="primary", elem_id="complete")
+                        with gr.Row():
+                            kept = gr.Image(label="Kept rows (the rest is grey)", type="numpy", format="png",
+                                            interactive=False, height=EDITOR_SIDE // 2, elem_id="kept",
+                                            elem_classes="pixels")
+                            completions = gr.Gallery(label="Completions", format="png", columns=4,
+                                                     object_fit="contain", elem_id="completions",
+                                                     elem_classes="pixels", interactive=False)
+                    with gr.Tab("Infill", elem_id="tab-infill"):
+                        gr.Markdown(
+                            "Paint over the part to fill in, then press **Infill**. Unpainted pixels are kept."
+                            if not ar else
+                            "Paint over the part to fill in, then press **Infill**. This model reads pixels left "
+                            "to right, top to bottom, so it refills **everything from the first painted pixel "
+                            "down**; what lies above is kept exactly.")
+                        editor = gr.ImageEditor(label="Paint over the region to fill", type="numpy",
+                                                image_mode="RGBA", sources=(), elem_id="editor",
+                                                brush=gr.Brush(colors=["#ff00ff"], default_size=max(4, scale)),
+                                                canvas_size=(n_px * scale, n_px * scale), elem_classes="pixels")
+                        infill_btn = gr.Button("Infill", variant="primary", elem_id="infill")
+                        infilled = gr.Gallery(label="Infilled", format="png", columns=4, object_fit="contain",
+                                              elem_id="infilled", elem_classes="pixels", interactive=False)
+                    with gr.Tab("Sample", elem_id="tab-sample"):
+                        gr.Markdown("New images drawn from nothing, row by row." if ar else
+                                    "A BERT checkpoint cannot draw images from nothing; use Complete or Infill.")
+                        sample_btn = gr.Button("Sample", variant="primary", elem_id="sample", interactive=ar)
+                        samples = gr.Gallery(label="Samples", format="png", columns=4, object_fit="contain",
+                                             elem_id="samples", elem_classes="pixels", interactive=False)
+                    with gr.Tab("Model", elem_id="tab-model"):
+                        gr.Markdown(_card_markdown(engine), elem_id="card")
+                        gr.Image(value=engine.swatch(), label="Palette (every colour the model can draw)",
+                                 format="png", interactive=False, elem_id="swatch", elem_classes="pixels")
+
+        def chosen(pixels: np.ndarray, rows_kept: int) -> Iterator[tuple]:
+            editor_value = {"background": pixels.repeat(scale, 0).repeat(scale, 1), "layers": [], "composite": None}
+            yield (pixels, pixels, hide_rows(pixels[None], int(rows_kept))[0], editor_value,
+                   _say("Ready", "picture chosen; press Complete, or paint over it in Infill."))
+
+        choice_outputs = [original, shown, kept, editor, status]
+
+        def from_upload(data: bytes | None, rows_kept: int) -> Iterator[tuple]:
+            yield from chosen(engine.decode_upload(data), rows_kept)
+
+        def from_sketch(drawing: dict | None, rows_kept: int) -> Iterator[tuple]:
+            if drawing is None or drawing.get("composite") is None:
+                raise ValueError("Draw something on the canvas first.")
+            yield from chosen(engine.quantize(drawing["composite"]), rows_kept)
+
+        upload.upload(_guard(from_upload, 5), [upload, rows], choice_outputs)
+        use_sketch.click(_guard(from_sketch, 5), [sketch, rows], choice_outputs)
+        if engine.data is not None:
+            def from_data(index: float, rows_kept: int) -> Iterator[tuple]:
+                yield from chosen(engine.dataset_image(int(index)), rows_kept)
+            use_pick.click(_guard(from_data, 5), [pick, rows], choice_outputs)
+
+        def show_kept(pixels: np.ndarray | None, rows_kept: int) -> np.ndarray | None:
+            return None if pixels is None else hide_rows(pixels[None], int(rows_kept))[0]
+
+        rows.change(show_kept, [original, rows], kept, queue=False)
+
+        def draw_of(n_: float, t: float, k: float, s: float | None) -> Draw:
+            return Draw(n=int(n_), temperature=float(t), top_k=int(k), seed=int(s or 0))
+
+        def need(pixels: np.ndarray | None) -> np.ndarray:
+            if pixels is None:
+                raise ValueError("Choose a picture first (upload, draw, or pick one).")
+            return pixels
+
+        def run_complete(pixels, rows_kept, n_, t, k, s) -> Iterator[tuple]:
+            pixels, rows_kept = need(pixels), int(rows_kept)
+            what = f"{int(n_)} completion(s) of the bottom {n_px - rows_kept} rows, seed {int(s or 0)}"
+            yield hide_rows(pixels[None], rows_kept)[0], [], _say("Working", f"{what}: starting")
+            for done, images in engine.complete(pixels, rows_kept, draw_of(n_, t, k, s)):
+                yield gr.update(), _gallery(images, done, "completion"), _progress(done, n_px, rows_kept, what)
+
+        def run_infill(pixels, painted, n_, t, k, s) -> Iterator[tuple]:
+            pixels = need(pixels)
+            layers = (painted or {}).get("layers") or []
+            strokes = sum((np.asarray(layer)[..., 3].astype(np.int32) for layer in layers), np.zeros(1, np.int32))
+            if not layers or not np.any(strokes):
+                raise ValueError("Paint over the part of the picture to fill in first.")
+            mask = engine.mask_from_strokes(np.clip(strokes, 0, 255).astype(np.uint8))
+            first = int(np.flatnonzero(mask.reshape(-1))[0]) // n_px if mask.any() else 0
+            what = f"{int(n_)} infill(s), seed {int(s or 0)}"
+            yield [], _say("Working", f"{what}: starting")
+            for done, images in engine.infill_mask(pixels, mask, draw_of(n_, t, k, s)):
+                yield _gallery(images, done, "infill"), _progress(done, n_px, first, what)
+
+        def run_sample(n_, t, k, s) -> Iterator[tuple]:
+            what = f"{int(n_)} sample(s), seed {int(s or 0)}"
+            yield [], _say("Working", f"{what}: starting")
+            for done, images in engine.sample(draw_of(n_, t, k, s)):
+                yield _gallery(images, done, "sample"), _progress(done, n_px, 0, what)
+
+        controls = [n, temperature, top_k, seed]
+        complete_btn.click(_guard(run_complete, 3), [original, rows, *controls], [kept, completions, status])
+        infill_btn.click(_guard(run_infill, 2), [original, editor, *controls], [infilled, status])
+        sample_btn.click(_guard(run_sample, 2), controls, [samples, status])
+    return page
+
+
+def launch(engine: Engine) -> None:
+    """Serve the page until Ctrl-C: one queue, ``--concurrency`` requests at a time."""
+    cfg = engine.cfg
+    page = build_page(engine)
+    page.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
+    page.launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False,
+                max_file_size=cfg.max_upload_bytes, theme=_theme(), css=CSS, show_error=False,
+                footer_links=[], mcp_server=False, pwa=False, ssr_mode=False, enable_monitoring=False)
