@@ -32,6 +32,7 @@ from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 from igpt.serve import Draw, Engine
+from igpt.serve.page import _guard
 from igpt.train.rundir import append_metrics
 from igpt.weights.checkpoint import save_checkpoint
 
@@ -173,6 +174,28 @@ def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     assert main(["serve", "--checkpoint", "no-such-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "igpt serve: error: the page needs Gradio, which is not installed: pip install 'igpt[serve]'"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request only warns
+def test_a_refusal_or_running_out_of_memory_is_a_message_and_the_next_request_is_served():
+    gr = pytest.importorskip("gradio")
+    calls = []
+
+    def handler(fail: BaseException | None):
+        calls.append(fail)
+        yield "partial", "working"
+        if fail is not None:
+            raise fail
+        yield "whole", "done"
+
+    guarded = _guard(gr, handler, 2)
+    oom = list(guarded(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    assert oom[-1][1].startswith("**Error:** Out of GPU memory") and len(oom) == 2
+    refused = list(guarded(ValueError("Choose a picture first.")))
+    assert refused[-1][1] == "**Error:** Choose a picture first."
+    assert list(guarded(None))[-1] == ("whole", "done") and len(calls) == 3
+    with pytest.raises(KeyError):  # anything else is a bug, and Gradio's own error box says so
+        list(guarded(KeyError("bug")))
 
 
 # ---- the page, in a browser

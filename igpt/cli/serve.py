@@ -12,7 +12,7 @@ from typing import Any
 
 from igpt.cli.args import add_checkpoint, add_eval_data, add_fields, build, command
 from igpt.config import EvalDataConfig, SampleConfig, ServeConfig
-from igpt.serve import Engine
+from igpt.serve import Engine, launch
 
 INSTALL_HINT = "pip install 'igpt[serve]'"
 
@@ -22,8 +22,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"the page needs Gradio, which is not installed: {INSTALL_HINT}")
     cfg, sampling, data = build(ServeConfig, args), build(SampleConfig, args), build(EvalDataConfig, args)
     engine = Engine(args.checkpoint, cfg, sampling, data)
-    # Gradio is an optional dependency: imported only once it is known to be there (checked above).
-    from igpt.serve.page import launch
     print(f"igpt serve: {engine.where} on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", flush=True)
     launch(engine)
 

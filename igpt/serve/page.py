@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import gradio as gr
 import numpy as np
 import torch
 
@@ -21,13 +20,16 @@ from igpt.viz import hide_rows
 
 # Small images are shown enlarged with crisp square pixels, as in the paper's figures.
 CSS = """
-.pixels img, .pixels canvas { image-rendering: pixelated; }
+.pixels img { image-rendering: pixelated; width: 100% !important; height: 100% !important; object-fit: contain; }
+.pixels canvas { image-rendering: pixelated; }
 #status { min-height: 2.5em; }
 """
+OBJECTIVE_WORDS = {"ar": "autoregressive (AR): predicts each pixel from those before it, left to right, top to bottom",
+                   "bert": "BERT: predicts masked pixels from all the others"}
 EDITOR_SIDE = 256  # the infill canvas: the image enlarged to about this many screen pixels
 
 
-def _theme() -> gr.themes.Base:
+def _theme(gr: Any) -> Any:
     # Gradio's default theme loads Google Fonts over the network; a closed network would wait for them.
     return gr.themes.Base(font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
@@ -45,7 +47,7 @@ def _card_markdown(engine: Engine) -> str:
         f"**Preset:** {c['preset']} ({c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads)",
         f"**Parameters:** {c['params']:,}",
         f"**Image size:** {c['n_px']}x{c['n_px']} pixels, **palette:** {c['palette_k']} colours (below)",
-        f"**Objective:** {'autoregressive (AR): reads pixels left to right, top to bottom' if c['objective'] == 'ar' else 'BERT: predicts masked pixels from all the others'}",
+        f"**Objective:** {OBJECTIVE_WORDS[c['objective']]}",
         f"**Training step:** {c['step'] if c['step'] is not None else 'not recorded'}",
         "**Validation loss:** " + (f"{val['loss']:.4f} nats per pixel at step {val['step']}" if val and "loss" in val
                                    else "not recorded with this checkpoint"),
@@ -55,7 +57,7 @@ def _card_markdown(engine: Engine) -> str:
     return "\n\n".join(line for line in lines if line)
 
 
-def _guard(fn: Callable[..., Iterator[tuple]], n_out: int) -> Callable[..., Iterator[tuple]]:
+def _guard(gr: Any, fn: Callable[..., Iterator[tuple]], n_out: int) -> Callable[..., Iterator[tuple]]:
     """Run a streaming handler so that a refusal or a CUDA out-of-memory becomes a message in the status box
     (and a notice) instead of a traceback, and the server goes on serving. The handler's last output is the
     status box; the others are left as they are."""
@@ -74,10 +76,9 @@ def _guard(fn: Callable[..., Iterator[tuple]], n_out: int) -> Callable[..., Iter
     return run
 
 
-def _gallery(pixels: np.ndarray, rows: int, label: str) -> list[tuple[np.ndarray, str]]:
-    """Images (n, n_px, n_px, 3) with the rows not yet drawn greyed out, captioned."""
-    shown = hide_rows(pixels, rows) if rows < pixels.shape[1] else pixels
-    return [(img, f"{label} {i + 1}") for i, img in enumerate(shown)]
+def _gallery(pixels: np.ndarray, rows: int) -> list[np.ndarray]:
+    """Images (n, n_px, n_px, 3) with the rows not yet drawn greyed out."""
+    return list(hide_rows(pixels, rows) if rows < pixels.shape[1] else pixels)
 
 
 def _progress(rows: int, n_px: int, start: int, what: str) -> str:
@@ -86,8 +87,12 @@ def _progress(rows: int, n_px: int, start: int, what: str) -> str:
     return _say("Working", f"{what}: row {rows} of {n_px} ({rows - start} drawn)")
 
 
-def build_page(engine: Engine) -> gr.Blocks:
-    """The page (not yet launched)."""
+def build_page(engine: Engine) -> Any:
+    """The page, a ``gradio.Blocks`` not yet launched."""
+    # Gradio is the optional ``serve`` extra: imported only when a page is built (``igpt serve`` checks
+    # first that it is installed), so the rest of igpt imports without it.
+    import gradio as gr
+
     n_px, cfg, sampling = engine.n_px, engine.cfg, engine.sampling
     ar = engine.can_sample
     scale = max(1, EDITOR_SIDE // n_px)
@@ -127,15 +132,15 @@ def build_page(engine: Engine) -> gr.Blocks:
             with gr.Column(scale=2):
                 gr.Markdown("### 2. Choose how to draw")
                 with gr.Row():
-                    n = gr.Slider(1, cfg.max_samples, value=cfg.n_samples, step=1, label="Images to draw",
-                                  elem_id="n")
-                    temperature = gr.Slider(0.0, 2.0, value=sampling.temperature, step=0.05,
-                                            label="Temperature (0 = always the likeliest colour)",
+                    n = gr.Slider(1, cfg.max_samples, value=cfg.n_samples, step=1, label="Images",
+                                  info="how many to draw at once", elem_id="n")
+                    temperature = gr.Slider(0.0, 2.0, value=sampling.temperature, step=0.05, label="Temperature",
+                                            info="lower: safer colours; 0: always the likeliest",
                                             elem_id="temperature")
-                    top_k = gr.Slider(0, engine.palette.k, value=sampling.top_k, step=1,
-                                      label="Top-k (draw among the k likeliest colours; 0 = all)", elem_id="top_k")
-                    seed = gr.Number(value=sampling.seed, precision=0, minimum=0, maximum=2**32 - 1,
-                                     label="Seed (same seed, same images)", elem_id="seed")
+                    top_k = gr.Slider(0, engine.palette.k, value=sampling.top_k, step=1, label="Top-k",
+                                      info="draw among the k likeliest colours; 0: all", elem_id="top_k")
+                    seed = gr.Number(value=sampling.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed",
+                                     info="same seed, same images", elem_id="seed")
                 status = gr.Markdown(_say("Ready", "choose a picture, or press Sample."), elem_id="status")
                 with gr.Tabs():
                     with gr.Tab("Complete", elem_id="tab-complete"):
@@ -144,11 +149,12 @@ def build_page(engine: Engine) -> gr.Blocks:
                         complete_btn = gr.Button("Complete", variant="primary", elem_id="complete")
                         with gr.Row():
                             kept = gr.Image(label="Kept rows (the rest is grey)", type="numpy", format="png",
-                                            interactive=False, height=EDITOR_SIDE // 2, elem_id="kept",
-                                            elem_classes="pixels")
-                            completions = gr.Gallery(label="Completions", format="png", columns=4,
-                                                     object_fit="contain", elem_id="completions",
-                                                     elem_classes="pixels", interactive=False)
+                                            interactive=False, height=EDITOR_SIDE, elem_id="kept",
+                                            elem_classes="pixels", scale=1)
+                            completions = gr.Gallery(label="Completions (they fill in row by row)", format="png",
+                                                     columns=4, height=EDITOR_SIDE, object_fit="contain",
+                                                     elem_id="completions", elem_classes="pixels",
+                                                     interactive=False, scale=2)
                     with gr.Tab("Infill", elem_id="tab-infill"):
                         gr.Markdown(
                             "Paint over the part to fill in, then press **Infill**. Unpainted pixels are kept."
@@ -161,14 +167,16 @@ def build_page(engine: Engine) -> gr.Blocks:
                                                 brush=gr.Brush(colors=["#ff00ff"], default_size=max(4, scale)),
                                                 canvas_size=(n_px * scale, n_px * scale), elem_classes="pixels")
                         infill_btn = gr.Button("Infill", variant="primary", elem_id="infill")
-                        infilled = gr.Gallery(label="Infilled", format="png", columns=4, object_fit="contain",
-                                              elem_id="infilled", elem_classes="pixels", interactive=False)
+                        infilled = gr.Gallery(label="Infilled", format="png", columns=4, height=EDITOR_SIDE,
+                                              object_fit="contain", elem_id="infilled", elem_classes="pixels",
+                                              interactive=False)
                     with gr.Tab("Sample", elem_id="tab-sample"):
                         gr.Markdown("New images drawn from nothing, row by row." if ar else
                                     "A BERT checkpoint cannot draw images from nothing; use Complete or Infill.")
                         sample_btn = gr.Button("Sample", variant="primary", elem_id="sample", interactive=ar)
-                        samples = gr.Gallery(label="Samples", format="png", columns=4, object_fit="contain",
-                                             elem_id="samples", elem_classes="pixels", interactive=False)
+                        samples = gr.Gallery(label="Samples", format="png", columns=4, height=EDITOR_SIDE,
+                                             object_fit="contain", elem_id="samples", elem_classes="pixels",
+                                             interactive=False)
                     with gr.Tab("Model", elem_id="tab-model"):
                         gr.Markdown(_card_markdown(engine), elem_id="card")
                         gr.Image(value=engine.swatch(), label="Palette (every colour the model can draw)",
@@ -189,12 +197,12 @@ def build_page(engine: Engine) -> gr.Blocks:
                 raise ValueError("Draw something on the canvas first.")
             yield from chosen(engine.quantize(drawing["composite"]), rows_kept)
 
-        upload.upload(_guard(from_upload, 5), [upload, rows], choice_outputs)
-        use_sketch.click(_guard(from_sketch, 5), [sketch, rows], choice_outputs)
+        upload.upload(_guard(gr, from_upload, 5), [upload, rows], choice_outputs)
+        use_sketch.click(_guard(gr, from_sketch, 5), [sketch, rows], choice_outputs)
         if engine.data is not None:
             def from_data(index: float, rows_kept: int) -> Iterator[tuple]:
                 yield from chosen(engine.dataset_image(int(index)), rows_kept)
-            use_pick.click(_guard(from_data, 5), [pick, rows], choice_outputs)
+            use_pick.click(_guard(gr, from_data, 5), [pick, rows], choice_outputs)
 
         def show_kept(pixels: np.ndarray | None, rows_kept: int) -> np.ndarray | None:
             return None if pixels is None else hide_rows(pixels[None], int(rows_kept))[0]
@@ -214,7 +222,7 @@ def build_page(engine: Engine) -> gr.Blocks:
             what = f"{int(n_)} completion(s) of the bottom {n_px - rows_kept} rows, seed {int(s or 0)}"
             yield hide_rows(pixels[None], rows_kept)[0], [], _say("Working", f"{what}: starting")
             for done, images in engine.complete(pixels, rows_kept, draw_of(n_, t, k, s)):
-                yield gr.update(), _gallery(images, done, "completion"), _progress(done, n_px, rows_kept, what)
+                yield gr.update(), _gallery(images, done), _progress(done, n_px, rows_kept, what)
 
         def run_infill(pixels, painted, n_, t, k, s) -> Iterator[tuple]:
             pixels = need(pixels)
@@ -227,26 +235,28 @@ def build_page(engine: Engine) -> gr.Blocks:
             what = f"{int(n_)} infill(s), seed {int(s or 0)}"
             yield [], _say("Working", f"{what}: starting")
             for done, images in engine.infill_mask(pixels, mask, draw_of(n_, t, k, s)):
-                yield _gallery(images, done, "infill"), _progress(done, n_px, first, what)
+                yield _gallery(images, done), _progress(done, n_px, first, what)
 
         def run_sample(n_, t, k, s) -> Iterator[tuple]:
             what = f"{int(n_)} sample(s), seed {int(s or 0)}"
             yield [], _say("Working", f"{what}: starting")
             for done, images in engine.sample(draw_of(n_, t, k, s)):
-                yield _gallery(images, done, "sample"), _progress(done, n_px, 0, what)
+                yield _gallery(images, done), _progress(done, n_px, 0, what)
 
         controls = [n, temperature, top_k, seed]
-        complete_btn.click(_guard(run_complete, 3), [original, rows, *controls], [kept, completions, status])
-        infill_btn.click(_guard(run_infill, 2), [original, editor, *controls], [infilled, status])
-        sample_btn.click(_guard(run_sample, 2), controls, [samples, status])
+        complete_btn.click(_guard(gr, run_complete, 3), [original, rows, *controls], [kept, completions, status])
+        infill_btn.click(_guard(gr, run_infill, 2), [original, editor, *controls], [infilled, status])
+        sample_btn.click(_guard(gr, run_sample, 2), controls, [samples, status])
     return page
 
 
 def launch(engine: Engine) -> None:
     """Serve the page until Ctrl-C: one queue, ``--concurrency`` requests at a time."""
+    import gradio as gr  # the optional extra, as in build_page
+
     cfg = engine.cfg
     page = build_page(engine)
     page.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     page.launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False,
-                max_file_size=cfg.max_upload_bytes, theme=_theme(), css=CSS, show_error=False,
+                max_file_size=cfg.max_upload_bytes, theme=_theme(gr), css=CSS, show_error=False,
                 footer_links=[], mcp_server=False, pwa=False, ssr_mode=False, enable_monitoring=False)
