@@ -20,8 +20,8 @@ from igpt.viz import hide_rows
 
 # Small images are shown enlarged with crisp square pixels, as in the paper's figures.
 CSS = """
-.pixels img { image-rendering: pixelated; width: 100% !important; height: 100% !important; object-fit: contain; }
-.pixels canvas { image-rendering: pixelated; }
+.pixels img, .pixels canvas { image-rendering: pixelated; }
+.pixels img { width: 100% !important; height: 100% !important; object-fit: contain; }
 #status { min-height: 2.5em; }
 """
 OBJECTIVE_WORDS = {"ar": "autoregressive (AR): predicts each pixel from those before it, left to right, top to bottom",
@@ -116,19 +116,19 @@ def build_page(engine: Engine) -> Any:
                                     f"centred square and shrunk to {n_px}x{n_px} pixels.")
                     with gr.Tab("Draw"):
                         sketch = gr.Sketchpad(label="Draw a picture", type="numpy", image_mode="RGBA",
-                                              canvas_size=(EDITOR_SIDE, EDITOR_SIDE), elem_id="sketch")
+                                              canvas_size=(EDITOR_SIDE, EDITOR_SIDE), elem_id="sketch", buttons=[])
                         use_sketch = gr.Button("Use the drawing")
                     with gr.Tab("From the dataset"):
                         if engine.data is not None:
-                            pick = gr.Slider(0, len(engine.data) - 1, value=0, step=1,
+                            pick = gr.Slider(0, len(engine.data) - 1, value=0, step=1, elem_id="pick",
                                              label=f"Image number in {engine.data_name} ({engine.split} split)")
-                            use_pick = gr.Button("Use this image")
+                            use_pick = gr.Button("Use this image", elem_id="use-pick")
                         else:
                             gr.Markdown("No dataset was given: start the page with `--data DATA` to pick "
                                         "images from one.")
                 shown = gr.Image(label="Quantized original (what the model sees)", type="numpy", format="png",
                                  interactive=False, height=EDITOR_SIDE, elem_id="original",
-                                 elem_classes="pixels")
+                                 elem_classes="pixels", buttons=["download"])
             with gr.Column(scale=2):
                 gr.Markdown("### 2. Choose how to draw")
                 with gr.Row():
@@ -149,12 +149,12 @@ def build_page(engine: Engine) -> Any:
                         complete_btn = gr.Button("Complete", variant="primary", elem_id="complete")
                         with gr.Row():
                             kept = gr.Image(label="Kept rows (the rest is grey)", type="numpy", format="png",
-                                            interactive=False, height=EDITOR_SIDE, elem_id="kept",
-                                            elem_classes="pixels", scale=1)
+                                            interactive=False, elem_id="kept", elem_classes="pixels", scale=1,
+                                            buttons=[])
                             completions = gr.Gallery(label="Completions (they fill in row by row)", format="png",
                                                      columns=4, height=EDITOR_SIDE, object_fit="contain",
                                                      elem_id="completions", elem_classes="pixels",
-                                                     interactive=False, scale=2)
+                                                     interactive=False, scale=2, buttons=["download"])
                     with gr.Tab("Infill", elem_id="tab-infill"):
                         gr.Markdown(
                             "Paint over the part to fill in, then press **Infill**. Unpainted pixels are kept."
@@ -165,22 +165,23 @@ def build_page(engine: Engine) -> Any:
                         editor = gr.ImageEditor(label="Paint over the region to fill", type="numpy",
                                                 image_mode="RGBA", sources=(), elem_id="editor",
                                                 brush=gr.Brush(colors=["#ff00ff"], default_size=max(4, scale)),
-                                                canvas_size=(n_px * scale, n_px * scale), elem_classes="pixels")
+                                                canvas_size=(n_px * scale, n_px * scale), elem_classes="pixels",
+                                                buttons=[])
                         infill_btn = gr.Button("Infill", variant="primary", elem_id="infill")
                         infilled = gr.Gallery(label="Infilled", format="png", columns=4, height=EDITOR_SIDE,
                                               object_fit="contain", elem_id="infilled", elem_classes="pixels",
-                                              interactive=False)
+                                              interactive=False, buttons=["download"])
                     with gr.Tab("Sample", elem_id="tab-sample"):
                         gr.Markdown("New images drawn from nothing, row by row." if ar else
                                     "A BERT checkpoint cannot draw images from nothing; use Complete or Infill.")
                         sample_btn = gr.Button("Sample", variant="primary", elem_id="sample", interactive=ar)
                         samples = gr.Gallery(label="Samples", format="png", columns=4, height=EDITOR_SIDE,
                                              object_fit="contain", elem_id="samples", elem_classes="pixels",
-                                             interactive=False)
+                                             interactive=False, buttons=["download"])
                     with gr.Tab("Model", elem_id="tab-model"):
                         gr.Markdown(_card_markdown(engine), elem_id="card")
                         gr.Image(value=engine.swatch(), label="Palette (every colour the model can draw)",
-                                 format="png", interactive=False, elem_id="swatch", elem_classes="pixels")
+                                 format="png", interactive=False, elem_id="swatch", elem_classes="pixels", buttons=[])
 
         def chosen(pixels: np.ndarray, rows_kept: int) -> Iterator[tuple]:
             editor_value = {"background": pixels.repeat(scale, 0).repeat(scale, 1), "layers": [], "composite": None}
