@@ -96,7 +96,7 @@ class Engine:
         found = [r for r in records if r.get("split") == "val" and r["step"] <= self.record.step]
         return {k: v for k, v in found[-1].items() if k != "split"} if found else None
 
-    def swatch(self, ncol: int = 32, scale: int = 12) -> np.ndarray:
+    def swatch(self, ncol: int = 32, scale: int = 16) -> np.ndarray:
         """The palette's colours as one picture (H, W, 3) uint8, in id order."""
         colours = self.palette.decode(torch.arange(self.palette.k)).numpy()  # (k, 3) uint8
         return np.asarray(grid(colours.reshape(-1, 1, 1, 3), ncol=ncol, scale=scale, pad=1))

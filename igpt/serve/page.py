@@ -22,6 +22,7 @@ from igpt.viz import hide_rows
 CSS = """
 .pixels img, .pixels canvas { image-rendering: pixelated; }
 .pixels img { width: 100% !important; height: 100% !important; object-fit: contain; }
+#swatch img { image-rendering: pixelated; width: auto !important; height: auto !important; max-width: 100%; }
 #status { min-height: 2.5em; }
 """
 OBJECTIVE_WORDS = {"ar": "autoregressive (AR): predicts each pixel from those before it, left to right, top to bottom",
@@ -180,8 +181,8 @@ def build_page(engine: Engine) -> Any:
                                              interactive=False, buttons=["download"])
                     with gr.Tab("Model", elem_id="tab-model"):
                         gr.Markdown(_card_markdown(engine), elem_id="card")
-                        gr.Image(value=engine.swatch(), label="Palette (every colour the model can draw)",
-                                 format="png", interactive=False, elem_id="swatch", elem_classes="pixels", buttons=[])
+                        gr.Image(value=engine.swatch(), format="png", interactive=False,
+                                 label="Palette (every colour the model can draw)", elem_id="swatch", buttons=[])
 
         def chosen(pixels: np.ndarray, rows_kept: int) -> Iterator[tuple]:
             editor_value = {"background": pixels.repeat(scale, 0).repeat(scale, 1), "layers": [], "composite": None}
