@@ -21,7 +21,7 @@ class ServeConfig:
     concurrency: int = arg(1, "requests computed at once; the others wait in the queue, so that several users "
                            "cannot exhaust memory together")
     queue_size: int = arg(16, "requests that may wait in the queue; more are refused with a message")
-    n_samples: int = arg(4, "completions per image (the page's default)")
+    n_samples: int = arg(4, "completions per image, the page's initial value")
     max_samples: int = arg(16, "the most completions or samples one request may ask for")
     rounds: int = arg(8, "BERT: rounds of iterative infilling")
 
