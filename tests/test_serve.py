@@ -89,7 +89,10 @@ def _quantized_china(engine: Engine) -> np.ndarray:
 def test_sample_rows_yields_each_row_keeps_the_prefix_and_ends_as_sample(nano_model):
     n_px, T = nano_model.config.n_px, nano_model.config.n_ctx
     prefix = torch.randint(0, nano_model.config.n_vocab, (3, 2 * n_px + 3))
-    steps = list(sample_rows(nano_model, 3, prefix=prefix, generator=make_generator(5, torch.device("cpu"))))
+    steps = []
+    for step in sample_rows(nano_model, 3, prefix=prefix, generator=make_generator(5, torch.device("cpu"))):
+        assert torch.is_grad_enabled()  # no_grad holds inside each step only, not in the caller between rows
+        steps.append(step)
     assert [rows for rows, _ in steps] == list(range(2, n_px + 1))
     for rows, ids in steps:
         assert torch.equal(ids[:, :prefix.shape[1]], prefix)

@@ -238,7 +238,7 @@ def sample_rows(model: GPT, n: int, *, prefix: torch.Tensor | None = None, tempe
         raise ValueError(f"the generator is on {generator.device} but the model on {device}; "
                          f"use make_generator(seed, device)")
     sampler = Sampler(model, n, dtype=dtype, window=window, cuda_graph=cuda_graph)
-    with torch.no_grad():
-        for filled, out in sampler.fill(prefix, temperature=temperature, top_k=top_k, top_p=top_p,
-                                        generator=generator, every=n_px):
-            yield filled // n_px, out.clone()
+    # fill runs under no_grad one step at a time; the caller's grad mode is untouched between yields
+    for filled, out in sampler.fill(prefix, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                    every=n_px):
+        yield filled // n_px, out.clone()

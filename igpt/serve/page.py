@@ -116,6 +116,7 @@ def build_page(engine: Engine) -> Any:
                         gr.Markdown(f"{UPLOAD_KINDS}, up to {cfg.max_upload_mb:g} MB. It is cropped to a "
                                     f"centred square and shrunk to {n_px}x{n_px} pixels.")
                     with gr.Tab("Draw"):
+                        gr.Markdown("Pick the brush on the left of the canvas, draw, then press **Use the drawing**.")
                         sketch = gr.Sketchpad(label="Draw a picture", type="numpy", image_mode="RGBA",
                                               canvas_size=(EDITOR_SIDE, EDITOR_SIDE), elem_id="sketch", buttons=[])
                         use_sketch = gr.Button("Use the drawing")
@@ -147,6 +148,9 @@ def build_page(engine: Engine) -> Any:
                     with gr.Tab("Complete", elem_id="tab-complete"):
                         rows = gr.Slider(0, n_px, value=n_px // 2, step=1, label="Rows to keep from the top",
                                          elem_id="rows")
+                        if not ar:
+                            gr.Markdown(f"This BERT model fills the rows below by iterative infilling ({cfg.rounds} "
+                                        "rounds); its completions appear when the last round is done.")
                         complete_btn = gr.Button("Complete", variant="primary", elem_id="complete")
                         with gr.Row():
                             kept = gr.Image(label="Kept rows (the rest is grey)", type="numpy", format="png",
@@ -158,11 +162,11 @@ def build_page(engine: Engine) -> Any:
                                                      interactive=False, scale=2, buttons=["download"])
                     with gr.Tab("Infill", elem_id="tab-infill"):
                         gr.Markdown(
-                            "Paint over the part to fill in, then press **Infill**. Unpainted pixels are kept."
-                            if not ar else
-                            "Paint over the part to fill in, then press **Infill**. This model reads pixels left "
-                            "to right, top to bottom, so it refills **everything from the first painted pixel "
-                            "down**; what lies above is kept exactly.")
+                            "Pick the brush on the left of the canvas, paint over the part to fill in, then press "
+                            "**Infill**. Unpainted pixels are kept exactly." if not ar else
+                            "Pick the brush on the left of the canvas, paint over the part to fill in, then press "
+                            "**Infill**. This model reads pixels left to right, top to bottom, so it refills "
+                            "**everything from the first painted pixel down**; what lies above is kept exactly.")
                         editor = gr.ImageEditor(label="Paint over the region to fill", type="numpy",
                                                 image_mode="RGBA", sources=(), elem_id="editor",
                                                 brush=gr.Brush(colors=["#ff00ff"], default_size=max(4, scale)),
