@@ -179,10 +179,8 @@ def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     assert err == "igpt serve: error: the page needs Gradio, which is not installed: pip install 'igpt[serve]'"
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request only warns
 def test_a_refusal_or_running_out_of_memory_is_a_message_and_the_next_request_is_served():
-    gr = pytest.importorskip("gradio")
-    calls = []
+    calls, notices = [], []
 
     def handler(fail: BaseException | None):
         calls.append(fail)
@@ -191,11 +189,12 @@ def test_a_refusal_or_running_out_of_memory_is_a_message_and_the_next_request_is
             raise fail
         yield "whole", "done"
 
-    guarded = _guard(gr, handler, 2)
+    guarded = _guard(handler, 2, notices.append, lambda: "unchanged")
     oom = list(guarded(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
-    assert oom[-1][1].startswith("**Error:** Out of GPU memory") and len(oom) == 2
+    assert oom[-1][0] == "unchanged" and oom[-1][1].startswith("**Error:** Out of GPU memory") and len(oom) == 2
     refused = list(guarded(ValueError("Choose a picture first.")))
-    assert refused[-1][1] == "**Error:** Choose a picture first."
+    assert refused[-1] == ("unchanged", "**Error:** Choose a picture first.")
+    assert notices[1] == "Choose a picture first." and notices[0].startswith("Out of GPU memory")
     assert list(guarded(None))[-1] == ("whole", "done") and len(calls) == 3
     with pytest.raises(KeyError):  # anything else is a bug, and Gradio's own error box says so
         list(guarded(KeyError("bug")))
@@ -271,11 +270,11 @@ def _complete(page, seed: int) -> list[np.ndarray]:
     return images
 
 
-def test_the_page_completes_an_uploaded_photo_and_refuses_a_text_file(server, tmp_path):
+def test_the_page_completes_an_uploaded_photo_and_refuses_a_text_file_and_a_big_one(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, engine = server
-    photo, notes = tmp_path / "china.jpg", tmp_path / "notes.txt"
+    photo, notes, big = tmp_path / "china.jpg", tmp_path / "notes.txt", tmp_path / "big.png"
     photo.write_bytes(_jpeg_bytes())
     notes.write_text("not a picture\n")
     expected = _quantized_china(engine)
@@ -304,5 +303,9 @@ def test_the_page_completes_an_uploaded_photo_and_refuses_a_text_file(server, tm
             page.wait_for_function("document.querySelector('#status').innerText.includes('Error')", timeout=30_000)
             assert "The upload is not an image" in page.inner_text("#status")
             assert np.array_equal(_images(page, "#original")[0], expected)  # the chosen picture stays
+
+            big.write_bytes(np.random.default_rng(0).integers(0, 256, 1_200_000, dtype=np.uint8).tobytes())
+            page.set_input_files(UPLOAD_INPUT, str(big))  # over this server's --max-upload-mb 1
+            page.get_by_text("exceed the maximum allowed size").first.wait_for(timeout=30_000)
         finally:
             browser.close()

@@ -58,22 +58,23 @@ def _card_markdown(engine: Engine) -> str:
     return "\n\n".join(line for line in lines if line)
 
 
-def _guard(gr: Any, fn: Callable[..., Iterator[tuple]], n_out: int) -> Callable[..., Iterator[tuple]]:
+def _guard(fn: Callable[..., Iterator[tuple]], n_out: int, warn: Callable[[str], Any],
+           unchanged: Callable[[], Any]) -> Callable[..., Iterator[tuple]]:
     """Run a streaming handler so that a refusal or a CUDA out-of-memory becomes a message in the status box
-    (and a notice) instead of a traceback, and the server goes on serving. The handler's last output is the
-    status box; the others are left as they are."""
+    (and a notice, ``warn``: ``gr.Warning``) instead of a traceback, and the server goes on serving. The
+    handler's last output is the status box; the others are left as they are (``unchanged``: ``gr.update``)."""
     def run(*args: Any) -> Iterator[tuple]:
         try:
             yield from fn(*args)
         except ValueError as e:
-            gr.Warning(str(e))
-            yield (*([gr.update()] * (n_out - 1)), _say("Error", str(e)))
+            warn(str(e))
+            yield (*(unchanged() for _ in range(n_out - 1)), _say("Error", str(e)))
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             msg = "Out of GPU memory for this request; ask for fewer images, or try again when the GPU is free."
-            gr.Warning(msg)
-            yield (*([gr.update()] * (n_out - 1)), _say("Error", msg))
+            warn(msg)
+            yield (*(unchanged() for _ in range(n_out - 1)), _say("Error", msg))
     return run
 
 
@@ -93,6 +94,9 @@ def build_page(engine: Engine) -> Any:
     # Gradio is the optional ``serve`` extra: imported only when a page is built (``igpt serve`` checks
     # first that it is installed), so the rest of igpt imports without it.
     import gradio as gr
+
+    def guard(fn: Callable[..., Iterator[tuple]], n_out: int) -> Callable[..., Iterator[tuple]]:
+        return _guard(fn, n_out, gr.Warning, gr.update)
 
     n_px, cfg, sampling = engine.n_px, engine.cfg, engine.sampling
     ar = engine.can_sample
@@ -203,12 +207,12 @@ def build_page(engine: Engine) -> Any:
                 raise ValueError("Draw something on the canvas first.")
             yield from chosen(engine.quantize(drawing["composite"]), rows_kept)
 
-        upload.upload(_guard(gr, from_upload, 5), [upload, rows], choice_outputs)
-        use_sketch.click(_guard(gr, from_sketch, 5), [sketch, rows], choice_outputs)
+        upload.upload(guard(from_upload, 5), [upload, rows], choice_outputs)
+        use_sketch.click(guard(from_sketch, 5), [sketch, rows], choice_outputs)
         if engine.data is not None:
             def from_data(index: float, rows_kept: int) -> Iterator[tuple]:
                 yield from chosen(engine.dataset_image(int(index)), rows_kept)
-            use_pick.click(_guard(gr, from_data, 5), [pick, rows], choice_outputs)
+            use_pick.click(guard(from_data, 5), [pick, rows], choice_outputs)
 
         def show_kept(pixels: np.ndarray | None, rows_kept: int) -> np.ndarray | None:
             return None if pixels is None else hide_rows(pixels[None], int(rows_kept))[0]
@@ -250,9 +254,9 @@ def build_page(engine: Engine) -> Any:
                 yield _gallery(images, done), _progress(done, n_px, 0, what)
 
         controls = [n, temperature, top_k, seed]
-        complete_btn.click(_guard(gr, run_complete, 3), [original, rows, *controls], [kept, completions, status])
-        infill_btn.click(_guard(gr, run_infill, 2), [original, editor, *controls], [infilled, status])
-        sample_btn.click(_guard(gr, run_sample, 2), controls, [samples, status])
+        complete_btn.click(guard(run_complete, 3), [original, rows, *controls], [kept, completions, status])
+        infill_btn.click(guard(run_infill, 2), [original, editor, *controls], [infilled, status])
+        sample_btn.click(guard(run_sample, 2), controls, [samples, status])
     return page
 
 
