@@ -118,8 +118,10 @@ def test_complete_keeps_the_quantized_rows_and_depends_on_the_seed(ar_run):
 
 def test_uploads_that_are_not_images_or_too_big_are_refused_in_one_line(ar_run):
     engine = Engine(ar_run, ServeConfig(max_upload_mb=0.01), CPU)
-    with pytest.raises(ValueError, match="not an image"):
+    with pytest.raises(ValueError, match=r"^The upload is not an image \(PNG, JPEG, .* expected\)\.$"):
         engine.decode_upload(b"just some words\n")
+    with pytest.raises(ValueError, match="could not be read as an image"):
+        engine.decode_upload(_jpeg_bytes()[:2000])  # a photo cut short
     with pytest.raises(ValueError, match="empty"):
         engine.decode_upload(b"")
     with pytest.raises(ValueError, match=r"up to 0.01 MB"):

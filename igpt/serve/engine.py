@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from igpt.config import PRESETS, EvalDataConfig, SampleConfig, ServeConfig
 from igpt.data.images import DECODE_ERRORS, to_n_px, to_rgb
@@ -114,8 +114,10 @@ class Engine:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img = to_rgb(ImageOps.exif_transpose(img))  # decodes the whole file, as open_image does
-        except DECODE_ERRORS as e:
-            raise ValueError(f"The upload is not an image ({UPLOAD_KINDS} expected): {e}") from None
+        except UnidentifiedImageError:  # its message names the in-memory buffer, which says nothing here
+            raise ValueError(f"The upload is not an image ({UPLOAD_KINDS} expected).") from None
+        except DECODE_ERRORS as e:  # a damaged file, a decompression bomb, ...
+            raise ValueError(f"The upload could not be read as an image: {e}") from None
         return self.quantize(img)
 
     def quantize(self, image: Image.Image | np.ndarray) -> np.ndarray:
