@@ -285,6 +285,8 @@ def test_the_page_completes_an_uploaded_photo_and_refuses_a_text_file_and_a_big_
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             page.goto(url, wait_until="domcontentloaded")
             page.set_input_files(UPLOAD_INPUT, str(photo))
             page.wait_for_function("document.querySelector('#status').innerText.includes('picture chosen')",
@@ -309,5 +311,8 @@ def test_the_page_completes_an_uploaded_photo_and_refuses_a_text_file_and_a_big_
             big.write_bytes(np.random.default_rng(0).integers(0, 256, 1_200_000, dtype=np.uint8).tobytes())
             page.set_input_files(UPLOAD_INPUT, str(big))  # over this server's --max-upload-mb 1
             page.get_by_text("exceed the maximum allowed size").first.wait_for(timeout=30_000)
+            # the page works in a closed network: nothing it loads comes from anywhere but the server
+            outside = [u for u in requested if not u.startswith((url, "data:", "blob:"))]
+            assert requested and not outside, outside
         finally:
             browser.close()
