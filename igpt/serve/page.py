@@ -132,7 +132,8 @@ def build_page(engine: Engine) -> Any:
                         else:
                             gr.Markdown("No dataset was given: start the page with `--data DATA` to pick "
                                         "images from one.")
-                shown = gr.Image(label="Quantized original (what the model sees)", type="numpy", format="png",
+                gr.Markdown("**Quantized original**: what the model sees")
+                shown = gr.Image(label="Quantized original", show_label=False, type="numpy", format="png",
                                  interactive=False, height=EDITOR_SIDE, elem_id="original",
                                  elem_classes="pixels", buttons=["download"])
             with gr.Column(scale=2):
@@ -156,14 +157,18 @@ def build_page(engine: Engine) -> Any:
                             gr.Markdown(f"This BERT model fills the rows below by iterative infilling ({cfg.rounds} "
                                         "rounds); its completions appear when the last round is done.")
                         complete_btn = gr.Button("Complete", variant="primary", elem_id="complete")
-                        with gr.Row():
-                            kept = gr.Image(label="Kept rows (the rest is grey)", type="numpy", format="png",
-                                            interactive=False, elem_id="kept", elem_classes="pixels", scale=1,
-                                            buttons=[])
-                            completions = gr.Gallery(label="Completions (they fill in row by row)", format="png",
-                                                     columns=4, height=EDITOR_SIDE, object_fit="contain",
-                                                     elem_id="completions", elem_classes="pixels",
-                                                     interactive=False, scale=2, buttons=["download"])
+                        with gr.Row(equal_height=False):
+                            with gr.Column(scale=1, min_width=160):
+                                gr.Markdown("**Kept rows** (the rest is grey)")
+                                kept = gr.Image(label="Kept rows", show_label=False, type="numpy", format="png",
+                                                interactive=False, height=EDITOR_SIDE, elem_id="kept",
+                                                elem_classes="pixels", buttons=[])
+                            with gr.Column(scale=2):
+                                gr.Markdown("**Completions** (they fill in row by row)")
+                                completions = gr.Gallery(label="Completions", show_label=False, format="png",
+                                                         columns=4, height=EDITOR_SIDE, object_fit="contain",
+                                                         elem_id="completions", elem_classes="pixels",
+                                                         interactive=False, buttons=["download"])
                     with gr.Tab("Infill", elem_id="tab-infill"):
                         gr.Markdown(
                             "Pick the brush on the left of the canvas, paint over the part to fill in, then press "
@@ -177,16 +182,17 @@ def build_page(engine: Engine) -> Any:
                                                 canvas_size=(n_px * scale, n_px * scale), elem_classes="pixels",
                                                 buttons=[])
                         infill_btn = gr.Button("Infill", variant="primary", elem_id="infill")
-                        infilled = gr.Gallery(label="Infilled", format="png", columns=4, height=EDITOR_SIDE,
-                                              object_fit="contain", elem_id="infilled", elem_classes="pixels",
-                                              interactive=False, buttons=["download"])
+                        gr.Markdown("**Infilled**")
+                        infilled = gr.Gallery(label="Infilled", show_label=False, format="png", columns=4,
+                                              height=EDITOR_SIDE, object_fit="contain", elem_id="infilled",
+                                              elem_classes="pixels", interactive=False, buttons=["download"])
                     with gr.Tab("Sample", elem_id="tab-sample"):
                         gr.Markdown("New images drawn from nothing, row by row." if ar else
                                     "A BERT checkpoint cannot draw images from nothing; use Complete or Infill.")
                         sample_btn = gr.Button("Sample", variant="primary", elem_id="sample", interactive=ar)
-                        samples = gr.Gallery(label="Samples", format="png", columns=4, height=EDITOR_SIDE,
-                                             object_fit="contain", elem_id="samples", elem_classes="pixels",
-                                             interactive=False, buttons=["download"])
+                        samples = gr.Gallery(label="Samples", show_label=False, format="png", columns=4,
+                                             height=EDITOR_SIDE, object_fit="contain", elem_id="samples",
+                                             elem_classes="pixels", interactive=False, buttons=["download"])
                     with gr.Tab("Model", elem_id="tab-model"):
                         gr.Markdown(_card_markdown(engine), elem_id="card")
                         gr.Image(value=engine.swatch(), format="png", interactive=False,
