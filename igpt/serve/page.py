@@ -145,7 +145,7 @@ def build_page(engine: Engine) -> Any:
                                             info="lower: safer colours; 0: always the likeliest",
                                             elem_id="temperature")
                     top_k = gr.Slider(0, engine.palette.k, value=sampling.top_k, step=1, label="Top-k",
-                                      info="draw among the k likeliest colours; 0: all", elem_id="top_k")
+                                      info="only the k likeliest colours; 0: all", elem_id="top_k")
                     seed = gr.Number(value=sampling.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed",
                                      info="same seed, same images", elem_id="seed")
                 status = gr.Markdown(_say("Ready", "choose a picture, or press Sample."), elem_id="status")
