@@ -24,7 +24,7 @@ from igpt.data.images import DECODE_ERRORS, to_n_px, to_rgb
 from igpt.data.open import open_eval
 from igpt.data.streams import to_ids
 from igpt.generate.infill import infill
-from igpt.generate.sample import make_generator, sample_rows
+from igpt.generate.sample import low_precision_copy, make_generator, sample_rows
 from igpt.runtime import resolve_device, resolve_dtype
 from igpt.train.rundir import METRICS_FILE, read_metrics
 from igpt.viz import grid
@@ -59,6 +59,8 @@ class Engine:
         self.where, (self.model, self.palette, self.record) = load_located(checkpoint, self.device)
         self.model.eval()
         self.dtype = resolve_dtype(sampling.dtype, self.device)
+        # an AR model samples with its weights in the sampling dtype (bf16 on GPUs): cast once, not per request
+        self.sampler_model = low_precision_copy(self.model, self.dtype) if self.can_sample else None
         self.n_px = self.model.config.n_px
         self.resize = data.resize
         self.data, self.split = None, None
@@ -170,7 +172,8 @@ class Engine:
             free = (~keep[0]).nonzero()
             start = int(free[0]) if len(free) else T
             prefix = known[:, :start].to(self.device)
-            for rows, ids in sample_rows(self.model, len(known), prefix=prefix, generator=self._generator(draw.seed),
+            for rows, ids in sample_rows(self.sampler_model, len(known), prefix=prefix,
+                                         generator=self._generator(draw.seed),
                                          dtype=self.dtype, window=self.sampling.window,
                                          cuda_graph=self.sampling.cuda_graph and self.device.type == "cuda",
                                          **self._filters(draw)):
