@@ -100,7 +100,7 @@ def test_hf_export_import_is_exact_and_igpt_load_reads_it(tiny, tmp_path):
     model, palette = tiny
     save_hf(model, palette, tmp_path / "hf", record(model, palette))
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == \
-        ["config.json", "model.safetensors", "preprocessor_config.json"]
+        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["model_type"] == "imagegpt" and cfg["vocab_size"] == 17 and cfg["n_positions"] == 16
     assert cfg["resid_pdrop"] == cfg["embd_pdrop"] == cfg["attn_pdrop"] == 0.0
@@ -211,10 +211,17 @@ def test_export_reads_the_objective_of_the_checkpoint(tiny, tmp_path):
 
     model, palette = tiny
     tuned = Finetuned(n_classes=3)
-    save_checkpoint(tmp_path / "ft", model, palette, record(model, palette, finetuned=tuned))
+    head = {"head.weight": torch.randn(3, 32)}
+    save_checkpoint(tmp_path / "ft", model, palette, record(model, palette, finetuned=tuned), classifier=head)
     export_hf(tmp_path / "ft", tmp_path / "hf")  # a fine-tuned AR trunk is still a causal model
     assert is_hf_dir(tmp_path / "hf")
-    save_checkpoint(tmp_path / "bert", model, palette, record(model, palette, "bert", finetuned=tuned))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["ImageGPTForImageClassification"]
+    assert cfg["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
+    with pytest.raises(ValueError, match="exported classifier"):
+        igpt.load(tmp_path / "hf")
+    save_checkpoint(tmp_path / "bert", model, palette, record(model, palette, "bert", finetuned=tuned),
+                    classifier=head)
     with pytest.raises(ValueError, match="'bert'"):
         export_hf(tmp_path / "bert", tmp_path / "hf2")
     assert not (tmp_path / "hf2").exists()
