@@ -1,7 +1,7 @@
 """igpt convert: read OpenAI's released checkpoints or a Hugging Face ImageGPT directory; write either format.
 
     igpt convert --from openai --checkpoint CKPT_PREFIX --out CKPT_DIR [--palette kmeans_centers.npy]
-    igpt convert --from hf --checkpoint SRC_DIR --out CKPT_DIR
+    igpt convert --from hf --checkpoint SRC_DIR_OR_HUB_ID --out CKPT_DIR
     igpt convert --to hf --checkpoint CKPT_OR_RUN_DIR --out DST_DIR   (a fine-tuned one: an image classifier)
     igpt convert --consolidate --checkpoint SHARDED_CKPT_OR_RUN_DIR --out CKPT_DIR
 """
@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from", dest="src_format", choices=("hf", "openai"),
-                     help="import: --checkpoint is a Hugging Face ImageGPT directory (hf) or a released "
+                     help="import: --checkpoint is a Hugging Face ImageGPT directory or Hub id (hf) or a released "
                           "TensorFlow checkpoint prefix such as model.ckpt-1000000 (openai)")
     way.add_argument("--to", dest="to", choices=("hf",),
                      help="export: --checkpoint is an igpt checkpoint or run directory, written as a Hugging "

@@ -3,9 +3,10 @@
 ``load(path)`` accepts an igpt checkpoint directory (full or sharded), a run directory (its newest
 checkpoint), a Hugging Face ImageGPT folder (``model.safetensors`` or ``pytorch_model.bin``, sharded or
 not) or a Hub model id such as ``openai/imagegpt-small`` (``igpt.weights.hub``: the local cache first; a
-local path always wins), and returns the model, its palette and its ``CheckpointRecord``. The model is in eval mode and reads
-ids the way its weights were trained (``record.reading``): a BERT checkpoint's ``model(ids)`` is the
-bidirectional forward. OpenAI's TensorFlow checkpoints are converted once with ``convert_openai``.
+local path always wins), and returns the model (an ``igpt.GPT``, below), its palette and its
+``CheckpointRecord``. The model is in eval mode and reads ids the way its weights were trained
+(``record.reading``): a BERT checkpoint's ``model(ids)`` is the bidirectional forward. OpenAI's TensorFlow
+checkpoints are converted once with ``convert_openai``. ``save`` is ``load``'s mirror.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ class GPT(core.GPT, ModelHubMixin, library_name="igpt", tags=["image-gpt"],
         ``push_to_hub=True`` then uploads the folder (to ``repo_id``, by default the folder's name)."""
         hub_kwargs.pop("config", None)  # the mixin's JSON config: the checkpoint's record takes its place
         hub_kwargs.pop("model_card_kwargs", None)
-        palette = palette or self.palette
+        palette = self.palette if palette is None else palette
         if palette is None:
             raise ValueError("save_pretrained needs the palette the model's ids use: this model has none "
                              "(it was not loaded); pass palette=...")
-        save(self, palette, save_directory, record=record or self.record, overwrite=overwrite)
+        save(self, palette, save_directory, record=self.record if record is None else record,
+             overwrite=overwrite)
         if push_to_hub:
             return self.push_to_hub(repo_id or Path(save_directory).name, **hub_kwargs)
         return None

@@ -70,7 +70,7 @@ def resolve(spec: str | Path, *, revision: str | None = None, cache: str | Path 
     """The local folder ``spec`` names: itself when it exists, else the cached (or downloaded) snapshot of
     the Hub model it spells. Anything else comes back unchanged, for the readers' own errors."""
     path = Path(spec)
-    if path.exists() or not is_hub_id(str(spec)):
+    if path.exists() or not is_hub_id(spec):  # a Path object always means a local path
         return path
     repo_id, folder = str(spec), Path(cache) if cache is not None else cache_dir()
     common = dict(revision=revision, cache_dir=folder, token=token, library_name="igpt")
@@ -84,8 +84,8 @@ def resolve(spec: str | Path, *, revision: str | None = None, cache: str | Path 
     why = "HF_HUB_OFFLINE is set" if offline() else "downloads are off (local_files_only)"
     if not (offline() or local_files_only):
         try:
-            found = Path(snapshot_download(repo_id, allow_patterns=_PATTERNS,
-                                                           force_download=force_download, **common))
+            found = Path(snapshot_download(repo_id, allow_patterns=_PATTERNS, force_download=force_download,
+                                           **common))
             if not _has_weights(found):
                 found = Path(snapshot_download(repo_id, allow_patterns=_BIN_PATTERNS, **common))
             if _has_weights(found):
