@@ -149,14 +149,17 @@ def test_save_mirrors_load_and_save_pretrained_writes_the_palette(tmp_path):
 def test_hf_export_writes_a_model_card_from_the_record(tmp_path, capsys):
     model, palette = tiny(3)
     record = CheckpointRecord(CFG, palette.fingerprint(), "ar", step=1234, data="cifar10.npz")
-    save_checkpoint(tmp_path / "ckpt", model, palette, record)
-    assert main(["convert", "--to", "hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "step-1234", model, palette, record)
+    (tmp_path / "run" / "run.json").write_text(json.dumps(  # the parts of pretraining's run.json the card reads
+        {"data": {"resize": "center"}, "data_identity": {"kind": "npz", "digest": "abc123", "files": 1}}))
+    assert main(["convert", "--to", "hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
     printed = capsys.readouterr().out
     assert "ImageGPTForCausalImageModeling" in printed and "centred square" in printed
     card = (tmp_path / "hf" / "README.md").read_text()
     for fact in ("2 layers, width 16, 2 heads, 4x4 pixels (16 positions)", f"{CFG.num_params():,} parameters",
                  f"8 colours, fingerprint {palette.fingerprint()}", "autoregressive", "cifar10.npz", "1,234",
-                 "pipeline_tag: unconditional-image-generation", "box filter"):
+                 "pipeline_tag: unconditional-image-generation", "box filter", "digest abc123",
+                 "--resize center"):
         assert fact in card, fact
 
 

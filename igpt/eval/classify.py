@@ -1,14 +1,13 @@
 """``igpt classify``: the top classes of a fine-tuned checkpoint for image files or PIL images.
 
 The images are resized exactly as the fine-tune resized its data (the ``resize`` recorded in the run's
-finetune.json; ``center`` when the checkpoint stands alone), quantized with the checkpoint's palette, and
-read as the head was trained: the mean over positions of the final norm's output, a bias-free linear map,
-softmax. A BERT trunk reads the images unmasked.
+finetune.json, ``igpt.weights.card.run_facts``; ``center`` when the checkpoint stands alone), quantized
+with the checkpoint's palette, and read as the head was trained: the mean over positions of the final
+norm's output, a bias-free linear map, softmax. A BERT trunk reads the images unmasked.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,27 +18,12 @@ import torch
 from igpt.config import ClassifyConfig
 from igpt.data.images import ImageLike, encode_images
 from igpt.runtime import resolve_device
+from igpt.weights.card import run_facts
 from igpt.weights.convert import load_classifier, locate
-
-_SPEC = "finetune.json"  # igpt.train.finetune.SPEC_FILE, read here without importing the train stage
-
 
 class Prediction(NamedTuple):
     label: str
     prob: float
-
-
-def training_resize(ckpt_dir: Path) -> str:
-    """The ``--resize`` of the fine-tune that wrote ``ckpt_dir`` (``OUT/checkpoints/step-N`` or
-    ``OUT/last``), or ``center`` (every command's default) when no fine-tune record sits above it."""
-    for run in (ckpt_dir.parent.parent, ckpt_dir.parent):
-        spec = run / _SPEC
-        if spec.is_file():
-            try:
-                return str(json.loads(spec.read_text())["resize"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{spec} has no readable 'resize' ({e})") from None
-    return "center"
 
 
 @torch.no_grad()
@@ -54,7 +38,8 @@ def classify(checkpoint: str | Path, images: ImageLike | Sequence[ImageLike],
             raise FileNotFoundError(f"{item}: no such image file")  # before the checkpoint is read
     ckpt_dir = locate(checkpoint)
     model, head, palette, record = load_classifier(ckpt_dir, device)
-    ids = encode_images(images, palette, model.config.n_px, resize or training_resize(ckpt_dir))  # (B, T)
+    resize = resize or run_facts(ckpt_dir).get("resize", "center")
+    ids = encode_images(images, palette, model.config.n_px, resize)  # (B, T)
     probs = head(model.forward_features(ids.to(device)).mean(dim=1)).float().softmax(-1)  # (B, n_classes)
     n = record.finetuned.n_classes  # type: ignore[union-attr]
     names = list(record.finetuned.classes or [f"class {i}" for i in range(n)])  # type: ignore[union-attr]

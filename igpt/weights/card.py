@@ -3,6 +3,10 @@ ids use, what it was trained with and on, and how its Hugging Face processor dif
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 
@@ -22,9 +26,34 @@ SOS_NOTE = (
     "SOS = vocab_size - 1.")
 
 
+# What the training stages write beside their checkpoints (igpt.train): OUT/run.json for pretraining,
+# OUT/finetune.json for fine-tuning, each holding the --resize and the identity of the data. Read by name
+# here, as plain JSON, so that the weights layer needs nothing from the stages above it.
+_RUN_FILES = ("finetune.json", "run.json")
+
+
+def run_facts(ckpt_dir: str | Path) -> dict[str, Any]:
+    """``{"resize", "data_identity"}`` of the run that wrote ``ckpt_dir`` (``OUT/checkpoints/step-N`` or
+    ``OUT/last``), as far as its run file records them; empty for a checkpoint outside a run."""
+    ckpt_dir = Path(ckpt_dir)
+    for run in (ckpt_dir.parent.parent, ckpt_dir.parent):
+        for name in _RUN_FILES:
+            path = run / name
+            if path.is_file():
+                try:
+                    spec = json.loads(path.read_text())
+                    resize = spec["resize"] if name == "finetune.json" else spec["data"]["resize"]
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path} does not say how its images were resized ({e})") from None
+                return {"resize": str(resize), "data_identity": spec.get("data_identity")}
+    return {}
+
+
 def model_card(record: CheckpointRecord, palette: Palette, *, library: str, title: str,
-               hf_export: bool = False) -> str:
-    """Markdown with Hub metadata: architecture, palette, objective, training data and step."""
+               hf_export: bool = False, facts: dict[str, Any] | None = None) -> str:
+    """Markdown with Hub metadata: architecture, palette, objective, training data (and, from ``facts``
+    (``run_facts``), its identity and resize) and step."""
+    facts = facts or {}
     m, ft = record.model, record.finetuned
     pipeline = "image-classification" if ft is not None else "unconditional-image-generation"
     n_params = m.num_params()
@@ -34,8 +63,10 @@ def model_card(record: CheckpointRecord, palette: Palette, *, library: str, titl
                         + (f" (vocabulary {palette.k + 1} with the SOS id)" if hf_export else "")),
             ("objective", {"ar": "autoregressive next-pixel prediction (ar)",
                            "bert": "masked-pixel prediction (bert)"}[record.objective]),
-            ("training data", record.data or "not recorded in the checkpoint"),
+            ("training data", (record.data or "not recorded in the checkpoint") + _identity(facts)),
             ("step", "not recorded" if record.step is None else f"{record.step:,}")]
+    if facts.get("resize"):
+        rows.append(("resize in training", f"--resize {facts['resize']}"))
     if record.source:
         rows.append(("converted from", f"{record.source.get('format')} {record.source.get('path', '')}".strip()))
     if ft is not None:
@@ -54,3 +85,9 @@ def model_card(record: CheckpointRecord, palette: Palette, *, library: str, titl
                   "or Hub id>\")  # model.palette holds the palette", "```", ""]
     return "\n".join(lines)
 
+
+def _identity(facts: dict[str, Any]) -> str:
+    ident = facts.get("data_identity")
+    if not isinstance(ident, dict):
+        return ""
+    return " (" + ", ".join(f"{k} {v}" for k, v in sorted(ident.items())) + ")"

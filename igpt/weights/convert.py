@@ -24,7 +24,7 @@ from igpt import model as core
 from igpt.atomic import check_writable, require_new, write_text
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
-from igpt.weights.card import model_card
+from igpt.weights.card import model_card, run_facts
 from igpt.weights.checkpoint import load_head, load_igpt, resolve_checkpoint, save_checkpoint
 from igpt.weights.hf import is_hf_dir, load_hf, save_hf
 from igpt.weights.hub import resolve as resolve_hub
@@ -192,10 +192,11 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     ImageGPTForImageClassification."""
     require_new(out)
     src, (model, palette, record) = load_located(ckpt)
+    facts = run_facts(src)
     if record.finetuned is None:
-        return save_hf(model, palette, out, record)
+        return save_hf(model, palette, out, record, facts=facts)
     model, head, palette, record = load_classifier(src)
-    return save_hf(model, palette, out, record, head=head.weight)
+    return save_hf(model, palette, out, record, head=head.weight, facts=facts)
 
 
 def consolidate(src: str | Path, out: str | Path) -> Path:

@@ -246,9 +246,10 @@ def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, P
 
 
 def save_hf(model: GPT, palette: Palette, out_dir: str | Path, record: CheckpointRecord,
-            head: torch.Tensor | None = None) -> Path:
+            head: torch.Tensor | None = None, facts: dict[str, Any] | None = None) -> Path:
     """Write an ImageGPT directory (config.json, model.safetensors, preprocessor_config.json and the model
-    card README.md) atomically; with a fine-tuned ``head``, as ImageGPTForImageClassification."""
+    card README.md, with the run's ``facts``) atomically; with a fine-tuned ``head``, as
+    ImageGPTForImageClassification."""
     if not record.reading.causal:
         raise ValueError(f"the checkpoint's objective is {record.objective!r}: Hugging Face's ImageGPT always "
                          "attends causally, so a BERT model exported there would compute the wrong function")
@@ -268,7 +269,7 @@ def save_hf(model: GPT, palette: Palette, out_dir: str | Path, record: Checkpoin
                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_color_quantize": True}
     kind = "image classifier" if head is not None else "generative model"
     card = model_card(record if head is not None else record.replace(finetuned=None), palette,
-                      library="transformers", title=f"iGPT {kind} ({out.name})", hf_export=True)
+                      library="transformers", title=f"iGPT {kind} ({out.name})", hf_export=True, facts=facts)
     with replacing_dir(out) as tmp:
         save_tensors(state, tmp / HF_WEIGHTS[0], metadata={"format": "pt"})
         write_json(tmp / HF_CONFIG, hf_config)
