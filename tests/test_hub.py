@@ -52,6 +52,11 @@ def cache_repo(cache: Path, repo_id: str, files: Path, revision: str = "0" * 40)
     return snap
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test here may reach the network
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch) -> Path:
     """An offline Hugging Face home in tmp_path, set after igpt was imported (read at each call)."""
@@ -232,3 +237,32 @@ def test_images_in_and_out_and_per_layer_features(tmp_path):
         assert torch.equal(raw[0], states[0]) and torch.equal(raw[1], states[1])
         assert not torch.allclose(raw[1], per_layer[1])  # the norm is applied by default
         assert len(model.forward_intermediates(ids, 1, intermediates_only=True)) == 1
+
+
+def test_push_to_hub_uploads_the_saved_folder_to_a_mocked_hub(tmp_path, monkeypatch):
+    """Only the folder push_to_hub hands to huggingface_hub's HfApi is checked: the Hub itself is replaced
+    by a stand-in that records the upload (nothing is sent)."""
+    import huggingface_hub.hub_mixin as hub_mixin
+
+    uploads: list[dict] = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            files = sorted(p.name for p in Path(folder_path).iterdir())
+            back = igpt.load(folder_path)
+            uploads.append({"repo_id": repo_id, "files": files, "palette": back.palette.fingerprint()})
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(hub_mixin, "HfApi", FakeApi)
+    model, palette = tiny(7)
+    saved = igpt.save(model, palette, tmp_path / "m")
+    url = igpt.GPT.from_pretrained(saved).push_to_hub("me/tiny-igpt")
+    assert url.endswith("/commit/0") and uploads == [
+        {"repo_id": "me/tiny-igpt", "files": ["README.md", "config.json", "model.safetensors", "palette.npz"],
+         "palette": palette.fingerprint()}]
