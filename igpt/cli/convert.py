@@ -42,8 +42,8 @@ def register(sub: Any) -> None:
                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from", dest="src_format", choices=("hf", "openai"),
-                     help="import: --checkpoint is a Hugging Face ImageGPT directory or Hub id (hf) or a released "
-                          "TensorFlow checkpoint prefix such as model.ckpt-1000000 (openai)")
+                     help="import: --checkpoint is a Hugging Face ImageGPT directory or Hub id (hf) or a "
+                          "released TensorFlow checkpoint prefix such as model.ckpt-1000000 (openai)")
     way.add_argument("--to", dest="to", choices=("hf",),
                      help="export: --checkpoint is an igpt checkpoint or run directory, written as a Hugging "
                           "Face ImageGPT directory with a model card (a fine-tuned checkpoint as "

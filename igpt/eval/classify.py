@@ -21,6 +21,7 @@ from igpt.runtime import resolve_device
 from igpt.weights.card import run_facts
 from igpt.weights.convert import load_classifier, locate
 
+
 class Prediction(NamedTuple):
     label: str
     prob: float
@@ -32,8 +33,8 @@ def classify(checkpoint: str | Path, images: ImageLike | Sequence[ImageLike],
     """For each image, its ``cfg.top_k`` classes (most probable first) under the fine-tuned ``checkpoint``
     (a checkpoint, its fine-tune run directory or a Hub id). ``resize`` defaults to the fine-tune's."""
     top_k, device = cfg.top_k, resolve_device(cfg.device)
-    items = [images] if isinstance(images, (str, os.PathLike)) else images if isinstance(images, (list, tuple)) else []
-    for item in items:
+    one = isinstance(images, (str, os.PathLike))
+    for item in [images] if one else images if isinstance(images, (list, tuple)) else []:
         if isinstance(item, (str, os.PathLike)) and not Path(item).is_file():
             raise FileNotFoundError(f"{item}: no such image file")  # before the checkpoint is read
     ckpt_dir = locate(checkpoint)
