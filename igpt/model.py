@@ -245,6 +245,41 @@ class GPT(nn.Module):
         norms = [b.ln_1 for b in self.blocks] + [self.ln_f]
         return {l: norms[l](states[l]).float().mean(dim=1) for l in layers}
 
+    def forward_features(self, ids: torch.Tensor, *, causal: bool | None = None, keep: torch.Tensor | None = None,
+                         sos: bool | None = None) -> torch.Tensor:
+        """The final norm's output (B, T, D): what ``lm_head`` and a fine-tuned head (after a mean over
+        positions) read. timm's name for the features before the head."""
+        return self.hidden_states(ids, causal=causal, keep=keep, sos=sos)[-1]
+
+    def forward_intermediates(self, ids: torch.Tensor, indices: int | Sequence[int] | None = None, *,
+                              norm: bool = True, intermediates_only: bool = False, causal: bool | None = None,
+                              keep: torch.Tensor | None = None, sos: bool | None = None
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-layer features, timm's way: ``(final, [features of each requested layer])``, or the list
+        alone with ``intermediates_only`` (then blocks past the deepest requested layer are not run).
+
+        ``indices``: layers in 0..n_layer (a list), the last n of them (an int), or all (None). Each entry is
+        (B, T, D): with ``norm`` (default) the paper's probe features, ``ln_1(h^l)`` for l < L and
+        ``ln_f(h^L)`` for l = L (``layer_features`` is their mean over positions); without it the raw
+        residual stream entering block l (``hidden_states``' convention). ``final`` is ``forward_features``."""
+        L = self.config.n_layer
+        if indices is None:
+            layers = list(range(L + 1))
+        elif isinstance(indices, int):
+            layers = list(range(L + 1 - indices, L + 1))
+        else:
+            layers = [int(i) for i in indices]
+        if not layers or min(layers) < 0 or max(layers) > L:
+            raise ValueError(f"indices must lie in 0..{L}, got {indices}")
+        causal = self.causal if causal is None else causal
+        upto = max(layers) if intermediates_only else None
+        states = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal, upto=upto)
+        norms = [b.ln_1 for b in self.blocks] + [self.ln_f]
+        feats = [norms[l](states[l]) if norm or l == L else states[l] for l in layers]
+        if intermediates_only:
+            return feats
+        return self.ln_f(states[-1]), feats
+
     # ---- cached decoding (used by igpt.generate.sample; the model itself stays objective-free) ----
 
     def new_cache(self, B: int, device: torch.device, dtype: torch.dtype) -> list[LayerCache]:

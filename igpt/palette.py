@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -291,6 +292,18 @@ class Palette:
         else:
             raise TypeError(f"ids must be a numpy array or torch tensor, got {type(ids).__name__}")
         return self._on(t.device)[3][t]
+
+    def decode_images(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """ids of whole images, (B, T) with T = n_px**2 in raster order or (B, n_px, n_px), -> uint8 images
+        (B, n_px, n_px, 3), ready for ``PIL.Image.fromarray(images[i].numpy())``."""
+        shape = tuple(ids.shape)
+        if len(shape) == 3 and shape[1] == shape[2]:
+            return self.decode(ids)
+        n_px = math.isqrt(shape[-1]) if len(shape) == 2 else 0
+        if n_px < 1 or n_px * n_px != shape[-1]:
+            raise ValueError(f"ids must be (B, T) with T a square number of pixels, or (B, n_px, n_px); got "
+                             f"shape {shape}")
+        return self.decode(ids).reshape(shape[0], n_px, n_px, 3)
 
     def fingerprint(self) -> str:
         """16 hex chars of sha256 over the float32 little-endian centres: names a palette in metadata."""

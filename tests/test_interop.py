@@ -100,7 +100,7 @@ def test_hf_export_import_is_exact_and_igpt_load_reads_it(tiny, tmp_path):
     model, palette = tiny
     save_hf(model, palette, tmp_path / "hf", record(model, palette))
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == \
-        ["config.json", "model.safetensors", "preprocessor_config.json"]
+        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["model_type"] == "imagegpt" and cfg["vocab_size"] == 17 and cfg["n_positions"] == 16
     assert cfg["resid_pdrop"] == cfg["embd_pdrop"] == cfg["attn_pdrop"] == 0.0
@@ -211,10 +211,17 @@ def test_export_reads_the_objective_of_the_checkpoint(tiny, tmp_path):
 
     model, palette = tiny
     tuned = Finetuned(n_classes=3)
-    save_checkpoint(tmp_path / "ft", model, palette, record(model, palette, finetuned=tuned))
+    head = {"head.weight": torch.randn(3, 32)}
+    save_checkpoint(tmp_path / "ft", model, palette, record(model, palette, finetuned=tuned), classifier=head)
     export_hf(tmp_path / "ft", tmp_path / "hf")  # a fine-tuned AR trunk is still a causal model
     assert is_hf_dir(tmp_path / "hf")
-    save_checkpoint(tmp_path / "bert", model, palette, record(model, palette, "bert", finetuned=tuned))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["ImageGPTForImageClassification"]
+    assert cfg["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
+    with pytest.raises(ValueError, match="exported classifier"):
+        igpt.load(tmp_path / "hf")
+    save_checkpoint(tmp_path / "bert", model, palette, record(model, palette, "bert", finetuned=tuned),
+                    classifier=head)
     with pytest.raises(ValueError, match="'bert'"):
         export_hf(tmp_path / "bert", tmp_path / "hf2")
     assert not (tmp_path / "hf2").exists()
@@ -371,3 +378,84 @@ def test_exported_processor_quantizes_like_our_palette(transformers, tiny, tmp_p
     px = np.random.default_rng(8).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
     ids = processor([Image.fromarray(p) for p in px], return_tensors="pt")["input_ids"]
     assert ids.shape == (6, 16) and torch.equal(ids, palette.encode(px).reshape(6, 16))
+
+
+# ---- exports that behave like igpt: the processor's ids and the classifier, on real photos ----
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, np.ndarray]:
+    """scikit-learn's two bundled photographs (427 x 640 JPEGs)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    return {name: datasets.load_sample_image(name) for name in ("china.jpg", "flower.jpg")}
+
+
+@pytest.fixture(scope="module")
+def photo_palette(photos) -> Palette:
+    """64 colours fitted to 50,000 of the photos' pixels."""
+    return Palette.fit(np.concatenate([p.reshape(-1, 3) for p in photos.values()]), k=64, iters=5, seed=0,
+                       device="cpu", max_pixels=50_000)
+
+
+def centred_square(px: np.ndarray) -> np.ndarray:
+    side = min(px.shape[:2])
+    top, left = (px.shape[0] - side) // 2, (px.shape[1] - side) // 2
+    return px[top:top + side, left:left + side]
+
+
+def test_exported_processor_gives_igpts_ids_on_real_photos(transformers, photos, photo_palette, tmp_path):
+    """The export's processor box-filters like igpt; it cannot cut the centred square first (documented in
+    the model card), so it matches igpt's --resize squash on any photo and --resize center on the photo cut
+    to its centred square. Uncut, the processor sees a different region than center does."""
+    from PIL import Image
+
+    palette, n_px = photo_palette, 32
+    model = GPT(ModelConfig(n_layer=1, n_embd=8, n_head=1, n_px=n_px, n_vocab=64))
+    save_hf(model, palette, tmp_path / "hf", record(model, palette))
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    for name, px in photos.items():
+        def hf_ids(img: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(processor(Image.fromarray(img), return_tensors="pt")["input_ids"]))
+        center = igpt.encode_images(px, palette, n_px)  # (1, T): igpt's default, the training resize
+        assert torch.equal(hf_ids(centred_square(px)), center), name
+        assert torch.equal(hf_ids(px), igpt.encode_images(px, palette, n_px, resize="squash")), name
+        assert (hf_ids(px) == center).float().mean() < 0.5, name  # the difference the card documents
+
+
+def test_exported_classifier_runs_in_transformers_pipeline_on_a_real_photo(transformers, photos, photo_palette,
+                                                                           tmp_path):
+    """A fine-tuned checkpoint exports as ImageGPTForImageClassification. The pipeline feeds the processor's
+    ids without the SOS shift (the model card says so): its probabilities are igpt's head on that reading,
+    and the exported model fed [SOS] + ids[:-1] gives igpt classify's probabilities."""
+    from PIL import Image
+
+    from igpt.config import ClassifyConfig
+    from igpt.eval.classify import classify
+    from igpt.record import Finetuned
+    from igpt.weights.checkpoint import save_checkpoint
+    from igpt.weights.convert import export_hf
+
+    palette, n_px, classes = photo_palette, 16, ("cat", "dog", "ship")
+    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=2, n_px=n_px, n_vocab=64)
+    model = randomize(GPT(cfg), seed=0, scale=0.1).eval()
+    head = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    rec = record(model, palette, finetuned=Finetuned(3, classes, 0.9, "base"), step=7)
+    save_checkpoint(tmp_path / "ft", model, palette, rec, classifier={"head.weight": head})
+    export_hf(tmp_path / "ft", tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "cat, dog, ship" in card and "SOS" in card
+    pipe = transformers.pipeline("image-classification", model=str(tmp_path / "hf"))
+    hf = transformers.ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    for i, px in enumerate(photos.values()):
+        square = centred_square(px)
+        Image.fromarray(square).save(tmp_path / f"photo{i}.png")
+        got = pipe(Image.fromarray(square), top_k=3)
+        ids = igpt.encode_images(tmp_path / f"photo{i}.png", palette, n_px)  # (1, T)
+        ours = classify(tmp_path / "ft", [tmp_path / f"photo{i}.png"], ClassifyConfig(top_k=3, device="cpu"))[0]
+        with torch.no_grad():
+            no_sos = torch.softmax(model.forward_features(ids, sos=False).mean(1) @ head.T, -1)[0]
+            exact = torch.softmax(hf(with_sos(ids, 64)).logits, -1)[0]
+        assert [r["label"] for r in got] == [classes[int(j)] for j in no_sos.argsort(descending=True)]
+        for r in got:
+            assert abs(r["score"] - float(no_sos[classes.index(r["label"])])) < 1e-5
+        for p in ours:
+            assert abs(p.prob - float(exact[classes.index(p.label)])) < 1e-5

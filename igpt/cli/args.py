@@ -79,8 +79,9 @@ def command(sub: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
 
 def add_checkpoint(parser: argparse.ArgumentParser, help: str = "", required: bool = True) -> None:
     parser.add_argument("--checkpoint", required=required, metavar="PATH",
-                        help=help or "weights: an igpt checkpoint, a run directory (its newest checkpoint) or a "
-                        "Hugging Face ImageGPT folder")
+                        help=help or "weights: an igpt checkpoint, a run directory (its newest checkpoint), a "
+                        "Hugging Face ImageGPT folder or a Hub id such as openai/imagegpt-small (from the "
+                        "local Hugging Face cache, downloaded there unless HF_HUB_OFFLINE=1; a local path wins)")
 
 
 def add_data(parser: argparse.ArgumentParser, help: str = "", required: bool = True) -> None:

@@ -1,17 +1,19 @@
 """igpt convert: read OpenAI's released checkpoints or a Hugging Face ImageGPT directory; write either format.
 
     igpt convert --from openai --checkpoint CKPT_PREFIX --out CKPT_DIR [--palette kmeans_centers.npy]
-    igpt convert --from hf --checkpoint SRC_DIR --out CKPT_DIR
-    igpt convert --to hf --checkpoint CKPT_OR_RUN_DIR --out DST_DIR
+    igpt convert --from hf --checkpoint SRC_DIR_OR_HUB_ID --out CKPT_DIR
+    igpt convert --to hf --checkpoint CKPT_OR_RUN_DIR --out DST_DIR   (a fine-tuned one: an image classifier)
     igpt convert --consolidate --checkpoint SHARDED_CKPT_OR_RUN_DIR --out CKPT_DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from igpt.cli.args import add_checkpoint, command
+from igpt.weights.card import PROCESSOR_NOTE, SOS_NOTE
 from igpt.weights.convert import consolidate, convert_hf, convert_openai, export_hf
 
 
@@ -24,8 +26,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print(f"wrote single-file igpt checkpoint {out} (load it with igpt.load({str(out)!r}))")
     elif args.to is not None:
         out = export_hf(args.checkpoint, args.out)
-        print(f"wrote Hugging Face ImageGPT directory {out} (config.json, model.safetensors, "
-              f"preprocessor_config.json)")
+        kind = json.loads((out / "config.json").read_text())["architectures"][0]
+        print(f"wrote Hugging Face {kind} directory {out} (config.json, model.safetensors, "
+              f"preprocessor_config.json, README.md model card)")
+        print(f"note: {PROCESSOR_NOTE}")
+        print(f"note: {SOS_NOTE}")
     else:
         out = (convert_hf(args.checkpoint, args.out) if args.src_format == "hf" else
                convert_openai(args.checkpoint, args.out, palette=args.palette, objective=args.objective))
@@ -37,11 +42,12 @@ def register(sub: Any) -> None:
                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from", dest="src_format", choices=("hf", "openai"),
-                     help="import: --checkpoint is a Hugging Face ImageGPT directory (hf) or a released "
-                          "TensorFlow checkpoint prefix such as model.ckpt-1000000 (openai)")
+                     help="import: --checkpoint is a Hugging Face ImageGPT directory or Hub id (hf) or a "
+                          "released TensorFlow checkpoint prefix such as model.ckpt-1000000 (openai)")
     way.add_argument("--to", dest="to", choices=("hf",),
                      help="export: --checkpoint is an igpt checkpoint or run directory, written as a Hugging "
-                          "Face ImageGPT directory")
+                          "Face ImageGPT directory with a model card (a fine-tuned checkpoint as "
+                          "ImageGPTForImageClassification with its class names)")
     way.add_argument("--consolidate", action="store_true",
                      help="--checkpoint is a sharded checkpoint (pretrain --sharded-checkpoint) or a run "
                           "directory holding them; write its newest as one model.safetensors checkpoint")

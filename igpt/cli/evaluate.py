@@ -1,5 +1,5 @@
-"""Evaluation commands: ``igpt probe`` (linear probes on every layer) and ``igpt score`` (the validation
-loss: mean NLL of a split)."""
+"""Evaluation commands: ``igpt probe`` (linear probes on every layer), ``igpt score`` (the validation
+loss: mean NLL of a split) and ``igpt classify`` (the top classes of a fine-tuned checkpoint for images)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 from igpt.atomic import check_output, write_json
 from igpt.cli.args import (add_checkpoint, add_eval_data, add_fields, add_labelled_inputs, add_overwrite, build,
                            command)
-from igpt.config import EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
+from igpt.config import ClassifyConfig, EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
+from igpt.eval.classify import classify
 from igpt.eval.probe import format_table, probe_checkpoint
 from igpt.eval.score import score
 
@@ -47,6 +48,12 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(f"-> {path}")
 
 
+def cmd_classify(args: argparse.Namespace) -> None:
+    results = classify(args.checkpoint, args.images, build(ClassifyConfig, args))
+    for path, preds in zip(args.images, results):
+        print(f"{path}: " + ", ".join(f"{p.label} {p.prob:.4f}" for p in preds))
+
+
 def _probe_parser(sub: Any) -> None:
     p = command(sub, "probe", help="linear probe (L-BFGS logistic regression) on every layer's features",
                 description="Features of every layer in one pass (cached in --out), a logistic-regression "
@@ -71,6 +78,18 @@ def _score_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_score)
 
 
+def _classify_parser(sub: Any) -> None:
+    p = command(sub, "classify", help="top classes of a fine-tuned checkpoint for image files",
+                description="Each image is resized as the fine-tune resized its data, quantized with the "
+                "checkpoint's palette and classified by its head; prints the top classes and their "
+                "probabilities, one line per image.")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files (any format Pillow reads)")
+    add_checkpoint(p, "a fine-tuned checkpoint (igpt finetune --out OUT: OUT or OUT/checkpoints/step-N)")
+    add_fields(p, ClassifyConfig, title="classify")
+    p.set_defaults(func=cmd_classify)
+
+
 def register(sub: Any) -> None:
     _probe_parser(sub)
     _score_parser(sub)
+    _classify_parser(sub)

@@ -44,6 +44,18 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class ClassifyConfig:
+    """How ``igpt classify`` reads images with a fine-tuned checkpoint."""
+
+    top_k: int = arg(5, "classes printed per image, most probable first")
+    device: str = device_arg()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        require_at_least(self, ("top_k",), 1)
+
+
+@dataclass(frozen=True)
 class EvalDataConfig:
     """The split of ``--data`` that ``score`` and ``complete`` read."""
 

@@ -2,17 +2,24 @@
 
 ``to_n_px`` is the one resize used everywhere (datasets, ``igpt prepare``, image completion): box (area)
 filter when shrinking, bicubic when enlarging, after a centre crop (``center``) or not (``squash``).
+``encode_images`` (``igpt.encode_images``) is the front door from image files or PIL images to ids.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from igpt.config import RESIZE_MODES
+from igpt.palette import Palette
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]  # a file, a PIL image or uint8 (H, W[, 3]) pixels
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -88,3 +95,33 @@ def load_image(path: str | os.PathLike, n_px: int, resize: str = "center") -> np
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     return to_n_px(open_image(path), n_px, resize)
+
+
+def images_to_pixels(images: ImageLike | Sequence[ImageLike], n_px: int, resize: str = "center") -> np.ndarray:
+    """Image files, PIL images or uint8 arrays (one, or a list) -> uint8 pixels (B, n_px, n_px, 3), each
+    resized by ``to_n_px`` exactly as datasets are for training (``resize``: the ``--resize`` the model was
+    trained with, ``center`` by default). A file that cannot be read is a ValueError naming it."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    one = isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and
+                                                                  images.ndim in (2, 3))
+    items = [images] if one else list(images)  # type: ignore[arg-type]
+    if not items:
+        raise ValueError("no images given")
+    out = np.empty((len(items), n_px, n_px, 3), dtype=np.uint8)  # (B, n_px, n_px, 3)
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)):
+            out[i] = load_image(item, n_px, resize)
+        elif isinstance(item, (Image.Image, np.ndarray)):
+            out[i] = to_n_px(item, n_px, resize)
+        else:
+            raise TypeError(f"image {i} is a {type(item).__name__}; give a file path, a PIL image or a uint8 array")
+    return out
+
+
+def encode_images(images: ImageLike | Sequence[ImageLike], palette: Palette, n_px: int,
+                  resize: str = "center") -> torch.Tensor:
+    """``igpt.encode_images``: image files, PIL images or uint8 arrays -> ids (B, n_px**2) int64, ready for
+    ``model(ids)``: the training resize (``images_to_pixels``), then ``palette.encode``."""
+    pixels = images_to_pixels(images, n_px, resize)  # (B, n_px, n_px, 3)
+    return palette.encode(pixels).reshape(len(pixels), n_px * n_px)

@@ -1,10 +1,12 @@
 """The one front door for weights: ``load`` reads every format igpt knows, and the converters write them.
 
 ``load(path)`` accepts an igpt checkpoint directory (full or sharded), a run directory (its newest
-checkpoint) or a Hugging Face ImageGPT folder (``model.safetensors`` or ``pytorch_model.bin``, sharded or
-not), and returns the model, its palette and its ``CheckpointRecord``. The model is in eval mode and reads
-ids the way its weights were trained (``record.reading``): a BERT checkpoint's ``model(ids)`` is the
-bidirectional forward. OpenAI's TensorFlow checkpoints are converted once with ``convert_openai``.
+checkpoint), a Hugging Face ImageGPT folder (``model.safetensors`` or ``pytorch_model.bin``, sharded or
+not) or a Hub model id such as ``openai/imagegpt-small`` (``igpt.weights.hub``: the local cache first; a
+local path always wins), and returns the model (an ``igpt.GPT``, below), its palette and its
+``CheckpointRecord``. The model is in eval mode and reads ids the way its weights were trained
+(``record.reading``): a BERT checkpoint's ``model(ids)`` is the bidirectional forward. OpenAI's TensorFlow
+checkpoints are converted once with ``convert_openai``. ``save`` is ``load``'s mirror.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
+from huggingface_hub import ModelHubMixin
 
-from igpt.atomic import require_new
-from igpt.model import GPT
+from igpt import model as core
+from igpt.atomic import check_writable, require_new, write_text
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
+from igpt.weights.card import model_card, run_facts
 from igpt.weights.checkpoint import load_head, load_igpt, resolve_checkpoint, save_checkpoint
 from igpt.weights.hf import is_hf_dir, load_hf, save_hf
+from igpt.weights.hub import resolve as resolve_hub
 from igpt.weights.openai import load_openai
 
 log = logging.getLogger(__name__)
@@ -31,15 +36,91 @@ _PRUNE_PATIENCE = 60.0  # seconds a reader keeps choosing again while a run prun
 _LISTING_RETRIES = 20
 
 
+class GPT(core.GPT, ModelHubMixin, library_name="igpt", tags=["image-gpt"],
+          paper_url="https://cdn.openai.com/papers/Generative_Pretraining_from_Pixels_V2.pdf"):
+    """``igpt.GPT``: the transformer of ``igpt.model`` with the Hugging Face Hub's methods, from
+    huggingface_hub's ``ModelHubMixin``:
+
+    - ``GPT.from_pretrained(path_or_hub_id)``: whatever ``igpt.load`` reads, including Hub ids;
+    - ``model.save_pretrained(dir)``: an igpt checkpoint (``igpt.save``) with a model card;
+    - ``model.push_to_hub(repo_id)``: that folder, uploaded.
+
+    Every model ``igpt.load`` returns is one of these, carrying the palette its ids use and its record
+    (``model.palette``, ``model.record``), so that saving writes them back. A model built as ``GPT(config)``
+    has neither until given (``save_pretrained(dir, palette=...)``)."""
+
+    palette: Palette | None = None
+    record: CheckpointRecord | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, revision: str | None = None,
+                        device: str | torch.device = "cpu") -> "GPT":
+        """The model (eval mode) at a local path or Hub id; ``model.palette`` and ``model.record`` come
+        with it. The Hub arguments are huggingface_hub's (``revision``, ``cache_dir``, ``token`` ...)."""
+        path = resolve_hub(pretrained_model_name_or_path, revision=revision, cache=cache_dir, token=token,
+                           local_files_only=local_files_only, force_download=force_download)
+        return load(path, device).model  # type: ignore[return-value]
+
+    def save_pretrained(self, save_directory: str | Path, *, palette: Palette | None = None,
+                        record: CheckpointRecord | None = None, overwrite: bool = False,
+                        push_to_hub: bool = False, repo_id: str | None = None, **hub_kwargs: Any) -> str | None:
+        """``igpt.save(self, palette, save_directory)`` with this model's palette and record unless given;
+        ``push_to_hub=True`` then uploads the folder (to ``repo_id``, by default the folder's name)."""
+        hub_kwargs.pop("config", None)  # the mixin's JSON config: the checkpoint's record takes its place
+        hub_kwargs.pop("model_card_kwargs", None)
+        palette = self.palette if palette is None else palette
+        if palette is None:
+            raise ValueError("save_pretrained needs the palette the model's ids use: this model has none "
+                             "(it was not loaded); pass palette=...")
+        save(self, palette, save_directory, record=self.record if record is None else record,
+             overwrite=overwrite)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, **hub_kwargs)
+        return None
+
+
 class Loaded(NamedTuple):
     model: GPT
     palette: Palette
     record: CheckpointRecord
 
 
+def _hub_model(model: core.GPT, palette: Palette, record: CheckpointRecord) -> GPT:
+    """The same tensors (not copies) in an ``igpt.GPT`` that knows its palette and record."""
+    with torch.device("meta"):
+        out = GPT(model.config, causal=model.causal)
+    out.load_state_dict(model.state_dict(), strict=True, assign=True)
+    out.palette, out.record = palette, record
+    return out.train(model.training)
+
+
+def save(model: core.GPT, palette: Palette, out: str | Path, *, record: CheckpointRecord | None = None,
+         overwrite: bool = False) -> Path:
+    """``igpt.save``, the mirror of ``igpt.load``: a single-file igpt checkpoint (model.safetensors,
+    config.json, palette.npz) and a model card (README.md) in ``out``, which ``igpt.load`` and every
+    ``--checkpoint`` read. ``record`` defaults to the model's own (a loaded model's) or a new one naming its
+    shape, palette and objective. ``out`` must be new or empty unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out} already exists and is not empty; choose a new directory or pass overwrite=True")
+    check_writable(out, "out")
+    record = record or getattr(model, "record", None) or CheckpointRecord(
+        model.config, palette.fingerprint(), "ar" if model.causal else "bert")
+    if record.model != model.config:
+        raise ValueError(f"the record describes {record.model}, not this model's {model.config}")
+    # the trunk alone: a fine-tuned model's head is not part of the GPT (igpt finetune writes both)
+    record = record.replace(palette_fingerprint=palette.fingerprint(), sharded=False, saved_by_processes=1,
+                            finetuned=None)
+    save_checkpoint(out, model, palette, record)
+    write_text(out / "README.md", model_card(record, palette, library="igpt", title=f"iGPT ({out.name})"))
+    return out
+
+
 def locate(path: str | Path) -> Path:
     """The directory ``load(path)`` reads: a Hugging Face folder, a checkpoint, or a run's newest checkpoint."""
-    src = Path(path)
+    src = resolve_hub(path)
     return src if is_hf_dir(src) else resolve_checkpoint(src)
 
 
@@ -51,7 +132,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
 def load_located(path: str | Path, device: str | torch.device = "cpu") -> tuple[Path, Loaded]:
     """``load``, and the directory it read (for a run directory: the checkpoint that was newest then)."""
     def read(src: Path) -> tuple[Path, Loaded]:
-        return src, Loaded(*(load_hf(src, device) if is_hf_dir(src) else load_igpt(src, device)))
+        model, palette, record = load_hf(src, device) if is_hf_dir(src) else load_igpt(src, device)
+        return src, Loaded(_hub_model(model, palette, record), palette, record)
     return _newest(path, read)
 
 
@@ -61,7 +143,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"
     over positions of the final norm's output, (B, d), to class logits (B, n_classes)."""
     def read(ckpt_dir: Path) -> tuple[GPT, torch.nn.Linear, Palette, CheckpointRecord]:
         model, palette, record = load_igpt(ckpt_dir, device)
-        return model, load_head(ckpt_dir, record, device), palette, record
+        return _hub_model(model, palette, record), load_head(ckpt_dir, record, device), palette, record
     return _newest(path, read)
 
 
@@ -70,7 +152,7 @@ def _newest(path: str | Path, read: Callable[[Path], T]) -> T:
     ones, so the one chosen may vanish before it is read (and a listing taken while checkpoints are renamed
     may miss them all): then the run's newest is chosen again, for as long as the run keeps winning the race
     (``_PRUNE_PATIENCE`` seconds, far more than one checkpoint interval)."""
-    path = Path(path)
+    path = resolve_hub(path)
     deadline, misses = time.monotonic() + _PRUNE_PATIENCE, 0
     while True:
         try:
@@ -92,7 +174,7 @@ def _newest(path: str | Path, read: Callable[[Path], T]) -> T:
 def convert_hf(src: str | Path, out: str | Path) -> Path:
     """A Hugging Face ImageGPT folder as an igpt checkpoint."""
     require_new(out)
-    model, palette, record = load_hf(src)
+    model, palette, record = load_hf(resolve_hub(src))
     return save_checkpoint(out, model, palette, record)
 
 
@@ -105,12 +187,16 @@ def convert_openai(prefix: str | Path, out: str | Path, palette: str | Path | No
 
 
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
-    """An igpt checkpoint (AR) as a Hugging Face ImageGPT folder; a fine-tuned checkpoint's trunk only."""
+    """An igpt checkpoint (AR) as a Hugging Face ImageGPT folder with its model card: a pretrained one as
+    ImageGPTForCausalImageModeling, a fine-tuned one (with its head and class names) as
+    ImageGPTForImageClassification."""
     require_new(out)
-    model, palette, record = load(ckpt)
-    if record.finetuned is not None:
-        log.info("exporting the fine-tuned trunk as a generative model; its classifier head is not exported")
-    return save_hf(model, palette, out, record)
+    src, (model, palette, record) = load_located(ckpt)
+    facts = run_facts(src)
+    if record.finetuned is None:
+        return save_hf(model, palette, out, record, facts=facts)
+    model, head, palette, record = load_classifier(src)
+    return save_hf(model, palette, out, record, head=head.weight, facts=facts)
 
 
 def consolidate(src: str | Path, out: str | Path) -> Path:

@@ -37,21 +37,22 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from igpt.atomic import read_json, replacing_dir, require_new, write_json
+from igpt.atomic import read_json, replacing_dir, require_new, write_json, write_text
 from igpt.config import ModelConfig
 from igpt.model import GPT, NORM_EPS
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
+from igpt.weights.card import model_card
 from igpt.weights.tensors import build_model, check_tensors, load_weight_file, save_tensors
 
-HF_CONFIG, HF_PROCESSOR = "config.json", "preprocessor_config.json"
+HF_CONFIG, HF_PROCESSOR, HF_CARD = "config.json", "preprocessor_config.json", "README.md"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded snapshots
 # ImageGPTConfig's defaults: save_pretrained writes only the values that differ from them.
@@ -148,13 +149,19 @@ def hf_to_igpt(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any],
     return cfg, {k: v.contiguous() for k, v in out.items()}  # copies only the transposed matrices
 
 
-def igpt_to_hf(model: GPT) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """GPT -> (ImageGPTForCausalImageModeling state dict with zero biases, config.json dict)."""
+def igpt_to_hf(model: GPT, head: torch.Tensor | None = None, classes: Sequence[str] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """GPT -> (ImageGPTForCausalImageModeling state dict with zero biases, config.json dict). With a fine-tuned
+    ``head`` (n_classes, d): ImageGPTForImageClassification, whose ``score`` is the same bias-free linear map
+    on the mean over positions of ``ln_f``'s output, with ``id2label`` from ``classes``."""
     cfg = model.config
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     out = {"transformer.wte.weight": torch.cat([sd["wte.weight"], sd["sos"][None]]),  # (V + 1, d): SOS last
-           "transformer.wpe.weight": sd["wpe.weight"], "transformer.ln_f.weight": sd["ln_f.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
+           "transformer.wpe.weight": sd["wpe.weight"], "transformer.ln_f.weight": sd["ln_f.weight"]}
+    if head is None:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    else:
+        out["score.weight"] = head.detach().to("cpu", torch.float32)  # (n_classes, d)
     for i in range(cfg.n_layer):
         p, q = f"transformer.h.{i}.", f"blocks.{i}."
         for name in ("ln_1.weight", "ln_2.weight"):
@@ -172,6 +179,13 @@ def igpt_to_hf(model: GPT) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                  "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                  "reorder_and_upcast_attn": False, "tie_word_embeddings": False, "use_cache": True,
                  "add_cross_attention": False}
+    if head is not None:
+        names = list(classes) if classes else [f"LABEL_{i}" for i in range(head.shape[0])]
+        if len(names) != head.shape[0] or len(set(names)) != len(names):
+            raise ValueError(f"the head has {head.shape[0]} classes but the names are {names}")
+        hf_config.update(architectures=["ImageGPTForImageClassification"],
+                         id2label={str(i): n for i, n in enumerate(names)},
+                         label2id={n: i for i, n in enumerate(names)})
     return {k: v.contiguous() for k, v in out.items()}, hf_config
 
 
@@ -220,6 +234,9 @@ def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, P
     hf = read_json(src / HF_CONFIG)
     if hf.get("model_type") != "imagegpt":
         raise ValueError(f"{src / HF_CONFIG}: model_type is {hf.get('model_type')!r}; not an ImageGPT directory")
+    if "ImageGPTForImageClassification" in (hf.get("architectures") or []):
+        raise ValueError(f"{src / HF_CONFIG}: an ImageGPTForImageClassification folder (an exported classifier); "
+                         "igpt reads generative ImageGPT folders: load the igpt checkpoint it was exported from")
     cfg = _hf_model_config(hf, str(src / HF_CONFIG))
     palette = _read_hf_palette(src, cfg.n_vocab)  # cheap checks before reading gigabytes of weights
     state, where = _read_hf_weights(src)
@@ -228,24 +245,34 @@ def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, P
     return build_model(cfg, sd, where=where).to(device).eval(), palette, record
 
 
-def save_hf(model: GPT, palette: Palette, out_dir: str | Path, record: CheckpointRecord) -> Path:
-    """Write an ImageGPT directory (config.json, model.safetensors, preprocessor_config.json) atomically."""
+def save_hf(model: GPT, palette: Palette, out_dir: str | Path, record: CheckpointRecord,
+            head: torch.Tensor | None = None, facts: dict[str, Any] | None = None) -> Path:
+    """Write an ImageGPT directory (config.json, model.safetensors, preprocessor_config.json and the model
+    card README.md, with the run's ``facts``) atomically; with a fine-tuned ``head``, as
+    ImageGPTForImageClassification."""
     if not record.reading.causal:
         raise ValueError(f"the checkpoint's objective is {record.objective!r}: Hugging Face's ImageGPT always "
                          "attends causally, so a BERT model exported there would compute the wrong function")
     if palette.k != model.config.n_vocab:
         raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {palette.k} colours")
     out = require_new(out_dir)
-    state, hf_config = igpt_to_hf(model)
+    classes = record.finetuned.classes if record.finetuned is not None else None
+    state, hf_config = igpt_to_hf(model, head, classes)
     n_px = model.config.n_px
     processor = {"image_processor_type": "ImageGPTImageProcessor",
                  "clusters": palette.centers.cpu().numpy().astype(np.float32).tolist(),
-                 "do_resize": True, "size": {"height": n_px, "width": n_px}, "resample": 2,
+                 # PIL's box filter (4), igpt's filter when shrinking (igpt.data.images.to_n_px); the
+                 # processor cannot cut the centred square first (see igpt.weights.card.PROCESSOR_NOTE)
+                 "do_resize": True, "size": {"height": n_px, "width": n_px}, "resample": 4,
                  # rescale 1/255 then normalise with mean = std = 0.5 is x / 127.5 - 1, our palette's scale
                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_color_quantize": True}
+    kind = "image classifier" if head is not None else "generative model"
+    card = model_card(record if head is not None else record.replace(finetuned=None), palette,
+                      library="transformers", title=f"iGPT {kind} ({out.name})", hf_export=True, facts=facts)
     with replacing_dir(out) as tmp:
         save_tensors(state, tmp / HF_WEIGHTS[0], metadata={"format": "pt"})
         write_json(tmp / HF_CONFIG, hf_config)
         write_json(tmp / HF_PROCESSOR, processor)
+        write_text(tmp / HF_CARD, card)
     return out

@@ -1,0 +1,49 @@
+"""``igpt classify``: the top classes of a fine-tuned checkpoint for image files or PIL images.
+
+The images are resized exactly as the fine-tune resized its data (the ``resize`` recorded in the run's
+finetune.json, ``igpt.weights.card.run_facts``; ``center`` when the checkpoint stands alone), quantized
+with the checkpoint's palette, and read as the head was trained: the mean over positions of the final
+norm's output, a bias-free linear map, softmax. A BERT trunk reads the images unmasked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from igpt.config import ClassifyConfig
+from igpt.data.images import ImageLike, encode_images
+from igpt.runtime import resolve_device
+from igpt.weights.card import run_facts
+from igpt.weights.convert import load_classifier, locate
+
+
+class Prediction(NamedTuple):
+    label: str
+    prob: float
+
+
+@torch.no_grad()
+def classify(checkpoint: str | Path, images: ImageLike | Sequence[ImageLike],
+             cfg: ClassifyConfig = ClassifyConfig(), resize: str | None = None) -> list[list[Prediction]]:
+    """For each image, its ``cfg.top_k`` classes (most probable first) under the fine-tuned ``checkpoint``
+    (a checkpoint, its fine-tune run directory or a Hub id). ``resize`` defaults to the fine-tune's."""
+    top_k, device = cfg.top_k, resolve_device(cfg.device)
+    one = isinstance(images, (str, os.PathLike))
+    for item in [images] if one else images if isinstance(images, (list, tuple)) else []:
+        if isinstance(item, (str, os.PathLike)) and not Path(item).is_file():
+            raise FileNotFoundError(f"{item}: no such image file")  # before the checkpoint is read
+    ckpt_dir = locate(checkpoint)
+    model, head, palette, record = load_classifier(ckpt_dir, device)
+    resize = resize or run_facts(ckpt_dir).get("resize", "center")
+    ids = encode_images(images, palette, model.config.n_px, resize)  # (B, T)
+    probs = head(model.forward_features(ids.to(device)).mean(dim=1)).float().softmax(-1)  # (B, n_classes)
+    n = record.finetuned.n_classes  # type: ignore[union-attr]
+    names = list(record.finetuned.classes or [f"class {i}" for i in range(n)])  # type: ignore[union-attr]
+    top = probs.topk(min(top_k, n), dim=-1)
+    return [[Prediction(names[int(i)], float(p)) for p, i in zip(ps, idx)]
+            for ps, idx in zip(top.values.cpu(), top.indices.cpu())]
