@@ -93,7 +93,8 @@ def _demo(out: Path, cfg: TrainConfig, seed: int, progress: bool) -> dict:
     # 5. samples
     ids = sample(model, 64, generator=torch.Generator().manual_seed(seed))
     pixels = palette.decode(ids).view(64, model_cfg.n_px, model_cfg.n_px, 3).numpy()
-    save_png(grid(pixels, ncol=8, scale=4), out / "samples.png")
+    save_png(grid(pixels, ncol=8, scale=4, title=f"64 samples · seed {seed}"),
+             out / "samples.png")
 
     summary = {"val_loss_nats": result.get("val", {}).get("loss"), "train_loss_nats": result["train"]["loss"],
                "probe_acc": probe["acc"], "probe_acc_init": baseline["acc"], "best_layer": probe["best_layer"],

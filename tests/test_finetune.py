@@ -75,8 +75,14 @@ def test_finetuning_improves_over_the_probe_on_a_small_labelled_set(digits_run, 
     assert abs((preds.numpy() == test.labels).mean() - result["test_acc"]) < 1e-9
     plain, _, _ = igpt.load(tmp_path / "ft")
     assert torch.equal(plain.wte.weight, tuned.wte.weight)
+    # metrics.jsonl in pretraining's schema: per evaluation a train record and a val record, both with a loss
     history = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert max(h["val_acc"] for h in history) == result["val_acc"]
+    assert [h["split"] for h in history] == ["train", "val"] * (len(history) // 2)
+    assert all({"split", "step", "loss", "clf_loss", "gen_loss"} <= h.keys() for h in history)
+    val = [h for h in history if h["split"] == "val"]
+    assert max(h["acc"] for h in val) == result["val_acc"] and val[-1]["images"] >= 10
+    assert all(h["loss"] == pytest.approx(h["clf_loss"] + h["gen_loss"]) for h in history)  # gen_weight 1
+    assert (tmp_path / "ft" / "curves.png").is_file()
 
 
 def test_loss_is_clf_plus_weighted_generative_loss(nano_model):

@@ -22,9 +22,10 @@ from igpt.objectives import mean_loss
 from igpt.palette import Palette
 from igpt.train.finetune import finetune
 from igpt.train.pretrain import pretrain
+from igpt.viz import completion_figure
 from igpt.weights.convert import load as load_checkpoint
 
-N_PX, SCALE, PAD, GAP = 8, 4, 2, 8  # igpt-nano's side and completion_figure's default layout
+N_PX, SCALE = 8, 4  # igpt-nano's side and the figures' default enlargement
 
 
 def _pretrain(root, objective: str):
@@ -84,16 +85,15 @@ def test_a_finetuned_bert_checkpoint_is_refused_by_sample(bert_run, tmp_path, ca
 
 
 def _cells(png, n_inputs: int, n_samples: int) -> np.ndarray:
-    """Cut a completion figure back into its cells: (n_inputs, 2 + n_samples, N_PX, N_PX, 3) uint8."""
-    fig = np.asarray(Image.open(png).convert("RGB"))
-    side = N_PX * SCALE
-    assert fig.shape == (PAD + n_inputs * (side + PAD), PAD + (2 + n_samples) * (side + PAD) + GAP, 3)
-    out = np.empty((n_inputs, 2 + n_samples, N_PX, N_PX, 3), np.uint8)
-    for r in range(n_inputs):
-        for c in range(2 + n_samples):
-            top, left = PAD + r * (side + PAD), PAD + c * (side + PAD) + (GAP if c >= 2 else 0)
-            out[r, c] = fig[top:top + side:SCALE, left:left + side:SCALE]
-    return out
+    """Cut a completion figure back into its cells: (n_inputs, 2 + n_samples, N_PX, N_PX, 3) uint8. The layout
+    depends on the shapes and the scale (not on the title's text), so a figure of blank images gives the
+    tile boxes."""
+    fig = Image.open(png).convert("RGB")
+    blank = np.zeros((n_inputs, N_PX, N_PX, 3), np.uint8)
+    layout = completion_figure(blank, blank, np.zeros((n_inputs, n_samples, N_PX, N_PX, 3), np.uint8), SCALE,
+                               title="any")
+    assert fig.size[1] == layout.image.size[1]
+    return np.stack([np.stack([layout.cell(r, c, fig) for c in range(2 + n_samples)]) for r in range(n_inputs)])
 
 
 def test_every_new_flag_has_help():
@@ -109,15 +109,21 @@ def test_every_new_flag_has_help():
 def test_sample_cli_writes_each_image_and_a_grid(ar_run, tmp_path, capsys):
     args = ["sample", "--checkpoint", str(ar_run), "--n-images", "5", "--batch-size", "2", "--top-k", "8"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
-    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "--scale", "1"]) == 0
     assert main(args + ["--out", str(tmp_path / "c"), "--seed", "1"]) == 0
     assert "5 samples" in capsys.readouterr().out
     pngs = sorted((tmp_path / "a").glob("sample-*.png"))
-    assert len(pngs) == 5 and Image.open(pngs[0]).size == (N_PX, N_PX)
+    assert len(pngs) == 5 and Image.open(pngs[0]).size == (N_PX * SCALE, N_PX * SCALE)  # --scale's default: 4
     assert (tmp_path / "a" / "grid.png").exists()
     read = lambda d: np.stack([np.asarray(Image.open(p)) for p in sorted(d.glob("sample-*.png"))])  # noqa: E731
-    assert np.array_equal(read(tmp_path / "a"), read(tmp_path / "b"))  # seeded
-    assert not np.array_equal(read(tmp_path / "a"), read(tmp_path / "c"))
+    big = read(tmp_path / "a")  # nearest neighbour: every 4x4 block is one colour
+    assert np.array_equal(big, big[:, ::SCALE, ::SCALE].repeat(SCALE, 1).repeat(SCALE, 2))
+    assert np.array_equal(read(tmp_path / "b"), big[:, ::SCALE, ::SCALE])  # seeded: the same draws, at --scale 1
+    assert not np.array_equal(big, read(tmp_path / "c"))
+    prov = json.loads((tmp_path / "c" / "provenance.json").read_text())
+    assert prov["checkpoint"] == str(ar_run) and prov["step"] == 3 and prov["seed"] == 1
+    assert (prov["temperature"], prov["top_k"], prov["top_p"], prov["objective"]) == (1.0, 8, 1.0, "ar")
+    assert Path(prov["checkpoint_dir"]).name == "step-0000003"
 
 
 def test_complete_cli_on_a_dataset_keeps_the_top_rows_exactly(ar_run, tmp_path, capsys):
@@ -134,6 +140,9 @@ def test_complete_cli_on_a_dataset_keeps_the_top_rows_exactly(ar_run, tmp_path, 
     assert np.array_equal(cells[:, 2:, :4], np.repeat(quantized[:, None, :4], 2, axis=1))  # the kept rows survive
     assert len(list(out.glob("complete-test-*.png"))) == 3
     assert np.array_equal(_cells(out / "complete-test-00006.png", 1, 2)[0], cells[1])
+    prov = json.loads((out / "provenance.json").read_text())
+    assert (prov["rows_kept"], prov["n_samples"], prov["how"], prov["step"]) == (4, 2, "sampled", 3)
+    assert prov["names"] == ["test-00005", "test-00006", "test-00007"] and prov["top_p"] == 1.0
 
 
 def test_complete_cli_on_image_files_and_an_ids_cache(ar_run, tmp_path):

@@ -1,7 +1,7 @@
 """The CIFAR-10 quality protocol: pretrain for a wall-clock budget, probe every layer, beside random init.
 
-One implementation for ``scripts/cifar_quality.py`` (``pack`` and ``run``) and the quality part of
-``igpt bench report --quality IDS``:
+One implementation for ``igpt bench quality`` (``pack`` and ``run``; ``igpt.cli.quality``) and the quality part
+of ``igpt bench report --quality IDS``:
 
 - ``pack``: fit the palette on the training images, quantize train and test with ``igpt prepare`` (10% of
   train carved out, seeded, for the validation loss) and write that ids cache, the palette and
@@ -34,7 +34,7 @@ import torch
 
 from igpt.atomic import write_json
 from igpt.config import DataConfig, FeatureConfig, ModelConfig, ProbeConfig, QualityConfig, TrainConfig
-from igpt.data.open import lossless_mask, open_labelled, open_split, prepare
+from igpt.data.open import lossless_mask, open_labelled, open_split, prepare, resolve
 from igpt.eval.features import cached_extract, checkpoint_identity
 from igpt.eval.probe import probe_layers
 from igpt.model import GPT
@@ -47,7 +47,7 @@ from igpt.weights.convert import load
 log = logging.getLogger(__name__)
 CACHE = "cifar-ids"  # the directory inside the tar
 CALIBRATION_STEPS = 40  # steps of the throwaway run that times a step; the first half is warm-up
-NOT_PACKED = "not a file written by scripts/cifar_quality.py pack"
+NOT_PACKED = "not a file written by igpt bench quality pack"
 
 
 # ---- pack
@@ -64,7 +64,10 @@ def build_cache(data: str, cache: Path, n_px: int, k: int, palette_file: str | N
     prepare(data, cache, n_px=n_px, palette=palette, val_fraction=0.1, seed=0)
     palette.save(cache / "palette.npz")
     meta = json.loads((cache / "meta.json").read_text())
-    np.save(cache / "test_lossless.npy", lossless_mask(data, meta["splits"]["test"]["n"]))
+    n_test = meta["splits"]["test"]["n"]
+    # torchvision's pickles are the original images, all bit-exact; an npz says which of its are
+    exact = np.ones(n_test, bool) if resolve(data).kind == "cifar10" else lossless_mask(data, n_test)
+    np.save(cache / "test_lossless.npy", exact)
     return cache
 
 
@@ -91,7 +94,7 @@ def check_packed(path: str, flag: str = "--ids") -> None:
     """A one-line error unless ``path`` opens as a pack file: its first member only, so it takes
     milliseconds (``unpack`` checks every member)."""
     if not Path(path).is_file():
-        raise ValueError(f"{flag} {path} does not exist; write it with: scripts/cifar_quality.py pack")
+        raise ValueError(f"{flag} {path} does not exist; write it with: igpt bench quality pack")
     try:
         with tarfile.open(path, "r:xz") as tar:
             first = tar.next()

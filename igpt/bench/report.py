@@ -12,7 +12,7 @@ The parts run one after another, each through the benchmark that measures it alo
 - ``sample``: ``bench_sample``, our KV-cached sampler against HF's ``generate`` at the same batch;
 - ``loader``: ``bench_loader``, the input pipeline alone at the training batch, set against the images/s
   the AR training step consumes (its appetite);
-- ``quality`` (with ``--quality IDS``, a file written by ``scripts/cifar_quality.py pack``): the CIFAR-10
+- ``quality`` (with ``--quality IDS``, a file written by ``igpt bench quality pack``): the CIFAR-10
   quality protocol (``igpt.bench.quality``) with its pretraining shortened to ``igpt.bench.quality.QUALITY_PRETRAIN_SHARE`` of
   the part's cap, the rest left for unpacking, calibration and probing the trained and the random-init model.
 

@@ -1,12 +1,14 @@
-"""``igpt bench <what>``: speed measurements. ``bench sample`` times sampling, ``bench train`` training steps,
-``bench loader`` the input pipeline alone; ``bench memory`` prints the per-GPU memory plan; ``bench report``
-runs the first three in one time budget and writes every headline figure to one JSON and one markdown file.
+"""``igpt bench <what>``: speed measurements and the quality protocol. ``bench sample`` times sampling,
+``bench train`` training steps, ``bench loader`` the input pipeline alone; ``bench memory`` prints the per-GPU
+memory plan; ``bench report`` runs the first three in one time budget and writes every headline figure to
+one JSON and one markdown file; ``bench quality`` is the CIFAR-10 quality protocol (``igpt.cli.quality``).
 
     igpt bench sample --preset igpt-s --batch-size 256 --compare-hf   # our images/s and HF's
     igpt bench train --preset igpt-s --batch-size 32 --compare-hf     # tokens/s, MFU, peak memory: ours and HF's
     igpt bench loader --data cache/cifar10 --palette p.npz            # images/s of the input pipeline
     igpt bench memory --preset igpt-xl --batch-size 4 --processes 8 --fsdp --grad-checkpoint
     igpt bench report --out reports/h100                              # all of the above in one budget (8 min)
+    igpt bench quality run --ids cifar10-ids.tar.xz --out runs/quality   # pretrain, probe every layer
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from igpt.bench.memory import format_plan, max_batch, plan
 from igpt.bench.report import bench_report
 from igpt.bench.sample import bench_sample
 from igpt.bench.train import bench_train
+from igpt.cli import quality
 from igpt.cli.args import add_fields, add_overwrite, build, command
 from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchReportConfig, BenchSampleConfig, BenchTrainConfig,
                           ModelConfig)
@@ -90,3 +93,4 @@ def register(sub: Any) -> None:
     add_fields(r, BenchReportConfig, title="report", required=("out",))
     add_overwrite(r)
     r.set_defaults(func=cmd_bench_report)
+    quality.register(bsub)

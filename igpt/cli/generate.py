@@ -1,7 +1,7 @@
 """Generation commands: ``sample`` (unconditional images) and ``complete`` (the paper's half-image
 completions; iterative infilling for BERT checkpoints).
 
-    igpt sample --checkpoint runs/c10 --n-images 64 --out samples/    # 64 PNGs + grid.png
+    igpt sample --checkpoint runs/c10 --n-images 64 --out samples/    # 64 PNGs + grid.png + provenance.json
     igpt complete --checkpoint runs/c10 --images cat.jpg --out fig/   # original | top half | 4 completions
 """
 
@@ -19,7 +19,8 @@ from igpt.generate.infill import SCHEDULES
 def cmd_sample(args: argparse.Namespace) -> None:
     r = sample_images(args.checkpoint, args.out, n_images=args.n_images, cfg=build(SampleConfig, args),
                       ncol=args.ncol, scale=args.scale, overwrite=args.overwrite)
-    print(f"{r['n_images']} samples at {r['n_px']}x{r['n_px']} -> {r['out']}/sample-*.png and {r['out']}/grid.png")
+    print(f"{r['n_images']} samples at {r['n_px']}x{r['n_px']} -> {r['out']}/sample-*.png, grid.png and "
+          "provenance.json")
 
 
 def cmd_complete(args: argparse.Namespace) -> None:
@@ -36,9 +37,12 @@ def _sample_parser(sub: Any) -> None:
     p = command(sub, "sample", help="unconditional samples of an AR checkpoint: PNGs plus a grid")
     add_checkpoint(p)
     p.add_argument("--n-images", type=int, default=64, help="number of images (default: 64)")
-    p.add_argument("--out", required=True, help="output directory (sample-NNNN.png, grid.png)")
+    p.add_argument("--out", required=True,
+                   help="output directory (sample-NNNN.png, grid.png, provenance.json)")
     p.add_argument("--ncol", type=int, default=8, help="images per row of grid.png (default: 8)")
-    p.add_argument("--scale", type=int, default=4, help="enlargement of grid.png (default: 4)")
+    p.add_argument("--scale", type=int, default=4,
+                   help="enlargement of every image written (sample-NNNN.png and grid.png), nearest neighbour "
+                   "(default: 4)")
     add_fields(p, SampleConfig, title="sampling")
     add_overwrite(p)
     p.set_defaults(func=cmd_sample)
@@ -59,8 +63,9 @@ def _complete_parser(sub: Any) -> None:
     p.add_argument("--rounds", type=int, default=8, help="BERT: rounds of iterative infilling (default: 8)")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES,
                    help="BERT: how the masked count shrinks over the rounds (default: cosine)")
-    p.add_argument("--out", required=True, help="output directory (completions.png, complete-*.png)")
-    p.add_argument("--scale", type=int, default=4, help="enlargement of the figures (default: 4)")
+    p.add_argument("--out", required=True,
+                   help="output directory (completions.png, complete-*.png, provenance.json)")
+    p.add_argument("--scale", type=int, default=4, help="enlargement of the figures, nearest neighbour (default: 4)")
     add_fields(p, SampleConfig, title="sampling")
     add_overwrite(p)
     p.set_defaults(func=cmd_complete)

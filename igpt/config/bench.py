@@ -157,7 +157,7 @@ REPORT_SHARES = {"train_ar": 0.155, "train_bert": 0.09, "sample": 0.155, "loader
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """The CIFAR-10 quality protocol's model, pretraining and probe (scripts/cifar_quality.py run, and the
+    """The CIFAR-10 quality protocol's model, pretraining and probe (igpt bench quality run, and the
     quality part of ``igpt bench report``); the image side is the one the ids were packed at."""
 
     preset: str = arg("igpt-bench", "model shape", choices=tuple(PRESETS))
@@ -193,7 +193,7 @@ class BenchReportConfig:
                          "share (" + ", ".join(f"{k.replace('_', ' ')} {v * 100:g}%" for k, v in REPORT_SHARES.items())
                          + ") plus what earlier parts left, and reported as timed out past it")
     quality: str | None = arg(None, "also run the CIFAR-10 quality protocol on this ids file (written by "
-                              "scripts/cifar_quality.py pack) for its share of the budget and report its probe "
+                              "igpt bench quality pack) for its share of the budget and report its probe "
                               "accuracy beside random init's", type=str, metavar="IDS")
     smoke: bool = arg(False, "tiny shapes on the CPU, under two minutes: checks the harness and the report, not the "
                       "speed (the shape, batch and device flags are then ignored)")

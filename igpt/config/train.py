@@ -37,7 +37,11 @@ class TrainConfig:
     eval_every: int = arg(200, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = arg(8, "validation micro-batches per evaluation; 0 = the whole split")
     log_every: int = arg(10, "steps between metric lines in metrics.jsonl (the last step is always logged)")
-    tensorboard: bool = arg(False, "also log metrics to TensorBoard in RUN/tensorboard (needs tensorboard)")
+    tensorboard: bool = arg(False, "also log metrics (and --sample-every grids) to TensorBoard in RUN/tensorboard "
+                            "(needs the tensorboard package: pip install 'igpt[tensorboard]')")
+    sample_every: int = arg(0, "steps between sample grids (16 images drawn with the same seed each time, so "
+                            "the grids show the model learning) written to RUN/samples/step-NNNNNNN.png; 0 "
+                            "disables. BERT models fill a blank canvas by iterative infilling")
     ckpt_every: int = arg(500, "steps between checkpoints (one is always written at the end)")
     keep_last: int = arg(2, "how many step checkpoints to keep")
     sharded_checkpoint: bool = arg(False, "write checkpoints with torch.distributed.checkpoint: each process "
@@ -61,7 +65,8 @@ class TrainConfig:
         require_fraction(self, "mask_prob", low_open=True)
         # log_every and ckpt_every are step periods (step % every): 0 has no meaning there
         require_at_least(self, ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every", "ckpt_every"), 1)
-        require_at_least(self, ("eval_every", "eval_batches", "workers", "weight_decay", "grad_clip"), 0)
+        require_at_least(self, ("eval_every", "eval_batches", "workers", "weight_decay", "grad_clip", "sample_every"),
+                         0)
         require_at_least(self, ("warmup_steps",), -1)
         require_positive(self, ("lr", "dist_timeout"))
         require_fraction(self, "min_lr_ratio", high_open=False)
@@ -80,7 +85,7 @@ class TrainConfig:
 # how fast it computes. The rest (the model, the data, the objective and the optimisation) is fixed for the
 # life of a run. A longer --max-steps also stretches the cosine schedule from the step it resumes at.
 RESUME_CHANGES = ("max_steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "workers",
-                  "tensorboard", "device", "dtype", "compile", "dist_timeout", "grad_checkpoint")
+                  "tensorboard", "sample_every", "device", "dtype", "compile", "dist_timeout", "grad_checkpoint")
 
 
 # What ``finetune --resume`` may change: where it computes. The recipe is fixed for the life of a fine-tune.

@@ -4,6 +4,10 @@ completions (``igpt complete``). Both return plain dicts describing what they wr
 A checkpoint is read as its record says (``igpt.record``): an AR model completes by sampling the missing
 rows left to right; a BERT model, which cannot sample left to right, fills them by iterative infilling
 (``igpt.generate.infill``), and refuses ``sample_images`` with a clear message.
+
+Every output directory also holds ``provenance.json``: the checkpoint read (as given and the directory it
+resolved to), its step and objective, and the draw settings (temperature, top-k, top-p, seed, batch size,
+device, dtype) that reproduce the files.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from igpt.atomic import check_output, replacing_dir
+from igpt.atomic import check_output, replacing_dir, write_json
 from igpt.config import EvalDataConfig, SampleConfig
 from igpt.data.images import load_image
 from igpt.data.open import open_eval
 from igpt.data.streams import to_ids
 from igpt.generate.infill import infill
 from igpt.generate.sample import check_can_sample, make_generator, sample
+from igpt.record import CheckpointRecord
 from igpt.runtime import compile_enabled, resolve_device, resolve_dtype
-from igpt.viz import completion_figure, grid, hide_rows, save_png
-from igpt.weights.convert import load
+from igpt.viz import completion_figure, enlarge, grid, hide_rows, save_png
+from igpt.weights.convert import load_located
 
 
 def _require_at_least(values: dict[str, int], low: int) -> None:
@@ -41,25 +46,47 @@ def _sample_kw(cfg: SampleConfig, device: torch.device) -> dict[str, Any]:
             "cuda_graph": cfg.cuda_graph and device.type == "cuda", **cfg.filters()}
 
 
+def provenance(checkpoint: str | Path, located: Path, record: CheckpointRecord, cfg: SampleConfig,
+               device: torch.device, **extra: Any) -> dict[str, Any]:
+    """What ``provenance.json`` holds: enough to know where the files came from and to draw them again."""
+    return {"checkpoint": str(checkpoint), "checkpoint_dir": str(located), "step": record.step,
+            "objective": record.objective, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+            "seed": cfg.seed, "batch_size": cfg.batch_size, "device": str(device),
+            "dtype": str(resolve_dtype(cfg.dtype, device)).removeprefix("torch."), **extra}
+
+
+def _settings(cfg: SampleConfig, step: int | None) -> str:
+    """The figure title's summary of the draw: step, temperature and the filters in use."""
+    parts = [f"step {step}"] if step is not None else []
+    parts.append(f"temperature {cfg.temperature:g}")
+    parts += [f"top-k {cfg.top_k}"] * bool(cfg.top_k) + [f"top-p {cfg.top_p:g}"] * (cfg.top_p < 1.0)
+    return " · ".join(parts + [f"seed {cfg.seed}"])
+
+
 def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64, cfg: SampleConfig = SampleConfig(),
                   ncol: int = 8, scale: int = 4, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """``n_images`` unconditional samples as ``sample-NNNN.png`` and ``grid.png`` in the new directory ``out``
-    (with ``overwrite``, the new directory replaces an existing one whole)."""
+    """``n_images`` unconditional samples as ``sample-NNNN.png`` (each enlarged ``scale`` times, nearest
+    neighbour), ``grid.png`` (``ncol`` to a row, titled with the draw settings) and ``provenance.json`` in the
+    new directory ``out`` (with ``overwrite``, the new directory replaces an existing one whole)."""
     _require_at_least({"--n-images": n_images, "--ncol": ncol, "--scale": scale}, 1)
     check_output(out, "--out", overwrite=overwrite)
     device = resolve_device(cfg.device)
-    model, palette, record = load(checkpoint, device)
+    located, (model, palette, record) = load_located(checkpoint, device)
     check_can_sample(model)  # before any work: a BERT checkpoint is refused with a message
     ids = sample(model, n_images, progress=progress, **_sample_kw(cfg, device))
     n_px = model.config.n_px
     pixels = palette.decode(ids.cpu()).view(n_images, n_px, n_px, 3).numpy()  # (n, n_px, n_px, 3) uint8
     out = Path(out)
     with replacing_dir(out) as tmp:
-        for i, img in enumerate(pixels):
+        for i, img in enumerate(enlarge(pixels, scale)):
             save_png(Image.fromarray(img), tmp / f"sample-{i:04d}.png")
-        save_png(grid(pixels, ncol=ncol, scale=scale), tmp / "grid.png")
+        title = f"{n_images} samples · {_settings(cfg, record.step)}"
+        save_png(grid(pixels, ncol=ncol, scale=scale, title=title), tmp / "grid.png")
+        write_json(tmp / "provenance.json", provenance(checkpoint, located, record, cfg, device, n_images=n_images,
+                                                       scale=scale))
     return {"checkpoint": str(checkpoint), "step": record.step, "n_images": n_images, "n_px": n_px,
-            "out": str(out), "files": [f"sample-{i:04d}.png" for i in range(n_images)] + ["grid.png"]}
+            "out": str(out), "files": [f"sample-{i:04d}.png" for i in range(n_images)] + ["grid.png",
+                                                                                         "provenance.json"]}
 
 
 def kept_rows(n_px: int, keep: float = 0.5, rows: int | None = None) -> int:
@@ -107,7 +134,7 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     if data.data:
         _require_at_least({"--n-images": n_images}, 1)
     device = resolve_device(cfg.device)
-    model, palette, record = load(checkpoint, device)
+    located, (model, palette, record) = load_located(checkpoint, device)
     n_px, T = model.config.n_px, model.config.n_ctx
     kept = kept_rows(n_px, keep, rows)
     names, ids, where = _inputs(images, data, n_images, offset, palette, n_px)
@@ -128,11 +155,16 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     completions = palette.decode(result.cpu()).view(M, N, n_px, n_px, 3).numpy()
     hidden = hide_rows(originals, kept)
     dest = Path(out)
+    title = f"kept {kept} of {n_px} rows · {_settings(cfg, record.step)}"
     with replacing_dir(dest) as tmp:
         for i, name in enumerate(names):
-            save_png(completion_figure(originals[i:i + 1], hidden[i:i + 1], completions[i:i + 1], scale=scale),
-                     tmp / f"complete-{name}.png")
-        save_png(completion_figure(originals, hidden, completions, scale=scale), tmp / "completions.png")
+            save_png(completion_figure(originals[i:i + 1], hidden[i:i + 1], completions[i:i + 1], scale=scale,
+                                       title=f"{name} · {title}").image, tmp / f"complete-{name}.png")
+        save_png(completion_figure(originals, hidden, completions, scale=scale, title=title).image,
+                 tmp / "completions.png")
+        write_json(tmp / "provenance.json", provenance(
+            checkpoint, located, record, cfg, device, how=how, inputs=where, names=names, rows_kept=kept,
+            n_samples=N, scale=scale, **({"rounds": rounds, "schedule": schedule} if not reading.can_sample else {})))
     return {"checkpoint": str(checkpoint), "objective": reading.objective, "how": how, "inputs": where,
             "names": names, "rows_kept": kept, "n_px": n_px, "n_samples": N, "out": str(dest),
             "ids": result.cpu(), "original_ids": ids}

@@ -25,7 +25,10 @@ Output layout (``--out OUT``)::
     finetune.json      what was asked: the base checkpoint, data, resize, the FinetuneConfig, the data's identity
     checkpoints/step-N the best checkpoint so far (model + classifier.safetensors): what ``igpt.load`` reads
     last/              the newest state (model, head, optimizer, data position): what a resume reads
-    metrics.jsonl      one line per evaluation;  metrics.json  the result, written at the end
+    metrics.jsonl      per evaluation, a "train" record (the mean losses since the last one) and a "val" record
+                       (validation loss and accuracy), in pretraining's schema (igpt.train.rundir)
+    curves.png         those losses and the validation accuracy against the step, redrawn after each evaluation
+    metrics.json       the result, written at the end
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from igpt.record import CheckpointRecord, Finetuned
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
 from igpt.stop import GracefulStop, Stopped
 from igpt.train.optim import lr_at, make_optimizer, set_lr
-from igpt.train.rundir import MetricsLog, truncate_metrics
+from igpt.train.rundir import MetricsLog, truncate_metrics, write_curves
 from igpt.weights import checkpoint as ckpt
 from igpt.weights.convert import load_classifier, load_located
 
@@ -91,7 +94,8 @@ class Classifier(nn.Module):
 
 def losses(clf: Classifier, ids: torch.Tensor, labels: torch.Tensor, gen_weight: float,
            keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """{"loss": L_CLF + gen_weight * L_GEN, "clf", "gen"} in nats, from one forward pass."""
+    """{"loss": L_CLF + gen_weight * L_GEN, "clf", "gen"} in nats, and the "clf_logits" (B, n_classes), from
+    one forward pass."""
     z, clf_logits = clf(ids, keep)
     clf_loss = F.cross_entropy(clf_logits.float(), labels)
     gen_loss = torch.zeros((), device=ids.device)
@@ -99,23 +103,36 @@ def losses(clf: Classifier, ids: torch.Tensor, labels: torch.Tensor, gen_weight:
         logits = clf.gpt.lm_head(z)  # (B, T, V)
         gen_loss = (F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()) if keep is None
                     else masked_loss(logits, ids, keep))
-    return {"loss": clf_loss + gen_weight * gen_loss, "clf": clf_loss, "gen": gen_loss}
+    return {"loss": clf_loss + gen_weight * gen_loss, "clf": clf_loss, "gen": gen_loss, "clf_logits": clf_logits}
 
 
 @torch.no_grad()
+def evaluate(clf: Classifier, images: ImageSet, palette: Palette, cfg: FinetuneConfig, device: torch.device,
+             dtype: torch.dtype, with_losses: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    """(Predicted class of every image (N,), and with ``with_losses`` the mean of ``losses`` over the images
+    in nats), unaugmented; BERT inputs under fixed seeded masks."""
+    was_training = clf.training
+    clf.eval()
+    preds, start, sums = [], 0, {"loss": 0.0, "clf_loss": 0.0, "gen_loss": 0.0}
+    for ids, labels in labelled_batches(images, cfg.eval_batch_size, palette, device):
+        keep = clf.keep(tuple(ids.shape), device, cfg.seed, EVAL_MASK_KEY, start)
+        with autocast(device, dtype):
+            if with_losses:
+                parts = losses(clf, ids, labels, cfg.gen_weight, keep)
+                for name, key in (("loss", "loss"), ("clf", "clf_loss"), ("gen", "gen_loss")):
+                    sums[key] += parts[name].item() * len(ids)
+                preds.append(parts["clf_logits"].argmax(1).cpu().numpy())
+            else:
+                preds.append(clf(ids, keep)[1].argmax(1).cpu().numpy())
+        start += len(ids)
+    clf.train(was_training)
+    return np.concatenate(preds), ({k: v / start for k, v in sums.items()} if with_losses else {})
+
+
 def predict(clf: Classifier, images: ImageSet, palette: Palette, cfg: FinetuneConfig, device: torch.device,
             dtype: torch.dtype) -> np.ndarray:
     """Predicted class of every image (N,), unaugmented; BERT inputs under fixed seeded masks."""
-    was_training = clf.training
-    clf.eval()
-    preds, start = [], 0
-    for ids, _ in labelled_batches(images, cfg.eval_batch_size, palette, device):
-        keep = clf.keep(tuple(ids.shape), device, cfg.seed, EVAL_MASK_KEY, start)
-        with autocast(device, dtype):
-            preds.append(clf(ids, keep)[1].argmax(1).cpu().numpy())
-        start += len(ids)
-    clf.train(was_training)
-    return np.concatenate(preds)
+    return evaluate(clf, images, palette, cfg, device, dtype)[0]
 
 
 def _accuracy(clf: Classifier, images: ImageSet, palette: Palette, cfg: FinetuneConfig, device: torch.device,
@@ -180,6 +197,8 @@ class _Job:
         self.stream = LabelledBatchStream(splits["train"], cfg.batch_size, cfg.seed, palette, self.device,
                                           cfg.augment)
         self.step, self.stale = 0, 0
+        # sums of the training losses since the last evaluation, for its "train" record (kept in the resume state)
+        self.window: dict[str, float] = {"loss": 0.0, "clf_loss": 0.0, "gen_loss": 0.0, "n": 0}
         self.best: dict[str, Any] = {"val_acc": -1.0, "best_step": 0, "stopped_early": False}
 
     @classmethod
@@ -221,6 +240,7 @@ class _Job:
         job.stream.load_state_dict(state["stream"])
         torch.set_rng_state(state["torch_rng"])
         job.step, job.stale = int(state["step"]), int(state["stale"])
+        job.window.update({k: float(v) for k, v in state.get("window", {}).items() if k in job.window})
         job.best = {"val_acc": float(state["best"]["val_acc"]), "best_step": int(state["best"]["best_step"]),
                     "stopped_early": bool(state["best"]["stopped_early"])}
         truncate_metrics(out, job.step)
@@ -230,7 +250,7 @@ class _Job:
 
     def save_last(self) -> None:
         """The state a resume continues from, replaced whole (``igpt.atomic``)."""
-        state = {"step": self.step, "stale": self.stale, "best": dict(self.best),
+        state = {"step": self.step, "stale": self.stale, "best": dict(self.best), "window": dict(self.window),
                  "optimizer": get_optimizer_state_dict(self.clf, self.opt, options=FULL_STATE),
                  "stream": self.stream.state_dict(), "torch_rng": torch.get_rng_state()}
         ckpt.save_checkpoint(self.out / LAST, self.clf.gpt, self.palette, self.record.replace(step=self.step),
@@ -252,11 +272,25 @@ class _Job:
         return metrics
 
 
+def _log_evaluation(job: _Job, metrics_log: MetricsLog, lr: float) -> float:
+    """Validation loss and accuracy now, logged with the mean training losses since the last evaluation;
+    returns the accuracy."""
+    val = job.splits["val"]
+    preds, val_losses = evaluate(job.clf, val, job.palette, job.cfg, job.device, job.dtype, with_losses=True)
+    acc = float((preds == np.asarray(val.labels)).mean())
+    n = max(1, job.window["n"])
+    metrics_log.write({"split": "train", "step": job.step, "loss": job.window["loss"] / n,
+                       "clf_loss": job.window["clf_loss"] / n, "gen_loss": job.window["gen_loss"] / n, "lr": lr})
+    metrics_log.write({"split": "val", "step": job.step, **val_losses, "acc": acc, "images": len(val)})
+    job.window = dict.fromkeys(job.window, 0.0) | {"n": 0}
+    return acc
+
+
 def _train(job: _Job, stop: GracefulStop, progress: bool) -> dict[str, Any]:
     """The loop: warm-up then constant LR, evaluations, saving each new best and the state to resume from,
     early stopping, and a clean stop on a signal."""
     clf, opt, stream, cfg, device, dtype = job.clf, job.opt, job.stream, job.cfg, job.device, job.dtype
-    val, palette, out, best = job.splits["val"], job.palette, job.out, job.best
+    palette, out, best = job.palette, job.out, job.best
     metrics_log = MetricsLog(out)
     bar = tqdm(total=cfg.max_steps, initial=job.step, desc="finetune", unit="step", disable=not progress)
     try:
@@ -272,12 +306,14 @@ def _train(job: _Job, stop: GracefulStop, progress: bool) -> dict[str, Any]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             job.step += 1
+            for name, key in (("loss", "loss"), ("clf", "clf_loss"), ("gen", "gen_loss")):
+                job.window[key] += parts[name].item()
+            job.window["n"] += 1
             bar.update(1)
-            evaluate = job.step % cfg.eval_every == 0 or job.step == cfg.max_steps
-            if evaluate:
-                acc = _accuracy(clf, val, palette, cfg, device, dtype)
-                metrics_log.write({"step": job.step, "split": "val", "lr": lr, "val_acc": acc,
-                                   **{k: v.item() for k, v in parts.items()}})
+            evaluate_now = job.step % cfg.eval_every == 0 or job.step == cfg.max_steps
+            if evaluate_now:
+                acc = _log_evaluation(job, metrics_log, lr)
+                write_curves(out, f"fine-tuning · {out.name}", "loss (nats): L_CLF + w L_GEN")
                 bar.set_postfix(loss=f"{parts['loss'].item():.3f}", val_acc=f"{acc:.3f}")
                 if acc > best["val_acc"]:
                     best.update(val_acc=acc, best_step=job.step)
@@ -294,7 +330,7 @@ def _train(job: _Job, stop: GracefulStop, progress: bool) -> dict[str, Any]:
                 job.save_last()
                 raise Stopped(f"stopped by {stop.signal_name} at step {job.step} of {cfg.max_steps}; state in "
                               f"{out / LAST}; continue with: igpt finetune --resume {out}")
-            if evaluate:
+            if evaluate_now:
                 job.save_last()
     finally:
         bar.close()

@@ -6,7 +6,11 @@ Run layout (``--out RUN_DIR``)::
 
     run.json        the model, train and data configs of the run (``--resume`` reads them)
     palette.npz     the palette the run quantizes with
-    metrics.jsonl   one JSON object per logged step: {"step", "split", "loss" (nats/token), "bits", ...}
+    metrics.jsonl   one JSON object per logged step: {"split", "step", "loss" (nats/token), "bits", ...}
+                    (the schema fine-tuning shares: igpt.train.rundir, docs/training.md)
+    curves.png      train and validation loss against the step, redrawn when the run ends or stops
+    samples/step-NNNNNNN.png   with --sample-every: a grid of 16 samples, the same seed each time
+    tensorboard/    with --tensorboard: the metrics and the sample grids
     checkpoints/step-NNNNNNN/   see igpt.weights.checkpoint
 """
 
@@ -22,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -37,6 +42,8 @@ from igpt.data.open import identity, open_training
 from igpt.data.streams import fixed_batches
 from igpt.distributed import (World, any_across, barrier, init_distributed, is_communication_error, mean_across,
                               peer_lost, shutdown)
+from igpt.generate.infill import infill
+from igpt.generate.sample import make_generator, sample
 from igpt.lock import DirLock
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
@@ -46,14 +53,16 @@ from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_
                           resolve_dtype, seed_everything)
 from igpt.stop import GracefulStop, Stopped
 from igpt.train.optim import pretrain_lr, pretrain_optimizer, set_lr, warmup_steps
-from igpt.train.rundir import (RUN_FILE, MetricsLog, claim_run, last_metrics, read_run,
-                               read_run_file, run_record, truncate_metrics)
+from igpt.train.rundir import (RUN_FILE, MetricsLog, claim_run, last_metrics, read_run, read_run_file,
+                               require_tensorboard, run_record, truncate_metrics, write_curves)
+from igpt.viz import grid_table, save_png
 from igpt.weights import checkpoint as ckpt
 from igpt.weights.convert import load
 from igpt.weights.sharded import load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+N_SAMPLES = 16  # images in a --sample-every grid (4 x 4)
 
 
 def micro_loss(forward: torch.nn.Module, ids: torch.Tensor, cfg: TrainConfig, step: int, micro: int = 0,
@@ -113,6 +122,9 @@ class Trainer:
         self.model_cfg = replace(model_cfg, n_vocab=self.palette.k)
         self.model = init_model(self.model_cfg, cfg).to(self.device)  # same seed on every rank: identical replicas
         self.sharded = cfg.fsdp and world.size > 1
+        if self.sharded and cfg.sample_every:
+            raise ValueError("--sample-every needs the whole model on one process; under --fsdp it is sharded. "
+                             "Sample a checkpoint with igpt sample instead")
         if self.sharded:  # each block its own unit, so only one block's parameters are gathered at a time
             for block in self.model.blocks:
                 fully_shard(block)
@@ -264,6 +276,24 @@ class Trainer:
         self.step += 1
         return {"loss": total, "bits": nats_to_bits(total), "lr": lr, "grad_norm": float(norm)}
 
+    @torch.no_grad()
+    def samples(self) -> np.ndarray:
+        """``N_SAMPLES`` images (n, n_px, n_px, 3) uint8 from the current weights, drawn with the run's seed
+        (the same noise at every call, so successive grids differ by the model alone): sampled left to right
+        by an AR model, infilled from a blank canvas by a BERT one. The training RNG is left as it was, so a
+        run with samples trains exactly as one without."""
+        n_px, T = self.model_cfg.n_px, self.model_cfg.n_ctx
+        generator = make_generator(self.cfg.seed, self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if self.model.causal:
+                ids = sample(self.model, N_SAMPLES, generator=generator, dtype=self.dtype)
+            else:
+                blank = torch.zeros(N_SAMPLES, T, dtype=torch.long, device=self.device)
+                ids = infill(self.model, blank, torch.zeros_like(blank, dtype=torch.bool), generator=generator,
+                             dtype=self.dtype)
+        self.model.train()
+        return self.palette.decode(ids.cpu()).view(N_SAMPLES, n_px, n_px, 3).numpy()
+
     def validate(self) -> dict[str, float] | None:
         """Validation loss on the unwrapped model: computed by rank 0 while the others wait, or under FSDP by
         every rank (each forward pass gathers the shards), with rank 0 reporting it."""
@@ -299,6 +329,8 @@ def resume(run_dir: str | Path, *, changes: Mapping[str, Any] | None = None, pro
 
 def _launch(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resuming: bool,
             progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
+    if cfg.tensorboard:
+        require_tensorboard()  # before the processes start and the data is read
     world, device = init_distributed(cfg.device, cfg.dist_timeout)
     clean = False
     try:
@@ -389,11 +421,23 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
     return trainer, data_identity
 
 
+def _write_samples(t: Trainer, metrics_log: MetricsLog | None) -> None:
+    """Rank 0 writes the --sample-every grid as a PNG (and to TensorBoard); the other ranks wait for it."""
+    if t.world.is_main and metrics_log is not None:
+        n_px = t.model_cfg.n_px  # each image shown about 128 pixels wide
+        table = grid_table(t.samples(), ncol=4, scale=max(1, 128 // n_px), pad=2,
+                           title=f"{t.cfg.objective.upper()} samples · step {t.step} · seed {t.cfg.seed}")
+        save_png(table.image, t.run_dir / "samples" / f"step-{t.step:07d}.png")
+        metrics_log.image("samples", np.asarray(table.image), t.step)
+    barrier(t.world)
+
+
 def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
           on_step: Callable[[int, dict[str, float]], None] | None, stop: GracefulStop) -> dict[str, Any]:
     cfg, images_per_step = t.cfg, t.cfg.batch_size * t.cfg.grad_accum
     result: dict[str, Any] = last_metrics(t.run_dir)
     bar = tqdm(total=cfg.max_steps, initial=t.step, disable=not progress, desc="pretrain", unit="step")
+    shown = {"val_loss": f"{result['val']['loss']:.4f}"} if "loss" in result.get("val", {}) else {}
     try:  # the bar's line is ended on errors too, so an error message starts on a line of its own
         t.model.train()
         tick = time.perf_counter()
@@ -404,25 +448,37 @@ def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
             tick = now
             result["train"] = metrics
             if metrics_log and (t.step % cfg.log_every == 0 or t.step == cfg.max_steps):
-                metrics_log.write({"step": t.step, "split": "train", **metrics})
+                metrics_log.write({"split": "train", "step": t.step, **metrics})
             if t.val_set is not None and (t.step % cfg.eval_every == 0 or t.step == cfg.max_steps):
                 if (val := t.validate()) is not None:
                     result["val"] = val
-                    metrics_log.write({"step": t.step, "split": "val", **val})
+                    metrics_log.write({"split": "val", "step": t.step, **val})
+                    shown["val_loss"] = f"{val['loss']:.4f}"
+                tick = time.perf_counter()
+            if cfg.sample_every and (t.step % cfg.sample_every == 0 or t.step == cfg.max_steps):
+                _write_samples(t, metrics_log)
                 tick = time.perf_counter()
             stopping = any_across(stop.requested, t.world, t.device) and t.step < cfg.max_steps
             if stopping or t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
                 t.save()
                 tick = time.perf_counter()
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **shown, img_s=f"{metrics['img_per_s']:.0f}")
             if on_step is not None:
                 on_step(t.step, metrics)
             if stopping:
+                _curves(t)
                 raise Stopped(f"stopped by {stop.signal_name or 'a signal to another process'} at step {t.step} of "
                               f"{cfg.max_steps}; checkpoint {ckpt.resolve_checkpoint(t.run_dir)}; continue with: "
                               f"igpt pretrain --resume {t.run_dir}")
     finally:
         bar.close()
+    _curves(t)
     result["checkpoint"] = str(ckpt.resolve_checkpoint(t.run_dir))
     return result
+
+
+def _curves(t: Trainer) -> None:
+    if t.world.is_main:
+        write_curves(t.run_dir, f"pretraining ({t.cfg.objective.upper()}) · {t.run_dir.name}",
+                     "loss (nats per token)")

@@ -1,6 +1,13 @@
 """Bookkeeping of a run directory: who may write it (``claim_run``), ``run.json`` (the configs and the
-identity of the inputs, ``run_record``; what a resume may change, ``read_run``) and
-``metrics.jsonl`` (one record per logged step). See ``igpt.train.pretrain`` for the whole layout."""
+identity of the inputs, ``run_record``; what a resume may change, ``read_run``), ``metrics.jsonl`` (one
+record per logged step) and ``curves.png`` (``write_curves``). See ``igpt.train.pretrain`` for the whole layout.
+
+The metrics schema, shared by pretraining and fine-tuning (docs/training.md): every record holds ``split``
+("train" or "val"), ``step`` (optimizer steps done) and, when it was computed, ``loss`` (nats: pretraining's
+per-token objective; fine-tuning's L_CLF + w * L_GEN). Other numbers are optional and named once:
+``bits``, ``lr``, ``grad_norm``, ``img_per_s``, ``images``, ``clf_loss``, ``gen_loss``, ``acc``.
+Fine-tuning's metrics.jsonl of earlier versions (one "val" line per evaluation holding the training losses
+as ``loss``/``clf``/``gen`` and ``val_acc``) is read as the train and val records it stands for."""
 
 from __future__ import annotations
 
@@ -13,9 +20,10 @@ from typing import Any
 from igpt.atomic import read_json, write_text
 from igpt.config import RESUME_CHANGES, DataConfig, ModelConfig, TrainConfig, flag
 from igpt.lock import DirLock, claim_new
+from igpt.viz import curves_plot, save_png
 
 log = logging.getLogger(__name__)
-RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
+RUN_FILE, METRICS_FILE, CURVES_FILE = "run.json", "metrics.jsonl", "curves.png"
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -33,11 +41,23 @@ def _record(line: str) -> dict[str, Any] | None:
     return record if ok else None
 
 
+def _upgrade(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A record in the current schema: an earlier fine-tuning line (training losses and ``val_acc`` in one
+    "val" record) becomes its train and val records; anything else is already current."""
+    if record["split"] != "val" or "val_acc" not in record:
+        return [record]
+    step = record["step"]
+    train = {"split": "train", "step": step, "loss": record.get("loss"), "clf_loss": record.get("clf"),
+             "gen_loss": record.get("gen"), "lr": record.get("lr")}
+    val = {"split": "val", "step": step, "acc": record["val_acc"]}
+    return [{k: v for k, v in train.items() if v is not None}, val]
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl, in order. A process killed while appending leaves a partial last line:
-    it is dropped with a warning, as a log-structured store drops a torn tail (the steps it held are logged
-    again after the resume). A bad line before the last cannot come from that; it is an error naming the
-    file and the line."""
+    """The records of metrics.jsonl, in order, in the current schema. A process killed while appending leaves a
+    partial last line: it is dropped with a warning, as a log-structured store drops a torn tail (the steps it
+    held are logged again after the resume). A bad line before the last cannot come from that; it is an
+    error naming the file and the line."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
@@ -47,7 +67,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     for i, (n, line) in enumerate(numbered):
         record = _record(line)
         if record is not None:
-            records.append(record)
+            records.extend(_upgrade(record))
         elif i == len(numbered) - 1:
             log.warning("%s: dropped its partial last line %d (%d characters), left by a run that stopped while "
                         "writing it", path, n, len(line))
@@ -125,18 +145,37 @@ def _apply_changes(run_dir: Path, sections: dict[str, tuple[type, dict[str, Any]
                          f"change {', '.join(flag(n) for n in RESUME_CHANGES)}")
 
 
+def write_curves(run_dir: Path, title: str, loss_label: str = "loss (nats)") -> Path | None:
+    """``curves.png``: the loss of each split (and fine-tuning's validation accuracy) against the step, drawn
+    from metrics.jsonl; None when nothing is logged yet."""
+    records = read_metrics(run_dir)
+    return save_png(curves_plot(records, title, loss_label), run_dir / CURVES_FILE) if records else None
+
+
+def require_tensorboard() -> type:
+    """TensorBoard's SummaryWriter, or the one-line error that says how to install it (checked before a run
+    starts, so a missing package never costs the setup)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'igpt[tensorboard]' "
+                         "(or pip install tensorboard)") from None
+    return SummaryWriter
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl and, with ``tensorboard=True``, mirrors every number to TensorBoard
-    under ``RUN/tensorboard`` as ``{split}/{name}`` against the step."""
+    under ``RUN/tensorboard`` as ``{split}/{name}`` against the step, and images as ``image``."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
         self.run_dir, self.writer = run_dir, None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = require_tensorboard()(str(run_dir / "tensorboard"))
+
+    def image(self, tag: str, pixels: Any, step: int) -> None:
+        """An image (H, W, 3) uint8 to TensorBoard (nothing without it; the PNG is the file of record)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, pixels, step, dataformats="HWC")
 
     def write(self, record: dict[str, Any]) -> None:
         append_metrics(self.run_dir, record)
