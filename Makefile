@@ -13,4 +13,4 @@ demo: install
 	$(PYTHON) -m igpt demo
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadfile

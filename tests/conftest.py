@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,12 @@ from igpt.config import ModelConfig
 from igpt.data import sources
 from igpt.data.open import resolve
 from igpt.model import GPT
+
+# One thread per test process, and for the commands tests start: `make test` runs one pytest worker per core
+# (pytest-xdist), and torch's default of one thread per core in each would oversubscribe the CPU, which slows
+# tiny models many times over and makes their float sums depend on the load.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Tiny checkpoints in the released layout, written by real TensorFlow (scripts/make_tf_fixture.py)
