@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from igpt.atomic import check_output
 from igpt.config import check_seed
@@ -162,6 +163,39 @@ def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:
         return mask
     raise ValueError(f"--eval-subset lossless: --data {data} has no test_lossless array (an npz such as "
                      "../shared/data/cifar10.npz, or a cache prepared from one)")
+
+
+# ---- sizes: may these images be enlarged?
+
+NATIVE_SIDES = {"digits": 8, "cifar10": 32, "cifar100": 32, "stl10": 96}  # the fixed image sides of these kinds
+
+
+def _too_small(d: DataSpec, n_px: int) -> str | None:
+    """What in ``d`` is smaller than n_px x n_px (a file, or the data's image size), or None."""
+    if d.kind in NATIVE_SIDES:
+        side = NATIVE_SIDES[d.kind]
+        return f"--data {d.spec} ({side}x{side} images)" if side < n_px else None
+    if d.kind == "npz":
+        with open_npz(d.path) as z:
+            shape = npz_array(z, "x_train", d.path).shape  # (N, H, W[, 3])
+        return f"--data {d.spec} ({shape[1]}x{shape[2]} images)" if min(shape[1:3]) < n_px else None
+    if d.kind == "folder":
+        for path in sources.walk_images(Path(d.path)):
+            with Image.open(path) as img:  # reads the header only
+                if min(img.size) < n_px:
+                    return f"{path} ({img.size[0]}x{img.size[1]})"
+    return None  # caches and shards hold one size, checked when opened; OpenAI's files hold ids
+
+
+def check_upscale(data: str | Path, n_px: int, upscale: bool) -> None:
+    """Images smaller than ``n_px`` on their short side are enlarged only with
+    ``upscale``; otherwise a one-line error names the first such file (or the data whose images all are)."""
+    if upscale:
+        return
+    small = _too_small(resolve(data), n_px)
+    if small is not None:
+        raise ValueError(f"{small} is smaller than the {n_px}x{n_px} images asked for; pass --upscale to enlarge "
+                         f"images (bicubic), or use a smaller side")
 
 
 # ---- identity: has the data changed?
