@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from igpt.config.fields import (N_VOCAB, arg, check_fields, device_arg, require_at_least, require_fraction,
-                                require_positive, resize_arg, seed_arg, val_fraction_arg)
+                                require_positive, resize_arg, seed_arg, upscale_arg, val_fraction_arg)
 
 TOKENIZER_KINDS = ("vqvae", "palette")
 
@@ -71,8 +71,7 @@ class TokenizerFitConfig:
     iters: int = arg(30, "palette: maximum Lloyd iterations")
     val_fraction: float = val_fraction_arg()
     resize: str = resize_arg()
-    upscale: bool = arg(False, "allow images smaller than the tokenizer's input side to be enlarged "
-                        "(bicubic); without it they are refused")
+    upscale: bool = upscale_arg()
     seed: int = seed_arg("seed of the initialisation, batch order, k-means and code restarts")
     device: str = device_arg()
 
