@@ -85,6 +85,7 @@ def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64
         write_json(tmp / "provenance.json", provenance(checkpoint, located, record, cfg, device, n_images=n_images,
                                                        scale=scale))
     return {"checkpoint": str(checkpoint), "step": record.step, "n_images": n_images, "n_px": n_px,
+            "image_side": pixels.shape[1],
             "out": str(out), "files": [f"sample-{i:04d}.png" for i in range(n_images)] + ["grid.png",
                                                                                          "provenance.json"]}
 
