@@ -138,7 +138,7 @@ def write_cache(raw: dict[str, RawSplit], out_dir: str | Path, *, source: str, n
     (out / META).unlink(missing_ok=True)  # from here until the end, out_dir is not a complete cache
     kind = "ids" if palette is not None or any(s.ids is not None for s in splits.values()) else "pixels"
     encode = _encoder(palette) if palette is not None else None
-    grid = palette.grid or n_px if palette is not None else n_px  # a VQ-VAE's grid is fixed, a palette's is n_px
+    grid = getattr(palette, "grid", None) or n_px  # a VQ-VAE's grid is its own; a palette's is n_px
     entries = {}
     with tqdm(total=sum(map(len, splits.values())), desc=f"prepare {out}", unit="img", disable=not progress) as bar:
         for name, s in splits.items():

@@ -250,8 +250,9 @@ def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: AnyTok
     check_seed("--seed", seed)  # the carve's default_rng would refuse a negative one without naming it
     d = resolve(data)
     check_output(out_dir, "--out", overwrite=overwrite)
-    if palette is not None and palette.input_side is not None:  # a VQ-VAE reads one image side only
-        if n_px != palette.input_side:
+    side = getattr(palette, "input_side", None)  # None for a palette, or any quantizer with its interface
+    if side is not None:  # a VQ-VAE reads one image side only
+        if n_px != side:
             raise ValueError(f"--n-px {n_px}: tokenizer {palette.describe()} reads {palette.input_side}x"
                              f"{palette.input_side} images; prepare with --n-px {palette.input_side}")
         check_upscale(d.spec, n_px, upscale)

@@ -73,10 +73,11 @@ def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: AnyToke
                       train_state: dict[str, Any] | None) -> None:
     """Everything of a checkpoint but its weights: the tokenizer (palette.npz or tokenizer.safetensors),
     config.json and the train state."""
+    what, unit = ("palette", "colours") if palette.kind == "palette" else ("VQ-VAE tokenizer", "codes")
     if record.model.n_vocab != palette.k:
-        raise ValueError(f"model has {record.model.n_vocab} ids but the tokenizer has {palette.k}")
+        raise ValueError(f"model has {record.model.n_vocab} ids but the {what} has {palette.k} {unit}")
     if record.palette_fingerprint != palette.fingerprint():
-        raise ValueError(f"the record names tokenizer {record.palette_fingerprint}, not {palette.fingerprint()}")
+        raise ValueError(f"the record names {what} {record.palette_fingerprint}, not {palette.fingerprint()}")
     palette.pixel_side(record.model.n_px)  # a VQ-VAE's grid must be the model's
     palette.save(ckpt_dir / file_name(palette))
     write_json(ckpt_dir / CONFIG, record.to_json())
