@@ -2,8 +2,8 @@
 tokens per image.
 
 A VQ-VAE reads S x S images and makes a g x g grid of codes (g = S / factor). The palette that spends the
-same g*g tokens on an image sees it at g x g pixels: each test image is brought to g x g by the resize every
-dataset gets, quantized to the palette, decoded and enlarged back to S x S (bicubic, ``to_n_px``). Both are
+same g*g tokens on an image sees it at g x g pixels: each S x S test image is brought to g x g by the resize
+every dataset gets (``to_n_px``), quantized to the palette, decoded and enlarged back to S x S (bicubic, ``to_n_px``). Both are
 scored against the S x S originals: MSE per channel value (0..255 units), PSNR, the perplexity of the ids'
 histogram and the ids never used. ``reconstructions.png`` shows originals, the VQ-VAE and the palette in
 three rows; ``metrics.json`` holds the numbers.
@@ -52,12 +52,12 @@ def report_tokenizer(tokenizer: str, data: str, out: str | Path, *, split: str |
     tok.to(resolve_device(device))
     side, g = tok.input_side, tok.grid
     images, name = open_eval(data, split, n_px=side, palette=tok, seed=seed, resize=resize)
-    small, _ = open_eval(data, name, n_px=g, palette=tok, seed=seed, resize=resize)
-    if images.pixels is None or small.pixels is None:
+    if images.pixels is None:
         raise ValueError(f"--data {data} holds ids, not images: a report reconstructs images")
     n = len(images) if max_images == 0 else min(len(images), max_images)
-    originals, small_px = np.asarray(images.pixels[:n]), np.asarray(small.pixels[:n])
-    pal = _palette(palette, data, g, palette_k, seed, resize, device)
+    originals = np.asarray(images.pixels[:n])  # (n, S, S, 3)
+    small_px = np.stack([to_n_px(im, g) for im in originals])  # (n, g, g, 3): the same resize, S -> g
+    pal = _palette(palette, data, side, g, palette_k, seed, resize, device)
     vq = reconstruction(tok, originals)
     pal_ids, pal_images = palette_at_grid(pal, small_px, side)
     pal_mse = float(((pal_images.astype(np.float64) - originals) ** 2).mean())
@@ -74,14 +74,17 @@ def report_tokenizer(tokenizer: str, data: str, out: str | Path, *, split: str |
     return report
 
 
-def _palette(path: str | None, data: str, g: int, k: int, seed: int, resize: str, device: str) -> Palette:
+def _palette(path: str | None, data: str, side: int, g: int, k: int, seed: int, resize: str,
+             device: str) -> Palette:
+    """The palette to compare with: the file given, or one fitted on the train split brought to g x g."""
     if path is not None:
         return Palette.load(path)
-    train = open_split(data, "train", n_px=g, val_fraction=0.0, seed=seed, resize=resize)
+    train = open_split(data, "train", n_px=side, val_fraction=0.0, seed=seed, resize=resize)
     if train.pixels is None:
         raise ValueError(f"--data {data} holds ids: pass --compare-palette to compare with")
     log.info("fitting a %d-colour palette on %d training images at %dx%d", k, len(train), g, g)
-    return Palette.fit(train.pixels, k=k, seed=seed, device=resolve_device(device))
+    small = np.stack([to_n_px(im, g) for im in train.pixels])  # (N, g, g, 3)
+    return Palette.fit(small, k=k, seed=seed, device=resolve_device(device))
 
 
 def _figure(tok: VQTokenizer, originals: np.ndarray, pal_images: np.ndarray, report: dict[str, Any],
