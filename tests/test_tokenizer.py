@@ -23,6 +23,9 @@ from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 from igpt.tokenizer import VQTokenizer, load_tokenizer, to_pixels
+from igpt.serve.engine import Engine
+from igpt.stop import GracefulStop, Stopped
+from igpt.train import tokenizer as fit_module
 from igpt.train.tokenizer import fit_tokenizer, resume_fit, to_unit
 from igpt.vqvae import VQVAE
 from igpt.weights.convert import load, save
@@ -126,12 +129,23 @@ def test_smaller_images_are_refused_by_path_unless_upscale(tmp_path):
     assert meta["grid"] == 4 and np.load(tmp_path / "c" / "train_ids.npy").shape[1] == 16
 
 
-def test_fit_resumed_after_a_stop_ends_with_the_same_tokenizer(tiny, tmp_path):
-    full = fit_tokenizer(str(tiny["npz"]), tmp_path / "full", TINY,
-                         TokenizerFitConfig(**{**FIT.to_dict(), "steps": 3}), progress=False)
+class _SignalledStop(GracefulStop):
+    """A stop as SIGTERM leaves it: requested from the first step on."""
+
+    def __enter__(self) -> "_SignalledStop":
+        self.request("SIGTERM")
+        return self
+
+
+def test_fit_stopped_then_resumed_ends_with_the_same_tokenizer(tiny, tmp_path, monkeypatch):
+    three = TokenizerFitConfig(**{**FIT.to_dict(), "steps": 3})
+    full = fit_tokenizer(str(tiny["npz"]), tmp_path / "full", TINY, three, progress=False)
     half = tmp_path / "half"
-    fit_tokenizer(str(tiny["npz"]), half, TINY, FIT, progress=False)  # 2 of 3 steps, as if killed there
-    resumed = resume_fit(half, changes={"steps": 3}, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(fit_module, "GracefulStop", _SignalledStop)
+        with pytest.raises(Stopped, match=f"step 1 of 3.*--resume {half}"):
+            fit_tokenizer(str(tiny["npz"]), half, TINY, three, progress=False)
+    resumed = resume_fit(half, progress=False)
     assert resumed["fingerprint"] == full["fingerprint"]
     steps = [json.loads(line)["step"] for line in (half / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
@@ -200,6 +214,7 @@ def test_chain_end_to_end_on_vq_codes(tiny, tmp_path, capsys):
     code = main(["convert", "--to", "hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err
     assert code == 2 and "knows only palettes" in err and len(err.strip().splitlines()) == 1
+    _one_line_error(lambda: Engine(str(run)), "VQ-VAE", "igpt sample")
     model, tokenizer, _ = load(run)
     save(model, tokenizer, tmp_path / "saved")
     assert "VQ-VAE, 8 codes, 8x8 images -> 4x4 codes" in (tmp_path / "saved" / "README.md").read_text()
