@@ -19,6 +19,6 @@ from igpt.train import finetune, pretrain, resume
 from igpt.weights import GPT, load, save
 
 __all__ = ["GPT", "CheckpointRecord", "DataConfig", "ModelConfig", "PRESETS", "Palette", "Reading",
-           "TrainConfig", "complete", "encode_images", "finetune", "infill", "load", "load_tokenizer", "pretrain", "resume",
-           "sample", "save"]
+           "TrainConfig", "complete", "encode_images", "finetune", "infill", "load", "load_tokenizer", "pretrain",
+           "resume", "sample", "save"]
 __version__ = "0.1.0"

@@ -150,7 +150,8 @@ def write_cache(raw: dict[str, RawSplit], out_dir: str | Path, *, source: str, n
                 _write_array(out, f"{name}_labels.npy", np.asarray(s.labels, np.int64), None)
             entries[name] = {"n": len(s), "labeled": s.labels is not None}
     classes = next((s.classes for s in splits.values() if s.classes is not None), None)
-    meta = {"format_version": FORMAT_VERSION, "n_px": n_px, "grid": grid, "kind": kind, "splits": entries, "classes": classes,
+    meta = {"format_version": FORMAT_VERSION, "n_px": n_px, "grid": grid, "kind": kind, "splits": entries,
+            "classes": classes,
             "palette_fingerprint": palette.fingerprint() if palette is not None else None, "source": source,
             "val_fraction": val_fraction, "seed": seed, "resize": resize, "val_carved": carved}
     write_json(out / META, meta)  # last: its presence means every file above is complete

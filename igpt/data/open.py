@@ -269,8 +269,9 @@ def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: AnyTok
         raise
 
 
-def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: AnyTokenizer | None, shards: int, val_fraction: float,
-             seed: int, resize: str, on_error: str, any_palette: bool, progress: bool) -> dict[str, Any]:
+def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: AnyTokenizer | None, shards: int,
+             val_fraction: float, seed: int, resize: str, on_error: str, any_palette: bool,
+             progress: bool) -> dict[str, Any]:
     if shards:
         if palette is not None:
             raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")

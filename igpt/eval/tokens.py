@@ -3,8 +3,8 @@ tokens per image.
 
 A VQ-VAE reads S x S images and makes a g x g grid of codes (g = S / factor). The palette that spends the
 same g*g tokens on an image sees it at g x g pixels: each S x S test image is brought to g x g by the resize
-every dataset gets (``to_n_px``), quantized to the palette, decoded and enlarged back to S x S (bicubic, ``to_n_px``). Both are
-scored against the S x S originals: MSE per channel value (0..255 units), PSNR, the perplexity of the ids'
+every dataset gets (``to_n_px``), quantized to the palette, decoded and enlarged back to S x S (bicubic).
+Both are scored against the S x S originals: MSE per channel value (0..255 units), PSNR, the perplexity of the ids'
 histogram and the ids never used. ``reconstructions.png`` shows originals, the VQ-VAE and the palette in
 three rows; ``metrics.json`` holds the numbers.
 """
@@ -37,9 +37,9 @@ def palette_at_grid(palette: Palette, small: np.ndarray, side: int) -> tuple[np.
     return ids.numpy(), np.stack([to_n_px(im, side) for im in decoded])
 
 
-def report_tokenizer(tokenizer: str, data: str, out: str | Path, *, split: str | None = None, palette: str | None = None,
-                     palette_k: int = 512, max_images: int = 0, seed: int = 0, resize: str = "center",
-                     device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+def report_tokenizer(tokenizer: str, data: str, out: str | Path, *, split: str | None = None,
+                     palette: str | None = None, palette_k: int = 512, max_images: int = 0, seed: int = 0,
+                     resize: str = "center", device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
     """Write metrics.json and reconstructions.png in ``out`` for the VQ-VAE ``tokenizer`` on the test split
     of ``data`` (``split``, else test, else val), beside ``palette`` (fitted here on the train split at the
     grid side when not given). Returns the metrics."""

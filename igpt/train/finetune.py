@@ -141,8 +141,8 @@ def _accuracy(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: Fin
 
 
 def _splits(data: str, palette: AnyTokenizer, n_px: int, cfg: FinetuneConfig, resize: str) -> dict[str, ImageSet]:
-    kw = {"n_px": palette.pixel_side(n_px), "palette": palette, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "resize": resize,
-          "any_palette": cfg.any_palette}
+    kw = {"n_px": palette.pixel_side(n_px), "palette": palette, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+          "resize": resize, "any_palette": cfg.any_palette}
     splits = {split: open_labelled(data, split, **kw) for split in ("train", "val", "test")}
     if cfg.labels_per_class:
         splits["train"] = splits["train"].take(balanced_subset(splits["train"].labels, cfg.labels_per_class,

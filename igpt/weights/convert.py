@@ -46,8 +46,8 @@ class GPT(core.GPT, ModelHubMixin, library_name="igpt", tags=["image-gpt"],
     - ``model.push_to_hub(repo_id)``: that folder, uploaded.
 
     Every model ``igpt.load`` returns is one of these, carrying the tokenizer its ids use (a palette or a
-    VQ-VAE) and its record (``model.palette``, ``model.record``), so that saving writes them back. A model built as ``GPT(config)``
-    has neither until given (``save_pretrained(dir, palette=...)``)."""
+    VQ-VAE) and its record (``model.palette``, ``model.record``), so that saving writes them back. A model
+    built as ``GPT(config)`` has neither until given (``save_pretrained(dir, palette=...)``)."""
 
     palette: AnyTokenizer | None = None
     record: CheckpointRecord | None = None
