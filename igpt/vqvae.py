@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
 
 from igpt.config.tokenizer import VQConfig
 
@@ -67,6 +66,10 @@ class VQVAE(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoder, self.decoder = _encoder(cfg), _decoder(cfg)
+        # Imported here, where a VQ-VAE is built: the library pulls in einx, whose import costs seconds, and
+        # every igpt command would pay them otherwise (palette runs never need it).
+        from vector_quantize_pytorch import VectorQuantize
+
         # sync_* off: a tokenizer is fitted in one process; the library would otherwise all-reduce when a
         # process group happens to exist.
         self.vq = VectorQuantize(dim=cfg.code_dim, codebook_size=cfg.codebook_size, decay=cfg.decay,
