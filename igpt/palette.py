@@ -204,7 +204,12 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 
 
 class Palette:
-    """K colours in [-1, 1] (K = 512 in the paper); maps uint8 pixels to ids and back."""
+    """K colours in [-1, 1] (K = 512 in the paper); maps uint8 pixels to ids and back. As a tokenizer
+    (``igpt.tokenizer``) it makes one id per pixel at any image side: its grid is the image."""
+
+    kind = "palette"
+    grid: int | None = None  # any side: the id grid is the image itself
+    input_side: int | None = None
 
     def __init__(self, centers: np.ndarray | torch.Tensor) -> None:
         if isinstance(centers, torch.Tensor):
@@ -225,6 +230,12 @@ class Palette:
     @property
     def k(self) -> int:
         return self.centers.shape[0]
+
+    vocab_size = k
+
+    def pixel_side(self, grid: int) -> int:
+        """The image side a model with an id grid of ``grid`` reads: the grid itself."""
+        return grid
 
     def __repr__(self) -> str:
         return f"Palette(k={self.k}, fingerprint={self.fingerprint()})"

@@ -22,6 +22,7 @@ from igpt.config import BenchLoaderConfig
 from igpt.data.imageset import check_ids
 from igpt.data.open import open_training
 from igpt.palette import Palette
+from igpt.tokenizer import load_tokenizer
 from igpt.runtime import resolve_device
 
 FIT_IMAGES = 500  # enough for a palette whose encoding costs what a real one does
@@ -32,10 +33,13 @@ def bench_loader(cfg: BenchLoaderConfig, *, show: bool = True) -> dict[str, Any]
     data, n_px, batch, augment, workers = cfg.data, cfg.n_px, cfg.batch_size, cfg.augment, cfg.workers
     batches, palette = cfg.batches, cfg.palette
     dev = resolve_device(cfg.device)
+    given = load_tokenizer(palette) if palette is not None else None
+    if given is not None and given.input_side is not None:
+        n_px = given.input_side  # a VQ-VAE reads its own image side
     train = open_training(data, n_px, batch_size=batch, seed=cfg.seed, device=dev, augment=augment,
                           workers=workers, val_fraction=0.0, validate=False)
-    if palette is not None:
-        pal = Palette.load(palette)
+    if given is not None:
+        pal = given
         check_ids(train.fit_set, pal, any_palette=cfg.any_palette)  # the ids a training run would check
     elif train.fit_set.pixels is None:
         raise ValueError(f"--data {data} holds palette ids: pass the --palette it was prepared with")
@@ -52,11 +56,12 @@ def bench_loader(cfg: BenchLoaderConfig, *, show: bool = True) -> dict[str, Any]
     sync()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     images = batches * batch
-    setup = {"data": data, "n_px": n_px, "T": n_px * n_px, "batch": batch, "augment": augment, "workers": workers,
+    tokens = int(ids.shape[-1])  # n_px**2 for a palette, the code grid's for a VQ-VAE
+    setup = {"data": data, "n_px": n_px, "T": tokens, "batch": batch, "augment": augment, "workers": workers,
              "device": str(dev), "palette_k": pal.k, "cpu_count": os.cpu_count(),
              "torch_threads": torch.get_num_threads(), "stream": type(stream).__name__}
     result = {"setup": setup, "loader": {"batches": batches, "seconds": wall, "images_per_s": images / wall,
-                                         "tokens_per_s": images * n_px * n_px / wall,
+                                         "tokens_per_s": images * tokens / wall,
                                          "main_process_cpu_seconds": cpu, "last_shape": list(ids.shape)}}
     if show:
         print(format_table(result))

@@ -14,11 +14,11 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from igpt.cli import bench, convert, data, evaluate, generate, serve, train
+from igpt.cli import bench, convert, data, evaluate, generate, serve, tokenizer, train
 from igpt.distributed import PeerLostError
 from igpt.stop import EXIT_STOPPED, Stopped
 
-COMMAND_MODULES = (data, train, evaluate, generate, convert, bench, serve)
+COMMAND_MODULES = (data, tokenizer, train, evaluate, generate, convert, bench, serve)
 
 
 def _version() -> str:

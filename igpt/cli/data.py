@@ -9,7 +9,9 @@ from igpt.atomic import check_output
 from igpt.cli.args import add_data, add_fields, add_overwrite, add_resize, command
 from igpt.config import DataConfig, EvalDataConfig
 from igpt.data.open import open_split, prepare
+from igpt.config.tokenizer import TokenizerFitConfig
 from igpt.palette import Palette
+from igpt.tokenizer import load_tokenizer
 
 
 def cmd_palette_fit(args: argparse.Namespace) -> None:
@@ -25,17 +27,19 @@ def cmd_palette_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    palette = Palette.load(args.palette) if args.palette else None
+    palette = load_tokenizer(args.palette) if args.palette else None
     meta = prepare(args.data, args.out, n_px=args.n_px, palette=palette, shards=args.shards,
                    val_fraction=args.val_fraction, seed=args.seed, resize=args.resize, on_error=args.on_error,
-                   overwrite=args.overwrite, any_palette=args.any_palette)
+                   overwrite=args.overwrite, any_palette=args.any_palette, upscale=args.upscale)
     if args.shards:
         splits = ", ".join(f"{k} {v['n']} in {len(v['shards'])} shards" for k, v in meta["splits"].items())
         stored = "original files" if meta["n_px"] is None else f"PNG at {args.n_px}x{args.n_px}"
         print(f"wrote {stored} ({splits}) -> {args.out}")
     else:
         splits = ", ".join(f"{k} {v['n']}" for k, v in meta["splits"].items())
-        print(f"prepared {meta['kind']} at {args.n_px}x{args.n_px} ({splits}) -> {args.out}")
+        grid = meta.get("grid", args.n_px)
+        ids = f", ids on a {grid}x{grid} grid" if meta["kind"] == "ids" and grid != args.n_px else ""
+        print(f"prepared {meta['kind']} at {args.n_px}x{args.n_px}{ids} ({splits}) -> {args.out}")
 
 
 def _palette_parser(sub: Any) -> None:
@@ -58,8 +62,13 @@ def _prepare_parser(sub: Any) -> None:
                 "tar shards")
     add_data(p)
     p.add_argument("--out", required=True, help="cache (or shards) directory to write")
-    p.add_argument("--n-px", type=int, required=True, help="image side after downscaling")
-    p.add_argument("--palette", default=None, help="palette file: store its ids instead of pixels (default: none)")
+    p.add_argument("--n-px", type=int, required=True,
+                   help="image side after resizing (the input resolution): with a palette also the side of the "
+                        "id grid; a VQ-VAE tokenizer needs its own input side and makes a smaller grid")
+    p.add_argument("--palette", default=None, metavar="TOKENIZER",
+                   help="tokenizer file, a palette (.npz, .npy) or a VQ-VAE (.safetensors from 'igpt tokenizer "
+                        "fit'): store its ids instead of pixels (default: none)")
+    add_fields(p, TokenizerFitConfig, title="images", only=("upscale",))
     add_fields(p, DataConfig, title="data", only=("val_fraction", "resize"))
     add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
     p.add_argument("--seed", type=int, default=0, help="seed of the validation carve (default: 0)")

@@ -36,7 +36,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     head = (f"{report['objective'].upper()} score of {args.checkpoint} on {args.data} ({report['split']}, "
             f"{report['images']} images)")
     nats, bits = report["nats_per_token"], report["bits_per_token"]
-    if report["objective"] == "ar":
+    if report["objective"] == "ar" and "bits_per_subpixel_equivalent" not in report:  # VQ-VAE codes
+        print(f"{head}:\n  {nats:.4f} nats/token  {bits:.4f} bits/token (tokens are VQ-VAE codes, not pixels)")
+    elif report["objective"] == "ar":
         print(f"{head}:\n  {nats:.4f} nats/token  {bits:.4f} bits/token  {bits / 3:.4f} bits per "
               "sub-pixel-equivalent (bits/3; not 8-bit bits/dim)")
     else:

@@ -19,7 +19,8 @@ from igpt.generate.infill import SCHEDULES
 def cmd_sample(args: argparse.Namespace) -> None:
     r = sample_images(args.checkpoint, args.out, n_images=args.n_images, cfg=build(SampleConfig, args),
                       ncol=args.ncol, scale=args.scale, overwrite=args.overwrite)
-    print(f"{r['n_images']} samples at {r['n_px']}x{r['n_px']} -> {r['out']}/sample-*.png, grid.png and "
+    side = r["image_side"]
+    print(f"{r['n_images']} samples at {side}x{side} -> {r['out']}/sample-*.png, grid.png and "
           "provenance.json")
 
 

@@ -113,8 +113,8 @@ class BenchLoaderConfig:
     batches: int = arg(20, "timed batches")
     warmup: int = arg(2, "untimed batches first")
     device: str = device_arg("where ids are quantized: 'auto', 'cpu', 'cuda'")
-    palette: str | None = arg(None, "palette file (required for ids data; default: fit a quick one on 500 "
-                              "training images)", type=str)
+    palette: str | None = arg(None, "tokenizer file, a palette or a VQ-VAE (required for ids data; default: fit "
+                              "a quick palette on 500 training images)", type=str)
     palette_k: int = arg(N_VOCAB, "colours of the quick palette")
     seed: int = seed_arg("seed of the order and augmentation")
     any_palette: bool = same_as(EvalDataConfig, "any_palette")

@@ -136,5 +136,10 @@ def resize_arg() -> Any:
                "evaluation pipeline) or 'squash' (ignore the aspect ratio)", choices=RESIZE_MODES)
 
 
+def upscale_arg() -> Any:
+    return arg(False, "allow images smaller than a VQ-VAE tokenizer's input side to be enlarged (bicubic); "
+               "without it they are refused, naming the file")
+
+
 def val_fraction_arg() -> Any:
     return arg(0.1, "fraction of train carved out (seeded) for validation when the data has no val split")

@@ -26,14 +26,16 @@ PRESETS: dict[str, dict[str, int]] = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of an iGPT transformer. ``T = n_px**2`` positions, ``n_vocab`` palette ids."""
+    """Shape of an iGPT transformer. ``T = n_px**2`` positions, ``n_vocab`` ids of its tokenizer."""
 
     n_layer: int = arg(24, "number of transformer blocks")
     n_embd: int = arg(512, "width of the residual stream")
     n_head: int = arg(8, "attention heads (n_embd must be divisible by n_head)")
-    n_px: int = arg(32, "image side in pixels; the sequence length is n_px**2")
+    n_px: int = arg(32, "side of the id grid, the sequence length being n_px**2: the image side in pixels with "
+                    "a palette, the code grid's side with a VQ-VAE tokenizer (its input side / its factor)")
     # Not a flag: the palette decides it (a run's palette is fitted or given, and the model follows).
-    n_vocab: int = arg(N_VOCAB, "palette size (512 in the paper)", cli=False)
+    n_vocab: int = arg(N_VOCAB, "tokenizer vocabulary: palette colours or VQ-VAE codes (512 in the paper)",
+                       cli=False)
     dropout: float = arg(0.0, "dropout on attention weights and residual branches (the paper used none)")
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from igpt.config.fields import (OBJECTIVES, SWITCH, any_palette_arg, arg, check_fields, device_arg, dtype_arg, require_at_least,
-                                require_fraction, require_positive, resize_arg, seed_arg, val_fraction_arg)
+                                require_fraction, require_positive, resize_arg, seed_arg, upscale_arg, val_fraction_arg)
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,12 @@ class DataConfig:
                     "OpenAI's pre-quantized prefix, shards, or a directory written by 'igpt prepare'")
     val_fraction: float = val_fraction_arg()
     resize: str = resize_arg()
-    palette: str | None = arg(None, "palette file (.npy OpenAI layout or .npz); default: fit one on the "
-                              "training pixels", type=str)
+    palette: str | None = arg(None, "tokenizer file: a palette (.npy OpenAI layout or .npz) or a VQ-VAE "
+                              "(.safetensors from 'igpt tokenizer fit'; then --n-px is its grid side); default: "
+                              "fit a palette on the training pixels", type=str)
     palette_k: int = arg(512, "colours of a palette fitted here (512 in the paper)")
     any_palette: bool = any_palette_arg()
+    upscale: bool = upscale_arg()
 
     def __post_init__(self) -> None:
         check_fields(self)

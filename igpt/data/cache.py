@@ -1,6 +1,8 @@
 """The prepared cache (``igpt prepare``): every split of a dataset as memory-mapped arrays.
 
-Layout: ``{split}_pixels.npy`` uint8 (N, n_px, n_px, 3) or ``{split}_ids.npy`` uint16 (N, T),
+Layout: ``{split}_pixels.npy`` uint8 (N, n_px, n_px, 3) or ``{split}_ids.npy`` uint16 (N, T) with T = grid**2
+(a palette's grid is n_px; a VQ-VAE's is n_px / its factor; meta.json records it, and a cache without it has
+grid = n_px),
 ``{split}_labels.npy`` int64 (N,) when labelled, and ``meta.json`` written last, so a directory without it
 is never taken for a complete cache. "train_all" is rebuilt on open from train and the carved val, in the
 source's order. On a cache, the val carve, its seed and the resize come from meta.json.
@@ -17,7 +19,7 @@ from igpt.atomic import read_json, replacing, write_json
 from igpt.arrays import load_npy
 from igpt.data.imageset import ImageSet, check_labels
 from igpt.data.splits import RawSplit, carve_val, first_available, split_indices
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -45,8 +47,9 @@ def read_meta(root: Path) -> dict[str, Any]:
 def _cache_split(root: Path, meta: dict, split: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(pixels or ids, labels) of one stored split, memory-mapped, checked against meta.json."""
     kind, n, n_px = meta["kind"], meta["splits"][split]["n"], meta["n_px"]
+    grid = meta.get("grid", n_px)
     x = _load(root / f"{split}_{kind}.npy")
-    want = (n, n_px, n_px, 3) if kind == "pixels" else (n, n_px * n_px)
+    want = (n, n_px, n_px, 3) if kind == "pixels" else (n, grid * grid)
     if x.shape != want:
         raise ValueError(f"{root / f'{split}_{kind}.npy'}: shape {x.shape}, {META} says {want}; run prepare again")
     labels = _load(root / f"{split}_labels.npy") if meta["splits"][split]["labeled"] else None
@@ -90,10 +93,10 @@ def open_cache(root: Path, names: tuple[str, ...], n_px: int) -> tuple[ImageSet,
     return ImageSet(n_px, pixels, ids, labels, classes, meta.get("palette_fingerprint"), str(root)), split
 
 
-def _write_array(out_dir: Path, name: str, arr: np.ndarray, bar, encode=None) -> None:
-    """Write arr, or encode(chunk) for each chunk of it, to out_dir/name atomically."""
+def _write_array(out_dir: Path, name: str, arr: np.ndarray, bar, encode=None, tokens: int = 0) -> None:
+    """Write arr, or encode(chunk) (``tokens`` ids per image) for each chunk of it, to out_dir/name atomically."""
     n = len(arr)
-    shape = arr.shape if encode is None else (n, arr.shape[1] * arr.shape[2])
+    shape = arr.shape if encode is None else (n, tokens)
     dtype = arr.dtype if encode is None else np.dtype(np.uint16)
     with replacing(out_dir / name) as tmp:
         if n == 0:  # a zero-length array cannot be memory-mapped
@@ -110,7 +113,7 @@ def _write_array(out_dir: Path, name: str, arr: np.ndarray, bar, encode=None) ->
         del out  # close the map before the rename
 
 
-def _encoder(palette: Palette):
+def _encoder(palette: AnyTokenizer):
     def encode(chunk: np.ndarray) -> np.ndarray:  # (n, n_px, n_px, 3) uint8 -> (n, T) uint16
         ids = palette.encode(chunk).cpu().numpy()
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint16).max):
@@ -121,7 +124,7 @@ def _encoder(palette: Palette):
 
 
 def write_cache(raw: dict[str, RawSplit], out_dir: str | Path, *, source: str, n_px: int,
-                palette: Palette | None = None, val_fraction: float = 0.1, seed: int = 0, resize: str = "center",
+                palette: AnyTokenizer | None = None, val_fraction: float = 0.1, seed: int = 0, resize: str = "center",
                 progress: bool = True) -> dict[str, Any]:
     """Carve val out of the read splits ``raw`` and write the cache described in the module docstring.
     Returns meta. With ``palette``, pixels are stored as its ids and its fingerprint is recorded; OpenAI's
@@ -135,18 +138,20 @@ def write_cache(raw: dict[str, RawSplit], out_dir: str | Path, *, source: str, n
     (out / META).unlink(missing_ok=True)  # from here until the end, out_dir is not a complete cache
     kind = "ids" if palette is not None or any(s.ids is not None for s in splits.values()) else "pixels"
     encode = _encoder(palette) if palette is not None else None
+    grid = getattr(palette, "grid", None) or n_px  # a VQ-VAE's grid is its own; a palette's is n_px
     entries = {}
     with tqdm(total=sum(map(len, splits.values())), desc=f"prepare {out}", unit="img", disable=not progress) as bar:
         for name, s in splits.items():
             if s.pixels is not None:
-                _write_array(out, f"{name}_{kind}.npy", s.pixels, bar, encode)
+                _write_array(out, f"{name}_{kind}.npy", s.pixels, bar, encode, grid * grid)
             else:
                 _write_array(out, f"{name}_ids.npy", s.ids, bar)
             if s.labels is not None:
                 _write_array(out, f"{name}_labels.npy", np.asarray(s.labels, np.int64), None)
             entries[name] = {"n": len(s), "labeled": s.labels is not None}
     classes = next((s.classes for s in splits.values() if s.classes is not None), None)
-    meta = {"format_version": FORMAT_VERSION, "n_px": n_px, "kind": kind, "splits": entries, "classes": classes,
+    meta = {"format_version": FORMAT_VERSION, "n_px": n_px, "grid": grid, "kind": kind, "splits": entries,
+            "classes": classes,
             "palette_fingerprint": palette.fingerprint() if palette is not None else None, "source": source,
             "val_fraction": val_fraction, "seed": seed, "resize": resize, "val_carved": carved}
     write_json(out / META, meta)  # last: its presence means every file above is complete

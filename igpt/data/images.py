@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from igpt.config import RESIZE_MODES
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]  # a file, a PIL image or uint8 (H, W[, 3]) pixels
 
@@ -119,9 +119,11 @@ def images_to_pixels(images: ImageLike | Sequence[ImageLike], n_px: int, resize:
     return out
 
 
-def encode_images(images: ImageLike | Sequence[ImageLike], palette: Palette, n_px: int,
+def encode_images(images: ImageLike | Sequence[ImageLike], palette: AnyTokenizer, n_px: int,
                   resize: str = "center") -> torch.Tensor:
     """``igpt.encode_images``: image files, PIL images or uint8 arrays -> ids (B, n_px**2) int64, ready for
-    ``model(ids)``: the training resize (``images_to_pixels``), then ``palette.encode``."""
-    pixels = images_to_pixels(images, n_px, resize)  # (B, n_px, n_px, 3)
+    ``model(ids)``: the training resize (``images_to_pixels``) to the side the tokenizer reads
+    (``palette.pixel_side(n_px)``: n_px for a palette, a VQ-VAE's input side), then ``palette.encode``.
+    ``n_px`` is the model's, the side of its id grid."""
+    pixels = images_to_pixels(images, palette.pixel_side(n_px), resize)  # (B, side, side, 3)
     return palette.encode(pixels).reshape(len(pixels), n_px * n_px)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 
 
 @dataclass
@@ -44,7 +44,7 @@ def check_labels(labels: np.ndarray, classes: list[str] | None, where: str) -> n
     return labels.astype(np.int64, copy=False)
 
 
-def check_ids(images: ImageSet, palette: Palette, *, any_palette: bool = False) -> None:
+def check_ids(images: ImageSet, palette: AnyTokenizer, *, any_palette: bool = False) -> None:
     """The one check that ids fit a palette: ids made by another of our palettes (by fingerprint), ids past
     the palette's size, or ids without a fingerprint (OpenAI's pre-quantized files, and caches prepared from
     them without a palette) met by a palette that is not OpenAI's (``Palette.looks_like_openai``), unless

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from igpt.atomic import check_output
 from igpt.config import check_seed
@@ -41,7 +42,7 @@ from igpt.data.imageset import ImageSet, check_ids
 from igpt.data.shards import ShardIndex, is_shard_dir
 from igpt.data.splits import carve_val, check_names, first_available, sample_indices, split_indices
 from igpt.data.streams import BatchStream, FolderStream
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _first_split(data: str | Path | DataSpec, names: tuple[str, ...], n_px: int,
     return ImageSet(n_px, s.pixels, s.ids, s.labels, s.classes, None, d.spec), split
 
 
-def open_labelled(data: str | Path, split: str, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
+def open_labelled(data: str | Path, split: str, *, n_px: int, palette: AnyTokenizer, val_fraction: float = 0.1,
                   seed: int = 0, resize: str = "center", any_palette: bool = False) -> ImageSet:
     """A labelled split whose ids fit ``palette`` (``check_ids``): for probes and fine-tuning."""
     images = open_split(data, split, n_px=n_px, val_fraction=val_fraction, seed=seed, resize=resize)
@@ -129,7 +130,7 @@ def open_labelled(data: str | Path, split: str, *, n_px: int, palette: Palette, 
     return images
 
 
-def open_eval(data: str | Path, split: str | None, *, n_px: int, palette: Palette, val_fraction: float = 0.1,
+def open_eval(data: str | Path, split: str | None, *, n_px: int, palette: AnyTokenizer, val_fraction: float = 0.1,
               seed: int = 0, resize: str = "center", any_palette: bool = False) -> tuple[ImageSet, str]:
     """(images, split name) that a model is scored or completed on: ``split``, or test when the data has
     one and val otherwise. Their ids must fit ``palette``."""
@@ -162,6 +163,39 @@ def lossless_mask(data: str | Path, n_test: int) -> np.ndarray:
         return mask
     raise ValueError(f"--eval-subset lossless: --data {data} has no test_lossless array (an npz such as "
                      "../shared/data/cifar10.npz, or a cache prepared from one)")
+
+
+# ---- sizes: may these images be enlarged?
+
+NATIVE_SIDES = {"digits": 8, "cifar10": 32, "cifar100": 32, "stl10": 96}  # the fixed image sides of these kinds
+
+
+def _too_small(d: DataSpec, n_px: int) -> str | None:
+    """What in ``d`` is smaller than n_px x n_px (a file, or the data's image size), or None."""
+    if d.kind in NATIVE_SIDES:
+        side = NATIVE_SIDES[d.kind]
+        return f"--data {d.spec} ({side}x{side} images)" if side < n_px else None
+    if d.kind == "npz":
+        with open_npz(d.path) as z:
+            shape = npz_array(z, "x_train", d.path).shape  # (N, H, W[, 3])
+        return f"--data {d.spec} ({shape[1]}x{shape[2]} images)" if min(shape[1:3]) < n_px else None
+    if d.kind == "folder":
+        for path in sources.walk_images(Path(d.path)):
+            with Image.open(path) as img:  # reads the header only
+                if min(img.size) < n_px:
+                    return f"{path} ({img.size[0]}x{img.size[1]})"
+    return None  # caches and shards hold one size, checked when opened; OpenAI's files hold ids
+
+
+def check_upscale(data: str | Path, n_px: int, upscale: bool) -> None:
+    """Images smaller than ``n_px`` on their short side are enlarged only with
+    ``upscale``; otherwise a one-line error names the first such file (or the data whose images all are)."""
+    if upscale:
+        return
+    small = _too_small(resolve(data), n_px)
+    if small is not None:
+        raise ValueError(f"{small} is smaller than the {n_px}x{n_px} images asked for; pass --upscale to enlarge "
+                         f"images (bicubic), or use a smaller side")
 
 
 # ---- identity: has the data changed?
@@ -203,16 +237,25 @@ def identity(data: str | Path | DataSpec) -> dict[str, Any]:
 # ---- writing: caches and shards
 
 
-def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palette | None = None, shards: int = 0,
+def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: AnyTokenizer | None = None, shards: int = 0,
             val_fraction: float = 0.1, seed: int = 0, resize: str = "center", on_error: str = "stop",
-            overwrite: bool = False, any_palette: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Write ``data`` as a cache (``igpt.data.cache``; ids with ``palette``, else pixels) or, with
-    ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their metadata. Ids
-    that are read, not made (OpenAI's files), must fit ``palette`` (``check_ids``), whose fingerprint the
-    cache records. An existing ``out_dir`` is refused unless ``overwrite``."""
+            overwrite: bool = False, any_palette: bool = False, upscale: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """Write ``data`` as a cache (``igpt.data.cache``; ids with ``palette``, which may be any tokenizer, else
+    pixels) or, with ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their
+    metadata. ``n_px`` is the image side: a VQ-VAE tokenizer needs its own input side, and images smaller than
+    that are enlarged only with ``upscale`` (``check_upscale``). Ids that are read, not made (OpenAI's
+    files), must fit ``palette`` (``check_ids``), whose fingerprint the cache records. An existing
+    ``out_dir`` is refused unless ``overwrite``."""
     check_seed("--seed", seed)  # the carve's default_rng would refuse a negative one without naming it
     d = resolve(data)
     check_output(out_dir, "--out", overwrite=overwrite)
+    side = getattr(palette, "input_side", None)  # None for a palette, or any quantizer with its interface
+    if side is not None:  # a VQ-VAE reads one image side only
+        if n_px != side:
+            raise ValueError(f"--n-px {n_px}: tokenizer {palette.describe()} reads {palette.input_side}x"
+                             f"{palette.input_side} images; prepare with --n-px {palette.input_side}")
+        check_upscale(d.spec, n_px, upscale)
     if d.kind in ("cache", "shards"):
         what = "a prepared cache" if d.kind == "cache" else "a shards directory"
         raise ValueError(f"--data {data} is already {what}; use it directly")
@@ -226,8 +269,9 @@ def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: Palett
         raise
 
 
-def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: Palette | None, shards: int, val_fraction: float,
-             seed: int, resize: str, on_error: str, any_palette: bool, progress: bool) -> dict[str, Any]:
+def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: AnyTokenizer | None, shards: int,
+             val_fraction: float, seed: int, resize: str, on_error: str, any_palette: bool,
+             progress: bool) -> dict[str, Any]:
     if shards:
         if palette is not None:
             raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")
@@ -253,7 +297,7 @@ class TrainingData:
     fit_set: ImageSet  # images to fit or check the palette on (all of train when it is in memory)
     n_train: int  # training images (one epoch)
     val_set: ImageSet | None  # None without a validation split, or when not asked for
-    make_stream: Callable[[Palette], Any]  # palette -> stream with next() -> ids (rows, T) on the device
+    make_stream: Callable[[AnyTokenizer], Any]  # palette -> stream with next() -> ids (rows, T) on the device
 
 
 def open_training(data: str | Path, n_px: int, *, batch_size: int, seed: int, device: torch.device,
@@ -279,7 +323,7 @@ def open_training(data: str | Path, n_px: int, *, batch_size: int, seed: int, de
         except ValueError as e:
             log.warning("no validation split, so no validation loss: %s", e)
 
-    def make_stream(palette: Palette) -> BatchStream:
+    def make_stream(palette: AnyTokenizer) -> BatchStream:
         if val is not None:  # the run checks train against its palette; val is first read at an evaluation
             check_ids(val, palette, any_palette=any_palette)
         return BatchStream(train, batch_size, seed, palette, device, augment, rows)

@@ -31,7 +31,7 @@ from igpt.data.images import open_image, to_n_px
 from igpt.data.shards import ShardIndex, ShardSplit
 from igpt.data.splits import first_available
 from igpt.data.streams import WorkerStream
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 from igpt.runtime import derived_generator
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class ShardStream(WorkerStream):
     """Endless micro-batches from a shards split (``WorkerStream``'s contract). ``augment``: "none", "cifar"
     (on the device, draws for the whole global batch sliced by ``rows``) or "imagenet" (in the ``workers``)."""
 
-    def __init__(self, split: ShardSplit, batch_size: int, seed: int, palette: Palette, device: torch.device,
+    def __init__(self, split: ShardSplit, batch_size: int, seed: int, palette: AnyTokenizer, device: torch.device,
                  n_px: int, augment: str = "none", workers: int = 0, rows: slice = slice(None)) -> None:
         if len(split) < batch_size:
             raise ValueError(f"{split.tars[0].parent}: {len(split)} {split.name} images is fewer than "

@@ -60,7 +60,7 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
-def _walk_images(root: Path) -> list[Path]:
+def walk_images(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted walk = stable order
@@ -86,7 +86,7 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray |
         raise ValueError(f"{root}: no images found (extensions {', '.join(sorted(IMAGE_EXTS))})")
     paths, labels = [], []
     for k, d in enumerate(subdirs):
-        found = _walk_images(d)
+        found = walk_images(d)
         if not found:  # a class without examples is almost always a copying mistake
             raise ValueError(f"{d}: class folder holds no images; remove it or fill it")
         paths += found

@@ -7,6 +7,8 @@ and a resumed run sees exactly the batches an uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,11 +17,11 @@ import torch
 
 from igpt.data.augment import FolderImages, cifar_augment, cifar_augment_params
 from igpt.data.imageset import ImageSet
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 from igpt.runtime import derived_generator
 
 
-def to_ids(data: ImageSet, index: np.ndarray, palette: Palette, device: torch.device,
+def to_ids(data: ImageSet, index: np.ndarray, palette: AnyTokenizer, device: torch.device,
            augment: str = "none", generator: torch.Generator | None = None,
            rows: slice = slice(None)) -> torch.Tensor:
     """Images ``index[rows]`` of ``data`` as ids (B, T) int64 on ``device``. Pixels are moved as uint8 (4x
@@ -35,9 +37,13 @@ def to_ids(data: ImageSet, index: np.ndarray, palette: Palette, device: torch.de
         pixels = torch.from_numpy(np.ascontiguousarray(data.pixels[index])).to(device, non_blocking=True)
         if params is not None:
             pixels = cifar_augment(pixels, None, params=params)  # (B, n, n, 3)
-        return palette.encode(pixels).view(len(index), n * n)
+        return palette.encode(pixels).reshape(len(index), -1)  # a palette's (B, n, n) or a VQ-VAE's (B, g, g)
     ids = torch.from_numpy(np.ascontiguousarray(data.ids[index]).astype(np.int64)).to(device)  # (B, T)
     if params is not None:
+        if ids.shape[1] != n * n:
+            raise ValueError(f"--data {data.source}: its ids are a {math.isqrt(ids.shape[1])}-wide grid of VQ-VAE "
+                             f"codes of {n}x{n} images, which --augment cifar cannot shift by pixels; prepare "
+                             "the images without --palette to augment them")
         ids = cifar_augment(ids.view(-1, n, n, 1), None, params=params).reshape(len(index), n * n)
     return ids
 
@@ -46,7 +52,7 @@ class BatchStream:
     """Endless micro-batches of ``batch_size`` images, reshuffled each epoch; the last partial batch of an
     epoch is dropped, as image-gpt's ``iter_data(truncate=True)`` does."""
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, palette: Palette, device: torch.device,
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, palette: AnyTokenizer, device: torch.device,
                  augment: str = "none", rows: slice = slice(None)) -> None:
         if len(data) < batch_size:
             raise ValueError(f"{data.source}: {len(data)} training images is fewer than --batch-size "
@@ -76,7 +82,7 @@ class BatchStream:
         return to_ids(self.data, index, self.palette, self.device, self.augment, generator, self.rows)
 
 
-def fixed_batches(data: ImageSet, batch_size: int, n_batches: int, palette: Palette,
+def fixed_batches(data: ImageSet, batch_size: int, n_batches: int, palette: AnyTokenizer,
                   device: torch.device) -> Iterator[torch.Tensor]:
     """The first ``n_batches`` batches of ``data`` in stored order, unaugmented (for evaluation); the last
     batch may be smaller. ``n_batches=0`` means the whole split."""
@@ -93,7 +99,7 @@ class WorkerStream:
     ``pos`` on (``_keys``), and may augment the batch on the device (``_augment``)."""
 
     def __init__(self, images: torch.utils.data.Dataset, n_items: int, batch_size: int, seed: int,
-                 palette: Palette, device: torch.device, workers: int, rows: slice) -> None:
+                 palette: AnyTokenizer, device: torch.device, workers: int, rows: slice) -> None:
         self.images, self.n_items, self.batch_size, self.seed = images, n_items, batch_size, seed
         self.palette, self.device, self.workers, self.rows = palette.to(device), device, workers, rows
         self.epoch, self.pos, self._it = 0, 0, None
@@ -130,7 +136,7 @@ class FolderStream(WorkerStream):
     list is held in memory. Order from (seed, epoch), per-image randomness from (seed, epoch, index) inside
     ``FolderImages``."""
 
-    def __init__(self, images: FolderImages, index: np.ndarray, batch_size: int, seed: int, palette: Palette,
+    def __init__(self, images: FolderImages, index: np.ndarray, batch_size: int, seed: int, palette: AnyTokenizer,
                  device: torch.device, workers: int, rows: slice = slice(None)) -> None:
         if len(index) < batch_size:
             raise ValueError(f"{len(index)} training images is fewer than --batch-size {batch_size}")
@@ -155,7 +161,7 @@ class LabelledBatchStream(BatchStream):
     """A BatchStream that also yields each batch's labels: ``next()`` -> (ids (B, T), labels (B,)). Same
     order, augmentation and resumable state as the unlabelled stream (fine-tuning)."""
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, palette: Palette, device: torch.device,
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, palette: AnyTokenizer, device: torch.device,
                  augment: str = "none") -> None:
         _labels_of(data, np.arange(0), device)  # fail before the first batch, not at it
         super().__init__(data, batch_size, seed, palette, device, augment)
@@ -166,7 +172,7 @@ class LabelledBatchStream(BatchStream):
         return ids, _labels_of(self.data, index, self.device)
 
 
-def labelled_batches(data: ImageSet, batch_size: int, palette: Palette,
+def labelled_batches(data: ImageSet, batch_size: int, palette: AnyTokenizer,
                      device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """All of ``data`` in stored order, unaugmented, as (ids (B, T), labels (B,)); the last batch may be
     smaller (evaluation)."""

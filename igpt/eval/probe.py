@@ -265,8 +265,9 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     check_output(out, "--out", overwrite=True)
     ckpt_dir, (model, palette, record) = load_located(checkpoint)
     feat_cfg = for_reading(feat_cfg, record.reading)
-    images = {split: open_labelled(data, split, n_px=model.config.n_px, palette=palette, resize=resize,
-                                   any_palette=any_palette) for split in ("train_all", "test")}
+    side = palette.pixel_side(model.config.n_px)  # the image side its tokenizer reads
+    images = {split: open_labelled(data, split, n_px=side, palette=palette, resize=resize, any_palette=any_palette)
+              for split in ("train_all", "test")}
     subsets: dict[str, np.ndarray | None] = {"all": None}
     if cfg.eval_subset == "lossless":
         subsets = {"lossless": lossless_mask(data, len(images["test"])), "all": None}

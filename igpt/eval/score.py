@@ -31,7 +31,7 @@ def score(checkpoint: str | Path, data: EvalDataConfig, cfg: ScoreConfig = Score
     model, palette, record = load(checkpoint, device)
     reading = record.reading
     mask_prob = reading.mask_prob if cfg.mask_prob == -1 else cfg.mask_prob
-    images, split = open_eval(data.data, data.split, n_px=model.config.n_px, palette=palette,
+    images, split = open_eval(data.data, data.split, n_px=palette.pixel_side(model.config.n_px), palette=palette,
                               val_fraction=data.val_fraction, seed=data.split_seed, resize=data.resize,
                               any_palette=data.any_palette)
     batches = fixed_batches(images, cfg.batch_size, 0, palette, device)
@@ -42,10 +42,15 @@ def score(checkpoint: str | Path, data: EvalDataConfig, cfg: ScoreConfig = Score
                               "objective": reading.objective, "images": result["images"],
                               "tokens_per_image": model.config.n_ctx, "nats_per_token": result["loss"],
                               "bits_per_token": result["bits"]}
-    if reading.objective == "ar":
+    if reading.objective == "ar" and palette.kind == "palette":
         report["bits_per_subpixel_equivalent"] = result["bits"] / 3
         report["note"] = ("palette NLL over all tokens, pixel 0 included (predicted from the SOS); bits/3 is "
                           "not 8-bit bits/dim (no dequantization term)")
+    elif reading.objective == "ar":  # a code stands for a patch of pixels: there is no per-sub-pixel figure
+        report["note"] = (f"NLL of VQ-VAE codes over all {model.config.n_ctx} tokens, code 0 included (predicted "
+                          "from the SOS); bits per token, not per pixel: each code stands for a "
+                          f"{palette.pixel_side(model.config.n_px) // model.config.n_px}x"
+                          f"{palette.pixel_side(model.config.n_px) // model.config.n_px} patch")
     else:
         report.update(mask_prob=mask_prob, seed=cfg.seed,
                       note="BERT: mean loss over the masked positions only, masks drawn from the seed")

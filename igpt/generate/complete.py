@@ -75,7 +75,7 @@ def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64
     check_can_sample(model)  # before any work: a BERT checkpoint is refused with a message
     ids = sample(model, n_images, progress=progress, **_sample_kw(cfg, device))
     n_px = model.config.n_px
-    pixels = palette.decode(ids.cpu()).view(n_images, n_px, n_px, 3).numpy()  # (n, n_px, n_px, 3) uint8
+    pixels = palette.decode_images(ids.cpu()).numpy()  # (n, side, side, 3) uint8, side = the tokenizer's image side
     out = Path(out)
     with replacing_dir(out) as tmp:
         for i, img in enumerate(enlarge(pixels, scale)):
@@ -85,6 +85,7 @@ def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64
         write_json(tmp / "provenance.json", provenance(checkpoint, located, record, cfg, device, n_images=n_images,
                                                        scale=scale))
     return {"checkpoint": str(checkpoint), "step": record.step, "n_images": n_images, "n_px": n_px,
+            "image_side": pixels.shape[1],
             "out": str(out), "files": [f"sample-{i:04d}.png" for i in range(n_images)] + ["grid.png",
                                                                                          "provenance.json"]}
 
@@ -103,11 +104,12 @@ def kept_rows(n_px: int, keep: float = 0.5, rows: int | None = None) -> int:
 def _inputs(images: list[str] | None, data: EvalDataConfig, n_images: int, offset: int, palette, n_px: int
             ) -> tuple[list[str], torch.Tensor, str]:
     """(names, ids (M, T) int64 on the CPU, where from) of the images to complete."""
+    side = palette.pixel_side(n_px)  # the image side the tokenizer reads
     if images:
-        pixels = np.stack([load_image(p, n_px, data.resize) for p in images])  # (M, n_px, n_px, 3)
+        pixels = np.stack([load_image(p, side, data.resize) for p in images])  # (M, side, side, 3)
         names = [f"{i:03d}-{Path(p).stem}" for i, p in enumerate(images)]
-        return names, palette.encode(pixels).view(len(pixels), -1), f"{len(pixels)} image file(s)"
-    found, split = open_eval(data.data, data.split, n_px=n_px, palette=palette, val_fraction=data.val_fraction,
+        return names, palette.encode(pixels).reshape(len(pixels), -1), f"{len(pixels)} image file(s)"
+    found, split = open_eval(data.data, data.split, n_px=side, palette=palette, val_fraction=data.val_fraction,
                              seed=data.split_seed, resize=data.resize, any_palette=data.any_palette)
     if n_images < 1 or not 0 <= offset < len(found):
         raise ValueError(f"--offset {offset} / --n-images {n_images}: the {split} split of {data.data} has "
@@ -151,9 +153,10 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
                         generator=make_generator(cfg.seed, device), dtype=resolve_dtype(cfg.dtype, device),
                         batch_size=cfg.batch_size, **cfg.filters())
         how = f"infilled by BERT in {rounds} rounds ({schedule})"
-    originals = palette.decode(ids).view(M, n_px, n_px, 3).numpy()
-    completions = palette.decode(result.cpu()).view(M, N, n_px, n_px, 3).numpy()
-    hidden = hide_rows(originals, kept)
+    originals = palette.decode_images(ids).numpy()  # (M, side, side, 3)
+    side = originals.shape[1]
+    completions = palette.decode_images(result.cpu()).numpy().reshape(M, N, side, side, 3)
+    hidden = hide_rows(originals, kept * side // n_px)  # kept rows of ids -> rows of pixels
     dest = Path(out)
     title = f"kept {kept} of {n_px} rows · {_settings(cfg, record.step)}"
     with replacing_dir(dest) as tmp:

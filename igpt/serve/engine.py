@@ -57,6 +57,10 @@ class Engine:
         self.cfg, self.sampling = cfg, sampling
         self.device = resolve_device(sampling.device)
         self.where, (self.model, self.palette, self.record) = load_located(checkpoint, self.device)
+        if self.palette.kind != "palette":  # the page keeps, masks and draws rows of pixels, one id each
+            raise ValueError(f"--checkpoint {checkpoint}: igpt serve edits palette models pixel by pixel; this "
+                             f"model's ids are codes of its VQ-VAE tokenizer ({self.palette.describe()}); use "
+                             "igpt sample and igpt complete, which decode codes to images")
         self.model.eval()
         self.dtype = resolve_dtype(sampling.dtype, self.device)
         # an AR model samples with its weights in the sampling dtype (bf16 on GPUs): cast once, not per request

@@ -55,7 +55,7 @@ from igpt.data.streams import LabelledBatchStream, labelled_batches
 from igpt.lock import DirLock, claim_new
 from igpt.model import GPT
 from igpt.objectives import EVAL_MASK_KEY, masked_loss, sample_keep_mask
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 from igpt.record import CheckpointRecord, Finetuned
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
 from igpt.stop import GracefulStop, Stopped
@@ -107,7 +107,7 @@ def losses(clf: Classifier, ids: torch.Tensor, labels: torch.Tensor, gen_weight:
 
 
 @torch.no_grad()
-def evaluate(clf: Classifier, images: ImageSet, palette: Palette, cfg: FinetuneConfig, device: torch.device,
+def evaluate(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
              dtype: torch.dtype, with_losses: bool = False) -> tuple[np.ndarray, dict[str, float]]:
     """(Predicted class of every image (N,), and with ``with_losses`` the mean of ``losses`` over the images
     in nats), unaugmented; BERT inputs under fixed seeded masks."""
@@ -129,20 +129,20 @@ def evaluate(clf: Classifier, images: ImageSet, palette: Palette, cfg: FinetuneC
     return np.concatenate(preds), ({k: v / start for k, v in sums.items()} if with_losses else {})
 
 
-def predict(clf: Classifier, images: ImageSet, palette: Palette, cfg: FinetuneConfig, device: torch.device,
+def predict(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
             dtype: torch.dtype) -> np.ndarray:
     """Predicted class of every image (N,), unaugmented; BERT inputs under fixed seeded masks."""
     return evaluate(clf, images, palette, cfg, device, dtype)[0]
 
 
-def _accuracy(clf: Classifier, images: ImageSet, palette: Palette, cfg: FinetuneConfig, device: torch.device,
+def _accuracy(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
               dtype: torch.dtype) -> float:
     return float((predict(clf, images, palette, cfg, device, dtype) == np.asarray(images.labels)).mean())
 
 
-def _splits(data: str, palette: Palette, n_px: int, cfg: FinetuneConfig, resize: str) -> dict[str, ImageSet]:
-    kw = {"n_px": n_px, "palette": palette, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "resize": resize,
-          "any_palette": cfg.any_palette}
+def _splits(data: str, palette: AnyTokenizer, n_px: int, cfg: FinetuneConfig, resize: str) -> dict[str, ImageSet]:
+    kw = {"n_px": palette.pixel_side(n_px), "palette": palette, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+          "resize": resize, "any_palette": cfg.any_palette}
     splits = {split: open_labelled(data, split, **kw) for split in ("train", "val", "test")}
     if cfg.labels_per_class:
         splits["train"] = splits["train"].take(balanced_subset(splits["train"].labels, cfg.labels_per_class,
@@ -187,7 +187,7 @@ def resume_finetune(out_dir: str | Path, *, changes: dict[str, Any] | None = Non
 class _Job:
     """One fine-tune: what it trains, on what, and where it is."""
 
-    def __init__(self, out: Path, spec: dict[str, Any], clf: Classifier, palette: Palette,
+    def __init__(self, out: Path, spec: dict[str, Any], clf: Classifier, palette: AnyTokenizer,
                  splits: dict[str, ImageSet], record: CheckpointRecord, cfg: FinetuneConfig) -> None:
         self.out, self.spec, self.clf, self.palette, self.splits, self.record, self.cfg = (
             out, spec, clf, palette, splits, record, cfg)

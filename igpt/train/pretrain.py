@@ -5,7 +5,7 @@ decay by default, resumable from the last checkpoint with an identical loss curv
 Run layout (``--out RUN_DIR``)::
 
     run.json        the model, train and data configs of the run (``--resume`` reads them)
-    palette.npz     the palette the run quantizes with
+    palette.npz     the tokenizer the run's ids come from: a palette, or tokenizer.safetensors for a VQ-VAE
     metrics.jsonl   one JSON object per logged step: {"split", "step", "loss" (nats/token), "bits", ...}
                     (the schema fine-tuning shares: igpt.train.rundir, docs/training.md)
     curves.png      train and validation loss against the step, redrawn when the run ends or stops
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from igpt.atomic import remove_leftovers, write_json
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data.imageset import ImageSet, check_ids
-from igpt.data.open import identity, open_training
+from igpt.data.open import check_upscale, identity, open_training
 from igpt.data.streams import fixed_batches
 from igpt.distributed import (World, any_across, barrier, init_distributed, is_communication_error, mean_across,
                               peer_lost, shutdown)
@@ -48,6 +48,7 @@ from igpt.lock import DirLock
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
 from igpt.palette import Palette
+from igpt.tokenizer import VQ_EXTENSION, AnyTokenizer, load_from, load_tokenizer, save_in, stored_in
 from igpt.record import CheckpointRecord, read_as
 from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_seed, resolve_device,
                           resolve_dtype, seed_everything)
@@ -88,10 +89,10 @@ def init_model(model_cfg: ModelConfig, cfg: TrainConfig) -> GPT:
     return model
 
 
-def resolve_palette(data_cfg: DataConfig, train: ImageSet, seed: int, device: torch.device) -> Palette:
-    """The given palette file (checked against the data), or a palette fitted on the training pixels."""
+def resolve_palette(data_cfg: DataConfig, train: ImageSet, seed: int, device: torch.device) -> AnyTokenizer:
+    """The given tokenizer file (checked against the data), or a palette fitted on the training pixels."""
     if data_cfg.palette is not None:
-        palette = Palette.load(data_cfg.palette)
+        palette = load_tokenizer(data_cfg.palette)
         check_ids(train, palette, any_palette=data_cfg.any_palette)
         return palette
     if train.pixels is None:
@@ -112,7 +113,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.rows = world.slice(cfg.batch_size)  # this process's share of every micro-batch
         seed_everything(cfg.seed)
-        data = open_training(data_cfg.data, model_cfg.n_px, batch_size=cfg.batch_size, seed=cfg.seed,
+        side = self._image_side(model_cfg.n_px, resume)
+        data = open_training(data_cfg.data, side, batch_size=cfg.batch_size, seed=cfg.seed,
                              device=self.device, augment=cfg.augment, workers=cfg.workers,
                              val_fraction=data_cfg.val_fraction, resize=data_cfg.resize,
                              validate=cfg.eval_every > 0, val_images=cfg.eval_batches * cfg.batch_size,
@@ -146,12 +148,24 @@ class Trainer:
                  "FSDP" if self.sharded else "DDP" if self.world.size > 1 else "one process"]
         return ", ".join(parts + ["activation checkpointing"] * self.cfg.grad_checkpoint)
 
-    def _palette(self, resume: bool) -> Palette:
-        """The run's palette: the saved one on resume (checked against the fingerprint its checkpoints
+    def _image_side(self, n_px: int, resume: bool) -> int:
+        """The side of the images the run reads: n_px for a palette, a VQ-VAE tokenizer's input side (whose
+        grid must be n_px; smaller images are refused unless --upscale)."""
+        stored = stored_in(self.run_dir) if resume else None
+        path = stored if stored is not None else self.data_cfg.palette
+        if path is None or Path(path).suffix.lower() != VQ_EXTENSION:
+            return n_px
+        side = load_tokenizer(path).pixel_side(n_px)
+        if not resume:
+            check_upscale(self.data_cfg.data, side, self.data_cfg.upscale)
+        return side
+
+    def _palette(self, resume: bool) -> AnyTokenizer:
+        """The run's tokenizer: the saved one on resume (checked against the fingerprint its checkpoints
         record); else rank 0 fits or loads it and the others read it."""
-        path = self.run_dir / "palette.npz"
-        if resume and path.exists():
-            palette = Palette.load(path)
+        path = stored_in(self.run_dir)
+        if resume and path is not None:
+            palette = load_tokenizer(path)
             expected = self._recorded_palette()
             if expected is not None and palette.fingerprint() != expected:
                 raise ValueError(f"{path} has palette {palette.fingerprint()}, but the run trained with {expected}: "
@@ -159,9 +173,9 @@ class Trainer:
             check_ids(self.fit_set, palette, any_palette=self.data_cfg.any_palette)  # a new run checks in resolve_palette, before writing the palette
             return palette
         if self.world.is_main:
-            resolve_palette(self.data_cfg, self.fit_set, self.cfg.seed, self.device).save(path)
+            save_in(resolve_palette(self.data_cfg, self.fit_set, self.cfg.seed, self.device), self.run_dir)
         barrier(self.world)
-        return Palette.load(path)
+        return load_from(self.run_dir)
 
     def _recorded_palette(self) -> str | None:
         """The fingerprint of the palette the run trained with: its newest checkpoint's, else run.json's."""
@@ -282,7 +296,7 @@ class Trainer:
         (the same noise at every call, so successive grids differ by the model alone): sampled left to right
         by an AR model, infilled from a blank canvas by a BERT one. The training RNG is left as it was, so a
         run with samples trains exactly as one without."""
-        n_px, T = self.model_cfg.n_px, self.model_cfg.n_ctx
+        T = self.model_cfg.n_ctx
         generator = make_generator(self.cfg.seed, self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if self.model.causal:
@@ -292,7 +306,7 @@ class Trainer:
                 ids = infill(self.model, blank, torch.zeros_like(blank, dtype=torch.bool), generator=generator,
                              dtype=self.dtype)
         self.model.train()
-        return self.palette.decode(ids.cpu()).view(N_SAMPLES, n_px, n_px, 3).numpy()
+        return self.palette.decode_images(ids.cpu()).numpy()  # (n, side, side, 3): the tokenizer's images
 
     def validate(self) -> dict[str, float] | None:
         """Validation loss on the unwrapped model: computed by rank 0 while the others wait, or under FSDP by
@@ -424,8 +438,8 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
 def _write_samples(t: Trainer, metrics_log: MetricsLog | None) -> None:
     """Rank 0 writes the --sample-every grid as a PNG (and to TensorBoard); the other ranks wait for it."""
     if t.world.is_main and metrics_log is not None:
-        n_px = t.model_cfg.n_px  # each image shown about 128 pixels wide
-        table = grid_table(t.samples(), ncol=4, scale=max(1, 128 // n_px), pad=2,
+        side = t.palette.pixel_side(t.model_cfg.n_px)  # each image shown about 128 pixels wide
+        table = grid_table(t.samples(), ncol=4, scale=max(1, 128 // side), pad=2,
                            title=f"{t.cfg.objective.upper()} samples · step {t.step} · seed {t.cfg.seed}")
         save_png(table.image, t.run_dir / "samples" / f"step-{t.step:07d}.png")
         metrics_log.image("samples", np.asarray(table.image), t.step)

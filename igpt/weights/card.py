@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from igpt.palette import Palette
 from igpt.record import CheckpointRecord
+from igpt.tokenizer import AnyTokenizer
 
 # What the exported preprocessor_config.json does, and where that differs from igpt (printed by convert too).
 PROCESSOR_NOTE = (
@@ -49,7 +49,7 @@ def run_facts(ckpt_dir: str | Path) -> dict[str, Any]:
     return {}
 
 
-def model_card(record: CheckpointRecord, palette: Palette, *, library: str, title: str,
+def model_card(record: CheckpointRecord, palette: AnyTokenizer, *, library: str, title: str,
                hf_export: bool = False, facts: dict[str, Any] | None = None) -> str:
     """Markdown with Hub metadata: architecture, palette, objective, training data (and, from ``facts``
     (``run_facts``), its identity and resize) and step."""
@@ -57,10 +57,15 @@ def model_card(record: CheckpointRecord, palette: Palette, *, library: str, titl
     m, ft = record.model, record.finetuned
     pipeline = "image-classification" if ft is not None else "unconditional-image-generation"
     n_params = m.num_params()
+    side = palette.pixel_side(m.n_px)
+    grid = f"{m.n_px}x{m.n_px} pixels" if side == m.n_px else f"{m.n_px}x{m.n_px} codes of {side}x{side} images"
     rows = [("architecture", f"iGPT transformer: {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads, "
-                             f"{m.n_px}x{m.n_px} pixels ({m.n_ctx} positions), {n_params:,} parameters"),
+                             f"{grid} ({m.n_ctx} positions), {n_params:,} parameters"),
             ("palette", f"{palette.k} colours, fingerprint {palette.fingerprint()}"
-                        + (f" (vocabulary {palette.k + 1} with the SOS id)" if hf_export else "")),
+                        + (f" (vocabulary {palette.k + 1} with the SOS id)" if hf_export else ""))
+            if palette.kind == "palette" else
+            ("tokenizer", f"VQ-VAE, {palette.k} codes, {side}x{side} images -> {m.n_px}x{m.n_px} codes, "
+                          f"fingerprint {palette.fingerprint()} (tokenizer.safetensors)"),
             ("objective", {"ar": "autoregressive next-pixel prediction (ar)",
                            "bert": "masked-pixel prediction (bert)"}[record.objective]),
             ("training data", (record.data or "not recorded in the checkpoint") + _identity(facts)),
@@ -82,7 +87,7 @@ def model_card(record: CheckpointRecord, palette: Palette, *, library: str, titl
         lines += ["## Preprocessing", "", PROCESSOR_NOTE, "", "## Reading", "", SOS_NOTE, ""]
     else:
         lines += ["## Loading", "", "```python", "import igpt", "model = igpt.GPT.from_pretrained(\"<this folder "
-                  "or Hub id>\")  # model.palette holds the palette", "```", ""]
+                  "or Hub id>\")  # model.palette holds the tokenizer", "```", ""]
     return "\n".join(lines)
 
 

@@ -5,8 +5,9 @@ A checkpoint is a directory::
 
     step-0001000/
       model.safetensors       weights of the uncompiled GPT (strictly loaded)
-      config.json             the CheckpointRecord: model shape, objective, palette fingerprint, step, ...
-      palette.npz             the palette the ids were made with (igpt.palette format)
+      config.json             the CheckpointRecord: model shape, objective, tokenizer fingerprint, step, ...
+      palette.npz             the tokenizer the ids were made with: a palette (igpt.palette format), or
+      tokenizer.safetensors     a VQ-VAE (igpt.tokenizer); the record's palette_fingerprint names either
       train_state.json        pretraining checkpoints only: optimizer, data position and RNG state, the
       train_state.safetensors   tensors in the safetensors file, the rest in the JSON (igpt.weights.trainstate)
       classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]
@@ -33,13 +34,14 @@ from safetensors import SafetensorError
 
 from igpt.atomic import read_json, remove_dir, replacing_dir, write_error, write_json
 from igpt.model import GPT
-from igpt.palette import Palette
 from igpt.record import CheckpointRecord
+from igpt.tokenizer import PALETTE_FILE, AnyTokenizer, file_name, load_tokenizer, stored_in
 from igpt.weights.sharded import load_sharded
 from igpt.weights.tensors import build_model, load_weight_file, nbytes, save_tensors, unreadable
 from igpt.weights.trainstate import load_train_state_files, save_train_state
 
-WEIGHTS, CONFIG, PALETTE, CLASSIFIER = "model.safetensors", "config.json", "palette.npz", "classifier.safetensors"
+WEIGHTS, CONFIG, CLASSIFIER = "model.safetensors", "config.json", "classifier.safetensors"
+PALETTE = PALETTE_FILE  # the tokenizer file of a palette checkpoint (a VQ-VAE's is tokenizer.safetensors)
 STATE, STATE_TENSORS = "train_state.json", "train_state.safetensors"
 LEGACY_STATE = "train_state.pt"  # a torch.save pickle, written by earlier versions
 
@@ -48,7 +50,7 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, record: CheckpointRecord,
+def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: AnyTokenizer, record: CheckpointRecord,
                     train_state: dict[str, Any] | None = None, classifier: dict[str, torch.Tensor] | None = None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint directory atomically. ``model`` must be the uncompiled module;
@@ -67,21 +69,24 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: Palette, record: 
     return Path(ckpt_dir)
 
 
-def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: Palette,
+def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: AnyTokenizer,
                       train_state: dict[str, Any] | None) -> None:
-    """Everything of a checkpoint but its weights: palette.npz, config.json and the train state."""
+    """Everything of a checkpoint but its weights: the tokenizer (palette.npz or tokenizer.safetensors),
+    config.json and the train state."""
+    what, unit = ("palette", "colours") if palette.kind == "palette" else ("VQ-VAE tokenizer", "codes")
     if record.model.n_vocab != palette.k:
-        raise ValueError(f"model has {record.model.n_vocab} ids but the palette has {palette.k} colours")
+        raise ValueError(f"model has {record.model.n_vocab} ids but the {what} has {palette.k} {unit}")
     if record.palette_fingerprint != palette.fingerprint():
-        raise ValueError(f"the record names palette {record.palette_fingerprint}, not {palette.fingerprint()}")
-    palette.save(ckpt_dir / PALETTE)
+        raise ValueError(f"the record names {what} {record.palette_fingerprint}, not {palette.fingerprint()}")
+    palette.pixel_side(record.model.n_px)  # a VQ-VAE's grid must be the model's
+    palette.save(ckpt_dir / file_name(palette))
     write_json(ckpt_dir / CONFIG, record.to_json())
     if train_state is not None:
         save_train_state(train_state, ckpt_dir / STATE, ckpt_dir / STATE_TENSORS)
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / CONFIG).is_file() and (path / PALETTE).is_file()
+    return (path / CONFIG).is_file() and stored_in(path) is not None
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -118,13 +123,16 @@ def read_record(ckpt_dir: Path) -> CheckpointRecord:
     return CheckpointRecord.from_json(read_json(ckpt_dir / CONFIG), str(ckpt_dir / CONFIG))
 
 
-def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, CheckpointRecord]:
-    """(model in eval mode, read as its record says; palette; record) of one igpt checkpoint directory.
+def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, AnyTokenizer, CheckpointRecord]:
+    """(model in eval mode, read as its record says; tokenizer; record) of one igpt checkpoint directory.
     Weights are loaded strictly: a missing, unexpected or mis-shaped tensor is an error naming it."""
     record = read_record(ckpt_dir)
-    palette = Palette.load(ckpt_dir / PALETTE)
+    path = stored_in(ckpt_dir)
+    if path is None:
+        raise ValueError(f"{ckpt_dir}: no tokenizer ({PALETTE} or tokenizer.safetensors)")
+    palette = load_tokenizer(path)
     if palette.fingerprint() != record.palette_fingerprint:
-        raise ValueError(f"{ckpt_dir / PALETTE} has fingerprint {palette.fingerprint()} but the checkpoint "
+        raise ValueError(f"{path} has fingerprint {palette.fingerprint()} but the checkpoint "
                          f"records {record.palette_fingerprint}")
     causal = record.reading.causal
     if record.sharded:  # re-assembled in this process from every writer's shards

@@ -22,7 +22,7 @@ from huggingface_hub import ModelHubMixin
 
 from igpt import model as core
 from igpt.atomic import check_writable, require_new, write_text
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 from igpt.record import CheckpointRecord
 from igpt.weights.card import model_card, run_facts
 from igpt.weights.checkpoint import load_head, load_igpt, resolve_checkpoint, save_checkpoint
@@ -45,11 +45,11 @@ class GPT(core.GPT, ModelHubMixin, library_name="igpt", tags=["image-gpt"],
     - ``model.save_pretrained(dir)``: an igpt checkpoint (``igpt.save``) with a model card;
     - ``model.push_to_hub(repo_id)``: that folder, uploaded.
 
-    Every model ``igpt.load`` returns is one of these, carrying the palette its ids use and its record
-    (``model.palette``, ``model.record``), so that saving writes them back. A model built as ``GPT(config)``
-    has neither until given (``save_pretrained(dir, palette=...)``)."""
+    Every model ``igpt.load`` returns is one of these, carrying the tokenizer its ids use (a palette or a
+    VQ-VAE) and its record (``model.palette``, ``model.record``), so that saving writes them back. A model
+    built as ``GPT(config)`` has neither until given (``save_pretrained(dir, palette=...)``)."""
 
-    palette: Palette | None = None
+    palette: AnyTokenizer | None = None
     record: CheckpointRecord | None = None
 
     @classmethod
@@ -63,7 +63,7 @@ class GPT(core.GPT, ModelHubMixin, library_name="igpt", tags=["image-gpt"],
                            local_files_only=local_files_only, force_download=force_download)
         return load(path, device).model  # type: ignore[return-value]
 
-    def save_pretrained(self, save_directory: str | Path, *, palette: Palette | None = None,
+    def save_pretrained(self, save_directory: str | Path, *, palette: AnyTokenizer | None = None,
                         record: CheckpointRecord | None = None, overwrite: bool = False,
                         push_to_hub: bool = False, repo_id: str | None = None, **hub_kwargs: Any) -> str | None:
         """``igpt.save(self, palette, save_directory)`` with this model's palette and record unless given;
@@ -83,11 +83,11 @@ class GPT(core.GPT, ModelHubMixin, library_name="igpt", tags=["image-gpt"],
 
 class Loaded(NamedTuple):
     model: GPT
-    palette: Palette
+    palette: AnyTokenizer
     record: CheckpointRecord
 
 
-def _hub_model(model: core.GPT, palette: Palette, record: CheckpointRecord) -> GPT:
+def _hub_model(model: core.GPT, palette: AnyTokenizer, record: CheckpointRecord) -> GPT:
     """The same tensors (not copies) in an ``igpt.GPT`` that knows its palette and record."""
     with torch.device("meta"):
         out = GPT(model.config, causal=model.causal)
@@ -96,7 +96,7 @@ def _hub_model(model: core.GPT, palette: Palette, record: CheckpointRecord) -> G
     return out.train(model.training)
 
 
-def save(model: core.GPT, palette: Palette, out: str | Path, *, record: CheckpointRecord | None = None,
+def save(model: core.GPT, palette: AnyTokenizer, out: str | Path, *, record: CheckpointRecord | None = None,
          overwrite: bool = False) -> Path:
     """``igpt.save``, the mirror of ``igpt.load``: a single-file igpt checkpoint (model.safetensors,
     config.json, palette.npz) and a model card (README.md) in ``out``, which ``igpt.load`` and every
@@ -138,10 +138,10 @@ def load_located(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[GPT, torch.nn.Linear, Palette, CheckpointRecord]:
+                    ) -> tuple[GPT, torch.nn.Linear, AnyTokenizer, CheckpointRecord]:
     """A fine-tuned checkpoint (or its run directory): (model, head, palette, record). The head maps the mean
     over positions of the final norm's output, (B, d), to class logits (B, n_classes)."""
-    def read(ckpt_dir: Path) -> tuple[GPT, torch.nn.Linear, Palette, CheckpointRecord]:
+    def read(ckpt_dir: Path) -> tuple[GPT, torch.nn.Linear, AnyTokenizer, CheckpointRecord]:
         model, palette, record = load_igpt(ckpt_dir, device)
         return _hub_model(model, palette, record), load_head(ckpt_dir, record, device), palette, record
     return _newest(path, read)

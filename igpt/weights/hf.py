@@ -48,6 +48,7 @@ from igpt.atomic import read_json, replacing_dir, require_new, write_json, write
 from igpt.config import ModelConfig
 from igpt.model import GPT, NORM_EPS
 from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer, require_palette
 from igpt.record import CheckpointRecord
 from igpt.weights.card import model_card
 from igpt.weights.tensors import build_model, check_tensors, load_weight_file, save_tensors
@@ -245,7 +246,7 @@ def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, P
     return build_model(cfg, sd, where=where).to(device).eval(), palette, record
 
 
-def save_hf(model: GPT, palette: Palette, out_dir: str | Path, record: CheckpointRecord,
+def save_hf(model: GPT, palette: AnyTokenizer, out_dir: str | Path, record: CheckpointRecord,
             head: torch.Tensor | None = None, facts: dict[str, Any] | None = None) -> Path:
     """Write an ImageGPT directory (config.json, model.safetensors, preprocessor_config.json and the model
     card README.md, with the run's ``facts``) atomically; with a fine-tuned ``head``, as
@@ -253,6 +254,7 @@ def save_hf(model: GPT, palette: Palette, out_dir: str | Path, record: Checkpoin
     if not record.reading.causal:
         raise ValueError(f"the checkpoint's objective is {record.objective!r}: Hugging Face's ImageGPT always "
                          "attends causally, so a BERT model exported there would compute the wrong function")
+    palette = require_palette(palette, "Hugging Face's ImageGPT")  # its processor holds colour clusters only
     if palette.k != model.config.n_vocab:
         raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {palette.k} colours")
     out = require_new(out_dir)

@@ -1,0 +1,287 @@
+"""The one front door for tokenizer files: ``load_tokenizer(path)`` reads a palette or a VQ-VAE tokenizer, and
+both answer the same questions, so every command takes either through ``--palette``.
+
+| interface                | ``Palette`` (``igpt.palette``)            | ``VQTokenizer`` (below)                     |
+|--------------------------|-------------------------------------------|---------------------------------------------|
+| ``kind``                 | ``"palette"``                             | ``"vqvae"``                                 |
+| ``k`` / ``vocab_size``   | colours                                   | codes                                       |
+| ``encode(pixels)``       | uint8 (..., 3) -> ids (...), per pixel    | uint8 (B, S, S, 3) -> ids (B, g, g)         |
+| ``decode_images(ids)``   | (B, T) or (B, g, g) -> (B, g, g, 3)       | (B, T) or (B, g, g) -> (B, S, S, 3)         |
+| ``grid``, ``input_side`` | None: any side, the grid is the image     | g and S = g * factor                        |
+| ``pixel_side(grid)``     | ``grid``                                  | S (and the grid must be g)                  |
+| ``fingerprint()``        | sha256 of the centres                     | sha256 of the shape and every tensor        |
+
+A model's ``n_px`` is always the side of its id grid (``T = n_px**2``); the images a tokenizer reads are
+``pixel_side(n_px)`` on a side. A palette file is ``.npy`` (OpenAI's ``kmeans_centers.npy``) or ``.npz``; a VQ
+tokenizer file is ``.safetensors`` whose header metadata holds its kind, shape and fit record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from igpt.atomic import replacing
+from igpt.config.tokenizer import VQConfig
+from igpt.palette import EXTENSIONS as PALETTE_EXTENSIONS
+from igpt.palette import Palette
+from igpt.vqvae import VQVAE
+
+VQ_KIND = "igpt-vqvae-tokenizer"
+VQ_FORMAT = "1"
+VQ_EXTENSION = ".safetensors"
+PALETTE_FILE, VQ_FILE = "palette.npz", "tokenizer.safetensors"  # the tokenizer inside a checkpoint or run
+_ENCODE_CHUNK = 256  # images per encoder pass: bounds the activations' memory
+
+
+class Tokenizer(Protocol):
+    """What every command asks of a tokenizer (``Palette`` and ``VQTokenizer`` both answer)."""
+
+    kind: str
+    meta: dict[str, Any]
+    source: str | None
+    grid: int | None
+    input_side: int | None
+
+    @property
+    def k(self) -> int: ...
+    def encode(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor: ...
+    def decode_images(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor: ...
+    def fingerprint(self) -> str: ...
+    def describe(self) -> str: ...
+    def looks_like_openai(self) -> bool: ...
+    def pixel_side(self, grid: int) -> int: ...
+    def to(self, device: str | torch.device) -> "Tokenizer": ...
+    def save(self, path: str | os.PathLike[str]) -> None: ...
+
+
+class VQTokenizer:
+    """A fitted VQ-VAE used as a tokenizer: uint8 images of ``input_side`` -> a ``grid`` x ``grid`` of ids."""
+
+    kind = "vqvae"
+
+    def __init__(self, model: VQVAE, meta: dict[str, Any] | None = None) -> None:
+        self.model = model.eval()
+        self.config: VQConfig = model.config
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.source: str | None = None
+        self.grid, self.input_side = self.config.grid, self.config.input_side
+        self._fingerprint: str | None = None
+
+    @property
+    def k(self) -> int:
+        return self.config.codebook_size
+
+    vocab_size = k
+
+    def __repr__(self) -> str:
+        return (f"VQTokenizer(k={self.k}, {self.input_side}x{self.input_side} -> {self.grid}x{self.grid}, "
+                f"fingerprint={self.fingerprint()})")
+
+    def describe(self) -> str:
+        """How messages name this tokenizer: its file (when loaded from one) and fingerprint."""
+        return f"{self.source} ({self.fingerprint()})" if self.source else self.fingerprint()
+
+    def looks_like_openai(self) -> bool:
+        return False  # OpenAI's pre-quantized ids are palette ids
+
+    def pixel_side(self, grid: int) -> int:
+        """The image side a model with an id grid of ``grid`` reads: this tokenizer's input side."""
+        if grid != self.grid:
+            raise ValueError(f"tokenizer {self.describe()} makes a {self.grid}x{self.grid} grid of ids, but the "
+                             f"model's n_px is {grid}")
+        return self.input_side
+
+    def to(self, device: str | torch.device) -> "VQTokenizer":
+        """This tokenizer with its network on ``device`` (moved in place: the weights are read-only here)."""
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, S, S, 3) with S = input_side -> int64 ids (B, g, g), on the pixels' device."""
+        px = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+        if px.dtype != torch.uint8:
+            raise ValueError(f"pixels must be uint8 RGB values in 0..255, got dtype {px.dtype}")
+        if px.ndim != 4 or px.shape[1:] != (self.input_side, self.input_side, 3):
+            raise ValueError(f"tokenizer {self.describe()} encodes {self.input_side}x{self.input_side} RGB images "
+                             f"(B, {self.input_side}, {self.input_side}, 3); got shape {tuple(px.shape)}")
+        dev = self.device
+        out = torch.empty((px.shape[0], self.grid, self.grid), dtype=torch.int64, device=px.device)
+        for s in range(0, px.shape[0], _ENCODE_CHUNK):
+            x = px[s:s + _ENCODE_CHUNK].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1  # (b, 3, S, S)
+            out[s:s + _ENCODE_CHUNK] = self.model.encode_ids(x).to(px.device)
+        return out
+
+    def _ids(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """ids (B, T) or (B, g, g), checked, as an int64 tensor (B, g, g)."""
+        t = torch.from_numpy(np.asarray(ids).astype(np.int64)) if isinstance(ids, np.ndarray) else ids
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"ids must be an integer array or tensor, got {getattr(ids, 'dtype', type(ids))}")
+        t = t.to(torch.int64)
+        g = self.grid
+        if not ((t.ndim == 2 and t.shape[1] == g * g) or (t.ndim == 3 and t.shape[1:] == (g, g))):
+            raise ValueError(f"ids must be (B, {g * g}) or (B, {g}, {g}) for tokenizer {self.describe()}; got "
+                             f"shape {tuple(t.shape)}")
+        if t.numel() and bool((t.min() < 0) | (t.max() >= self.k)):
+            raise ValueError(f"ids must lie in [0, {self.k}), got values {int(t.min())}..{int(t.max())}")
+        return t.reshape(-1, g, g)
+
+    def decode_images(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """ids (B, T) or (B, g, g) -> uint8 images (B, S, S, 3), on the ids' device (CPU for numpy)."""
+        t = self._ids(ids)
+        out = torch.empty((t.shape[0], self.input_side, self.input_side, 3), dtype=torch.uint8, device=t.device)
+        for s in range(0, t.shape[0], _ENCODE_CHUNK):
+            y = self.model.decode_ids(t[s:s + _ENCODE_CHUNK].to(self.device))  # (b, 3, S, S) in [-1, 1]
+            out[s:s + _ENCODE_CHUNK] = to_pixels(y).to(t.device)
+        return out
+
+    decode = decode_images  # a VQ code has no colour of its own: ids decode as whole images
+
+    def fingerprint(self) -> str:
+        """16 hex chars of sha256 over the shape and every tensor (name, dtype, bytes) in name order."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            for name, t in sorted(self.model.state_dict().items()):
+                h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the tokenizer as one .safetensors file, atomically."""
+        path = Path(path)
+        if path.suffix.lower() != VQ_EXTENSION:
+            raise ValueError(f"VQ-VAE tokenizer file {path} must end in {VQ_EXTENSION}")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        header = {"igpt_kind": VQ_KIND, "format_version": VQ_FORMAT, "config": json.dumps(self.config.to_dict()),
+                  "meta": json.dumps(self.meta), "fingerprint": self.fingerprint()}
+        with replacing(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "VQTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise ValueError(f"tokenizer file {path} could not be read (truncated or not safetensors): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        if header.get("igpt_kind") != VQ_KIND:
+            what = header.get("igpt_kind") or "no igpt tokenizer header"
+            raise ValueError(f"tokenizer file {path} is not a VQ-VAE tokenizer ({what}); pass a palette (.npz, .npy) "
+                             "or a file written by 'igpt tokenizer fit'")
+        if header.get("format_version") != VQ_FORMAT:
+            raise ValueError(f"tokenizer file {path}: format_version {header.get('format_version')!r}, this igpt "
+                             f"reads {VQ_FORMAT}")
+        try:
+            model = VQVAE(VQConfig.from_dict(json.loads(header["config"])))
+            model.load_state_dict(tensors, strict=True)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"tokenizer file {path}: its tensors do not fit its recorded shape: "
+                             f"{str(e).splitlines()[0]}") from e
+        tok = cls(model, json.loads(header.get("meta", "{}")))
+        tok.source = str(path)
+        if header.get("fingerprint") not in (None, tok.fingerprint()):
+            raise ValueError(f"tokenizer file {path}: its tensors have fingerprint {tok.fingerprint()}, the header "
+                             f"records {header['fingerprint']}; the file is damaged")
+        return tok
+
+
+AnyTokenizer = Union[Palette, VQTokenizer]
+
+
+def to_pixels(y: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) floats in [-1, 1] -> uint8 (B, H, W, 3), rounded as the palette decodes."""
+    return torch.round(127.5 * (y.clamp(-1, 1) + 1)).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def usage(ids: torch.Tensor, k: int) -> tuple[float, int]:
+    """(perplexity of the code histogram, codes never used) of ids (...) in [0, k)."""
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=k).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy.exp()), int((counts == 0).sum())
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of a per-value MSE in 0..255 units."""
+    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+@torch.no_grad()
+def reconstruction(tok: AnyTokenizer, pixels: np.ndarray, batch: int = 256) -> dict[str, float]:
+    """MSE (0..255 units), PSNR (dB), code perplexity and dead codes of ``tok`` on uint8 images (N, S, S, 3)
+    (S = ``tok.pixel_side`` of its grid): decode(encode(images)) against the images."""
+    err, all_ids = 0.0, []
+    for s in range(0, len(pixels), batch):
+        px = torch.from_numpy(np.ascontiguousarray(pixels[s:s + batch]))
+        ids = tok.encode(px)
+        all_ids.append(ids)
+        err += float((tok.decode_images(ids).double() - px.double()).pow(2).sum())
+    mse = err / max(1, pixels.size)
+    perplexity, dead = usage(torch.cat(all_ids), tok.k)
+    return {"mse": mse, "psnr": psnr(mse), "perplexity": perplexity, "dead_codes": dead}
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> AnyTokenizer:
+    """A palette (.npy, .npz) or a VQ-VAE tokenizer (.safetensors), by its extension."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext in PALETTE_EXTENSIONS:
+        return Palette.load(path)
+    if ext == VQ_EXTENSION:
+        return VQTokenizer.load(path)
+    raise ValueError(f"tokenizer file {path} must be a palette ({', '.join(PALETTE_EXTENSIONS)}) or a VQ-VAE "
+                     f"tokenizer ({VQ_EXTENSION})")
+
+
+def file_name(tok: AnyTokenizer) -> str:
+    """The name a tokenizer is stored under inside a checkpoint, run or cache directory."""
+    return VQ_FILE if tok.kind == "vqvae" else PALETTE_FILE
+
+
+def save_in(tok: AnyTokenizer, directory: str | os.PathLike[str]) -> Path:
+    """Write ``tok`` into ``directory`` under ``file_name``; returns the file."""
+    path = Path(directory) / file_name(tok)
+    tok.save(path)
+    return path
+
+
+def stored_in(directory: str | os.PathLike[str]) -> Path | None:
+    """The tokenizer file a checkpoint, run or cache directory holds (a VQ tokenizer first), or None."""
+    for name in (VQ_FILE, PALETTE_FILE):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def load_from(directory: str | os.PathLike[str]) -> AnyTokenizer:
+    """The tokenizer stored in ``directory``; an error naming it when there is none."""
+    path = stored_in(directory)
+    if path is None:
+        raise FileNotFoundError(f"{directory} holds no tokenizer ({PALETTE_FILE} or {VQ_FILE})")
+    return load_tokenizer(path)
+
+
+def require_palette(tok: AnyTokenizer, what: str) -> Palette:
+    """``tok`` as a Palette, or a one-line error saying that ``what`` knows only palettes."""
+    if not isinstance(tok, Palette):
+        raise ValueError(f"{what} knows only palettes; tokenizer {tok.describe()} is a {tok.kind}")
+    return tok
