@@ -10,14 +10,15 @@ from typing import Any
 from igpt.atomic import check_output, write_json
 from igpt.cli.args import (add_checkpoint, add_eval_data, add_fields, add_labelled_inputs, add_overwrite, build,
                            command)
-from igpt.config import ClassifyConfig, EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
+from igpt.config import AttentiveConfig, ClassifyConfig, EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
+from igpt.eval.attentive import attentive_checkpoint, format_attentive
 from igpt.eval.classify import classify
 from igpt.eval.probe import format_table, probe_checkpoint
 from igpt.eval.score import score
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    cfg = build(ProbeConfig, args)
+    cfg, attentive = build(ProbeConfig, args), build(AttentiveConfig, args)  # both checked before any work
     metrics = probe_checkpoint(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
                                resize=args.resize, overwrite=args.overwrite, any_palette=args.any_palette)
     print(format_table(metrics))
@@ -25,6 +26,18 @@ def cmd_probe(args: argparse.Namespace) -> None:
                if cfg.labels_per_class else f"{metrics['n_train']} training images")
     print(f"\nbest layer {metrics['best_layer']} (by validation accuracy): test accuracy "
           f"{metrics['best_acc']:.4f} ({setting}); outputs in {args.out}/: metrics.json, probe.png, feats-*.npz")
+    if attentive.attentive:
+        _attentive(args, cfg, attentive)
+
+
+def _attentive(args: argparse.Namespace, cfg: ProbeConfig, attentive: AttentiveConfig) -> None:
+    metrics = attentive_checkpoint(args.checkpoint, args.data, args.out, attentive, cfg, build(FeatureConfig, args),
+                                   resize=args.resize, any_palette=args.any_palette)
+    print("\nattentive probe (frozen trunk, learned-query cross-attention + linear, AdamW):")
+    print(format_attentive(metrics))
+    for layer, r in metrics["attentive"].items():
+        print(f"attentive probe on layer {layer}: test accuracy {r['test_acc']:.4f} (lr {r['lr']:.0e} and epoch "
+              f"{r['epoch']} chosen on validation, val acc {r['val_acc']:.4f}); in {args.out}/metrics.json")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -63,6 +76,7 @@ def _probe_parser(sub: Any) -> None:
     add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
     add_fields(p, ProbeConfig, title="probe")
     add_fields(p, FeatureConfig, title="features")
+    add_fields(p, AttentiveConfig, title="attentive probe")
     add_overwrite(p)
     p.set_defaults(func=cmd_probe)
 
