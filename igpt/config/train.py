@@ -136,6 +136,9 @@ class FinetuneConfig:
     val_fraction: float = arg(0.1, "fraction of train carved out (seeded) for validation when the data has no "
                               "val split")
     labels_per_class: int = arg(0, "train on a balanced, seeded subset of this many images per class (0: all)")
+    head_layer: int = arg(-1, "layer whose normed, mean-pooled features feed the head: 0..n_layer, as igpt probe "
+                          "numbers them (n_layer: the final norm); -1 = the final norm. The generative loss still "
+                          "reads the whole model's output (the paper's section 4.5 puts the head on a middle layer)")
     any_palette: bool = any_palette_arg()
     eval_batch_size: int = arg(256, "images per forward pass when evaluating")
     seed: int = seed_arg("seed for the head, batch order, augmentation, masks and subsets")
@@ -146,6 +149,7 @@ class FinetuneConfig:
         check_fields(self)
         require_at_least(self, ("batch_size", "max_steps", "eval_every", "patience", "eval_batch_size"), 1)
         require_at_least(self, ("warmup_steps", "labels_per_class", "gen_weight", "grad_clip"), 0)
+        require_at_least(self, ("head_layer",), -1)
         require_positive(self, ("lr",))
         for beta in ("beta1", "beta2"):
             require_fraction(self, beta)

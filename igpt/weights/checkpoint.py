@@ -139,7 +139,8 @@ def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
 
 
 def load_head(ckpt_dir: Path, record: CheckpointRecord, device: str | torch.device = "cpu") -> torch.nn.Linear:
-    """The classifier head of a fine-tuned checkpoint: (B, d) mean-pooled final-norm output -> class logits."""
+    """The classifier head of a fine-tuned checkpoint: (B, d) mean-pooled normed features of the layer
+    ``record.head_layer`` (the final norm unless fine-tuned with --head-layer) -> class logits."""
     if record.finetuned is None or not (ckpt_dir / CLASSIFIER).is_file():
         raise ValueError(f"{ckpt_dir} has no {CLASSIFIER}: it is not a fine-tuned classifier (see igpt finetune)")
     n_classes, d = record.finetuned.n_classes, record.model.n_embd
