@@ -15,10 +15,21 @@ from igpt.eval.attentive import attentive_checkpoint, format_attentive
 from igpt.eval.classify import classify
 from igpt.eval.probe import format_table, probe_checkpoint
 from igpt.eval.score import score
+from igpt.eval.sweep import format_sweep, sweep_checkpoints
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
     cfg, attentive = build(ProbeConfig, args), build(AttentiveConfig, args)  # both checked before any work
+    if args.all_checkpoints:
+        if attentive.attentive:
+            raise ValueError("--attentive probes one checkpoint; leave it out of --all-checkpoints")
+        result = sweep_checkpoints(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
+                                   resize=args.resize, any_palette=args.any_palette, overwrite=args.overwrite)
+        print(format_sweep(result))
+        reused = f"; {len(result['skipped'])} read back from an earlier sweep" if result["skipped"] else ""
+        print(f"\n{len(result['rows'])} checkpoints, validation loss on the {result['split']} split{reused}; outputs "
+              f"in {args.out}/: sweep.json, sweep.csv, sweep.png, step-*/")
+        return
     metrics = probe_checkpoint(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
                                resize=args.resize, overwrite=args.overwrite, any_palette=args.any_palette)
     print(format_table(metrics))
@@ -77,6 +88,10 @@ def _probe_parser(sub: Any) -> None:
     add_fields(p, ProbeConfig, title="probe")
     add_fields(p, FeatureConfig, title="features")
     add_fields(p, AttentiveConfig, title="attentive probe")
+    p.add_argument("--all-checkpoints", action="store_true",
+                   help="--checkpoint is a run directory: score (validation loss) and probe each of its kept "
+                   "checkpoints (pretrain --keep-every N), and write sweep.json, sweep.csv and sweep.png (best-layer "
+                   "accuracy against validation loss) to --out; a rerun skips the checkpoints already done")
     add_overwrite(p)
     p.set_defaults(func=cmd_probe)
 

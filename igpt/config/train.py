@@ -44,6 +44,9 @@ class TrainConfig:
                             "disables. BERT models fill a blank canvas by iterative infilling")
     ckpt_every: int = arg(500, "steps between checkpoints (one is always written at the end)")
     keep_last: int = arg(2, "how many step checkpoints to keep")
+    keep_every: int = arg(0, "also write and keep the checkpoint of every step that is a multiple of this, exempt "
+                          "from --keep-last (for igpt probe --all-checkpoints, probe accuracy against validation "
+                          "loss over training); 0 = off")
     sharded_checkpoint: bool = arg(False, "write checkpoints with torch.distributed.checkpoint: each process "
                                    "saves its own shards, nothing is gathered on one rank (for --fsdp with "
                                    "large models); resumable on any number of processes")
@@ -65,8 +68,8 @@ class TrainConfig:
         require_fraction(self, "mask_prob", low_open=True)
         # log_every and ckpt_every are step periods (step % every): 0 has no meaning there
         require_at_least(self, ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every", "ckpt_every"), 1)
-        require_at_least(self, ("eval_every", "eval_batches", "workers", "weight_decay", "grad_clip", "sample_every"),
-                         0)
+        require_at_least(self, ("eval_every", "eval_batches", "workers", "weight_decay", "grad_clip", "sample_every",
+                                "keep_every"), 0)
         require_at_least(self, ("warmup_steps",), -1)
         require_positive(self, ("lr", "dist_timeout"))
         require_fraction(self, "min_lr_ratio", high_open=False)
@@ -84,7 +87,8 @@ class TrainConfig:
 # What ``pretrain --resume`` may change: how long the run goes, how often it reports and saves, and where and
 # how fast it computes. The rest (the model, the data, the objective and the optimisation) is fixed for the
 # life of a run. A longer --max-steps also stretches the cosine schedule from the step it resumes at.
-RESUME_CHANGES = ("max_steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "workers",
+RESUME_CHANGES = ("max_steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "keep_every",
+                  "workers",
                   "tensorboard", "sample_every", "device", "dtype", "compile", "dist_timeout", "grad_checkpoint")
 
 

@@ -90,14 +90,21 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / CONFIG).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints, each renamed away before it is deleted, so a
-    reader never finds one half gone."""
+def checkpoint_step(ckpt_dir: Path) -> int:
+    """The step of a step checkpoint, from its name ``step-NNNNNNN``."""
+    return int(ckpt_dir.name.split("-")[1])
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and those of the steps that are multiples of
+    ``keep_every`` (when it is > 0), each renamed away before it is deleted, so a reader never finds one half
+    gone."""
     for old in step_checkpoints(run_dir)[:-keep_last]:
-        remove_dir(old)
+        if not (keep_every and checkpoint_step(old) % keep_every == 0):
+            remove_dir(old)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
