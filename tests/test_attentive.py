@@ -80,7 +80,8 @@ def test_attentive_head_reads_tokens_not_their_mean():
 def test_bad_attentive_flags_and_layers(trunk):
     model, palette = trunk
     for kw, match in (({"attentive_lr": "fast"}, "--attentive-lr"), ({"attentive_lr": "0"}, "--attentive-lr"),
-                      ({"attentive_layers": "x"}, "--attentive-layers"), ({"attentive_epochs": 0}, "--attentive-epochs")):
+                      ({"attentive_layers": "x"}, "--attentive-layers"),
+                      ({"attentive_epochs": 0}, "--attentive-epochs")):
         with pytest.raises(ValueError, match=match):
             AttentiveConfig(**kw)
     with pytest.raises(ValueError, match="outside this model's layers 0..2"):
@@ -93,14 +94,19 @@ def test_bad_attentive_flags_and_layers(trunk):
 
 def test_cli_probe_attentive_reports_beside_the_linear_probe(trunk, tmp_path, capsys):
     model, palette = trunk
-    save_checkpoint(tmp_path / "ckpt", model, palette, CheckpointRecord(model.config, palette.fingerprint(), "ar", step=0))
+    record = CheckpointRecord(model.config, palette.fingerprint(), "ar", step=0)
+    save_checkpoint(tmp_path / "ckpt", model, palette, record)
     rng = np.random.default_rng(0)
     y_train, y_test = rng.integers(0, 3, 60), rng.integers(0, 3, 30)
-    pixels = lambda y: np.clip(y[:, None, None, None] * 100 + rng.integers(0, 40, (len(y), 4, 4, 3)), 0, 255)  # noqa: E731
-    np.savez(tmp_path / "toy.npz", x_train=pixels(y_train).astype(np.uint8), y_train=y_train.astype(np.uint8),
-             x_test=pixels(y_test).astype(np.uint8), y_test=y_test.astype(np.uint8))
+
+    def pixels(y: np.ndarray) -> np.ndarray:
+        return np.clip(y[:, None, None, None] * 100 + rng.integers(0, 40, (len(y), 4, 4, 3)), 0, 255).astype(np.uint8)
+
+    np.savez(tmp_path / "toy.npz", x_train=pixels(y_train), y_train=y_train.astype(np.uint8), x_test=pixels(y_test),
+             y_test=y_test.astype(np.uint8))
     out = tmp_path / "probe"
-    assert main(["probe", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "toy.npz"), "--out", str(out),
+    ckpt, data = str(tmp_path / "ckpt"), str(tmp_path / "toy.npz")
+    assert main(["probe", "--checkpoint", ckpt, "--data", data, "--out", str(out),
                  "--l2", "1e-2", "--max-iter", "30", "--device", "cpu", "--attentive", "--attentive-epochs", "2",
                  "--attentive-lr", "1e-3", "--attentive-batch-size", "16", "--attentive-heads", "2"]) == 0
     text = capsys.readouterr().out
@@ -109,8 +115,8 @@ def test_cli_probe_attentive_reports_beside_the_linear_probe(trunk, tmp_path, ca
     assert set(m["attentive"]) == {best} and m["attentive_config"]["attentive_epochs"] == 2
     assert "attentive acc" in text and f"attentive probe on layer {best}: test accuracy" in text
     assert set(m["layers"]) == {"0", "1", "2"}  # the linear probe's results stay beside it
-    code = main(["probe", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "toy.npz"), "--out",
-                 str(tmp_path / "bad"), "--attentive", "--attentive-lr", "-1", "--device", "cpu"])
+    code = main(["probe", "--checkpoint", ckpt, "--data", data, "--out", str(tmp_path / "bad"), "--attentive",
+                 "--attentive-lr", "-1", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--attentive-lr" in err
     assert not (tmp_path / "bad").exists()  # refused before any work

@@ -191,7 +191,8 @@ def test_head_layer_is_recorded_and_read_back_by_classify_and_refused_by_hf_expo
     clf = Classifier(model, 10, head_layer=record.head_layer)
     clf.head.load_state_dict(head.state_dict())
     with torch.no_grad():
-        preds = torch.cat([clf(ids)[1].argmax(1) for ids, _ in labelled_batches(test, 128, palette, torch.device("cpu"))])
+        batches = labelled_batches(test, 128, palette, torch.device("cpu"))
+        preds = torch.cat([clf(ids)[1].argmax(1) for ids, _ in batches])
     assert abs((preds.numpy() == test.labels).mean() - m["test_acc"]) < 1e-9
     image = tmp_path / "digit.png"
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
