@@ -170,11 +170,11 @@ class AttentiveConfig:
                                 "chosen on validation), 'all', or a comma-separated list such as 2,3")
     attentive_epochs: int = arg(10, "epochs over the fit part of train; the epoch scored is chosen on the "
                                 "validation carve")
-    attentive_lr: str = arg("1e-3,3e-4", "comma-separated AdamW learning rates, all trained at once on the same "
+    attentive_lr: str = arg("3e-3,1e-3", "comma-separated AdamW learning rates, all trained at once on the same "
                             "batches; the one scored is chosen on the validation carve")
     attentive_weight_decay: float = arg(0.05, "AdamW weight decay of the head")
     attentive_heads: int = arg(4, "attention heads of the query (must divide the model width)")
-    attentive_batch_size: int = arg(128, "images per step of the attentive probe")
+    attentive_batch_size: int = arg(64, "images per step of the attentive probe")
 
     def __post_init__(self) -> None:
         check_fields(self)
