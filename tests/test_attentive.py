@@ -120,3 +120,26 @@ def test_cli_probe_attentive_reports_beside_the_linear_probe(trunk, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--attentive-lr" in err
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_sigterm_stops_the_attentive_probe_between_batches(trunk, monkeypatch):
+    import os
+    import signal
+
+    from igpt.eval import attentive
+    from igpt.stop import Stopped
+
+    model, palette = trunk
+    calls = []
+    states = attentive._Trunk.states
+
+    def signalled(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster would, in the middle of the first epoch
+        return states(self, *args)
+
+    monkeypatch.setattr(attentive._Trunk, "states", signalled)
+    with pytest.raises(Stopped, match="stopped by SIGTERM in epoch 1 of 4"):
+        attentive_probe(model, palette, _toy(240, 0), _toy(90, 1), [1], CFG, val_fraction=0.2)
+    assert len(calls) == 2  # the batch under way finished; no other began
