@@ -209,3 +209,30 @@ def test_head_layer_is_recorded_and_read_back_by_classify_and_refused_by_hf_expo
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
     with pytest.raises(ValueError, match="--head-layer must be >= -1"):
         _small_cfg(head_layer=-2)
+
+
+def test_a_resumed_fine_tune_keeps_its_head_layer(digits_run, tmp_path, monkeypatch):
+    import os
+    import signal
+    import sys
+
+    from igpt.stop import Stopped
+    from igpt.train.finetune import resume_finetune
+
+    ft = sys.modules["igpt.train.finetune"]  # the module (igpt.train.finetune the attribute is the function)
+
+    seen, real = [], ft.losses
+
+    def spy(clf, *args, **kw):
+        seen.append(clf.head_layer)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(clf, *args, **kw)
+
+    monkeypatch.setattr(ft, "losses", spy)
+    cfg = _small_cfg(head_layer=0, max_steps=6, eval_every=3, labels_per_class=4, batch_size=8)
+    with pytest.raises(Stopped):
+        finetune(digits_run / "run", str(digits_run / "cache"), tmp_path / "ft", cfg, progress=False)
+    m = resume_finetune(tmp_path / "ft", progress=False)
+    assert m["steps"] == 6 and set(seen) == {0}  # every step before and after the resume read layer 0
+    assert load_classifier(tmp_path / "ft")[3].head_layer == 0
