@@ -134,15 +134,15 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 def sweep_plot(rows: list[dict[str, Any]], title: str) -> Image.Image:
     """Best-layer test accuracy (%) against validation loss (nats/token), one point per checkpoint labelled
-    by its step, joined in step order (training runs right to left as the loss falls)."""
+    by its step, joined in step order; the loss axis is reversed, so training runs left to right."""
     fig = Figure(figsize=(6.4, 4.4), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     loss = np.array([r["val_loss"] for r in rows])
     acc = 100 * np.array([r["best_acc"] for r in rows])
-    ax.plot(loss, acc, color="tab:blue", lw=1.2, marker="o", ms=6, label="best layer (chosen on validation)")
-    for r, x, y in zip(rows, loss, acc):
-        ax.annotate(f"step {r['step']} (layer {r['best_layer']})", (x, y), textcoords="offset points",
-                    xytext=(6, 6), fontsize=8)
+    ax.plot(loss, acc, color="tab:blue", lw=1.2, marker="o", ms=6,
+            label="best layer, chosen on validation (points labelled by step)")
+    for r, x, y in zip(rows, loss, acc):  # short labels: the late points crowd together
+        ax.annotate(str(r["step"]), (x, y), textcoords="offset points", xytext=(6, -3), fontsize=8)
     ax.set(xlabel="validation loss (nats/token)", ylabel="linear probe test accuracy (%)", title=title)
     ax.invert_xaxis()  # lower loss to the right, as training goes
     ax.margins(x=0.15, y=0.15)
