@@ -51,6 +51,7 @@ class Finetuned:
     classes: tuple[str, ...] | None = None
     val_acc: float | None = None
     base_checkpoint: str | None = None
+    head_layer: int | None = None  # whose normed, mean-pooled features the head reads; None: the final norm
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class CheckpointRecord:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be 'ar' or 'bert', got {self.objective!r}")
+        layer = self.finetuned.head_layer if self.finetuned is not None else None
+        if layer is not None and not 0 <= layer <= self.model.n_layer:
+            raise ValueError(f"finetuned.head_layer {layer} is outside the model's layers 0..{self.model.n_layer}")
 
     @property
     def n_px(self) -> int:
@@ -79,6 +83,13 @@ class CheckpointRecord:
     @property
     def reading(self) -> Reading:
         return read_as(self.objective, self.mask_prob)
+
+    @property
+    def head_layer(self) -> int:
+        """The layer (0..n_layer) whose features a fine-tuned head reads, numbered as ``GPT.layer_features``
+        numbers them: l < n_layer is block l's first norm of the stream entering it, n_layer the final norm."""
+        layer = self.finetuned.head_layer if self.finetuned is not None else None
+        return self.model.n_layer if layer is None else layer
 
     def replace(self, **changes: Any) -> "CheckpointRecord":
         return dataclasses.replace(self, **changes)

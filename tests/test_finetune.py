@@ -21,7 +21,7 @@ from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 from igpt.train.finetune import Classifier, finetune, losses
 from igpt.train.pretrain import pretrain
-from igpt.weights.checkpoint import save_checkpoint
+from igpt.weights.checkpoint import resolve_checkpoint, save_checkpoint
 from igpt.weights.convert import load as load_checkpoint
 from igpt.weights.convert import load_classifier
 
@@ -144,3 +144,95 @@ def test_cli_finetune_and_bad_input(digits_run, tmp_path, capsys):
         load_classifier(digits_run / "run")
     with pytest.raises(ValueError, match="val-fraction"):
         FinetuneConfig(val_fraction=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- --head-layer
+
+
+def test_head_layer_changes_which_features_feed_the_head(nano_model):
+    ids = torch.randint(0, nano_model.config.n_vocab, (4, nano_model.config.n_ctx))
+    mid, top = Classifier(nano_model, 3, head_layer=1), Classifier(nano_model, 3)
+    for clf in (mid, top):
+        with torch.no_grad():
+            clf.head.weight.normal_(generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z_mid, logits_mid = mid(ids)
+        z_top, logits_top = top(ids)
+        assert torch.allclose(z_mid, z_top, atol=1e-6)  # L_GEN reads the whole model either way
+        assert torch.allclose(logits_mid, mid.head(nano_model.layer_features(ids, [1])[1]), atol=1e-5)
+        assert torch.allclose(logits_top, top.head(nano_model.layer_features(ids, [2])[2]), atol=1e-5)
+        nano_model.blocks[1].mlp.c_proj.weight.mul_(3)  # past layer 1's features, before the final norm
+        assert torch.allclose(mid(ids)[1], logits_mid, atol=1e-6)
+        assert not torch.allclose(top(ids)[1], logits_top, atol=1e-3)
+    with pytest.raises(ValueError, match="--head-layer 3 is outside this checkpoint's layers 0..2"):
+        Classifier(nano_model, 3, head_layer=3)
+
+
+def test_head_layer_is_recorded_and_read_back_by_classify_and_refused_by_hf_export(digits_run, tmp_path):
+    from PIL import Image
+
+    from igpt.config import ClassifyConfig
+    from igpt.data.images import encode_images
+    from igpt.eval.classify import classify
+    from igpt.weights.convert import export_hf
+
+    data = str(digits_run / "cache")
+    m = finetune(digits_run / "run", data, tmp_path / "ft", _small_cfg(head_layer=1, max_steps=40, eval_every=20),
+                 progress=False)
+    model, head, palette, record = load_classifier(tmp_path / "ft")
+    assert record.finetuned.head_layer == 1 and record.head_layer == 1
+    ckpt_dir = resolve_checkpoint(tmp_path / "ft")
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    assert config["finetuned"]["head_layer"] == 1
+    assert CheckpointRecord.from_json(config, "config.json") == record  # the record round-trips
+
+    # test_acc was scored reading layer 1, as igpt classify reads it
+    test = open_labelled(data, "test", n_px=8, palette=palette)
+    clf = Classifier(model, 10, head_layer=record.head_layer)
+    clf.head.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        batches = labelled_batches(test, 128, palette, torch.device("cpu"))
+        preds = torch.cat([clf(ids)[1].argmax(1) for ids, _ in batches])
+    assert abs((preds.numpy() == test.labels).mean() - m["test_acc"]) < 1e-9
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
+    top = classify(ckpt_dir, [str(image)], ClassifyConfig(top_k=1, device="cpu"))[0][0]
+    with torch.no_grad():
+        probs = head(model.layer_features(encode_images([str(image)], palette, 8, "center"), [1])[1]).softmax(-1)
+    assert top.prob == pytest.approx(float(probs.max()), abs=1e-5)
+    assert top.label == record.finetuned.classes[int(probs.argmax())]
+
+    with pytest.raises(ValueError, match="reads layer 1 .*final norm"):
+        export_hf(tmp_path / "ft", tmp_path / "hf")
+    with pytest.raises(ValueError, match="outside this checkpoint's layers 0..2"):
+        finetune(digits_run / "run", data, tmp_path / "bad", _small_cfg(head_layer=5), progress=False)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+    with pytest.raises(ValueError, match="--head-layer must be >= -1"):
+        _small_cfg(head_layer=-2)
+
+
+def test_a_resumed_fine_tune_keeps_its_head_layer(digits_run, tmp_path, monkeypatch):
+    import os
+    import signal
+    import sys
+
+    from igpt.stop import Stopped
+    from igpt.train.finetune import resume_finetune
+
+    ft = sys.modules["igpt.train.finetune"]  # the module (igpt.train.finetune the attribute is the function)
+
+    seen, real = [], ft.losses
+
+    def spy(clf, *args, **kw):
+        seen.append(clf.head_layer)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(clf, *args, **kw)
+
+    monkeypatch.setattr(ft, "losses", spy)
+    cfg = _small_cfg(head_layer=0, max_steps=6, eval_every=3, labels_per_class=4, batch_size=8)
+    with pytest.raises(Stopped):
+        finetune(digits_run / "run", str(digits_run / "cache"), tmp_path / "ft", cfg, progress=False)
+    m = resume_finetune(tmp_path / "ft", progress=False)
+    assert m["steps"] == 6 and set(seen) == {0}  # every step before and after the resume read layer 0
+    assert load_classifier(tmp_path / "ft")[3].head_layer == 0

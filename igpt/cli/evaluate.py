@@ -10,14 +10,26 @@ from typing import Any
 from igpt.atomic import check_output, write_json
 from igpt.cli.args import (add_checkpoint, add_eval_data, add_fields, add_labelled_inputs, add_overwrite, build,
                            command)
-from igpt.config import ClassifyConfig, EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
+from igpt.config import AttentiveConfig, ClassifyConfig, EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
+from igpt.eval.attentive import attentive_checkpoint, format_attentive
 from igpt.eval.classify import classify
 from igpt.eval.probe import format_table, probe_checkpoint
 from igpt.eval.score import score
+from igpt.eval.sweep import format_sweep, sweep_checkpoints
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    cfg = build(ProbeConfig, args)
+    cfg, attentive = build(ProbeConfig, args), build(AttentiveConfig, args)  # both checked before any work
+    if args.all_checkpoints:
+        if attentive.attentive:
+            raise ValueError("--attentive probes one checkpoint; leave it out of --all-checkpoints")
+        result = sweep_checkpoints(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
+                                   resize=args.resize, any_palette=args.any_palette, overwrite=args.overwrite)
+        print(format_sweep(result))
+        reused = f"; {len(result['skipped'])} read back from an earlier sweep" if result["skipped"] else ""
+        print(f"\n{len(result['rows'])} checkpoints, validation loss on the {result['split']} split{reused}; outputs "
+              f"in {args.out}/: sweep.json, sweep.csv, sweep.png, step-*/")
+        return
     metrics = probe_checkpoint(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
                                resize=args.resize, overwrite=args.overwrite, any_palette=args.any_palette)
     print(format_table(metrics))
@@ -25,6 +37,18 @@ def cmd_probe(args: argparse.Namespace) -> None:
                if cfg.labels_per_class else f"{metrics['n_train']} training images")
     print(f"\nbest layer {metrics['best_layer']} (by validation accuracy): test accuracy "
           f"{metrics['best_acc']:.4f} ({setting}); outputs in {args.out}/: metrics.json, probe.png, feats-*.npz")
+    if attentive.attentive:
+        _attentive(args, cfg, attentive)
+
+
+def _attentive(args: argparse.Namespace, cfg: ProbeConfig, attentive: AttentiveConfig) -> None:
+    metrics = attentive_checkpoint(args.checkpoint, args.data, args.out, attentive, cfg, build(FeatureConfig, args),
+                                   resize=args.resize, any_palette=args.any_palette)
+    print("\nattentive probe (frozen trunk, learned-query cross-attention + linear, AdamW):")
+    print(format_attentive(metrics))
+    for layer, r in metrics["attentive"].items():
+        print(f"attentive probe on layer {layer}: test accuracy {r['test_acc']:.4f} (lr {r['lr']:.0e} and epoch "
+              f"{r['epoch']} chosen on validation, val acc {r['val_acc']:.4f}); in {args.out}/metrics.json")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -65,6 +89,11 @@ def _probe_parser(sub: Any) -> None:
     add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
     add_fields(p, ProbeConfig, title="probe")
     add_fields(p, FeatureConfig, title="features")
+    add_fields(p, AttentiveConfig, title="attentive probe")
+    p.add_argument("--all-checkpoints", action="store_true",
+                   help="--checkpoint is a run directory: score (validation loss) and probe each of its kept "
+                   "checkpoints (pretrain --keep-every N), and write sweep.json, sweep.csv and sweep.png (best-layer "
+                   "accuracy against validation loss) to --out; a rerun skips the checkpoints already done")
     add_overwrite(p)
     p.set_defaults(func=cmd_probe)
 

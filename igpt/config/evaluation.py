@@ -157,3 +157,60 @@ class ProbeConfig:
         if not values or min(values) < 0 or not all(math.isfinite(v) for v in values):
             raise ValueError(f"--l2-grid must hold finite strengths >= 0, got {self.l2_grid!r}")
         return values
+
+
+@dataclass(frozen=True)
+class AttentiveConfig:
+    """The attentive probe of ``igpt probe --attentive``: a frozen trunk cut at a layer, one learned query
+    attending over that layer's token states, a linear classifier, trained with AdamW."""
+
+    attentive: bool = arg(False, "also train an attentive probe (a learned query attending over the token "
+                          "states of a layer, then a linear classifier) on --attentive-layers")
+    attentive_layers: str = arg("best", "layers the attentive probe reads: 'best' (the linear probe's layer "
+                                "chosen on validation), 'all', or a comma-separated list such as 2,3")
+    attentive_epochs: int = arg(10, "epochs over the fit part of train; the epoch scored is chosen on the "
+                                "validation carve")
+    attentive_lr: str = arg("3e-3,1e-3", "comma-separated AdamW learning rates, all trained at once on the same "
+                            "batches; the one scored is chosen on the validation carve")
+    attentive_weight_decay: float = arg(0.05, "AdamW weight decay of the head")
+    attentive_heads: int = arg(4, "attention heads of the query (must divide the model width)")
+    attentive_batch_size: int = arg(64, "images per step of the attentive probe")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.lrs  # noqa: B018 -- parses and validates the grid
+        require_at_least(self, ("attentive_epochs", "attentive_heads", "attentive_batch_size"), 1)
+        require_at_least(self, ("attentive_weight_decay",), 0)
+        spec = self.attentive_layers.strip()
+        if spec not in ("best", "all"):
+            try:
+                layers = [int(v) for v in spec.split(",") if v.strip()]
+            except ValueError:
+                layers = []
+            if not layers or min(layers) < 0:
+                raise ValueError(f"--attentive-layers must be 'best', 'all' or comma-separated layers >= 0, "
+                                 f"got {self.attentive_layers!r}")
+
+    @property
+    def lrs(self) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in self.attentive_lr.split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"--attentive-lr must be comma-separated learning rates > 0, got {self.attentive_lr!r}")
+        return tuple(sorted(set(values), reverse=True))
+
+    def layers(self, n_layer: int, best: int | None) -> list[int]:
+        """The layers to probe in a model of ``n_layer`` blocks (0..n_layer); ``best`` is the linear probe's."""
+        spec = self.attentive_layers.strip()
+        if spec == "all":
+            return list(range(n_layer + 1))
+        if spec == "best":
+            if best is None:
+                raise ValueError("--attentive-layers best needs the linear probe's best layer; name the layers")
+            return [best]
+        layers = sorted({int(v) for v in spec.split(",") if v.strip()})
+        if layers[-1] > n_layer:
+            raise ValueError(f"--attentive-layers {layers[-1]} is outside this model's layers 0..{n_layer}")
+        return layers

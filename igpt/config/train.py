@@ -44,6 +44,9 @@ class TrainConfig:
                             "disables. BERT models fill a blank canvas by iterative infilling")
     ckpt_every: int = arg(500, "steps between checkpoints (one is always written at the end)")
     keep_last: int = arg(2, "how many step checkpoints to keep")
+    keep_every: int = arg(0, "also write and keep the checkpoint of every step that is a multiple of this, exempt "
+                          "from --keep-last (for igpt probe --all-checkpoints, probe accuracy against validation "
+                          "loss over training); 0 = off")
     sharded_checkpoint: bool = arg(False, "write checkpoints with torch.distributed.checkpoint: each process "
                                    "saves its own shards, nothing is gathered on one rank (for --fsdp with "
                                    "large models); resumable on any number of processes")
@@ -65,8 +68,8 @@ class TrainConfig:
         require_fraction(self, "mask_prob", low_open=True)
         # log_every and ckpt_every are step periods (step % every): 0 has no meaning there
         require_at_least(self, ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every", "ckpt_every"), 1)
-        require_at_least(self, ("eval_every", "eval_batches", "workers", "weight_decay", "grad_clip", "sample_every"),
-                         0)
+        require_at_least(self, ("eval_every", "eval_batches", "workers", "weight_decay", "grad_clip", "sample_every",
+                                "keep_every"), 0)
         require_at_least(self, ("warmup_steps",), -1)
         require_positive(self, ("lr", "dist_timeout"))
         require_fraction(self, "min_lr_ratio", high_open=False)
@@ -84,7 +87,8 @@ class TrainConfig:
 # What ``pretrain --resume`` may change: how long the run goes, how often it reports and saves, and where and
 # how fast it computes. The rest (the model, the data, the objective and the optimisation) is fixed for the
 # life of a run. A longer --max-steps also stretches the cosine schedule from the step it resumes at.
-RESUME_CHANGES = ("max_steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "workers",
+RESUME_CHANGES = ("max_steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "keep_every",
+                  "workers",
                   "tensorboard", "sample_every", "device", "dtype", "compile", "dist_timeout", "grad_checkpoint")
 
 
@@ -138,6 +142,9 @@ class FinetuneConfig:
     val_fraction: float = arg(0.1, "fraction of train carved out (seeded) for validation when the data has no "
                               "val split")
     labels_per_class: int = arg(0, "train on a balanced, seeded subset of this many images per class (0: all)")
+    head_layer: int = arg(-1, "layer whose normed, mean-pooled features feed the head: 0..n_layer, as igpt probe "
+                          "numbers them (n_layer: the final norm); -1 = the final norm. The generative loss still "
+                          "reads the whole model's output (the paper's section 4.5 puts the head on a middle layer)")
     any_palette: bool = any_palette_arg()
     eval_batch_size: int = arg(256, "images per forward pass when evaluating")
     seed: int = seed_arg("seed for the head, batch order, augmentation, masks and subsets")
@@ -148,6 +155,7 @@ class FinetuneConfig:
         check_fields(self)
         require_at_least(self, ("batch_size", "max_steps", "eval_every", "patience", "eval_batch_size"), 1)
         require_at_least(self, ("warmup_steps", "labels_per_class", "gen_weight", "grad_clip"), 0)
+        require_at_least(self, ("head_layer",), -1)
         require_positive(self, ("lr",))
         for beta in ("beta1", "beta2"):
             require_fraction(self, beta)

@@ -2,8 +2,9 @@
 
 The images are resized exactly as the fine-tune resized its data (the ``resize`` recorded in the run's
 finetune.json, ``igpt.weights.card.run_facts``; ``center`` when the checkpoint stands alone), quantized
-with the checkpoint's palette, and read as the head was trained: the mean over positions of the final
-norm's output, a bias-free linear map, softmax. A BERT trunk reads the images unmasked.
+with the checkpoint's palette, and read as the head was trained: the mean over positions of the normed
+features of the layer the checkpoint records (the final norm unless it was fine-tuned with --head-layer), a
+bias-free linear map, softmax. A BERT trunk reads the images unmasked.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def classify(checkpoint: str | Path, images: ImageLike | Sequence[ImageLike],
     model, head, palette, record = load_classifier(ckpt_dir, device)
     resize = resize or run_facts(ckpt_dir).get("resize", "center")
     ids = encode_images(images, palette, model.config.n_px, resize)  # (B, T)
-    probs = head(model.forward_features(ids.to(device)).mean(dim=1)).float().softmax(-1)  # (B, n_classes)
+    layer = record.head_layer
+    feats = model.layer_features(ids.to(device), [layer])[layer]  # (B, D): mean over positions
+    probs = head(feats).float().softmax(-1)  # (B, n_classes)
     n = record.finetuned.n_classes  # type: ignore[union-attr]
     names = list(record.finetuned.classes or [f"class {i}" for i in range(n)])  # type: ignore[union-attr]
     top = probs.topk(min(top_k, n), dim=-1)

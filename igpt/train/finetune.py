@@ -1,7 +1,9 @@
 """Fine-tuning (paper section 2.4): the whole model plus a linear head on the mean-pooled final-norm output.
 
 - Head: ``clf_logits = mean_T(ln_f(h^L)) @ W^T``, W [n_classes, d] zero-initialised and bias-free, as
-  image-gpt's ``wclf``.
+  image-gpt's ``wclf``. ``--head-layer l`` puts it on a middle layer instead, on the probe's features of that
+  layer, ``mean_T(ln_1(h^l))`` (paper section 4.5: it trains faster; the final layer wins eventually); the
+  checkpoint records the layer (``Finetuned.head_layer``), so every reader of the head reads that layer.
 - Loss: ``L_CLF + gen_weight * L_GEN``; L_GEN is the checkpoint's own pretraining loss (AR next-pixel, or
   BERT on masked positions) computed from the same forward pass. The paper found L_GEN + L_CLF (weight 1)
   better than L_CLF alone; ``gen_weight=0`` trains on L_CLF only.
@@ -70,20 +72,29 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # keyed b
 
 
 class Classifier(nn.Module):
-    """A GPT and a zero-initialised head on the mean over positions of its final norm's output. The GPT
+    """A GPT and a zero-initialised head on the mean over positions of a layer's normed features: the final
+    norm's output by default, or layer ``head_layer`` (0..n_layer, numbered as ``GPT.layer_features``). The GPT
     reads ids as its weights were trained (``gpt.causal``); a BERT trunk's inputs are masked at
     ``mask_prob``."""
 
-    def __init__(self, gpt: GPT, n_classes: int, mask_prob: float = 0.15) -> None:
+    def __init__(self, gpt: GPT, n_classes: int, mask_prob: float = 0.15, head_layer: int | None = None) -> None:
         super().__init__()
+        L = gpt.config.n_layer
         self.gpt, self.mask_prob = gpt, mask_prob
+        self.head_layer = L if head_layer is None else head_layer
+        if not 0 <= self.head_layer <= L:
+            raise ValueError(f"--head-layer {head_layer} is outside this checkpoint's layers 0..{L} (-1: the final "
+                             "norm)")
         self.head = nn.Linear(gpt.config.n_embd, n_classes, bias=False)
         nn.init.zeros_(self.head.weight)
 
     def forward(self, ids: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final-norm output (B, T, D), class logits (B, n_classes))."""
-        z = self.gpt.hidden_states(ids, keep=keep)[-1]  # (B, T, D)
-        return z, self.head(z.mean(dim=1))
+        """(final-norm output (B, T, D), class logits (B, n_classes)) from one forward pass."""
+        if self.head_layer == self.gpt.config.n_layer:  # the final norm: one call of it feeds both losses
+            z = feats = self.gpt.hidden_states(ids, keep=keep)[-1]  # (B, T, D)
+        else:
+            z, (feats,) = self.gpt.forward_intermediates(ids, [self.head_layer], keep=keep)  # (B, T, D) each
+        return z, self.head(feats.mean(dim=1))
 
     def keep(self, shape: tuple[int, int], device: torch.device, *keys: int) -> torch.Tensor | None:
         """The input mask of a BERT trunk, drawn from ``keys``; None for an AR trunk."""
@@ -211,11 +222,12 @@ class _Job:
         classes = splits["train"].classes
         n_classes = max(int(labels.max()) + 1, len(classes or []))
         seed_everything(cfg.seed)
-        clf = Classifier(model, n_classes, mask_prob).to(device).train()
+        head_layer = None if cfg.head_layer == -1 else cfg.head_layer
+        clf = Classifier(model, n_classes, mask_prob, head_layer).to(device).train()
         record = CheckpointRecord(model.config, palette.fingerprint(), base.objective, mask_prob if not model.causal
                                   else None, data=str(data),
                                   finetuned=Finetuned(n_classes, tuple(classes) if classes else None,
-                                                      base_checkpoint=str(base_dir)))
+                                                      base_checkpoint=str(base_dir), head_layer=clf.head_layer))
         spec = {"checkpoint": str(base_dir), "data": str(data), "resize": resize, "config": dataclasses.asdict(cfg),
                 "data_identity": identity(data)}
         write_json(out / SPEC_FILE, spec)
@@ -232,7 +244,7 @@ class _Job:
         model, head, palette, record = load_classifier(out / LAST, device)
         splits = _splits(spec["data"], palette, model.config.n_px, cfg, spec["resize"])
         mask_prob = record.mask_prob if record.mask_prob is not None else cfg.mask_prob
-        clf = Classifier(model, record.finetuned.n_classes, mask_prob).to(device).train()
+        clf = Classifier(model, record.finetuned.n_classes, mask_prob, record.head_layer).to(device).train()
         clf.head.load_state_dict(head.state_dict())
         job = cls(out, spec, clf, palette, splits, record, cfg)
         state = ckpt.load_train_state(out / LAST)
@@ -260,8 +272,8 @@ class _Job:
         cfg, device, dtype = self.cfg, self.device, self.dtype
         with GracefulStop("finetune") as stop:
             best = _train(self, stop, progress)
-        tuned, head, _, _ = load_classifier(self.out, device)  # the best checkpoint, as a user would load it
-        best_clf = Classifier(tuned, self.clf.head.out_features, self.clf.mask_prob).to(device)
+        tuned, head, _, saved = load_classifier(self.out, device)  # the best checkpoint, as a user would load it
+        best_clf = Classifier(tuned, self.clf.head.out_features, self.clf.mask_prob, saved.head_layer).to(device)
         best_clf.head.load_state_dict(head.state_dict())
         metrics = {**best, "test_acc": _accuracy(best_clf, self.splits["test"], self.palette, cfg, device, dtype),
                    "checkpoint": str(ckpt.resolve_checkpoint(self.out)), "data": self.spec["data"],

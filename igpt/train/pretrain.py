@@ -251,7 +251,7 @@ class Trainer:
                 ckpt.save_checkpoint(ckpt_dir, self.model, self.palette, record,
                                      {**self._train_state(), "optimizer": optimizer}, state_dict=weights)
         if self.world.is_main:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last, self.cfg.keep_every)
         barrier(self.world)
 
     def _micro_loss(self, ids: torch.Tensor, micro: int) -> torch.Tensor:
@@ -473,7 +473,8 @@ def _loop(t: Trainer, metrics_log: MetricsLog | None, progress: bool,
                 _write_samples(t, metrics_log)
                 tick = time.perf_counter()
             stopping = any_across(stop.requested, t.world, t.device) and t.step < cfg.max_steps
-            if stopping or t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
+            kept = cfg.keep_every and t.step % cfg.keep_every == 0  # a checkpoint --keep-every keeps
+            if stopping or kept or t.step % cfg.ckpt_every == 0 or t.step == cfg.max_steps:
                 t.save()
                 tick = time.perf_counter()
             bar.update(1)

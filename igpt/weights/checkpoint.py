@@ -95,14 +95,21 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / CONFIG).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints, each renamed away before it is deleted, so a
-    reader never finds one half gone."""
+def checkpoint_step(ckpt_dir: Path) -> int:
+    """The step of a step checkpoint, from its name ``step-NNNNNNN``."""
+    return int(ckpt_dir.name.split("-")[1])
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and those of the steps that are multiples of
+    ``keep_every`` (when it is > 0), each renamed away before it is deleted, so a reader never finds one half
+    gone."""
     for old in step_checkpoints(run_dir)[:-keep_last]:
-        remove_dir(old)
+        if not (keep_every and checkpoint_step(old) % keep_every == 0):
+            remove_dir(old)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -147,7 +154,8 @@ def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
 
 
 def load_head(ckpt_dir: Path, record: CheckpointRecord, device: str | torch.device = "cpu") -> torch.nn.Linear:
-    """The classifier head of a fine-tuned checkpoint: (B, d) mean-pooled final-norm output -> class logits."""
+    """The classifier head of a fine-tuned checkpoint: (B, d) mean-pooled normed features of the layer
+    ``record.head_layer`` (the final norm unless fine-tuned with --head-layer) -> class logits."""
     if record.finetuned is None or not (ckpt_dir / CLASSIFIER).is_file():
         raise ValueError(f"{ckpt_dir} has no {CLASSIFIER}: it is not a fine-tuned classifier (see igpt finetune)")
     n_classes, d = record.finetuned.n_classes, record.model.n_embd

@@ -140,7 +140,8 @@ def load_located(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 def load_classifier(path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[GPT, torch.nn.Linear, AnyTokenizer, CheckpointRecord]:
     """A fine-tuned checkpoint (or its run directory): (model, head, palette, record). The head maps the mean
-    over positions of the final norm's output, (B, d), to class logits (B, n_classes)."""
+    over positions of the normed features of layer ``record.head_layer`` (``GPT.layer_features``; the final
+    norm unless fine-tuned with --head-layer), (B, d), to class logits (B, n_classes)."""
     def read(ckpt_dir: Path) -> tuple[GPT, torch.nn.Linear, AnyTokenizer, CheckpointRecord]:
         model, palette, record = load_igpt(ckpt_dir, device)
         return _hub_model(model, palette, record), load_head(ckpt_dir, record, device), palette, record
@@ -196,6 +197,9 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     if record.finetuned is None:
         return save_hf(model, palette, out, record, facts=facts)
     model, head, palette, record = load_classifier(src)
+    if record.head_layer != record.model.n_layer:
+        raise ValueError(f"{src}: its head reads layer {record.head_layer} (fine-tuned with --head-layer), but "
+                         "Hugging Face's ImageGPTForImageClassification reads the final norm; it cannot be exported")
     return save_hf(model, palette, out, record, head=head.weight, facts=facts)
 
 
