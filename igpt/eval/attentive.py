@@ -42,7 +42,7 @@ from igpt.data.splits import stratified_carve
 from igpt.data.streams import to_ids
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
-from igpt.palette import Palette
+from igpt.tokenizer import AnyTokenizer
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype
 from igpt.stop import GracefulStop, Stopped
 from igpt.weights.convert import load_located
@@ -76,7 +76,7 @@ class _Trunk:
     """The frozen model and how it is read."""
 
     model: GPT
-    palette: Palette
+    palette: AnyTokenizer
     layers: list[int]
     device: torch.device
     dtype: torch.dtype
@@ -120,7 +120,7 @@ def _accuracies(trunk: _Trunk, heads: dict[tuple[int, float], AttentiveHead], im
     return {key: n / max(1, len(index)) for key, n in correct.items()}
 
 
-def attentive_probe(model: GPT, palette: Palette, train: ImageSet, test: ImageSet, layers: list[int],
+def attentive_probe(model: GPT, palette: AnyTokenizer, train: ImageSet, test: ImageSet, layers: list[int],
                     cfg: AttentiveConfig = AttentiveConfig(), *, val_fraction: float = 0.1, seed: int = 0,
                     device: str | torch.device = "cpu", dtype: str = "auto", mask_prob: float | None = None,
                     progress: bool = False) -> dict[int, dict[str, Any]]:
@@ -198,8 +198,9 @@ def attentive_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path,
     metrics = read_json(path) if path.is_file() else {}
     _, (model, palette, record) = load_located(checkpoint)
     layers = cfg.layers(model.config.n_layer, metrics.get("best_layer"))
-    images = {split: open_labelled(data, split, n_px=model.config.n_px, palette=palette, resize=resize,
-                                   any_palette=any_palette) for split in ("train_all", "test")}
+    side = palette.pixel_side(model.config.n_px)  # the image side its tokenizer reads
+    images = {split: open_labelled(data, split, n_px=side, palette=palette, resize=resize, any_palette=any_palette)
+              for split in ("train_all", "test")}
     mask_prob = None
     if not model.causal and feat_cfg.bert_mask:
         mask_prob = record.reading.mask_prob if feat_cfg.mask_prob == -1 else feat_cfg.mask_prob
