@@ -189,3 +189,31 @@ def test_probe_errors_come_before_any_extraction(tmp_path, nano_model, nano_conf
         check_labels(labels, np.array([0, 2]))
     with pytest.raises(ValueError, match="out of range"):
         check_labels(np.array([0, -1]), np.array([0]))
+
+
+def _labelled_npz(path, n=40, seed=1):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    pixels = (rng.integers(0, 120, (n, 4, 4, 3)) + 120 * labels[:, None, None, None]).astype(np.uint8)
+    np.savez(path, x_train=pixels, y_train=labels, x_test=pixels[:10], y_test=labels[:10])
+    return str(path)
+
+
+def test_bert_probe_reads_the_checkpoint_mask_rate_and_votes_over_masks(tmp_path, nano_model, nano_config):
+    palette = Palette(np.linspace(-1, 1, 3 * nano_config.n_vocab).reshape(-1, 3))
+    nano_model.causal = False
+    record = CheckpointRecord(nano_config, palette.fingerprint(), "bert", mask_prob=0.4)
+    ckpt = save_checkpoint(tmp_path / "bert", nano_model, palette, record)
+    data = _labelled_npz(tmp_path / "d.npz")
+    cfg = ProbeConfig(l2=1e-2, max_iter=20, baseline=True)
+    voted = probe_checkpoint(ckpt, data, tmp_path / "v", cfg, FeatureConfig(device="cpu", layers="1-2", n_masks=3,
+                                                                           mask_combine="vote"), progress=False)
+    assert voted["features"]["mask_prob"] == 0.4  # -1: the rate the checkpoint records, not 0.15
+    # per model (trained, random init): one train store read under mask 0, three test stores (masks 0, 1, 2)
+    assert len(list((tmp_path / "v").glob("feats-train_all-*"))) == 2
+    assert len(list((tmp_path / "v").glob("feats-test-*"))) == 6
+    assert set(voted["probes"]) == {"linear", "linear, random init"} and voted["layers_probed"] == [1, 2]
+    mean = probe_checkpoint(ckpt, data, tmp_path / "m", ProbeConfig(l2=1e-2, max_iter=20),
+                            FeatureConfig(device="cpu", layers="2", n_masks=3), progress=False)
+    assert len(list((tmp_path / "m").glob("feats-test-*"))) == 1  # the mean over masks: one store
+    assert set(mean["probes"]["linear"]["layers"]) == {2}

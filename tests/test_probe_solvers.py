@@ -108,3 +108,25 @@ def test_concat_window_keeps_k_layers_shifting_at_the_ends():
     assert concat_layers(5, 25, 4) == [4, 5, 6, 7]  # even K: the extra layer after the best
     assert concat_layers(2, 5, 11) == [0, 1, 2, 3, 4]  # more than the model has: all of them
     assert concat_layers(6, [2, 4, 6, 8], 3) == [4, 6, 8]  # a --layers selection: its own neighbours
+
+
+def test_finetune_predictions_vote_over_bert_masks(nano_model):
+    from igpt.config import FinetuneConfig
+    from igpt.data.imageset import ImageSet
+    from igpt.palette import Palette
+    from igpt.train.finetune import Classifier, evaluate, predict
+
+    nano_model.causal = False
+    clf = Classifier(nano_model, 3, mask_prob=0.5)
+    torch.nn.init.normal_(clf.head.weight, std=3.0, generator=torch.Generator().manual_seed(0))
+    ids = np.random.default_rng(0).integers(0, 16, (50, 16)).astype(np.uint16)
+    images = ImageSet(4, None, ids, np.arange(50) % 3, None, None, "synthetic")
+    palette = Palette(np.linspace(-1, 1, 48).reshape(16, 3))
+    args = (clf, images, palette)
+    run = (torch.device("cpu"), torch.float32)
+    one = FinetuneConfig(device="cpu", n_masks=1)
+    each = np.stack([evaluate(*args, one, *run, mask=k)[0] for k in range(3)])
+    assert not np.array_equal(each[0], each[1])  # independent masks, different predictions
+    np.testing.assert_array_equal(predict(*args, one, *run), each[0])  # one mask: as before
+    voted = predict(*args, FinetuneConfig(device="cpu", n_masks=3), *run)
+    np.testing.assert_array_equal(voted, modal_vote(each, 3, seed=0))
