@@ -306,3 +306,15 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
     assert results["steps"] == 3 and set(results["trained"]) >= {"best_layer", "lossless", "all", "concat"}
     assert (out / "probe.png").exists() and (out / "cifar-ids" / "test_lossless.npy").exists()
     assert script.main(["run", "--ids", str(npz), "--out", str(tmp_path / "bad"), "--steps", "1"]) == 2
+
+
+def test_probe_plot_takes_named_curves_and_marks_the_chosen_layer():
+    from igpt.eval.plots import layer_accuracy_plot, probe_curves
+
+    result = {"layers": {"0": {"test_acc": 0.3, "accs": {"all": 0.3}}, "1": {"test_acc": 0.6, "accs": {"all": 0.6}}},
+              "best_layer": 1, "concat": {"layers": [0, 1], "test_acc": 0.65, "accs": {"all": 0.65}}}
+    curves = probe_curves({"probes": {"linear": result}})
+    assert curves["linear"] == {"accs": {0: 0.3, 1: 0.6}, "best_layer": 1, "concat": ([0, 1], 0.65)}
+    # a further probe kind is one more entry; a plain {layer: acc} mapping is a curve too
+    img = layer_accuracy_plot({**curves, "attentive probe": {0: 0.4, 1: 0.7}}, "t", chance=0.1)
+    assert img.size == (800, 500) and len(set(img.getdata())) > 10

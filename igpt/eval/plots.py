@@ -45,7 +45,7 @@ def _style(name: str, index: int) -> dict[str, Any]:
 
 
 def layer_accuracy_plot(curves: Mapping[str, Mapping[str, Any] | Mapping[int, float]], title: str, *,
-                        chance: float | None = None, size: tuple[float, float] = (7.5, 4.2)) -> Image.Image:
+                        chance: float | None = None, size: tuple[float, float] = (8.0, 5.0)) -> Image.Image:
     """A PNG-ready image of accuracy (%) against layer. ``curves`` maps a legend name to either
     ``{layer: acc}`` or ``{"accs": {layer: acc}, "best_layer": l or None, "concat": ([layers], acc) or
     None}``."""
@@ -88,7 +88,7 @@ def layer_accuracy_plot(curves: Mapping[str, Mapping[str, Any] | Mapping[int, fl
         ax.set_xticks(ticks[::step])
     ax.set(xlabel="layer (0 = embedding; last = final norm)", ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", frameon=False, fontsize=8)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False, fontsize=8)  # never over the curves
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
