@@ -317,4 +317,4 @@ def test_probe_plot_takes_named_curves_and_marks_the_chosen_layer():
     assert curves["linear"] == {"accs": {0: 0.3, 1: 0.6}, "best_layer": 1, "concat": ([0, 1], 0.65)}
     # a further probe kind is one more entry; a plain {layer: acc} mapping is a curve too
     img = layer_accuracy_plot({**curves, "attentive probe": {0: 0.4, 1: 0.7}}, "t", chance=0.1)
-    assert img.size == (800, 500) and len(set(img.getdata())) > 10
+    assert img.size == (800, 500) and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 10
