@@ -50,7 +50,7 @@ def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     with DirLock(out, "--out"):
         (out / DEMO_MARK).touch()
-        for earlier in (out / "run", out / "data", out / "probe"):  # a fresh run and cache each time the demo is started
+        for earlier in (out / "run", out / "data", out / "probe"):  # fresh each time the demo is started
             remove_dir(earlier)
         return _demo(out, cfg, seed, progress)
 

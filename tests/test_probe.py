@@ -99,7 +99,8 @@ def test_every_layer_best_marked_concat_and_low_data_mean_std():
     lossless = np.arange(300) < 100
     m = probe_features(feats, y, tfeats, yt, ProbeConfig(concat=3), subsets={"lossless": lossless, "all": None})
     assert m["best_layer"] == 2 and m["concat"]["layers"] == [1, 2, 3]
-    assert set(m["layers"][0]["accs"]) == {"lossless", "all"} and m["layers"][0]["test_acc"] == m["layers"][0]["accs"]["lossless"]
+    first = m["layers"][0]
+    assert set(first["accs"]) == {"lossless", "all"} and first["test_acc"] == first["accs"]["lossless"]
     low = probe_features(feats, y, tfeats, yt, ProbeConfig(labels_per_class=5, repeats=3))
     assert len(low["layers"][2]["runs"]) == 3 and low["layers"][2]["std"] >= 0
     assert all(len(s) == 20 for s in low["subsets"])

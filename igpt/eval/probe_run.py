@@ -22,7 +22,8 @@ from igpt.atomic import check_output, write_json
 from igpt.config import FeatureConfig, ProbeConfig
 from igpt.data.imageset import ImageSet
 from igpt.data.open import lossless_mask, open_labelled
-from igpt.eval.features import cached_extract, checkpoint_identity, describe_plan, feature_plan, for_reading, parse_layers
+from igpt.eval.features import (cached_extract, checkpoint_identity, describe_plan, feature_plan, for_reading,
+                                parse_layers)
 from igpt.eval.plots import chance_level, layer_accuracy_plot, probe_curves
 from igpt.eval.probe import check_labels, choose_solver, low_data_subsets, probe_features
 from igpt.model import GPT
@@ -125,6 +126,7 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     write_json(out / "metrics.json", metrics)
     subset = next(iter(subsets))
     title = f"linear probe: {Path(str(data)).name} ({subset} test images), step {record.step}"
-    curves = {LABELS.get(name, name): curve for name, curve in probe_curves(metrics, subset if len(subsets) > 1 else None).items()}
+    named = probe_curves(metrics, subset if len(subsets) > 1 else None)
+    curves = {LABELS.get(name, name): curve for name, curve in named.items()}
     save_png(layer_accuracy_plot(curves, title, chance=chance_level(test_y)), out / "probe.png")
     return metrics

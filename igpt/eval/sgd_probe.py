@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 IN_MEMORY_VALUES = 100_000_000  # 400 MB in float32
-CHUNK = 4096
-MIN_STEPS = 2000  # a fit takes at least this many steps, however few images (a small problem converges too)  # rows per read when statistics or predictions stream over a split
+CHUNK = 4096  # rows per read when statistics or predictions stream over a split
+MIN_STEPS = 2000  # a fit takes at least this many steps, however few images (a small problem converges too)
 
 
 class Rows:
