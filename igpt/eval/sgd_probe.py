@@ -42,8 +42,11 @@ class Rows:
             self._all = self._read(np.arange(self.n))
 
     def _read(self, index: np.ndarray) -> torch.Tensor:
-        parts = [np.asarray(c[index], dtype=np.float32) for c in self.columns]
-        return torch.from_numpy(np.concatenate(parts, axis=1)).to(self.device)
+        whole = len(index) == self.n and bool(np.all(index == np.arange(self.n)))
+        # all rows: read each file straight into float32 (one copy); one block: no concatenation copy
+        parts = [np.array(c if whole else c[index], dtype=np.float32) for c in self.columns]
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        return torch.from_numpy(rows).to(self.device)
 
     def take(self, index: np.ndarray) -> torch.Tensor:
         """(len(index), D) float32; a sorted index reads a memory map in file order."""
