@@ -26,8 +26,10 @@ from igpt.eval.features import (cached_extract, checkpoint_identity, describe_pl
                                 parse_layers)
 from igpt.eval.plots import chance_level, layer_accuracy_plot, probe_curves
 from igpt.eval.probe import check_labels, choose_solver, low_data_subsets, probe_features
+from igpt.lock import DirLock
 from igpt.model import GPT
 from igpt.palette import Palette
+from igpt.record import CheckpointRecord
 from igpt.runtime import resolve_device
 from igpt.viz import save_png
 from igpt.weights.convert import load_located
@@ -103,6 +105,24 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
         subsets = {"lossless": lossless_mask(data, len(images["test"])), "all": None}
     plan = _plan(model, images, feat_cfg, cfg, layers, cfg.baseline)
     log.info("%s", describe_plan(plan))
+    out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out, "--out"):  # one writer per feature store
+        metrics = _run(model, palette, record, ckpt_dir, images, layers, subsets, plan, cfg, feat_cfg, out, progress)
+    metrics["data"] = str(data)
+    write_json(out / "metrics.json", metrics)
+    subset = next(iter(subsets))
+    title = f"linear probe: {Path(str(data)).name} ({subset} test images), step {record.step}"
+    named = probe_curves(metrics, subset if len(subsets) > 1 else None)
+    curves = {LABELS.get(name, name): curve for name, curve in named.items()}
+    save_png(layer_accuracy_plot(curves, title, chance=chance_level(test_y)), out / "probe.png")
+    return metrics
+
+
+def _run(model: GPT, palette: Palette, record: CheckpointRecord, ckpt_dir: Path, images: dict[str, ImageSet], layers: list[int],
+         subsets: dict[str, np.ndarray | None], plan: dict[str, Any], cfg: ProbeConfig, feat_cfg: FeatureConfig,
+         out: Path, progress: bool) -> dict[str, Any]:
+    """Features and probes of the checkpoint (and of its random init with ``cfg.baseline``): the metrics."""
+    train_y, test_y = images["train_all"].labels, images["test"].labels
     device = resolve_device(feat_cfg.device)
     kw = {"subsets": subsets, "device": device, "progress": progress}
     models = [(LINEAR, model, checkpoint_identity(ckpt_dir, record))]
@@ -117,16 +137,7 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
         train, test = model_features(net, palette, images, feat_cfg, identity, layers, out, progress)
         probes[name] = probe_features(train, train_y, test, test_y, cfg, **kw)
     main = probes[LINEAR]
-    metrics = {"probes": probes, "best_layer": main["best_layer"], "best_val_acc": main["best_val_acc"],
-               "best_test_acc": main["best_test_acc"], "layers_probed": layers, "data": str(data),
-               "checkpoint": str(ckpt_dir), "objective": record.objective, "n_train": len(images["train_all"]),
-               "n_test": len(images["test"]), "plan": plan, "probe": dataclasses.asdict(cfg),
-               "features": dataclasses.asdict(feat_cfg)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    subset = next(iter(subsets))
-    title = f"linear probe: {Path(str(data)).name} ({subset} test images), step {record.step}"
-    named = probe_curves(metrics, subset if len(subsets) > 1 else None)
-    curves = {LABELS.get(name, name): curve for name, curve in named.items()}
-    save_png(layer_accuracy_plot(curves, title, chance=chance_level(test_y)), out / "probe.png")
-    return metrics
+    return {"probes": probes, "best_layer": main["best_layer"], "best_val_acc": main["best_val_acc"],
+            "best_test_acc": main["best_test_acc"], "layers_probed": layers, "checkpoint": str(ckpt_dir),
+            "objective": record.objective, "n_train": len(images["train_all"]), "n_test": len(images["test"]),
+            "plan": plan, "probe": dataclasses.asdict(cfg), "features": dataclasses.asdict(feat_cfg)}
