@@ -1,7 +1,7 @@
 """``igpt demo``: the whole pipeline on scikit-learn's bundled handwritten digits (real data, offline).
 
-palette fit -> prepare (ids cache) -> AR pretraining -> ridge probe on every layer against the same model
-at initialisation -> a grid of samples. About two minutes on two CPU cores.
+palette fit -> prepare (ids cache) -> AR pretraining -> the linear probe of ``igpt probe`` on every layer,
+against the same architecture at initialisation -> a grid of samples. About two minutes on two CPU cores.
 
 The digits are 8x8 greyscale with 17 intensity levels, so a 512-colour palette cannot exist for them; the
 demo fits 16 colours (k-means merges two neighbouring greys). Everything else is the paper's pipeline.
@@ -16,33 +16,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.atomic import check_writable, remove_dir, write_json
-from igpt.config import DataConfig, FeatureConfig, ModelConfig, TrainConfig
+from igpt.atomic import check_writable, remove_dir, write_bytes, write_json
+from igpt.config import DataConfig, FeatureConfig, ModelConfig, ProbeConfig, TrainConfig
 from igpt.data.open import open_split, prepare
-from igpt.eval.features import extract
-from igpt.eval.ridge_probe import probe_all_layers
+from igpt.eval.probe import format_table
+from igpt.eval.probe_run import LINEAR, LINEAR_INIT, probe_checkpoint
 from igpt.generate.sample import sample
 from igpt.lock import LOCK_FILE, DirLock
-from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.train.pretrain import pretrain
-from igpt.viz import grid, layer_plot, save_png
+from igpt.viz import grid, save_png
 from igpt.weights.convert import load
 
 log = logging.getLogger(__name__)
 DEMO_K = 16
 DEMO_MARK = ".igpt-demo"  # marks a directory the demo wrote, which a later demo may replace
-
-
-def probe_model(model: GPT, palette: Palette, data_dir: str, n_px: int) -> dict[str, Any]:
-    """Ridge probe of every layer: fitted on train+val, scored on the test split."""
-    feats, labels = {}, {}
-    for split in ("train_all", "test"):
-        images = open_split(data_dir, split, n_px=n_px)
-        found = extract(model, images, palette, FeatureConfig(device="cpu"), progress=False)
-        feats[split] = {layer: torch.from_numpy(f) for layer, f in found.items()}
-        labels[split] = torch.as_tensor(np.array(images.labels, dtype=np.int64))
-    return probe_all_layers(feats["train_all"], labels["train_all"], feats["test"], labels["test"])
 
 
 def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0, progress: bool = True) -> dict:
@@ -62,7 +50,7 @@ def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     with DirLock(out, "--out"):
         (out / DEMO_MARK).touch()
-        for earlier in (out / "run", out / "data"):  # a fresh run and cache each time the demo is started
+        for earlier in (out / "run", out / "data", out / "probe"):  # fresh each time the demo is started
             remove_dir(earlier)
         return _demo(out, cfg, seed, progress)
 
@@ -83,12 +71,10 @@ def _demo(out: Path, cfg: TrainConfig, seed: int, progress: bool) -> dict:
                       progress=progress)
     model, palette, _ = load(run_dir)
 
-    # 4. probes: trained vs the same architecture at initialisation
-    probe = probe_model(model, palette, data_dir, model_cfg.n_px)
-    torch.manual_seed(seed)
-    baseline = probe_model(GPT(model.config).eval(), palette, data_dir, model_cfg.n_px)
-    save_png(layer_plot(probe["acc"], "digits: ridge-probe test accuracy per layer (blue: trained, grey: init)",
-                        baseline["acc"]), out / "probe.png")
+    # 4. the linear probe of igpt probe, trained vs the same architecture at initialisation
+    probe = probe_checkpoint(run_dir, data_dir, out / "probe", ProbeConfig(baseline=True, seed=seed),
+                             FeatureConfig(device="cpu"), overwrite=True, progress=False)
+    write_bytes(out / "probe.png", (out / "probe" / "probe.png").read_bytes())
 
     # 5. samples
     ids = sample(model, 64, generator=torch.Generator().manual_seed(seed))
@@ -96,19 +82,22 @@ def _demo(out: Path, cfg: TrainConfig, seed: int, progress: bool) -> dict:
     save_png(grid(pixels, ncol=8, scale=4, title=f"64 samples · seed {seed}"),
              out / "samples.png")
 
+    trained, init = probe["probes"][LINEAR], probe["probes"][LINEAR_INIT]
     summary = {"val_loss_nats": result.get("val", {}).get("loss"), "train_loss_nats": result["train"]["loss"],
-               "probe_acc": probe["acc"], "probe_acc_init": baseline["acc"], "best_layer": probe["best_layer"],
-               "checkpoint": result["checkpoint"]}
+               "probe_acc": {layer: r["test_acc"] for layer, r in trained["layers"].items()},
+               "probe_acc_init": {layer: r["test_acc"] for layer, r in init["layers"].items()},
+               "best_layer": trained["best_layer"], "best_val_acc": trained["best_val_acc"],
+               "best_test_acc": trained["best_test_acc"], "checkpoint": result["checkpoint"]}
     write_json(out / "summary.json", summary)
-    _print_summary(out, summary)
+    _print_summary(out, summary, probe)
     return summary
 
 
-def _print_summary(out: Path, s: dict[str, Any]) -> None:
+def _print_summary(out: Path, s: dict[str, Any], probe: dict[str, Any]) -> None:
     print(f"\nvalidation loss {s['val_loss_nats']:.4f} nats/token (uniform over {DEMO_K} ids: "
           f"{np.log(DEMO_K):.4f})")
-    print("layer  probe acc (trained)  probe acc (init)")
-    for layer, acc in s["probe_acc"].items():
-        mark = "  <- best" if layer == s["best_layer"] else ""
-        print(f"{layer:>5}  {acc:>19.3f}  {s['probe_acc_init'][layer]:>16.3f}{mark}")
-    print(f"\noutputs in {out}/: samples.png, probe.png, summary.json, run/ (checkpoint, metrics.jsonl)")
+    print(format_table(probe["probes"][LINEAR], baseline=probe["probes"][LINEAR_INIT]))
+    print(f"\nlayer {s['best_layer']} chosen on validation (val accuracy {s['best_val_acc']:.3f}): test accuracy "
+          f"{s['best_test_acc']:.3f}")
+    print(f"outputs in {out}/: samples.png, probe.png, summary.json, probe/ (metrics.json, features), run/ "
+          "(checkpoint, metrics.jsonl)")

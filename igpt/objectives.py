@@ -7,9 +7,9 @@ Both return the mean cross-entropy in nats per token, computed in fp32 whatever 
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,3 +88,14 @@ def mean_loss(model: nn.Module, batches: Iterable[torch.Tensor], objective: str 
     if count == 0:
         raise ValueError("mean_loss: no batches")
     return {"loss": total / count, "bits": nats_to_bits(total / count), "images": count}
+
+
+def modal_vote(preds: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """The most frequent class of each column of ``preds`` (K, N) (K predictions of N images, e.g. under K
+    BERT masks: the paper's ensemble), ties broken uniformly at random by a generator seeded with ``seed``."""
+    preds = np.asarray(preds)
+    counts = np.zeros((preds.shape[1], n_classes))  # (N, C)
+    for row in preds:
+        counts[np.arange(preds.shape[1]), row] += 1
+    jitter = np.random.default_rng(seed).random(counts.shape) * 0.5  # < 1: only breaks ties
+    return (counts + jitter).argmax(1)

@@ -1,5 +1,5 @@
-"""PNG outputs people would rather see than read: image tables with headers, sample grids, training curves and
-accuracy-per-layer plots.
+"""PNG outputs people would rather see than read: image tables with headers, sample grids and training curves
+(probe plots, accuracy against layer, are ``igpt.eval.plots``).
 
 Everything is drawn with matplotlib on its Agg canvas (``Figure`` + ``FigureCanvasAgg``: no pyplot, no backend
 switch, nothing global). Image tiles are pasted pixel for pixel with ``figimage`` (never resampled) after a
@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from igpt.atomic import replacing
 
@@ -209,31 +209,3 @@ def curves_plot(records: Sequence[dict[str, Any]], title: str, loss_label: str =
     agg = FigureCanvasAgg(fig)
     agg.draw()
     return Image.fromarray(np.asarray(agg.buffer_rgba())[..., :3].copy())
-
-
-def layer_plot(accs: dict[int, float], title: str, baseline: dict[int, float] | None = None,
-               size: tuple[int, int] = (640, 360)) -> Image.Image:
-    """Accuracy against layer: a blue line for ``accs``, grey for ``baseline`` (e.g. random init)."""
-    W, H = size
-    left, right, top, bottom = 50, 20, 30, 40
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    layers = sorted(accs)
-    lo, hi = min(layers), max(max(layers), min(layers) + 1)
-    x = lambda l: left + (l - lo) / (hi - lo) * (W - left - right)  # noqa: E731
-    y = lambda a: top + (1 - a) * (H - top - bottom)  # noqa: E731
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for a in (0.0, 0.25, 0.5, 0.75, 1.0):
-        d.line([left - 4, y(a), left, y(a)], fill="black")
-        d.text((5, y(a) - 6), f"{a:.2f}", fill="black")
-    for l in layers:
-        d.text((x(l) - 3, H - bottom + 6), str(l), fill="black")
-    for series, colour in ((baseline, (160, 160, 160)), (accs, (30, 90, 200))):
-        if series:
-            pts = [(x(l), y(series[l])) for l in sorted(series)]
-            d.line(pts, fill=colour, width=2)
-            for px, py in pts:
-                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-    d.text((left, 8), title, fill="black")
-    d.text((W // 2 - 20, H - 18), "layer", fill="black")
-    return img

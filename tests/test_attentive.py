@@ -112,9 +112,10 @@ def test_cli_probe_attentive_reports_beside_the_linear_probe(trunk, tmp_path, ca
     text = capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())
     best = str(m["best_layer"])
-    assert set(m["attentive"]) == {best} and m["attentive_config"]["attentive_epochs"] == 2
+    assert set(m["probes"]["attentive"]["layers"]) == {str(best)} and m["attentive_config"]["attentive_epochs"] == 2
     assert "attentive acc" in text and f"attentive probe on layer {best}: test accuracy" in text
-    assert set(m["layers"]) == {"0", "1", "2"}  # the linear probe's results stay beside it
+    assert set(m["probes"]["linear"]["layers"]) == {"0", "1", "2"}  # the linear probe's results stay beside it
+    assert (out / "probe.png").is_file()  # redrawn with the attentive curve
     code = main(["probe", "--checkpoint", ckpt, "--data", data, "--out", str(tmp_path / "bad"), "--attentive",
                  "--attentive-lr", "-1", "--device", "cpu"])
     err = capsys.readouterr().err.strip()

@@ -64,7 +64,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "6"]) == 0
     out = capsys.readouterr().out
-    assert "samples.png" in out and "<- best" in out
+    assert "samples.png" in out and "<- chosen on validation" in out
     for name in ("samples.png", "probe.png", "summary.json", "palette.npz"):
         assert (tmp_path / "demo" / name).exists(), name
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())

@@ -57,7 +57,7 @@ def test_finetuning_improves_over_the_probe_on_a_small_labelled_set(digits_run, 
     test = open_labelled(data, "test", n_px=8, palette=palette)
     fc = FeatureConfig(device="cpu")
     tr, te = (extract(model, s, palette, fc, progress=False) for s in (small, test))
-    probes = {l: logistic_probe(tr[l], small.labels, te[l], test.labels, ProbeConfig(l2_grid="1e-3,1e-2,1e-1"))["acc"]
+    probes = {l: logistic_probe(tr[l], small.labels, te[l], test.labels, ProbeConfig(l2_grid="1e-3,1e-2,1e-1"))["test_acc"]
               for l in tr}
     top = model.config.n_layer  # the features the fine-tuning head sits on
     result = finetune(digits_run / "run", data, tmp_path / "ft", _small_cfg(), progress=False)

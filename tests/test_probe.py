@@ -13,7 +13,8 @@ from igpt.data.imageset import ImageSet
 from igpt.data.open import lossless_mask, open_labelled, open_split, prepare
 from igpt.data.splits import balanced_subset, stratified_carve
 from igpt.eval.features import cached_extract, extract
-from igpt.eval.probe import concat_layers, fit_logistic, logistic_probe, probe_checkpoint, probe_features
+from igpt.eval.probe import concat_layers, fit_logistic, logistic_probe, probe_features
+from igpt.eval.probe_run import probe_checkpoint
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
 from igpt.palette import Palette
@@ -38,16 +39,16 @@ def test_probe_separates_separable_features_and_is_at_chance_on_shuffled_labels(
     x, y = _clusters(600, 16, 5, 0.5, seed=0)
     xt, yt = _clusters(400, 16, 5, 0.5, seed=1)
     result = logistic_probe(x, y, xt, yt)
-    assert result["acc"] == 1.0 and result["val_acc"] == 1.0
+    assert result["test_acc"] == 1.0 and result["val_acc"] == 1.0
     # Shuffled labels on features without cluster structure (so that test predictions are not tied to a few
     # cluster-level guesses): the probe learns nothing that transfers, and scores chance on true test labels.
     rng = np.random.default_rng(1)
     w = rng.normal(size=(16, 5))
     x, xt = rng.normal(size=(1000, 16)), rng.normal(size=(2000, 16))
     y, yt = (x @ w).argmax(1), (xt @ w).argmax(1)
-    assert logistic_probe(x, y, xt, yt)["acc"] > 0.9
+    assert logistic_probe(x, y, xt, yt)["test_acc"] > 0.9
     shuffled = logistic_probe(x, rng.permutation(y), xt, yt)
-    assert abs(shuffled["acc"] - 0.2) < 0.05  # 5 classes: chance is 20%
+    assert abs(shuffled["test_acc"] - 0.2) < 0.05  # 5 classes: chance is 20%
 
 
 def test_fit_logistic_matches_scikit_learn():
@@ -68,7 +69,7 @@ def test_l2_is_chosen_on_validation_and_fixed_l2_skips_the_search():
     x, y = _clusters(400, 40, 4, 6.0, seed=3)  # noisy: the strength matters
     xt, yt = _clusters(200, 40, 4, 6.0, seed=4)
     searched = logistic_probe(x, y, xt, yt, ProbeConfig(l2_grid="1e-5,1e-2,10"))
-    assert searched["l2"] in (1e-5, 1e-2, 10.0) and 0.4 < searched["acc"] <= 1
+    assert searched["l2"] in (1e-5, 1e-2, 10.0) and 0.4 < searched["test_acc"] <= 1
     fixed = logistic_probe(x, y, xt, yt, ProbeConfig(l2=0.5))
     assert fixed["l2"] == 0.5
     with pytest.raises(ValueError, match="l2-grid"):
@@ -98,12 +99,13 @@ def test_every_layer_best_marked_concat_and_low_data_mean_std():
     lossless = np.arange(300) < 100
     m = probe_features(feats, y, tfeats, yt, ProbeConfig(concat=3), subsets={"lossless": lossless, "all": None})
     assert m["best_layer"] == 2 and m["concat"]["layers"] == [1, 2, 3]
-    assert set(m["layers"][0]["accs"]) == {"lossless", "all"} and m["layers"][0]["acc"] == m["layers"][0]["accs"]["lossless"]
+    first = m["layers"][0]
+    assert set(first["accs"]) == {"lossless", "all"} and first["test_acc"] == first["accs"]["lossless"]
     low = probe_features(feats, y, tfeats, yt, ProbeConfig(labels_per_class=5, repeats=3))
     assert len(low["layers"][2]["runs"]) == 3 and low["layers"][2]["std"] >= 0
     assert all(len(s) == 20 for s in low["subsets"])
     assert concat_layers(0, 9, 5) == [0, 1, 2, 3, 4] and concat_layers(8, 9, 5) == [4, 5, 6, 7, 8]
-    assert concat_layers(4, 3, 5) == [0, 1, 2]
+    assert concat_layers(2, 3, 5) == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -160,8 +162,8 @@ def test_feature_cache_is_reused_and_keyed_by_content(tmp_path, nano_model, nano
     palette = Palette(np.linspace(-1, 1, 3 * nano_model.config.n_vocab).reshape(-1, 3))
     kw = {"split": "test", "model_identity": {"name": "nano"}, "cache_dir": tmp_path, "progress": False}
     first = cached_extract(nano_model, nano_images, palette, FeatureConfig(device="cpu"), **kw)
-    assert len(list(tmp_path.glob("feats-test-*.npz"))) == 1
-    monkeypatch.setattr("igpt.eval.features.extract", lambda *a, **k: pytest.fail("features were recomputed"))
+    assert len(list(tmp_path.glob("feats-test-*/progress.json"))) == 1
+    monkeypatch.setattr("igpt.eval.features._batches", lambda *a, **k: pytest.fail("features were recomputed"))
     again = cached_extract(nano_model, nano_images, palette, FeatureConfig(device="cpu"), **kw)
     assert all(np.array_equal(first[l], again[l]) for l in first)
     monkeypatch.undo()
@@ -169,7 +171,7 @@ def test_feature_cache_is_reused_and_keyed_by_content(tmp_path, nano_model, nano
     changed.ids[0, 0] = (changed.ids[0, 0] + 1) % nano_model.config.n_vocab
     cached_extract(nano_model, changed, palette, FeatureConfig(device="cpu"), **kw)
     cached_extract(nano_model, nano_images, palette, FeatureConfig(device="cpu", flip_average=True), **kw)
-    assert len(list(tmp_path.glob("feats-test-*.npz"))) == 3
+    assert len(list(tmp_path.glob("feats-test-*/progress.json"))) == 3
 
 
 # ---------------------------------------------------------------------------------------------- real data
@@ -199,7 +201,7 @@ def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
     save_checkpoint(tmp_path / "init", GPT(model.config), palette,
                     CheckpointRecord(model.config, palette.fingerprint(), "ar", step=0))
     init = probe_checkpoint(tmp_path / "init", str(digits_run / "cache"), tmp_path / "init-probe", cfg, progress=False)
-    assert trained["best_acc"] > init["best_acc"] + 0.05, (trained["best_acc"], init["best_acc"])
+    assert trained["best_test_acc"] > init["best_test_acc"] + 0.05, (trained["best_test_acc"], init["best_test_acc"])
     assert (tmp_path / "trained" / "probe.png").exists()
 
 
@@ -219,8 +221,8 @@ def test_probe_and_finetune_read_a_hugging_face_folder_holding_only_pytorch_mode
     ours = probe_checkpoint(digits_run / "run", str(digits_run / "cache"), tmp_path / "p", cfg,
                             FeatureConfig(device="cpu"), progress=False)
     assert via_hf["checkpoint"] == str(hf) and via_hf["objective"] == "ar"
-    for layer, r in ours["layers"].items():  # the same weights give the same probe, layer by layer
-        assert via_hf["layers"][layer]["acc"] == pytest.approx(r["acc"], abs=1e-3)
+    for layer, r in ours["probes"]["linear"]["layers"].items():  # the same weights give the same probe
+        assert via_hf["probes"]["linear"]["layers"][layer]["test_acc"] == pytest.approx(r["test_acc"], abs=1e-3)
     assert main(["probe", "--checkpoint", str(hf), "--data", str(digits_run / "cache"), "--out", str(tmp_path / "c"),
                  "--l2", "1e-2", "--max-iter", "20", "--device", "cpu"]) == 0
     tuned = finetune(hf, str(digits_run / "cache"), tmp_path / "ft",
@@ -235,13 +237,14 @@ def test_cli_probe_writes_metrics_table_and_low_data(digits_run, tmp_path, capsy
             "--l2-grid", "1e-3,1e-1", "--max-iter", "100", "--device", "cpu", "--concat", "2"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "<- best" in text and "concatenated" in text
+    assert "<- chosen on validation" in text and "concatenated" in text
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["layers"]) == {"0", "1", "2"} and m["concat"]["layers"] and 0 < m["best_acc"] <= 1
-    assert {"acc", "l2"} <= set(m["layers"]["0"]) and m["checkpoint"].endswith("step-0000100")
+    linear = m["probes"]["linear"]
+    assert set(linear["layers"]) == {"0", "1", "2"} and linear["concat"]["layers"] and 0 < m["best_test_acc"] <= 1
+    assert {"test_acc", "val_acc", "l2"} <= set(linear["layers"]["0"]) and m["checkpoint"].endswith("step-0000100")
     assert main(args[:-2] + ["--labels-per-class", "3", "--repeats", "2", "--out", str(tmp_path / "low")]) == 0
     low = json.loads((tmp_path / "low" / "metrics.json").read_text())
-    assert len(low["layers"]["1"]["runs"]) == 2 and "+-" in capsys.readouterr().out
+    assert len(low["probes"]["linear"]["layers"]["1"]["runs"]) == 2 and "+-" in capsys.readouterr().out
 
 
 def test_bad_input_is_a_clear_error(digits_run, tmp_path, capsys):
@@ -299,8 +302,20 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
             "--batch-size", "16", "--compile", "off", "--concat", "2", "--max-iter", "30", "--device", "cpu"]
     assert script.main(args) == 0
     text = capsys.readouterr().out
-    assert "on the 10 exact test images" in text and "random init" in text and "<- best" in text
+    assert "on the 10 exact test images" in text and "random init" in text and "<- chosen on validation" in text
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 3 and set(results["trained"]) >= {"best_layer", "lossless", "all", "concat"}
     assert (out / "probe.png").exists() and (out / "cifar-ids" / "test_lossless.npy").exists()
     assert script.main(["run", "--ids", str(npz), "--out", str(tmp_path / "bad"), "--steps", "1"]) == 2
+
+
+def test_probe_plot_takes_named_curves_and_marks_the_chosen_layer():
+    from igpt.eval.plots import layer_accuracy_plot, probe_curves
+
+    result = {"layers": {"0": {"test_acc": 0.3, "accs": {"all": 0.3}}, "1": {"test_acc": 0.6, "accs": {"all": 0.6}}},
+              "best_layer": 1, "concat": {"layers": [0, 1], "test_acc": 0.65, "accs": {"all": 0.65}}}
+    curves = probe_curves({"probes": {"linear": result}})
+    assert curves["linear"] == {"accs": {0: 0.3, 1: 0.6}, "best_layer": 1, "concat": ([0, 1], 0.65)}
+    # a further probe kind is one more entry; a plain {layer: acc} mapping is a curve too
+    img = layer_accuracy_plot({**curves, "attentive probe": {0: 0.4, 1: 0.7}}, "t", chance=0.1)
+    assert img.size == (800, 500) and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 10

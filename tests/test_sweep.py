@@ -56,7 +56,7 @@ def test_sweep_scores_and_probes_every_kept_checkpoint_and_resumes(run, tmp_path
     for r in result["rows"]:
         score = json.loads((out / f"step-{r['step']:07d}" / "score.json").read_text())
         metrics = json.loads((out / f"step-{r['step']:07d}" / "metrics.json").read_text())
-        assert r["val_loss"] == score["nats_per_token"] > 0 and r["best_acc"] == metrics["best_acc"]
+        assert r["val_loss"] == score["nats_per_token"] > 0 and r["best_acc"] == metrics["best_test_acc"]
         assert r["best_layer"] == metrics["best_layer"] and metrics["checkpoint"].endswith(f"step-{r['step']:07d}")
     assert json.loads((out / "sweep.json").read_text())["rows"] == result["rows"]
     with open(out / "sweep.csv") as f:

@@ -296,8 +296,8 @@ def features_case(tmp, marker, run):
                               progress=False)
 
     extract()
-    (path,) = tmp.glob("feats-*.npz")
-    as_npz(path, marker, "layer_0")
+    (path,) = tmp.glob("feats-*/layer_0.npy")
+    as_npy(path, marker)
     return extract, path
 
 
@@ -344,12 +344,13 @@ CASES = {
     "shards index .idx.npy": shards_case("train-000000.idx.npy", as_npy),
     "webdataset tar member": webdataset_member_case,
     "webdataset tar": webdataset_tar_case,
-    "feature cache .npz": features_case,
+    "feature cache layer .npy": features_case,
 }
 NEEDS_RUN = ("train_state", "resume", "sharded")
 # metrics.jsonl's last line is dropped with a warning when it is not a record (what a kill in mid-append
 # leaves), so a garbage file is read as empty and the resume goes on; what matters is that nothing runs.
-RECOVERS = {"resume: metrics.jsonl"}
+# A feature file whose header is not the (N, D) float array its store records is rebuilt, never read.
+RECOVERS = {"resume: metrics.jsonl", "feature cache layer .npy"}
 
 
 @pytest.mark.parametrize("kind", CASES)

@@ -36,12 +36,13 @@ from igpt.atomic import write_json
 from igpt.config import DataConfig, FeatureConfig, ModelConfig, ProbeConfig, QualityConfig, TrainConfig
 from igpt.data.open import lossless_mask, open_labelled, open_split, prepare, resolve
 from igpt.eval.features import cached_extract, checkpoint_identity
+from igpt.eval.plots import layer_accuracy_plot, probe_curves
 from igpt.eval.probe import probe_layers
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.runtime import resolve_device
 from igpt.train.pretrain import pretrain
-from igpt.viz import layer_plot, save_png
+from igpt.viz import save_png
 from igpt.weights.convert import load
 
 log = logging.getLogger(__name__)
@@ -241,10 +242,8 @@ def run_on_cache(cache: Path, out: Path, cfg: QualityConfig, *, seconds: float |
                "trained": headline(trained), "random_init": headline(init), "seconds": clock,
                "probe_trained": trained, "probe_init": init}
     write_json(out / "results.json", results)
-    accs = {layer: r["accs"]["lossless"] for layer, r in trained["layers"].items()}
-    base = {layer: r["accs"]["lossless"] for layer, r in init["layers"].items()}
-    save_png(layer_plot(accs, "CIFAR-10 probe, exact test images (blue: pretrained, grey: init)", base),
-             out / "probe.png")
+    curves = probe_curves({"probes": {"linear probe": trained, "linear probe, random init": init}}, "lossless")
+    save_png(layer_accuracy_plot(curves, "CIFAR-10 linear probe, exact test images", chance=0.1), out / "probe.png")
     return results
 
 

@@ -13,7 +13,8 @@ from igpt.cli.args import (add_checkpoint, add_eval_data, add_fields, add_labell
 from igpt.config import AttentiveConfig, ClassifyConfig, EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
 from igpt.eval.attentive import attentive_checkpoint, format_attentive
 from igpt.eval.classify import classify
-from igpt.eval.probe import format_table, probe_checkpoint
+from igpt.eval.probe import format_table
+from igpt.eval.probe_run import LINEAR, LINEAR_INIT, probe_checkpoint
 from igpt.eval.score import score
 from igpt.eval.sweep import format_sweep, sweep_checkpoints
 
@@ -32,11 +33,14 @@ def cmd_probe(args: argparse.Namespace) -> None:
         return
     metrics = probe_checkpoint(args.checkpoint, args.data, args.out, cfg, build(FeatureConfig, args),
                                resize=args.resize, overwrite=args.overwrite, any_palette=args.any_palette)
-    print(format_table(metrics))
+    probes = metrics["probes"]
+    print(format_table(probes[LINEAR], baseline=probes.get(LINEAR_INIT)))
     setting = (f"{cfg.labels_per_class} labels per class, mean +- std over {cfg.repeats} subsets"
                if cfg.labels_per_class else f"{metrics['n_train']} training images")
-    print(f"\nbest layer {metrics['best_layer']} (by validation accuracy): test accuracy "
-          f"{metrics['best_acc']:.4f} ({setting}); outputs in {args.out}/: metrics.json, probe.png, feats-*.npz")
+    for name, result in probes.items():
+        print(f"\n{name}: layer {result['best_layer']} chosen on validation (val accuracy "
+              f"{_fraction(result['best_val_acc'])}): test accuracy {result['best_test_acc']:.4f} ({setting})")
+    print(f"outputs in {args.out}/: metrics.json, probe.png, feats-*/ (features, reused by later runs)")
     if attentive.attentive:
         _attentive(args, cfg, attentive)
 
@@ -46,9 +50,13 @@ def _attentive(args: argparse.Namespace, cfg: ProbeConfig, attentive: AttentiveC
                                    resize=args.resize, any_palette=args.any_palette)
     print("\nattentive probe (frozen trunk, learned-query cross-attention + linear, AdamW):")
     print(format_attentive(metrics))
-    for layer, r in metrics["attentive"].items():
+    for layer, r in metrics["probes"]["attentive"]["layers"].items():
         print(f"attentive probe on layer {layer}: test accuracy {r['test_acc']:.4f} (lr {r['lr']:.0e} and epoch "
               f"{r['epoch']} chosen on validation, val acc {r['val_acc']:.4f}); in {args.out}/metrics.json")
+
+
+def _fraction(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -81,10 +89,11 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def _probe_parser(sub: Any) -> None:
-    p = command(sub, "probe", help="linear probe (L-BFGS logistic regression) on every layer's features",
-                description="Features of every layer in one pass (cached in --out), a logistic-regression "
-                "probe per layer with the L2 strength chosen on a validation carve of train, test accuracy, "
-                "metrics.json and probe.png.")
+    p = command(sub, "probe", help="linear probe (logistic regression) on every layer's features",
+                description="Features of the chosen layers in one pass, streamed to memory-mapped files in "
+                "--out (reused, or continued after an interruption, by later runs), a logistic-regression "
+                "probe per layer (L-BFGS or minibatch SGD) with the L2 strength chosen on a validation carve "
+                "of train, the layer chosen on validation and its test accuracy, metrics.json and probe.png.")
     add_labelled_inputs(p)
     add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
     add_fields(p, ProbeConfig, title="probe")

@@ -91,6 +91,9 @@ class ScoreConfig:
             require_fraction(self, "mask_prob", low_open=True)
 
 
+MASK_COMBINE = ("mean", "vote")
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """How features are read out of a model (``igpt probe``)."""
@@ -102,12 +105,21 @@ class FeatureConfig:
                           "(the paper does); --no-bert-mask reads them unmasked")
     mask_prob: float = arg(-1.0, "BERT: probability that a position is masked; -1 = the rate the checkpoint "
                            "was trained with (0.15 when it records none)")
-    n_masks: int = arg(1, "BERT: average the features over this many independent masks (the paper "
-                       "ensembled 5, by a vote of predictions)")
+    n_masks: int = arg(1, "BERT: read each image under this many independent masks (the paper used 5), "
+                       "combined as --mask-combine says")
+    mask_combine: str = arg("mean", "BERT with --n-masks K > 1: 'vote' (the paper: the probe is fitted on one "
+                            "mask's features and its K test predictions are combined by a modal vote, ties "
+                            "broken at random, seeded) or 'mean' (one probe on features averaged over the K "
+                            "masks)", choices=MASK_COMBINE)
     flip_average: bool = arg(False, "average each image's features with those of its mirror image "
                              "(test-time augmentation; not in the paper)")
     mask_seed: int = seed_arg("seed of the BERT masks")
-    cache: bool = arg(True, "reuse features cached in --out by an earlier run with identical inputs")
+    cache: bool = arg(True, "reuse features cached in --out by an earlier run with identical inputs, and "
+                      "continue an extraction that was stopped part-way")
+    layers: str = arg("all", "layers to extract and probe: 'all' (0..n_layer; 0 is the embedding, n_layer "
+                      "the final norm), a list '0,3,5', a range '2-10', or a mix '0,4-6'")
+    feats_dtype: str = arg("fp16", "how features are stored on disk (memory-mapped, one .npy file per layer): "
+                           "'fp16' (half the disk) or 'fp32'", choices=("fp16", "fp32"))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -116,6 +128,10 @@ class FeatureConfig:
             require_fraction(self, "mask_prob", low_open=True)
 
 
+SOLVERS = ("auto", "lbfgs", "sgd")
+# auto: full-batch L-BFGS while the fitting matrix (N images x D features) holds at most this many values
+# (400 MB in float32), minibatch SGD streamed from disk above it
+AUTO_SGD_VALUES = 100_000_000
 DEFAULT_L2_GRID = "1e-6,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1"
 
 
@@ -129,11 +145,21 @@ class ProbeConfig:
                               "strength and the best layer")
     max_iter: int = arg(500, "L-BFGS iterations per fit")
     seed: int = seed_arg("seed of the validation carve and of the low-data subsets")
-    concat: int = arg(0, "also probe the concatenation of this many layers centred on the best one "
-                      "(0 or 1: off; the paper used 5 for ImageNet)")
+    concat: int = arg(0, "also probe the concatenation of this many consecutive layers centred on the best "
+                      "one (0 or 1: off; the paper used 5 for ImageNet); at the ends the window shifts inwards "
+                      "rather than shrinking, and holds every probed layer when K exceeds them")
     labels_per_class: int = arg(0, "low-data protocol: fit on this many labelled images per class (0: all of "
                                 "train)")
     repeats: int = arg(5, "low-data protocol: how many random subsets; mean +- std is reported")
+    solver: str = arg("auto", "'lbfgs' (full batch, the paper's CIFAR and STL-10 probe), 'sgd' (minibatch SGD "
+                      "streamed from the memory-mapped features, the paper's ImageNet probe) or 'auto': L-BFGS "
+                      f"while N images x D features <= {AUTO_SGD_VALUES:.0e} values, SGD above", choices=SOLVERS)
+    sgd_lr_grid: str = arg("30,10,3,1,0.3,0.1", "SGD: comma-separated learning rates tried at each L2 strength; "
+                           "the one reaching the lowest objective on the fitting part of the carve is kept")
+    sgd_epochs: int = arg(40, "SGD: passes over the fitting images per fit (cosine schedule to 0)")
+    sgd_batch_size: int = arg(256, "SGD: images per step")
+    baseline: bool = arg(False, "also probe the same architecture at random initialisation (seeded by --seed) "
+                         "and report it beside the trained model")
     eval_subset: str = arg("all", "test images scored: 'all', or 'lossless' (the bit-exact images marked by "
                            "test_lossless in cifar10.npz; 'all' is reported too)", choices=("all", "lossless"))
 
@@ -143,20 +169,30 @@ class ProbeConfig:
         if self.l2 < 0 and self.l2 != -1:
             raise ValueError(f"--l2 must be >= 0, or -1 to search --l2-grid; got {self.l2}")
         require_fraction(self, "val_fraction")
-        require_at_least(self, ("max_iter", "repeats"), 1)
+        require_at_least(self, ("max_iter", "repeats", "sgd_epochs", "sgd_batch_size"), 1)
+        self.lr_grid  # noqa: B018 -- parses and validates the grid
         require_at_least(self, ("concat", "labels_per_class"), 0)
+
+    @property
+    def lr_grid(self) -> tuple[float, ...]:
+        return _numbers(self.sgd_lr_grid, "--sgd-lr-grid", positive=True)
 
     @property
     def grid(self) -> tuple[float, ...]:
         if self.l2 >= 0:
             return (self.l2,)
-        try:
-            values = tuple(float(v) for v in self.l2_grid.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"--l2-grid must be comma-separated numbers, got {self.l2_grid!r}") from None
-        if not values or min(values) < 0 or not all(math.isfinite(v) for v in values):
-            raise ValueError(f"--l2-grid must hold finite strengths >= 0, got {self.l2_grid!r}")
-        return values
+        return _numbers(self.l2_grid, "--l2-grid", positive=False)
+
+
+def _numbers(text: str, name: str, *, positive: bool) -> tuple[float, ...]:
+    """The comma-separated finite numbers of ``text`` (> 0 if ``positive``, else >= 0)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and (v > 0 if positive else v >= 0) for v in values):
+        raise ValueError(f"{name} must hold finite values {'> 0' if positive else '>= 0'}, got {text!r}")
+    return values
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,8 @@ class FinetuneConfig:
     grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
     mask_prob: float = arg(-1.0, "BERT checkpoints: probability that an input position is masked; -1 = the "
                            "rate the checkpoint was trained with (0.15 when it records none)")
+    n_masks: int = arg(1, "BERT checkpoints: the test predictions are made under this many independent masks "
+                       "and combined by a modal vote, ties broken at random (the paper used 5); 1 = one fixed mask")
     val_fraction: float = arg(0.1, "fraction of train carved out (seeded) for validation when the data has no "
                               "val split")
     labels_per_class: int = arg(0, "train on a balanced, seeded subset of this many images per class (0: all)")
@@ -153,7 +155,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        require_at_least(self, ("batch_size", "max_steps", "eval_every", "patience", "eval_batch_size"), 1)
+        require_at_least(self, ("batch_size", "max_steps", "eval_every", "patience", "eval_batch_size", "n_masks"), 1)
         require_at_least(self, ("warmup_steps", "labels_per_class", "gen_weight", "grad_clip"), 0)
         require_at_least(self, ("head_layer",), -1)
         require_positive(self, ("lr",))

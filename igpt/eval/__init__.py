@@ -1,8 +1,9 @@
-"""Evaluation: per-layer features, linear probes (L-BFGS logistic regression, and the demo's ridge probe),
-and the likelihood of a split."""
+"""Evaluation: per-layer features streamed to disk, linear probes (L-BFGS or minibatch SGD logistic
+regression), probe plots, and the likelihood of a split."""
 
-from igpt.eval.features import cached_extract, extract
-from igpt.eval.probe import probe_checkpoint, probe_features
+from igpt.eval.features import cached_extract, extract, feature_plan
+from igpt.eval.probe import probe_features
+from igpt.eval.probe_run import probe_checkpoint
 from igpt.eval.score import score
 
-__all__ = ["cached_extract", "extract", "probe_checkpoint", "probe_features", "score"]
+__all__ = ["cached_extract", "extract", "feature_plan", "probe_checkpoint", "probe_features", "score"]

@@ -17,7 +17,8 @@ are linear on mean-pooled features).
   the carve; for each layer the (learning rate, epoch) with the best validation accuracy (the earlier epoch
   and the larger rate on ties) is kept, and that head alone is scored on the test split.
 - ``attentive_checkpoint``: what ``igpt probe --attentive`` runs after the linear probe: the results go into
-  the same ``metrics.json`` under ``"attentive"``: {layer: {"val_acc", "test_acc", "lr", "epoch", ...}}.
+  the same ``metrics.json``, as ``metrics["probes"]["attentive"]``: {"layers": {layer: {"val_acc", "test_acc",
+  "lr", "epoch", ...}}, "best_layer", ...}, and as one more curve in ``probe.png``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from igpt.data.imageset import ImageSet
 from igpt.data.open import open_labelled
 from igpt.data.splits import stratified_carve
 from igpt.data.streams import to_ids
+from igpt.eval.probe_run import write_probe_png
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
 from igpt.tokenizer import AnyTokenizer
@@ -49,6 +51,7 @@ from igpt.weights.convert import load_located
 
 WARMUP_FRACTION = 0.05  # of all steps, before the cosine decay
 EVAL_KEY = 7_919  # derives the fixed masks of validation and test (BERT trunks) from the seed
+ATTENTIVE = "attentive"  # its name in metrics["probes"], beside the linear probes
 
 
 class AttentiveHead(nn.Module):
@@ -192,7 +195,7 @@ def attentive_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path,
     """``igpt probe --attentive``: the attentive probe of ``checkpoint`` on the layers ``cfg`` names ('best':
     the linear probe's, read from ``out_dir/metrics.json``), on the whole train split and the test split of
     ``data``, read as the linear probe read them (device, dtype, BERT masking from ``feat_cfg``; validation
-    carve from ``probe_cfg``). Adds {"attentive": {layer: result}, "attentive_config": ...} to
+    carve from ``probe_cfg``). Adds ``"probes": {"attentive": {"layers": {layer: result}, ...}}`` and "attentive_config" to
     ``out_dir/metrics.json`` and returns the updated metrics."""
     path = Path(out_dir) / "metrics.json"
     metrics = read_json(path) if path.is_file() else {}
@@ -207,22 +210,28 @@ def attentive_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path,
     results = attentive_probe(model, palette, images["train_all"], images["test"], layers, cfg,
                               val_fraction=probe_cfg.val_fraction, seed=probe_cfg.seed, device=feat_cfg.device,
                               dtype=feat_cfg.dtype, mask_prob=mask_prob, progress=progress)
-    metrics["attentive"] = {str(layer): r for layer, r in results.items()}
+    layer_results = {str(layer): r for layer, r in results.items()}
+    best = max(layer_results, key=lambda k: layer_results[k]["val_acc"])  # chosen on validation, as the linear one
+    metrics.setdefault("probes", {})[ATTENTIVE] = {
+        "layers": layer_results, "best_layer": int(best), "best_val_acc": layer_results[best]["val_acc"],
+        "best_test_acc": layer_results[best]["test_acc"], "concat": None}
     metrics["attentive_config"] = dataclasses.asdict(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, metrics)
+    if "subset" in metrics:  # a linear probe ran here first: draw both in its probe.png
+        write_probe_png(metrics, path.parent)
     return metrics
 
 
 def format_attentive(metrics: dict[str, Any]) -> str:
     """The attentive probe's rows beside the linear probe's for the same layers: test and validation
     accuracy of each, and the attentive head's chosen learning rate and epoch."""
-    linear = {str(k): v for k, v in metrics.get("layers", {}).items()}
+    linear = {str(k): v for k, v in metrics.get("probes", {}).get("linear", {}).get("layers", {}).items()}
     lines = [f"{'layer':>5}{'linear acc':>12}{'linear val':>12}{'attentive acc':>15}{'attentive val':>15}"
              f"{'lr':>9}{'epoch':>7}"]
-    for layer, r in metrics["attentive"].items():
+    for layer, r in metrics["probes"][ATTENTIVE]["layers"].items():
         lin = linear.get(str(layer))
-        lin_acc = f"{lin['acc']:.4f}" if lin else "-"
+        lin_acc = f"{lin['test_acc']:.4f}" if lin else "-"
         lin_val = f"{lin['val_acc']:.4f}" if lin and lin.get("val_acc") is not None else "-"
         lines.append(f"{layer:>5}{lin_acc:>12}{lin_val:>12}{r['test_acc']:>15.4f}{r['val_acc']:>15.4f}"
                      f"{r['lr']:>9.0e}{r['epoch']:>7}")

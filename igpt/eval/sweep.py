@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from igpt.atomic import read_json, write_json, write_text
 from igpt.config import EvalDataConfig, FeatureConfig, ProbeConfig, ScoreConfig
-from igpt.eval.probe import probe_checkpoint
+from igpt.eval.probe_run import probe_checkpoint
 from igpt.eval.score import score
 from igpt.viz import DPI, save_png
 from igpt.weights.checkpoint import checkpoint_step, is_checkpoint, step_checkpoints
@@ -110,10 +110,8 @@ def sweep_checkpoints(run: str | Path, data: str, out_dir: str | Path, cfg: Prob
             skipped.append(step)
         m, s = done["metrics"], done["score"]
         split = s["split"]
-        best = str(m["best_layer"])
-        layer = next(r for k, r in m["layers"].items() if str(k) == best)
         rows.append({"step": step, "val_loss": s["nats_per_token"], "val_bits": s["bits_per_token"],
-                     "best_layer": m["best_layer"], "best_val_acc": layer["val_acc"], "best_acc": m["best_acc"],
+                     "best_layer": m["best_layer"], "best_val_acc": m["best_val_acc"], "best_acc": m["best_test_acc"],
                      "checkpoint": str(ckpt)})
     result = {"run": str(run), "data": str(data), "split": split, "objective": done["score"]["objective"],
               "rows": rows, "skipped": skipped}

@@ -56,7 +56,7 @@ from igpt.data.splits import balanced_subset
 from igpt.data.streams import LabelledBatchStream, labelled_batches
 from igpt.lock import DirLock, claim_new
 from igpt.model import GPT
-from igpt.objectives import EVAL_MASK_KEY, masked_loss, sample_keep_mask
+from igpt.objectives import EVAL_MASK_KEY, masked_loss, modal_vote, sample_keep_mask
 from igpt.tokenizer import AnyTokenizer
 from igpt.record import CheckpointRecord, Finetuned
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
@@ -119,14 +119,15 @@ def losses(clf: Classifier, ids: torch.Tensor, labels: torch.Tensor, gen_weight:
 
 @torch.no_grad()
 def evaluate(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
-             dtype: torch.dtype, with_losses: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+             dtype: torch.dtype, with_losses: bool = False, mask: int = 0) -> tuple[np.ndarray, dict[str, float]]:
     """(Predicted class of every image (N,), and with ``with_losses`` the mean of ``losses`` over the images
-    in nats), unaugmented; BERT inputs under fixed seeded masks."""
+    in nats), unaugmented; BERT inputs under fixed seeded masks (``mask`` k > 0: the k-th other one)."""
     was_training = clf.training
     clf.eval()
     preds, start, sums = [], 0, {"loss": 0.0, "clf_loss": 0.0, "gen_loss": 0.0}
     for ids, labels in labelled_batches(images, cfg.eval_batch_size, palette, device):
-        keep = clf.keep(tuple(ids.shape), device, cfg.seed, EVAL_MASK_KEY, start)
+        keys = (cfg.seed, EVAL_MASK_KEY, start) + ((mask,) if mask else ())
+        keep = clf.keep(tuple(ids.shape), device, *keys)
         with autocast(device, dtype):
             if with_losses:
                 parts = losses(clf, ids, labels, cfg.gen_weight, keep)
@@ -142,8 +143,11 @@ def evaluate(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: Fine
 
 def predict(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
             dtype: torch.dtype) -> np.ndarray:
-    """Predicted class of every image (N,), unaugmented; BERT inputs under fixed seeded masks."""
-    return evaluate(clf, images, palette, cfg, device, dtype)[0]
+    """Predicted class of every image (N,), unaugmented; a BERT trunk's under ``cfg.n_masks`` fixed seeded
+    masks, combined by a modal vote with seeded random tie-breaks (the paper's ensemble)."""
+    n = 1 if clf.gpt.causal else cfg.n_masks
+    preds = np.stack([evaluate(clf, images, palette, cfg, device, dtype, mask=k)[0] for k in range(n)])
+    return preds[0] if n == 1 else modal_vote(preds, clf.head.out_features, cfg.seed)
 
 
 def _accuracy(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
