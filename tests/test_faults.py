@@ -253,7 +253,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(straight, tmp_path, da
 
 def test_two_writers_on_one_run_the_second_is_refused(tmp_path):
     run = tmp_path / "run"
-    first = start(run)
+    first = start(run, "--max-steps", "1000000")  # still running while the second writer tries, however fast
     try:
         for args in (["--out", str(run), *FLAGS, "--data", "digits"], ["--resume", str(run)]):
             last = error_line(igpt_cli("pretrain", *args))
@@ -406,9 +406,13 @@ def test_feature_extraction_stops_on_sigterm_and_the_same_command_continues(tmp_
     proc = run_signalled("igpt.eval.features:_split_feats", 4, *args, "--out", str(out))
     assert proc.returncode == EXIT_STOPPED and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "the same command continues" in proc.stderr.strip().splitlines()[-1]
-    assert len(list(out.glob("feats-*.partial.npz"))) == 1 and not (out / "metrics.json").exists()
+    # the first split's store holds the batches done before the signal, and says so; nothing else is written
+    records = [json.loads(p.read_text()) for p in out.glob("feats-*/progress.json")]
+    assert len(records) == 1 and 0 < records[0]["done"] < records[0]["n"], records
+    assert not (out / "metrics.json").exists()
     proc = igpt_cli(*args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not list(out.glob("*.partial.npz"))
+    records = [json.loads(p.read_text()) for p in out.glob("feats-*/progress.json")]
+    assert len(records) == 2 and all(r["done"] == r["n"] for r in records)
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "straight"))
-    assert got["layers"] == want["layers"]
+    assert got["probes"] == want["probes"]
