@@ -209,6 +209,10 @@ def test_chain_end_to_end_on_vq_codes(tiny, tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "s" / "sample-0000.png")).shape == (8, 8, 3)  # decoded: 8x8 pixels
     assert main(["probe", "--checkpoint", str(run), "--data", str(cache), "--out", str(tmp_path / "p"), "--l2",
                  "0.01", "--max-iter", "5"]) == 0
+    code = main(["probe", "--checkpoint", str(run), "--data", str(cache), "--out", str(tmp_path / "p2"),
+                 "--flip-average"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars of the steps above
+    assert code == 2 and last.startswith("igpt probe: error: --flip-average")
     assert main(["score", "--checkpoint", str(run), "--data", npz]) == 0
     assert "bits/token (tokens are VQ-VAE codes" in capsys.readouterr().out
     code = main(["convert", "--to", "hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")])

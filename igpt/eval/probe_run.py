@@ -92,6 +92,9 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     out = Path(out_dir)
     _check_out(out, overwrite)
     ckpt_dir, (model, palette, record) = load_located(checkpoint)
+    if feat_cfg.flip_average and palette.kind != "palette":  # a code grid mirrored is not the mirrored image's
+        raise ValueError(f"--flip-average mirrors the grid of ids, which mirrors the image only for a palette; "
+                         f"{checkpoint} reads {palette.describe()}")
     layers = parse_layers(feat_cfg.layers, model.config.n_layer)  # before any work
     feat_cfg = for_reading(feat_cfg, record.reading)
     side = palette.pixel_side(model.config.n_px)  # the image side its tokenizer reads
