@@ -14,7 +14,8 @@ from PIL import Image
 from igpt.cli import main
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.palette import Palette
-from igpt.train.pretrain import N_SAMPLES, pretrain
+from igpt.train.pretrain import pretrain
+from igpt.train.trainer import N_SAMPLES
 from igpt.train.rundir import read_metrics
 from igpt.viz import grid_table
 

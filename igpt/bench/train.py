@@ -4,8 +4,8 @@
     igpt bench train --preset igpt-l --max-batch --grad-checkpoint        # largest batch that fits, and its MFU
     igpt bench train --preset igpt-nano --batch-size 4 --device cpu --steps 2  # seconds on a CPU: checks the harness
 
-A step is what ``igpt.train.pretrain.Trainer.train_step`` does for one micro-batch: the loss under autocast, from
-``igpt.train.pretrain.micro_loss`` itself (AR over all T pixels, or BERT with a fresh mask drawn per step on the CPU
+A step is what ``igpt.train.trainer.Trainer.train_step`` does for one micro-batch: the loss under autocast, from
+``igpt.train.trainer.micro_loss`` itself (AR over all T pixels, or BERT with a fresh mask drawn per step on the CPU
 from (seed, step), then moved), backward, the loss read back to the host, global-norm clipping, an AdamW step
 from ``igpt.train.optim.make_optimizer`` (fused on CUDA) and dropping the gradients. The model is initialised as
 in pretraining (zero head, so the first AR loss is ln V) and, with ``compile``, wrapped in ``torch.compile``
@@ -45,7 +45,7 @@ from igpt.config import BenchTrainConfig, ModelConfig, TrainConfig
 from igpt.config.bench import resolve_preset
 from igpt.runtime import autocast, compile_enabled, resolve_device, resolve_dtype
 from igpt.train.optim import pretrain_optimizer
-from igpt.train.pretrain import init_model, micro_loss
+from igpt.train.trainer import init_model, micro_loss
 
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, step) -> scalar loss
 NO_CUDA_MEMORY = "not measured on the CPU: torch.cuda.max_memory_allocated counts CUDA memory only"
