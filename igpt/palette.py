@@ -19,30 +19,18 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from igpt.arrays import UNREADABLE, array_error
 from igpt.atomic import replacing
 from igpt.config import N_VOCAB
+from igpt.kmeans import default_chunk, default_device, kmeans_pp, lloyd, nearest, unique_colours
 
 EXTENSIONS = (".npy", ".npz")  # .npy: OpenAI's kmeans_centers.npy layout; .npz: centres plus our fit metadata
 _RANGE_SLACK = 1e-6  # centres may sit a float32 rounding outside [-1, 1]
-_INIT_SAMPLE = 100_000  # k-means++ seeds from at most this many distinct colours; Lloyd then uses all of them
-# Rows per (rows, K) distance block. On CPU, 2048 rows (4 MiB at K=512) stay in cache and run several times
-# faster than 1 << 18 rows; a GPU wants big blocks to stay busy (1 << 18 rows: 512 MiB at K=512).
-_CPU_CHUNK = 2048
-_ACCEL_CHUNK = 1 << 18
-
-
-class _LloydResult(NamedTuple):
-    centers: torch.Tensor  # (K, 3) float32, on the device the points live on
-    labels: torch.Tensor  # (U,) int64, nearest centre of each point under `centers`
-    inertia: float  # weighted mean of ||x - c_label||^2, per pixel (summed over the 3 channels)
-    iters_run: int  # centre updates performed
 
 
 def _as_pixels(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -74,133 +62,6 @@ def _as_pixels(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
 def _normalise(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3) -> float32 (N, 3) in [-1, 1], exactly as OpenAI and Hugging Face scale pixels."""
     return pixels.to(torch.float32) / 127.5 - 1
-
-
-def _nearest(x: torch.Tensor, centers: torch.Tensor, c_sq: torch.Tensor, ramp: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centre for each row of x (n, 3): argmin_k ||c_k||^2 - 2 x.c_k, first on ties.
-
-    c_sq is ||c_k||^2 (K,) and ramp is arange(K) as float32, both on x's device.
-    """
-    k = centers.shape[0]
-    d = torch.addmm(c_sq, x, centers.T, alpha=-2)  # (n, K)
-    best = d.amin(1, keepdim=True)  # (n, 1)
-    # Same result as d.argmin(1), but twice as fast on CPU, where argmin over the last dim is not vectorised
-    # and amin is: minimal entries become their index j, the others K + j, and the smallest is the answer.
-    return d.ne_(best).mul_(k).add_(ramp).amin(1).to(torch.int64)
-
-
-def _assign(points: torch.Tensor, centers: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centre of each point (U, 3) float32 and its exact squared distance, in blocks of chunk rows."""
-    c_sq = (centers * centers).sum(1)  # (K,)
-    ramp = torch.arange(centers.shape[0], dtype=torch.float32, device=centers.device)
-    labels = torch.empty(points.shape[0], dtype=torch.int64, device=points.device)
-    for s in range(0, points.shape[0], chunk):
-        labels[s : s + chunk] = _nearest(points[s : s + chunk], centers, c_sq, ramp)
-    # Recomputed directly rather than from the expansion, which loses precision for points near a centre.
-    sq = (points - centers[labels]).pow(2).sum(1)  # (U,)
-    return labels, sq
-
-
-def _unique_colours(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, 3) -> distinct colours uint8 (U, 3) and how often each occurs, int64 (U,)."""
-    p = pixels.to(torch.int32)
-    packed = (p[:, 0] << 16) | (p[:, 1] << 8) | p[:, 2]  # (N,) one 24-bit int per colour
-    values, counts = torch.unique(packed, return_counts=True)  # sorted, so the result is deterministic
-    colours = torch.stack([(values >> 16) & 255, (values >> 8) & 255, values & 255], dim=1)
-    return colours.to(torch.uint8), counts
-
-
-def _kmeans_pp(points: torch.Tensor, weights: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) weighted by counts: (U, 3) CPU points -> (k, 3).
-
-    Runs on a seeded subsample of the distinct colours; a uniform sample of them, still weighted by their
-    counts, keeps the pixel distribution on average. Points are distinct, so the k picks are distinct.
-    """
-    n_sample = max(_INIT_SAMPLE, k)
-    if points.shape[0] > n_sample:
-        keep = torch.randperm(points.shape[0], generator=gen)[:n_sample]
-        points, weights = points[keep], weights[keep]
-    cols = points.T.contiguous()  # (3, M): column-wise distances are ~8x faster than rows of 3 on CPU
-    picks = [_draw(weights, gen)]
-    d2 = (cols - cols[:, picks[0], None]).pow_(2).sum(0)  # (M,) squared distance to the nearest pick
-    for _ in range(1, k):
-        picks.append(_draw(weights * d2, gen))
-        torch.minimum(d2, (cols - cols[:, picks[-1], None]).pow_(2).sum(0), out=d2)
-    return points[torch.tensor(picks)].clone()
-
-
-def _draw(weights: torch.Tensor, gen: torch.Generator) -> int:
-    """One index drawn with probability proportional to weights (M,) float64; 20x faster than multinomial."""
-    cdf = weights.cumsum(0)  # (M,)
-    u = torch.rand(1, generator=gen, dtype=torch.float64) * cdf[-1]
-    return int(torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[0] - 1))
-
-
-def _update_centers(
-    points: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, sq: torch.Tensor, centers: torch.Tensor
-) -> torch.Tensor:
-    """One weighted Lloyd update; empty clusters move to the points that currently cost the most.
-
-    Runs on the CPU whatever the device: it is O(U), and CPU index_add_ is deterministic where CUDA's
-    float atomics are not, so a fixed seed gives the same palette run after run.
-    """
-    p, w, lab, cost = points.cpu().double(), weights.cpu(), labels.cpu(), sq.cpu().double() * weights.cpu()
-    k = centers.shape[0]
-    mass = torch.zeros(k, dtype=torch.float64).index_add_(0, lab, w)  # (K,)
-    sums = torch.zeros(k, 3, dtype=torch.float64).index_add_(0, lab, p * w[:, None])  # (K, 3)
-    new = centers.cpu().double()
-    alive = mass > 0
-    new[alive] = sums[alive] / mass[alive, None]
-    dead = (~alive).nonzero().squeeze(1)
-    if dead.numel():
-        # topk returns distinct points, so distinct dead clusters get distinct new centres.
-        new[dead] = p[torch.topk(cost, dead.numel()).indices]
-    return new.to(torch.float32).to(centers.device)
-
-
-def _lloyd(
-    points: torch.Tensor,
-    weights: torch.Tensor,
-    centers: torch.Tensor,
-    iters: int,
-    tol: float = 0.0,
-    chunk: int | None = None,
-    progress: bool = False,
-) -> _LloydResult:
-    """Weighted Lloyd iterations from `centers` (K, 3) on points (U, 3) float32 with weights (U,).
-
-    Stops after `iters` updates, or once an update lowers the weighted inertia by less than `tol` of
-    its previous value. The labels and inertia returned belong to the centres returned.
-    """
-    weights = weights.to(device=points.device, dtype=torch.float64)
-    chunk = _default_chunk(points.device) if chunk is None else chunk
-    total = float(weights.sum())
-    labels, sq = _assign(points, centers, chunk)
-    inertia = float((sq.double() * weights).sum())
-    run = 0
-    with tqdm(total=iters, disable=not progress, desc="k-means", unit="iter") as bar:
-        for _ in range(iters):
-            centers = _update_centers(points, weights, labels, sq, centers)
-            labels, sq = _assign(points, centers, chunk)
-            new = float((sq.double() * weights).sum())
-            run += 1
-            bar.update(1)
-            bar.set_postfix(inertia=f"{new / total:.3g}")
-            converged = inertia - new <= tol * inertia
-            inertia = new
-            if converged:
-                break
-    return _LloydResult(centers, labels, inertia / total, run)
-
-
-def _default_chunk(device: torch.device) -> int:
-    return _CPU_CHUNK if device.type == "cpu" else _ACCEL_CHUNK
-
-
-def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Palette:
@@ -276,14 +137,14 @@ class Palette:
         """
         px = _as_pixels(pixels)
         flat = px.reshape(-1, 3)  # (N, 3)
-        chunk = _default_chunk(flat.device) if chunk is None else chunk
+        chunk = default_chunk(flat.device) if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         c, c_sq, ramp, _ = self._on(flat.device)
         ids = torch.empty(flat.shape[0], dtype=torch.int64, device=flat.device)
         # Normalise per block too: a float32 copy of all the pixels would be 4x their size.
         for s in range(0, flat.shape[0], chunk):
-            ids[s : s + chunk] = _nearest(_normalise(flat[s : s + chunk]), c, c_sq, ramp)
+            ids[s : s + chunk] = nearest(_normalise(flat[s : s + chunk]), c, c_sq, ramp)
         return ids.reshape(px.shape[:-1])
 
     def decode(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -344,20 +205,20 @@ class Palette:
                 "fit needs k >= 2, iters >= 0, max_pixels >= 1, tol >= 0; "
                 f"got {k=} {iters=} {max_pixels=} {tol=}"
             )
-        dev = _default_device(device)
+        dev = default_device(device)
         flat = _as_pixels(pixels).reshape(-1, 3)  # (N, 3)
         gen = torch.Generator().manual_seed(seed)  # CPU generator: the same draws whatever the device
         n_given = int(flat.shape[0])
         if n_given > max_pixels:
             flat = flat[torch.randperm(n_given, generator=gen)[:max_pixels].to(flat.device)]
 
-        colours, counts = _unique_colours(flat.to(dev))  # (U, 3) uint8, (U,) int64
+        colours, counts = unique_colours(flat.to(dev))  # (U, 3) uint8, (U,) int64
         n_unique = int(colours.shape[0])
         if n_unique < k:
             raise ValueError(f"cannot fit k={k} colours: the pixels hold only {n_unique} distinct colours")
         points, weights = _normalise(colours), counts.to(torch.float64)  # (U, 3), (U,)
-        init = _kmeans_pp(points.cpu(), weights.cpu(), k, gen)
-        res = _lloyd(points, weights, init.to(dev), iters, tol=tol, progress=progress)
+        init = kmeans_pp(points.cpu(), weights.cpu(), k, gen)
+        res = lloyd(points, weights, init.to(dev), iters, tol=tol, progress=progress)
 
         palette = cls(res.centers)
         # res.labels is encode() of the distinct colours under the final centres: this is decode(encode(p)).

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from igpt.data.imageset import ImageSet, check_ids
-from igpt.palette import Palette, _assign, _lloyd, _normalise
+from igpt.kmeans import assign, lloyd
+from igpt.palette import Palette, _normalise
 
 
 def _grid_colours(step: int = 40) -> np.ndarray:
@@ -186,7 +187,7 @@ def test_weighted_unique_lloyd_equals_plain_lloyd_on_all_pixels():
 
     colours, counts = np.unique(pixels, axis=0, return_counts=True)
     points = _normalise(torch.from_numpy(colours))  # (U, 3)
-    res = _lloyd(points, torch.from_numpy(counts), torch.from_numpy(init), iters=4)
+    res = lloyd(points, torch.from_numpy(counts), torch.from_numpy(init), iters=4)
     assert res.iters_run == 4
     np.testing.assert_allclose(res.centers.numpy(), ref, atol=1e-6)
     assert res.inertia == pytest.approx(ref_inertia, rel=1e-5)
@@ -198,11 +199,11 @@ def test_lloyd_reseeds_empty_clusters():
     colours, counts = np.unique(pixels, axis=0, return_counts=True)
     points = _normalise(torch.from_numpy(colours))
     init = points[[0, 0, 1, 2]].clone()  # a duplicate: argmin sends nothing to centre 1
-    assert torch.bincount(_assign(points, init, 64)[0], minlength=4).tolist()[1] == 0
+    assert torch.bincount(assign(points, init, 64)[0], minlength=4).tolist()[1] == 0
 
-    res = _lloyd(points, torch.from_numpy(counts), init, iters=10)
+    res = lloyd(points, torch.from_numpy(counts), init, iters=10)
     assert (torch.bincount(res.labels, minlength=4) > 0).all()
-    assert torch.equal(res.labels, _assign(points, res.centers, 64)[0])  # labels belong to final centres
+    assert torch.equal(res.labels, assign(points, res.centers, 64)[0])  # labels belong to final centres
     assert len(set(Palette(res.centers).encode(blobs).tolist())) == 4  # and it found all four blobs
 
 

@@ -112,8 +112,7 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     out.mkdir(parents=True, exist_ok=True)
     with DirLock(out, "--out"):  # one writer per feature store
         metrics = _run(model, palette, record, ckpt_dir, images, layers, subsets, plan, cfg, feat_cfg, out, progress)
-    metrics.update(data=str(data), step=record.step, chance=chance_level(test_y), subset=next(iter(subsets)),
-                   subsets=len(subsets))
+    metrics.update(data=str(data), step=record.step, chance=chance_level(test_y), subset=next(iter(subsets)))
     write_json(out / "metrics.json", metrics)
     write_probe_png(metrics, out)
     return metrics
@@ -124,7 +123,7 @@ def write_probe_png(metrics: dict[str, Any], out: Path) -> None:
     against the layer, on the test images the summary reports."""
     subset = metrics["subset"]
     title = f"probes: {Path(metrics['data']).name} ({subset} test images), step {metrics['step']}"
-    named = probe_curves(metrics, subset if metrics["subsets"] > 1 else None)
+    named = probe_curves(metrics, None if subset == "all" else subset)  # "all" is each probe's test_acc
     curves = {LABELS.get(name, name): curve for name, curve in named.items()}
     save_png(layer_accuracy_plot(curves, title, chance=metrics["chance"]), out / "probe.png")
 
