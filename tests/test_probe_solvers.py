@@ -12,7 +12,7 @@ from igpt.config import ProbeConfig
 from igpt.config.evaluation import AUTO_SGD_VALUES
 from igpt.eval import sgd_probe
 from igpt.eval.probe import _standardise, choose_solver, concat_layers, fit_logistic, logistic_probe
-from igpt.eval.sgd_probe import Rows, Scaler, full_objective, sgd_fit
+from igpt.eval.sgd_probe import Rows, Scaler, choose_lr, full_objective, sgd_fit
 from igpt.objectives import modal_vote
 
 
@@ -52,6 +52,27 @@ def test_sgd_and_lbfgs_probes_agree_within_one_point_on_digits(digits):
     assert lbfgs["solver"] == "lbfgs" and sgd["solver"] == "sgd" and sgd["lr"] in (10.0, 3.0, 1.0)
     assert abs(lbfgs["test_acc"] - sgd["test_acc"]) <= 0.01, (lbfgs, sgd)
     assert lbfgs["test_acc"] > 0.9
+
+
+def test_the_learning_rate_is_chosen_on_the_validation_carve_not_the_training_objective(digits):
+    # 60 fitting rows and almost no penalty: the largest rate drives the training objective lowest by
+    # overfitting, while a moderate one generalises; the rate is chosen by the validation rows' log-loss
+    x, y = digits
+    rows, yt = Rows([x], torch.device("cpu")), torch.from_numpy(y)
+    fit_i, val_i = np.arange(60), np.arange(60, 400)
+    scaler = Scaler(*rows.stats(fit_i))
+    grid, kw = (30.0, 1.0, 0.003), {"epochs": 1, "batch_size": 32, "seed": 0}
+    train_obj, val_loss = {}, {}
+    for lr in grid:
+        wb = sgd_fit(rows, fit_i, yt, scaler, 10, 1e-6, lr, **kw)
+        train_obj[lr] = full_objective(rows, fit_i, yt, scaler, wb, 1e-6)
+        val_loss[lr] = full_objective(rows, val_i, yt, scaler, wb, 0.0)
+    assert min(train_obj, key=train_obj.get) != min(val_loss, key=val_loss.get)  # the two criteria differ here
+    lr, acc, _ = choose_lr(rows, fit_i, val_i, yt, scaler, 10, 1e-6, grid, init=None, **kw)
+    assert lr == min(val_loss, key=val_loss.get) and 0.5 < acc <= 1.0
+    # without validation rows (no carve) the training objective is all there is
+    lr, acc, _ = choose_lr(rows, fit_i, None, yt, scaler, 10, 1e-6, grid, init=None, **kw)
+    assert lr == min(train_obj, key=train_obj.get) and acc is None
 
 
 def test_streamed_minibatches_from_memory_maps_match_the_in_memory_fit(digits, tmp_path, monkeypatch):

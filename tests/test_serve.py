@@ -103,11 +103,13 @@ def test_sample_rows_yields_each_row_keeps_the_prefix_and_ends_as_sample(nano_mo
 
 def test_complete_keeps_the_quantized_rows_and_depends_on_the_seed(ar_run):
     engine = Engine(ar_run, ServeConfig(), CPU)
-    pixels = engine.decode_upload(_jpeg_bytes())
+    picture = engine.decode_upload(_jpeg_bytes())
+    pixels = picture.pixels
     assert np.array_equal(pixels, _quantized_china(engine))
+    assert torch.equal(picture.ids, engine.palette.encode(pixels).reshape(-1))
     finals = []
     for seed in (0, 1):
-        steps = list(engine.complete(pixels, 3, Draw(n=2, seed=seed)))
+        steps = list(engine.complete(picture, 3, Draw(n=2, seed=seed)))
         assert [rows for rows, _ in steps] == list(range(3, N_PX + 1))
         for _, images in steps:
             assert images.shape == (2, N_PX, N_PX, 3)
@@ -135,8 +137,9 @@ def test_bert_infill_changes_only_the_painted_pixels_and_ar_refills_from_the_fir
     mask[2:4, 3:6] = True
     for run, kept in ((bert_run, ~mask), (ar_run, np.arange(N_PX * N_PX).reshape(N_PX, N_PX) < 2 * N_PX + 3)):
         engine = Engine(run, ServeConfig(), CPU)
-        pixels = engine.decode_upload(_jpeg_bytes())
-        images = list(engine.infill_mask(pixels, mask, Draw(n=3, seed=2)))[-1][1]
+        picture = engine.decode_upload(_jpeg_bytes())
+        pixels = picture.pixels
+        images = list(engine.infill_mask(picture, mask, Draw(n=3, seed=2)))[-1][1]
         assert np.array_equal(images[:, kept], np.broadcast_to(pixels[kept], images[:, kept].shape))
         assert not np.array_equal(images[:, mask], np.broadcast_to(pixels[mask], images[:, mask].shape))
     with pytest.raises(ValueError, match="cannot draw images from nothing"):

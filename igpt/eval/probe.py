@@ -166,8 +166,8 @@ def _sgd(train: Rows, y: torch.Tensor, tests: list[Rows], n_classes: int, cfg: P
     scaler = Scaler(*train.stats(all_i))
     if l2 in rates:
         lr, wb = rates[l2], sgd_fit(train, all_i, y, scaler, n_classes, l2, rates[l2], init=init, **kw)
-    else:  # no validation rows: the rate too is chosen on the training objective
-        lr, _, wb = choose_lr(train, all_i, all_i, y, scaler, n_classes, l2, cfg.lr_grid, init=None, **kw)
+    else:  # no validation rows: the rate is chosen on the training objective
+        lr, _, wb = choose_lr(train, all_i, None, y, scaler, n_classes, l2, cfg.lr_grid, init=None, **kw)
     if wb is None:
         raise ValueError(f"the SGD probe diverged refitting at --l2 {l2} with learning rate {lr}")
     preds = [predict(t, np.arange(t.n), scaler, wb) for t in tests]

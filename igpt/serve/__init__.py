@@ -5,7 +5,7 @@
 launches it.
 """
 
-from igpt.serve.engine import Draw, Engine
+from igpt.serve.engine import Draw, Engine, Picture
 from igpt.serve.page import build_page, launch
 
-__all__ = ["Draw", "Engine", "build_page", "launch"]
+__all__ = ["Draw", "Engine", "Picture", "build_page", "launch"]

@@ -3,8 +3,14 @@ drawings and dataset images as arrays, never a path from the client), and the co
 samples it draws, yielded as they grow so that the page can show them row by row.
 
 Every image goes through the library's own steps: ``igpt.data.images`` decodes and resizes it exactly as the
-data pipeline does, the checkpoint's palette quantizes it, ``igpt.generate`` samples (AR, with the KV cache)
-or infills (BERT). Kept pixels are the quantized original, id for id.
+data pipeline does, the checkpoint's tokenizer turns it into ids, ``igpt.generate`` samples (AR, with the KV
+cache) or infills (BERT), and the tokenizer turns ids back into pixels. Kept ids are the original's, id for id.
+
+Either tokenizer works. With a palette one id is one pixel, so the id grid (``n_px``) is the picture
+(``side`` = ``n_px``). With a VQ-VAE one id is a code for a ``factor`` x ``factor`` patch: the picture is
+``side`` = ``n_px * factor`` pixels on a side, rows of ids are kept, drawn and masked, and the pictures shown
+are the VQ-VAE's decoding of the ids (so kept patches near a drawn one may change slightly: the decoder is
+convolutional and sees its neighbours).
 """
 
 from __future__ import annotations
@@ -34,6 +40,16 @@ UPLOAD_KINDS = "PNG, JPEG, GIF, BMP, WebP or TIFF"
 
 
 @dataclass(frozen=True)
+class Picture:
+    """A chosen picture as the model sees it: its ids (T,) int64 on the CPU, and their decoding (side, side, 3)
+    uint8. The ids are kept beside the pixels because a VQ-VAE's encoding of its own decoding need not give
+    the same codes back; completions keep these ids, code for code."""
+
+    ids: torch.Tensor
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
 class Draw:
     """One request's sampling controls, as the page sends them."""
 
@@ -57,19 +73,17 @@ class Engine:
         self.cfg, self.sampling = cfg, sampling
         self.device = resolve_device(sampling.device)
         self.where, (self.model, self.palette, self.record) = load_located(checkpoint, self.device)
-        if self.palette.kind != "palette":  # the page keeps, masks and draws rows of pixels, one id each
-            raise ValueError(f"--checkpoint {checkpoint}: igpt serve edits palette models pixel by pixel; this "
-                             f"model's ids are codes of its VQ-VAE tokenizer ({self.palette.describe()}); use "
-                             "igpt sample and igpt complete, which decode codes to images")
         self.model.eval()
         self.dtype = resolve_dtype(sampling.dtype, self.device)
         # an AR model samples with its weights in the sampling dtype (bf16 on GPUs): cast once, not per request
         self.sampler_model = low_precision_copy(self.model, self.dtype) if self.can_sample else None
-        self.n_px = self.model.config.n_px
+        self.n_px = self.model.config.n_px  # side of the id grid
+        self.side = self.palette.pixel_side(self.n_px)  # side of the pictures
+        self.factor = self.side // self.n_px  # pixel rows per row of ids
         self.resize = data.resize
         self.data, self.split = None, None
         if data.data:
-            self.data, self.split = open_eval(data.data, data.split, n_px=self.n_px, palette=self.palette,
+            self.data, self.split = open_eval(data.data, data.split, n_px=self.side, palette=self.palette,
                                               val_fraction=data.val_fraction, seed=data.split_seed,
                                               resize=data.resize, any_palette=data.any_palette)
             self.data_name = data.data
@@ -80,12 +94,22 @@ class Engine:
     def can_sample(self) -> bool:
         return self.record.reading.can_sample
 
+    @property
+    def is_palette(self) -> bool:
+        return self.palette.kind == "palette"
+
+    @property
+    def id_word(self) -> str:
+        """What one id is, in the page's words."""
+        return "pixel" if self.is_palette else "code"
+
     def card(self) -> dict[str, Any]:
-        """The model card: preset, parameters, objective, step, palette and validation loss when known."""
+        """The model card: preset, parameters, objective, step, tokenizer and validation loss when known."""
         c = self.record.model
         return {"checkpoint": str(self.where), "preset": preset_of(c), "n_layer": c.n_layer, "n_embd": c.n_embd,
                 "n_head": c.n_head, "n_px": c.n_px, "params": sum(p.numel() for p in self.model.parameters()),
                 "objective": self.record.objective, "step": self.record.step, "palette_k": self.palette.k,
+                "tokenizer": self.palette.kind, "side": self.side,
                 "val": self.val_loss(), "source": (self.record.source or {}).get("format"),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
@@ -103,15 +127,27 @@ class Engine:
         return {k: v for k, v in found[-1].items() if k != "split"} if found else None
 
     def swatch(self, ncol: int = 32, scale: int = 16) -> np.ndarray:
-        """The palette's colours as one picture (H, W, 3) uint8, in id order."""
-        colours = self.palette.decode(torch.arange(self.palette.k)).numpy()  # (k, 3) uint8
-        return np.asarray(grid(colours.reshape(-1, 1, 1, 3), ncol=ncol, scale=scale, pad=1))
+        """What each id looks like, as one picture (H, W, 3) uint8 in id order: a palette's colours, or each
+        VQ-VAE code decoded from a grid filled with it alone (the centre patch, ``factor`` pixels on a side:
+        a code's look depends on its neighbours, and this is its look among its own kind)."""
+        if self.is_palette:
+            tiles = self.palette.decode(torch.arange(self.palette.k)).numpy().reshape(-1, 1, 1, 3)  # (k, 1, 1, 3)
+        else:
+            f, mid = self.factor, self.n_px // 2 * self.factor
+            T, k = self.n_px * self.n_px, self.palette.k
+            parts = []
+            for c in range(0, k, 32):  # a few codes per pass: each is a whole picture (side, side) to the decoder
+                codes = torch.arange(c, min(k, c + 32))[:, None].expand(-1, T)  # (b, T)
+                parts.append(self.palette.decode_images(codes).cpu().numpy()[:, mid:mid + f, mid:mid + f])
+            tiles = np.concatenate(parts)  # (k, f, f, 3)
+            scale = max(1, scale // f)
+        return np.asarray(grid(tiles, ncol=ncol, scale=scale, pad=1))
 
     # ---- images in
 
-    def decode_upload(self, data: bytes | None) -> np.ndarray:
-        """An uploaded file's bytes -> pixels (n_px, n_px, 3) uint8, quantized. Refuses (ValueError, one line
-        for the page) nothing, too much, or anything Pillow cannot read as an image."""
+    def decode_upload(self, data: bytes | None) -> Picture:
+        """An uploaded file's bytes -> the picture as the model sees it. Refuses (ValueError, one line for the
+        page) nothing, too much, or anything Pillow cannot read as an image."""
         if not data:
             raise ValueError("The upload is empty: choose an image file.")
         if len(data) > self.cfg.max_upload_bytes:
@@ -126,31 +162,35 @@ class Engine:
             raise ValueError(f"The upload could not be read as an image: {e}") from None
         return self.quantize(img)
 
-    def quantize(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """Any picture (a PIL image or uint8 (H, W[, 3|4]) array) -> (n_px, n_px, 3) uint8 as the model sees it:
-        resized as the data pipeline does, then through the palette."""
+    def quantize(self, image: Image.Image | np.ndarray) -> Picture:
+        """Any picture (a PIL image or uint8 (H, W[, 3|4]) array) as the model sees it: resized as the data
+        pipeline does, then through the tokenizer."""
         if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 4:
             image = Image.fromarray(image, "RGBA")  # a drawing: transparency over white, as to_rgb does
-        pixels = to_n_px(image, self.n_px, self.resize)
-        return self.decode(self.encode(pixels))
+        return self.picture(self.encode(to_n_px(image, self.side, self.resize)))
 
-    def dataset_image(self, index: int) -> np.ndarray:
-        """Image ``index`` of the ``--data`` split, quantized (n_px, n_px, 3)."""
+    def dataset_image(self, index: int) -> Picture:
+        """Image ``index`` of the ``--data`` split as the model sees it."""
         if self.data is None:
             raise ValueError("No dataset was given to this page (start it with --data DATA).")
         if not 0 <= index < len(self.data):
             raise ValueError(f"The {self.split} split has images 0..{len(self.data) - 1}, not {index}.")
         ids = to_ids(self.data, np.array([index]), self.palette, torch.device("cpu"))  # (1, T)
-        return self.decode(ids[0])
+        return self.picture(ids[0])
+
+    def picture(self, ids: torch.Tensor) -> Picture:
+        """Ids (T,) -> the picture they make."""
+        return Picture(ids.cpu(), self.decode(ids))
 
     def encode(self, pixels: np.ndarray) -> torch.Tensor:
-        """Pixels (n_px, n_px, 3) uint8 -> ids (T,) on the CPU."""
-        return self.palette.encode(pixels).reshape(-1)
+        """Pixels (side, side, 3) uint8 -> ids (T,) on the CPU."""
+        return self.palette.encode(np.ascontiguousarray(pixels)[None]).reshape(-1)
 
     def decode(self, ids: torch.Tensor) -> np.ndarray:
-        """Ids (..., T) -> pixels (..., n_px, n_px, 3) uint8."""
+        """Ids (..., T) -> pixels (..., side, side, 3) uint8."""
         ids = ids.cpu()
-        return self.palette.decode(ids).reshape(*ids.shape[:-1], self.n_px, self.n_px, 3).numpy()
+        images = self.palette.decode_images(ids.reshape(-1, self.n_px * self.n_px))  # (B, side, side, 3)
+        return images.reshape(*ids.shape[:-1], self.side, self.side, 3).numpy()
 
     # ---- images out, as they grow
 
@@ -169,7 +209,7 @@ class Engine:
                 "top_p": None if self.sampling.top_p >= 1.0 else self.sampling.top_p}
 
     def _rows(self, known: torch.Tensor, keep: torch.Tensor, draw: Draw) -> Iterator[tuple[int, np.ndarray]]:
-        """Complete ids (n, T) where ``keep`` (n, T) is False: (rows final, pixels (n, n_px, n_px, 3))."""
+        """Complete ids (n, T) where ``keep`` (n, T) is False: (rows of ids final, pixels (n, side, side, 3))."""
         T = self.n_px * self.n_px
         if self.can_sample:
             # the first position to fill is the first one not kept: everything after it is drawn
@@ -187,25 +227,25 @@ class Engine:
                      dtype=self.dtype, **self._filters(draw))
         yield self.n_px, self.decode(ids)
 
-    def complete(self, pixels: np.ndarray, rows: int, draw: Draw) -> Iterator[tuple[int, np.ndarray]]:
-        """Keep the top ``rows`` of quantized ``pixels`` (n_px, n_px, 3) and complete the rest ``draw.n`` times:
-        yields (rows final, completions (n, n_px, n_px, 3)) as they grow."""
+    def complete(self, picture: Picture, rows: int, draw: Draw) -> Iterator[tuple[int, np.ndarray]]:
+        """Keep the top ``rows`` rows of the picture's ids and complete the rest ``draw.n`` times: yields (rows
+        of ids final, completions (n, side, side, 3)) as they grow."""
         self._check_draw(draw)
         if not 0 <= rows <= self.n_px:
             raise ValueError(f"Keep 0..{self.n_px} rows, not {rows}.")
-        known = self.encode(pixels).expand(draw.n, -1).clone()  # (n, T)
+        known = picture.ids.expand(draw.n, -1).clone()  # (n, T)
         keep = torch.zeros_like(known, dtype=torch.bool)
         keep[:, :rows * self.n_px] = True
         yield from self._rows(known, keep, draw)
 
-    def infill_mask(self, pixels: np.ndarray, mask: np.ndarray, draw: Draw) -> Iterator[tuple[int, np.ndarray]]:
-        """Refill the pixels where ``mask`` (n_px, n_px) bool is True. A BERT model fills exactly the mask; an
-        AR model, which reads left to right, refills everything from the mask's first pixel on (the page
-        says so), since what it draws there can depend only on the pixels before it."""
+    def infill_mask(self, picture: Picture, mask: np.ndarray, draw: Draw) -> Iterator[tuple[int, np.ndarray]]:
+        """Refill the picture's ids where ``mask`` (n_px, n_px) bool is True. A BERT model fills exactly the mask; an
+        AR model, which reads left to right, refills everything from the mask's first id on (the page
+        says so), since what it draws there can depend only on the ids before it."""
         self._check_draw(draw)
         if mask.shape != (self.n_px, self.n_px) or not mask.any():
             raise ValueError("Paint over the part of the image to fill in first.")
-        known = self.encode(pixels).expand(draw.n, -1).clone()  # (n, T)
+        known = picture.ids.expand(draw.n, -1).clone()  # (n, T)
         keep = torch.from_numpy(~mask.reshape(-1)).expand(draw.n, -1).clone()
         if self.can_sample:
             keep[:, int(np.flatnonzero(mask.reshape(-1))[0]):] = False
@@ -221,7 +261,8 @@ class Engine:
         yield from self._rows(known, torch.zeros_like(known, dtype=torch.bool), draw)
 
     def mask_from_strokes(self, strokes: np.ndarray) -> np.ndarray:
-        """Painted strokes (H, W) of any size over the displayed image -> bool (n_px, n_px): a pixel is masked
-        when strokes cover at least half of it (the area filter of the data pipeline's resize)."""
+        """Painted strokes (H, W) of any size over the displayed image -> bool (n_px, n_px) over the ids: an id
+        (a pixel, or a VQ-VAE code's patch) is masked when strokes cover at least half of it (the area filter
+        of the data pipeline's resize)."""
         cover = np.where(strokes > 0, 255, 0).astype(np.uint8)
         return to_n_px(cover, self.n_px, "squash")[..., 0] >= 128

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.serve.engine import UPLOAD_KINDS, Draw, Engine
+from igpt.serve.engine import UPLOAD_KINDS, Draw, Engine, Picture
 from igpt.viz import hide_rows
 
 # Small images are shown enlarged with crisp square pixels, as in the paper's figures.
@@ -25,8 +25,8 @@ CSS = """
 #swatch img { image-rendering: pixelated; width: auto !important; height: auto !important; max-width: 100%; }
 #status { min-height: 2.5em; }
 """
-OBJECTIVE_WORDS = {"ar": "autoregressive (AR): predicts each pixel from those before it, left to right, top to bottom",
-                   "bert": "BERT: predicts masked pixels from all the others"}
+OBJECTIVE_WORDS = {"ar": "autoregressive (AR): predicts each {0} from those before it, left to right, top to bottom",
+                   "bert": "BERT: predicts masked {0}s from all the others"}
 EDITOR_SIDE = 256  # the infill canvas: the image enlarged to about this many screen pixels
 
 
@@ -42,15 +42,21 @@ def _say(kind: str, text: str) -> str:
 
 def _card_markdown(engine: Engine) -> str:
     c = engine.card()
-    val = c["val"]
+    val, word = c["val"], engine.id_word
+    if engine.is_palette:
+        seen = f"**Image size:** {c['n_px']}x{c['n_px']} pixels, **palette:** {c['palette_k']} colours (below)"
+    else:
+        seen = (f"**Image size:** {c['side']}x{c['side']} pixels, as a {c['n_px']}x{c['n_px']} grid of codes of a "
+                f"VQ-VAE (**codebook:** {c['palette_k']} codes, below), each code a {engine.factor}x{engine.factor} "
+                "patch")
     lines = [
         f"**Checkpoint:** `{c['checkpoint']}`",
         f"**Preset:** {c['preset']} ({c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads)",
         f"**Parameters:** {c['params']:,}",
-        f"**Image size:** {c['n_px']}x{c['n_px']} pixels, **palette:** {c['palette_k']} colours (below)",
-        f"**Objective:** {OBJECTIVE_WORDS[c['objective']]}",
+        seen,
+        f"**Objective:** {OBJECTIVE_WORDS[c['objective']].format(word)}",
         f"**Training step:** {c['step'] if c['step'] is not None else 'not recorded'}",
-        "**Validation loss:** " + (f"{val['loss']:.4f} nats per pixel at step {val['step']}" if val and "loss" in val
+        "**Validation loss:** " + (f"{val['loss']:.4f} nats per {word} at step {val['step']}" if val and "loss" in val
                                    else "not recorded with this checkpoint"),
         f"**Converted from:** {c['source']}" if c["source"] else "",
         f"**Running on:** {c['device']} ({c['dtype']})",
@@ -78,15 +84,16 @@ def _guard(fn: Callable[..., Iterator[tuple]], n_out: int, warn: Callable[[str],
     return run
 
 
-def _gallery(pixels: np.ndarray, rows: int) -> list[np.ndarray]:
-    """Images (n, n_px, n_px, 3) with the rows not yet drawn greyed out."""
-    return list(hide_rows(pixels, rows) if rows < pixels.shape[1] else pixels)
+def _gallery(pixels: np.ndarray, rows: int, factor: int = 1) -> list[np.ndarray]:
+    """Images (n, side, side, 3) with the pixel rows of the ``rows`` of ids not yet drawn greyed out (``factor``
+    pixel rows per row of ids)."""
+    return list(hide_rows(pixels, rows * factor) if rows * factor < pixels.shape[1] else pixels)
 
 
-def _progress(rows: int, n_px: int, start: int, what: str) -> str:
+def _progress(rows: int, n_px: int, start: int, what: str, unit: str = "row") -> str:
     if rows >= n_px:
         return _say("Done", what)
-    return _say("Working", f"{what}: row {rows} of {n_px} ({rows - start} drawn)")
+    return _say("Working", f"{what}: {unit} {rows} of {n_px} ({rows - start} drawn)")
 
 
 def build_page(engine: Engine) -> Any:
@@ -98,18 +105,27 @@ def build_page(engine: Engine) -> Any:
     def guard(fn: Callable[..., Iterator[tuple]], n_out: int) -> Callable[..., Iterator[tuple]]:
         return _guard(fn, n_out, gr.Warning, gr.update)
 
-    n_px, cfg, sampling = engine.n_px, engine.cfg, engine.sampling
-    ar = engine.can_sample
-    scale = max(1, EDITOR_SIDE // n_px)
+    n_px, side, factor, cfg, sampling = engine.n_px, engine.side, engine.factor, engine.cfg, engine.sampling
+    ar, word = engine.can_sample, engine.id_word
+    scale = max(1, EDITOR_SIDE // side)
+    # one row of ids is one row of pixels with a palette, a row of codes (factor pixel rows) with a VQ-VAE
+    unit = "row" if engine.is_palette else "row of codes"
+    if engine.is_palette:
+        seen = f"**{n_px}x{n_px} pixels in {engine.palette.k} colours**"
+        swatch_label = "Palette (every colour the model can draw)"
+    else:
+        seen = (f"**a {n_px}x{n_px} grid of codes** of a VQ-VAE ({engine.palette.k} codes, each a {factor}x{factor} "
+                f"patch of a {side}x{side} picture)")
+        swatch_label = "Codebook (each code decoded from a grid of that code alone; centre patch)"
 
     with gr.Blocks(title="igpt: Image GPT", analytics_enabled=False) as page:
         gr.Markdown(
             f"# Image GPT: complete a picture\n"
-            f"Choose a picture; the model sees it as **{n_px}x{n_px} pixels in {engine.palette.k} colours** "
+            f"Choose a picture; the model sees it as {seen} "
             f"(shown as *Quantized original*). **Complete** keeps the top rows and lets the model draw the rest, "
             f"row by row, several times. **Infill** refills a region you paint over. **Sample** draws new "
             f"images from nothing. The *Model* tab describes the checkpoint.")
-        original = gr.State(None)  # the quantized original (n_px, n_px, 3) uint8, or None
+        original = gr.State(None)  # the chosen Picture (its ids and their pixels), or None
         with gr.Row():
             with gr.Column(scale=1):
                 gr.Markdown("### 1. Choose a picture")
@@ -118,7 +134,7 @@ def build_page(engine: Engine) -> Any:
                         upload = gr.UploadButton("Upload an image", type="binary", variant="primary",
                                                  elem_id="upload")
                         gr.Markdown(f"{UPLOAD_KINDS}, up to {cfg.max_upload_mb:g} MB. It is cropped to a "
-                                    f"centred square and shrunk to {n_px}x{n_px} pixels.")
+                                    f"centred square and shrunk to {side}x{side} pixels.")
                     with gr.Tab("Draw"):
                         gr.Markdown("Pick the brush on the left of the canvas, draw, then press **Use the drawing**.")
                         sketch = gr.Sketchpad(label="Draw a picture", type="numpy", image_mode="RGBA",
@@ -145,14 +161,16 @@ def build_page(engine: Engine) -> Any:
                                             info="lower: safer colours; 0: always the likeliest",
                                             elem_id="temperature")
                     top_k = gr.Slider(0, engine.palette.k, value=sampling.top_k, step=1, label="Top-k",
-                                      info="only the k likeliest colours; 0: all", elem_id="top_k")
+                                      info=f"only the k likeliest {'colours' if engine.is_palette else 'codes'}; "
+                                      "0: all", elem_id="top_k")
                     seed = gr.Number(value=sampling.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed",
                                      info="same seed, same images", elem_id="seed")
                 status = gr.Markdown(_say("Ready", "choose a picture, or press Sample."), elem_id="status")
                 with gr.Tabs():
                     with gr.Tab("Complete", elem_id="tab-complete"):
-                        rows = gr.Slider(0, n_px, value=n_px // 2, step=1, label="Rows to keep from the top",
-                                         elem_id="rows")
+                        rows = gr.Slider(0, n_px, value=n_px // 2, step=1, elem_id="rows",
+                                         label="Rows to keep from the top" if engine.is_palette else
+                                         f"Rows of codes to keep from the top (each {factor} rows of pixels)")
                         if not ar:
                             gr.Markdown(f"This BERT model fills the rows below by iterative infilling ({cfg.rounds} "
                                         "rounds); its completions appear when the last round is done.")
@@ -172,14 +190,16 @@ def build_page(engine: Engine) -> Any:
                     with gr.Tab("Infill", elem_id="tab-infill"):
                         gr.Markdown(
                             "Pick the brush on the left of the canvas, paint over the part to fill in, then press "
-                            "**Infill**. Unpainted pixels are kept exactly." if not ar else
+                            f"**Infill**. Unpainted {word}s are kept exactly." if not ar else
                             "Pick the brush on the left of the canvas, paint over the part to fill in, then press "
-                            "**Infill**. This model reads pixels left to right, top to bottom, so it refills "
-                            "**everything from the first painted pixel down**; what lies above is kept exactly.")
+                            f"**Infill**. This model reads {word}s left to right, top to bottom, so it refills "
+                            f"**everything from the first painted {word} down**; what lies above is kept exactly."
+                            + ("" if engine.is_palette else f" A code is painted over when half of its "
+                               f"{factor}x{factor} patch is."))
                         editor = gr.ImageEditor(label="Paint over the region to fill", type="numpy",
                                                 image_mode="RGBA", sources=(), elem_id="editor",
                                                 brush=gr.Brush(colors=["#ff00ff"], default_size=max(4, scale)),
-                                                canvas_size=(n_px * scale, n_px * scale), elem_classes="pixels",
+                                                canvas_size=(side * scale, side * scale), elem_classes="pixels",
                                                 buttons=[])
                         infill_btn = gr.Button("Infill", variant="primary", elem_id="infill")
                         gr.Markdown("**Infilled**")
@@ -195,12 +215,13 @@ def build_page(engine: Engine) -> Any:
                                              elem_classes="pixels", interactive=False, buttons=["download"])
                     with gr.Tab("Model", elem_id="tab-model"):
                         gr.Markdown(_card_markdown(engine), elem_id="card")
-                        gr.Image(value=engine.swatch(), format="png", interactive=False,
-                                 label="Palette (every colour the model can draw)", elem_id="swatch", buttons=[])
+                        gr.Image(value=engine.swatch(), format="png", interactive=False, label=swatch_label,
+                                 elem_id="swatch", buttons=[])
 
-        def chosen(pixels: np.ndarray, rows_kept: int) -> Iterator[tuple]:
+        def chosen(picture: Picture, rows_kept: int) -> Iterator[tuple]:
+            pixels = picture.pixels
             editor_value = {"background": pixels.repeat(scale, 0).repeat(scale, 1), "layers": [], "composite": None}
-            yield (pixels, pixels, hide_rows(pixels[None], int(rows_kept))[0], editor_value,
+            yield (picture, pixels, hide_rows(pixels[None], int(rows_kept) * factor)[0], editor_value,
                    _say("Ready", "picture chosen; press Complete, or paint over it in Infill."))
 
         choice_outputs = [original, shown, kept, editor, status]
@@ -220,28 +241,29 @@ def build_page(engine: Engine) -> Any:
                 yield from chosen(engine.dataset_image(int(index)), rows_kept)
             use_pick.click(guard(from_data, 5), [pick, rows], choice_outputs)
 
-        def show_kept(pixels: np.ndarray | None, rows_kept: int) -> np.ndarray | None:
-            return None if pixels is None else hide_rows(pixels[None], int(rows_kept))[0]
+        def show_kept(picture: Picture | None, rows_kept: int) -> np.ndarray | None:
+            return None if picture is None else hide_rows(picture.pixels[None], int(rows_kept) * factor)[0]
 
         rows.change(show_kept, [original, rows], kept, queue=False)
 
         def draw_of(n_: float, t: float, k: float, s: float | None) -> Draw:
             return Draw(n=int(n_), temperature=float(t), top_k=int(k), seed=int(s or 0))
 
-        def need(pixels: np.ndarray | None) -> np.ndarray:
-            if pixels is None:
+        def need(picture: Picture | None) -> Picture:
+            if picture is None:
                 raise ValueError("Choose a picture first (upload, draw, or pick one).")
-            return pixels
+            return picture
 
-        def run_complete(pixels, rows_kept, n_, t, k, s) -> Iterator[tuple]:
-            pixels, rows_kept = need(pixels), int(rows_kept)
-            what = f"{int(n_)} completion(s) of the bottom {n_px - rows_kept} rows, seed {int(s or 0)}"
-            yield hide_rows(pixels[None], rows_kept)[0], [], _say("Working", f"{what}: starting")
-            for done, images in engine.complete(pixels, rows_kept, draw_of(n_, t, k, s)):
-                yield gr.update(), _gallery(images, done), _progress(done, n_px, rows_kept, what)
+        def run_complete(picture, rows_kept, n_, t, k, s) -> Iterator[tuple]:
+            picture, rows_kept = need(picture), int(rows_kept)
+            rows_word = "rows" if engine.is_palette else "rows of codes"
+            what = f"{int(n_)} completion(s) of the bottom {n_px - rows_kept} {rows_word}, seed {int(s or 0)}"
+            yield hide_rows(picture.pixels[None], rows_kept * factor)[0], [], _say("Working", f"{what}: starting")
+            for done, images in engine.complete(picture, rows_kept, draw_of(n_, t, k, s)):
+                yield gr.update(), _gallery(images, done, factor), _progress(done, n_px, rows_kept, what, unit)
 
-        def run_infill(pixels, painted, n_, t, k, s) -> Iterator[tuple]:
-            pixels = need(pixels)
+        def run_infill(picture, painted, n_, t, k, s) -> Iterator[tuple]:
+            picture = need(picture)
             layers = (painted or {}).get("layers") or []
             strokes = sum((np.asarray(layer)[..., 3].astype(np.int32) for layer in layers), np.zeros(1, np.int32))
             if not layers or not np.any(strokes):
@@ -250,14 +272,14 @@ def build_page(engine: Engine) -> Any:
             first = int(np.flatnonzero(mask.reshape(-1))[0]) // n_px if mask.any() else 0
             what = f"{int(n_)} infill(s), seed {int(s or 0)}"
             yield [], _say("Working", f"{what}: starting")
-            for done, images in engine.infill_mask(pixels, mask, draw_of(n_, t, k, s)):
-                yield _gallery(images, done), _progress(done, n_px, first, what)
+            for done, images in engine.infill_mask(picture, mask, draw_of(n_, t, k, s)):
+                yield _gallery(images, done, factor), _progress(done, n_px, first, what, unit)
 
         def run_sample(n_, t, k, s) -> Iterator[tuple]:
             what = f"{int(n_)} sample(s), seed {int(s or 0)}"
             yield [], _say("Working", f"{what}: starting")
             for done, images in engine.sample(draw_of(n_, t, k, s)):
-                yield _gallery(images, done), _progress(done, n_px, 0, what)
+                yield _gallery(images, done, factor), _progress(done, n_px, 0, what, unit)
 
         controls = [n, temperature, top_k, seed]
         complete_btn.click(guard(run_complete, 3), [original, rows, *controls], [kept, completions, status])
