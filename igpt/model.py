@@ -20,7 +20,7 @@ model with ``causal=False``, so its plain ``model(ids)`` is the bidirectional fo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -204,21 +204,23 @@ class GPT(nn.Module):
         h = tok + self.wpe.weight[:T]  # positions are added after the shift, so position i holds pixel i-1
         return F.dropout(h, self.config.dropout, self.training)
 
-    def _run_blocks(self, h: torch.Tensor, causal: bool, upto: int | None = None) -> list[torch.Tensor]:
-        """Residual stream entering each block, plus the stream after the last block run."""
-        states = [h]
+    def _run_blocks(self, h: torch.Tensor, causal: bool, upto: int | None = None) -> Iterator[torch.Tensor]:
+        """The residual stream entering each block, then the stream after the last block run, one at a time:
+        a caller that keeps only what it needs (the last state, or one pooled row per layer) holds one
+        (B, T, D) state in inference instead of n_layer + 1 of them."""
+        yield h
         for block in self.blocks[:upto]:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, causal, use_reentrant=False)
             else:
                 h = block(h, causal)
-            states.append(h)
-        return states
+            yield h
 
     def forward(self, ids: torch.Tensor, *, causal: bool | None = None, keep: torch.Tensor | None = None,
                 sos: bool | None = None) -> torch.Tensor:
         causal = self.causal if causal is None else causal
-        h = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal)[-1]
+        for h in self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal):
+            pass  # each state is dropped as soon as the next one exists
         return self.lm_head(self.ln_f(h))  # (B, T, V)
 
     def hidden_states(self, ids: torch.Tensor, *, causal: bool | None = None, keep: torch.Tensor | None = None,
@@ -227,7 +229,7 @@ class GPT(nn.Module):
         is the embedding); entry L is the final ``ln_f`` output. This is Hugging Face's
         ``output_hidden_states`` convention."""
         causal = self.causal if causal is None else causal
-        states = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal)
+        states = list(self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal))
         return states[:-1] + [self.ln_f(states[-1])]
 
     def layer_features(self, ids: torch.Tensor, layers: Sequence[int] | None = None, *, causal: bool | None = None,
@@ -240,10 +242,13 @@ class GPT(nn.Module):
         if not layers or layers[0] < 0 or layers[-1] > L:
             raise ValueError(f"layers must lie in 0..{L}, got {layers}")
         causal = self.causal if causal is None else causal
-        states = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal,
-                                  upto=layers[-1])
         norms = [b.ln_1 for b in self.blocks] + [self.ln_f]
-        return {l: norms[l](states[l]).float().mean(dim=1) for l in layers}
+        wanted, feats = set(layers), {}
+        states = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal, upto=layers[-1])
+        for l, h in enumerate(states):  # pooled as they pass: one (B, T, D) state at a time in inference
+            if l in wanted:
+                feats[l] = norms[l](h).float().mean(dim=1)
+        return feats
 
     def forward_features(self, ids: torch.Tensor, *, causal: bool | None = None, keep: torch.Tensor | None = None,
                          sos: bool | None = None) -> torch.Tensor:
@@ -273,7 +278,7 @@ class GPT(nn.Module):
             raise ValueError(f"indices must lie in 0..{L}, got {indices}")
         causal = self.causal if causal is None else causal
         upto = max(layers) if intermediates_only else None
-        states = self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal, upto=upto)
+        states = list(self._run_blocks(self.embed(ids, causal=causal, keep=keep, sos=sos), causal, upto=upto))
         norms = [b.ln_1 for b in self.blocks] + [self.ln_f]
         feats = [norms[l](states[l]) if norm or l == L else states[l] for l in layers]
         if intermediates_only:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -174,6 +175,28 @@ def test_hidden_states_and_layer_features(nano_model):
     torch.testing.assert_close(only[1], feats[1])
     with pytest.raises(ValueError, match="layers must lie"):
         nano_model.layer_features(ids, [3])
+
+
+def test_inference_holds_one_residual_state_at_a_time():
+    # a probe of every layer at 32x32 would otherwise hold n_layer + 1 states (B, T, D) per batch
+    model = GPT(ModelConfig.from_preset("igpt-nano", n_layer=4)).eval()
+    alive: list[weakref.ref] = []
+    stale: list[int] = []
+
+    def check(block, inputs, output):
+        stale.extend(i for i, ref in enumerate(alive[:-1]) if ref() is not None)  # all but this block's input
+        alive.append(weakref.ref(output))
+    for b in model.blocks:
+        b.register_forward_hook(check)
+    ids = torch.randint(0, model.config.n_vocab, (2, model.config.n_ctx))
+    with torch.no_grad():
+        for run in (model.layer_features, model):
+            alive.clear()
+            run(ids)
+            assert len(alive) == 4 and stale == [], run
+        alive.clear()
+        states = model.hidden_states(ids)  # asks for every state, so all of them are kept: the check sees it
+        assert len(states) == 5 and stale == [0, 0, 1]
 
 
 def test_activation_checkpointing_gives_same_gradients(nano_config):

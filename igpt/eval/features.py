@@ -237,6 +237,10 @@ def cached_extract(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: Fea
 
 
 MIB = 2**20
+# Peak activation bytes per token of one feature-extraction batch, in units of 4 D: measured on the CPU for
+# iGPT-S's width (D = 512) as the growth of peak RSS between two batch sizes, 12 to 23 x 4 D per token at
+# T = 64, 256 and 1024 (docs/evaluation.md); rounded up.
+ACTIVATION_WIDTHS = 20
 
 
 def feature_plan(config: ModelConfig, n_images: Mapping[str, int], *, n_layers: int | None = None,
@@ -245,18 +249,20 @@ def feature_plan(config: ModelConfig, n_images: Mapping[str, int], *, n_layers: 
     """The disk and host memory (bytes) a probe run needs, from the shapes alone (docs/evaluation.md):
 
     - disk: every split's N x D values per stored layer (``test_views`` copies of "test" for a mask vote);
-    - extraction: fp32 weights plus one batch of activations, ~ 4 * B * T * (10 D + H T) bytes, plus the
-      batch's pooled features of every layer;
+    - extraction: fp32 weights plus one batch of activations, ~ 4 * B * T * 20 D bytes (the model holds one
+      block's activations at a time, and attention kernels do not keep the T x T scores; the factor 20 is
+      a rounded-up fit of measured CPU peaks, docs/evaluation.md), plus the batch's pooled features of
+      every layer;
     - probe: one layer at a time; L-BFGS holds the fitting and test features in fp32 about three times
       over (raw, the validation carve, standardised), K x D wide for a concatenation of K layers; SGD
       streams minibatches and holds the test split's features once."""
-    d, t, h, n_layer = config.n_embd, config.n_ctx, config.n_head, config.n_layer
+    d, t, n_layer = config.n_embd, config.n_ctx, config.n_layer
     n_layers = n_layer + 1 if n_layers is None else n_layers
     item = np.dtype(DTYPES[feats_dtype]).itemsize
     rows = sum(n * (test_views if split == "test" else 1) for split, n in n_images.items())
     disk = rows * d * n_layers * item
     params = config.num_params()
-    extraction = 4 * params + 4 * batch_size * t * (10 * d + h * t) + 4 * batch_size * d * n_layers
+    extraction = 4 * params + 4 * batch_size * t * ACTIVATION_WIDTHS * d + 4 * batch_size * d * n_layers
     width = d * max(1, concat)
     n_test = n_images.get("test", 0) * test_views
     n_fit = n_train if n_train is not None else sum(n for s, n in n_images.items() if s != "test")
