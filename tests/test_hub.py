@@ -209,6 +209,36 @@ def test_classify_prints_the_top_classes_with_the_training_resize(tmp_path, caps
     assert "not a fine-tuned classifier" in capsys.readouterr().err
 
 
+def test_classify_reads_a_bert_trunk_masked_at_its_recorded_rate(tmp_path):
+    from igpt.config import ClassifyConfig
+    from igpt.eval.classify import classify
+    from igpt.objectives import EVAL_MASK_KEY, sample_keep_mask
+    from igpt.runtime import derived_generator
+
+    torch.manual_seed(7)
+    model, palette = randomize(CoreGPT(CFG, causal=False), seed=7).eval(), tiny(7)[1]
+    head = torch.randn(3, CFG.n_embd, generator=torch.Generator().manual_seed(7))
+    record = CheckpointRecord(CFG, palette.fingerprint(), "bert", step=10, mask_prob=0.4,
+                              finetuned=Finetuned(3, ("cat", "dog", "ship"), 0.5, "base"))
+    save_checkpoint(tmp_path / "ft", model, palette, record, classifier={"head.weight": head})
+    images = [np.random.default_rng(i).integers(0, 256, (4, 4, 3), dtype=np.uint8) for i in range(6)]
+    ids = igpt.encode_images(images, palette, 4)
+    with torch.no_grad():
+        def probs(keep):
+            return torch.softmax(model.layer_features(ids, [2], keep=keep)[2] @ head.T, -1)
+        masks = [sample_keep_mask(tuple(ids.shape), 0.4, derived_generator(3, EVAL_MASK_KEY, k), torch.device("cpu"))
+                 for k in range(4)]
+        want = sum(probs(keep) for keep in masks) / 4  # four masks at the recorded rate, probabilities averaged
+        unmasked = probs(None)
+    got = classify(tmp_path / "ft", images, ClassifyConfig(top_k=3, n_masks=4, seed=3, device="cpu"))
+    names = ("cat", "dog", "ship")
+    for preds, p in zip(got, want):
+        assert [pr.label for pr in preds] == [names[int(i)] for i in p.argsort(descending=True)]
+        assert [pr.prob for pr in preds] == pytest.approx(sorted(p.tolist(), reverse=True), abs=1e-5)
+    got_probs = torch.tensor([[dict(preds)[n] for n in names] for preds in got])
+    assert not torch.allclose(got_probs, unmasked, atol=1e-3)  # the masks change what the trunk reads
+
+
 def test_images_in_and_out_and_per_layer_features(tmp_path):
     model, palette = tiny(6)
     rng = np.random.default_rng(1)

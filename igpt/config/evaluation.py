@@ -48,11 +48,14 @@ class ClassifyConfig:
     """How ``igpt classify`` reads images with a fine-tuned checkpoint."""
 
     top_k: int = arg(5, "classes printed per image, most probable first")
+    n_masks: int = arg(1, "BERT checkpoints: independent input masks, at the rate the checkpoint records, whose "
+                          "class probabilities are averaged (the paper's mask ensemble)")
+    seed: int = arg(0, "BERT checkpoints: seed of the input masks (the same seed, the same answer)")
     device: str = device_arg()
 
     def __post_init__(self) -> None:
         check_fields(self)
-        require_at_least(self, ("top_k",), 1)
+        require_at_least(self, ("top_k", "n_masks"), 1)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ The images are resized exactly as the fine-tune resized its data (the ``resize``
 finetune.json, ``igpt.weights.card.run_facts``; ``center`` when the checkpoint stands alone), quantized
 with the checkpoint's palette, and read as the head was trained: the mean over positions of the normed
 features of the layer the checkpoint records (the final norm unless it was fine-tuned with --head-layer), a
-bias-free linear map, softmax. A BERT trunk reads the images unmasked.
+bias-free linear map, softmax. A BERT trunk reads them masked, as it was trained and as the fine-tune
+evaluated it (the paper: "at evaluation the BERT model's inputs must also be masked"): at the rate the
+checkpoint records, under ``n_masks`` seeded masks whose class probabilities are averaged.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from igpt.config import ClassifyConfig
 from igpt.data.images import ImageLike, encode_images
-from igpt.runtime import resolve_device
+from igpt.objectives import EVAL_MASK_KEY, sample_keep_mask
+from igpt.runtime import derived_generator, resolve_device
 from igpt.weights.card import run_facts
 from igpt.weights.convert import load_classifier, locate
 
@@ -42,9 +45,14 @@ def classify(checkpoint: str | Path, images: ImageLike | Sequence[ImageLike],
     model, head, palette, record = load_classifier(ckpt_dir, device)
     resize = resize or run_facts(ckpt_dir).get("resize", "center")
     ids = encode_images(images, palette, model.config.n_px, resize)  # (B, T)
-    layer = record.head_layer
-    feats = model.layer_features(ids.to(device), [layer])[layer]  # (B, D): mean over positions
-    probs = head(feats).float().softmax(-1)  # (B, n_classes)
+    ids, layer, reading = ids.to(device), record.head_layer, record.reading
+    probs = torch.zeros(len(ids), head.out_features, device=device)  # (B, n_classes)
+    n_masks = 1 if reading.causal else cfg.n_masks
+    for k in range(n_masks):
+        keep = None if reading.causal else sample_keep_mask(
+            tuple(ids.shape), reading.mask_prob, derived_generator(cfg.seed, EVAL_MASK_KEY, k), device)  # (B, T)
+        feats = model.layer_features(ids, [layer], keep=keep)[layer]  # (B, D): mean over positions
+        probs += head(feats).float().softmax(-1) / n_masks
     n = record.finetuned.n_classes  # type: ignore[union-attr]
     names = list(record.finetuned.classes or [f"class {i}" for i in range(n)])  # type: ignore[union-attr]
     top = probs.topk(min(top_k, n), dim=-1)
