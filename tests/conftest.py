@@ -105,6 +105,17 @@ def rand_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
+def flat_pictures(n: int, seed: int, side: int = 8) -> np.ndarray:
+    """(n, side, side, 3) uint8: two flat colours, top and bottom, and a white or black band on the left of
+    varying width; enough structure for a VQ-VAE's codes and for two classes (odd and even)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, side, side, 3), np.uint8)
+    for i in range(n):
+        out[i, :side // 2], out[i, side // 2:] = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        out[i, :, : 2 + i % 3] = 255 * (i % 2)
+    return out
+
+
 def smooth_image(h: int, w: int) -> np.ndarray:
     """(h, w, 3) uint8 gradients, which JPEG keeps close (noise it would not)."""
     yy, xx = np.mgrid[0:h, 0:w]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize
+from conftest import flat_pictures, randomize
 from igpt.config import EvalDataConfig, ModelConfig, SampleConfig, ServeConfig
 from igpt.config.tokenizer import TokenizerFitConfig, VQConfig
 from igpt.model import GPT
@@ -29,23 +29,13 @@ FIT = TokenizerFitConfig(steps=2, batch_size=16, eval_every=2, log_every=1, ckpt
 CPU = SampleConfig(device="cpu")
 
 
-def _pictures(n: int, seed: int) -> np.ndarray:
-    """(n, 8, 8, 3) uint8: two flat colours, top and bottom, and a white or black band on the left."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros((n, SIDE, SIDE, 3), np.uint8)
-    for i in range(n):
-        out[i, :4], out[i, 4:] = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        out[i, :, : 2 + i % 3] = 255 * (i % 2)
-    return out
-
-
 @pytest.fixture(scope="module")
 def vq(tmp_path_factory) -> dict[str, Path]:
     """A data file, a VQ-VAE tokenizer fitted on it (two steps), and an AR and a BERT run of random models of
     its codes."""
     root = tmp_path_factory.mktemp("vqserve")
     npz = root / "pictures.npz"
-    np.savez(npz, x_train=_pictures(48, 0), y_train=np.arange(48) % 2, x_test=_pictures(16, 1),
+    np.savez(npz, x_train=flat_pictures(48, 0), y_train=np.arange(48) % 2, x_test=flat_pictures(16, 1),
              y_test=np.arange(16) % 2)
     fit_tokenizer(str(npz), root / "fit", TINY, FIT, progress=False)
     tokenizer = load_tokenizer(root / "fit" / "tokenizer.safetensors")
@@ -75,7 +65,7 @@ def test_complete_keeps_rows_of_codes_and_shows_pictures_at_the_input_side(vq):
     assert (engine.n_px, engine.side, engine.factor, engine.id_word) == (GRID, SIDE, FACTOR, "code")
     picture = engine.dataset_image(3)
     tokenizer = engine.palette
-    codes = tokenizer.encode(_pictures(16, 1)[3:4]).reshape(-1)  # (T,): the test split's image 3, encoded
+    codes = tokenizer.encode(flat_pictures(16, 1)[3:4]).reshape(-1)  # (T,): the test split's image 3, encoded
     assert torch.equal(picture.ids, codes) and picture.pixels.shape == (SIDE, SIDE, 3)
     assert np.array_equal(picture.pixels, tokenizer.decode_images(codes[None]).numpy()[0])  # what the model sees
     seen = _recording(engine)
@@ -91,9 +81,9 @@ def test_complete_keeps_rows_of_codes_and_shows_pictures_at_the_input_side(vq):
 
 def test_bert_infills_exactly_the_painted_codes(vq):
     engine = Engine(vq["bert"], ServeConfig(), CPU)
-    picture = engine.quantize(_pictures(1, 5)[0])
+    picture = engine.quantize(flat_pictures(1, 5)[0])
     codes = picture.ids
-    assert torch.equal(codes, engine.palette.encode(_pictures(1, 5)).reshape(-1))
+    assert torch.equal(codes, engine.palette.encode(flat_pictures(1, 5)).reshape(-1))
     strokes = np.zeros((SIDE * 8, SIDE * 8), np.uint8)  # painted over the enlarged picture on the canvas
     strokes[16:32, 16:48] = 255  # pixel rows 2..3, columns 2..5: the codes (1, 1) and (1, 2)
     mask = engine.mask_from_strokes(strokes)

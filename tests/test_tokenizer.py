@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import OPENAI_FIXTURES, rand_images
+from conftest import OPENAI_FIXTURES, flat_pictures, rand_images
 from igpt.cli import main
 from igpt.config import ModelConfig
 from igpt.config.tokenizer import TokenizerFitConfig, VQConfig
@@ -34,22 +34,13 @@ TINY = VQConfig(input_side=8, factor=2, codebook_size=8, code_dim=4, hidden=8, r
 FIT = TokenizerFitConfig(steps=2, batch_size=16, eval_every=2, log_every=1, ckpt_every=1, val_images=8, device="cpu")
 
 
-def _blobs(n: int, seed: int) -> np.ndarray:
-    """(n, 8, 8, 3) uint8 images of a few flat colours: enough structure for codes and classes."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros((n, 8, 8, 3), np.uint8)
-    for i in range(n):
-        out[i, :4], out[i, 4:] = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        out[i, :, : 2 + i % 3] = 255 * (i % 2)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A small labelled npz and a VQ-VAE tokenizer fitted on it (two steps)."""
     root = tmp_path_factory.mktemp("tok")
     npz = root / "blobs.npz"
-    np.savez(npz, x_train=_blobs(48, 0), y_train=np.arange(48) % 2, x_test=_blobs(16, 1), y_test=np.arange(16) % 2)
+    np.savez(npz, x_train=flat_pictures(48, 0), y_train=np.arange(48) % 2, x_test=flat_pictures(16, 1),
+             y_test=np.arange(16) % 2)
     fit_tokenizer(str(npz), root / "fit", TINY, FIT, progress=False)
     return {"root": root, "npz": npz, "tok": root / "fit" / "tokenizer.safetensors"}
 
