@@ -212,3 +212,33 @@ def test_chain_end_to_end_on_vq_codes(tiny, tmp_path, capsys):
     save(model, tokenizer, tmp_path / "saved")
     assert "VQ-VAE, 8 codes, 8x8 images -> 4x4 codes" in (tmp_path / "saved" / "README.md").read_text()
     assert load(tmp_path / "saved").palette.fingerprint() == tokenizer.fingerprint()
+
+
+def test_complete_infill_finetune_and_classify_on_vq_codes(tiny, tmp_path, capsys):
+    tok, npz = str(tiny["tok"]), str(tiny["npz"])
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--data", npz, "--n-px", "8", "--palette", tok, "--out", str(cache)]) == 0
+    Image.fromarray(flat_pictures(1, 3)[0]).save(tmp_path / "x.png")
+    for objective in ("ar", "bert"):
+        run = tmp_path / objective
+        assert main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", str(cache), "--palette", tok,
+                     "--objective", objective, "--out", str(run), "--max-steps", "2", "--batch-size", "8",
+                     "--eval-every", "2", "--device", "cpu"]) == 0
+        out = tmp_path / f"complete-{objective}"
+        assert main(["complete", "--checkpoint", str(run), "--data", npz, "--out", str(out), "--n-images", "2",
+                     "--n-samples", "2", "--rows", "1", "--scale", "1", "--device", "cpu"]) == 0
+        how = json.loads((out / "provenance.json").read_text())["how"]
+        assert how.startswith("sampled" if objective == "ar" else "infilled by BERT")
+        assert len(list(out.glob("complete-*.png"))) == 2 and (out / "completions.png").is_file()
+        # fine-tuning reads pixels (augmented, then encoded) or, without augmentation, the prepared codes
+        for data, extra in ((npz, []), (str(cache), ["--augment", "none"])):
+            ft = tmp_path / f"ft-{objective}-{Path(data).name}"
+            assert main(["finetune", "--checkpoint", str(run), "--data", data, "--out", str(ft), "--max-steps", "2",
+                         "--eval-every", "2", "--batch-size", "8", "--device", "cpu", *extra]) == 0
+            capsys.readouterr()
+            assert main(["classify", str(tmp_path / "x.png"), "--checkpoint", str(ft), "--device", "cpu"]) == 0
+            assert capsys.readouterr().out.startswith(f"{tmp_path / 'x.png'}: class ")
+    # a cache of codes cannot be shifted by pixels: the default --augment cifar says how to fine-tune on it
+    code = main(["finetune", "--checkpoint", str(tmp_path / "ar"), "--data", str(cache), "--out",
+                 str(tmp_path / "ft-bad"), "--batch-size", "8", "--device", "cpu"])
+    assert code == 2 and "--augment cifar cannot shift" in capsys.readouterr().err
