@@ -59,11 +59,16 @@ class World:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by torchrun (its environment says so)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[World, str]:
     """Join the torchrun process group if launched by torchrun. Returns the world and the device name
     this rank should use (``cuda:LOCAL_RANK`` for GPUs; the CPU uses the gloo backend). A collective that
     waits longer than ``timeout_minutes`` for the other processes fails instead of hanging."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not launched_by_torchrun():
         return World(), device_name
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available() or device_name.startswith("cuda")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from igpt.cli import bench, convert, data, evaluate, generate, serve, tokenizer, train
-from igpt.distributed import PeerLostError
+from igpt.distributed import PeerLostError, launched_by_torchrun
 from igpt.stop import EXIT_STOPPED, Stopped
 
 COMMAND_MODULES = (data, tokenizer, train, evaluate, generate, convert, bench, serve)
@@ -60,16 +60,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports that name it
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    code = _run(args)
+    if launched_by_torchrun():
+        # One of several torchrun processes leaves at once, its outputs flushed: the process group was left
+        # (igpt.distributed.shutdown), but objects that still hold it (FSDP's device mesh, DDP's reducer)
+        # are freed only while the interpreter shuts down, and gloo's worker threads then abort the
+        # finished process now and then ("terminate called without an active exception", SIGABRT, a
+        # failed torchrun). Every file is already written atomically and closed.
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; its exit status, with expected errors as one line on stderr."""
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
     except PeerLostError as e:
         print(f"igpt {args.command}: error: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
         # Exit at once: releasing the broken process group's objects (DDP's reducer, pending collectives)
         # can block forever in their C++ destructors, and everything worth keeping is already on disk.
-        os._exit(2)
+        _exit_now(2)
     except Stopped as e:
         print(f"igpt {args.command}: {e}", file=sys.stderr)
         return EXIT_STOPPED
