@@ -168,20 +168,22 @@ def test_sigterm_and_ctrl_c_finish_the_step_save_and_say_how_to_resume(tmp_path,
         assert_same_run(run, straight_long)
 
 
-# The second Ctrl-C arrives while the first one's checkpoint is being written.
+# The second Ctrl-C arrives while the first one's checkpoint is being written. signal.raise_signal runs the
+# Python handler before it returns; after os.kill the handler could run later, under load even after the
+# regular checkpoint of step 6 had started, and the two signals then arrived as one.
 SECOND_SIGNAL = """
-import importlib, os, signal, sys
+import importlib, signal, sys
 from igpt.cli import main
 pretrain = importlib.import_module("igpt.train.pretrain")
 save = pretrain.Trainer.save
 def train_step(self, step=pretrain.Trainer.train_step):
     metrics = step(self)
     if self.step == 6:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
     return metrics
 def saving(self):
     if self.step == 6:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
     save(self)
 pretrain.Trainer.train_step, pretrain.Trainer.save = train_step, saving
 sys.exit(main(sys.argv[1:]))
@@ -352,7 +354,7 @@ def test_outputs_are_not_replaced_silently(tmp_path, straight):
 # A signal that arrives at a chosen moment of a fine-tune or a probe: sent by the process to itself from
 # inside the work, so the test does not race the work.
 SIGNAL_AT = """
-import importlib, os, signal, sys
+import importlib, signal, sys
 from igpt.cli import main
 where, at = {where!r}, {at}
 calls = [0]
@@ -360,7 +362,7 @@ def hook(real):
     def wrapped(*args, **kwargs):
         calls[0] += 1
         if calls[0] == at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # handled before it returns, unlike os.kill
         return real(*args, **kwargs)
     return wrapped
 module, name = where.split(":")

@@ -214,7 +214,6 @@ def test_head_layer_is_recorded_and_read_back_by_classify_and_refused_by_hf_expo
 
 
 def test_a_resumed_fine_tune_keeps_its_head_layer(digits_run, tmp_path, monkeypatch):
-    import os
     import signal
     import sys
 
@@ -228,7 +227,7 @@ def test_a_resumed_fine_tune_keeps_its_head_layer(digits_run, tmp_path, monkeypa
     def spy(clf, *args, **kw):
         seen.append(clf.head_layer)
         if len(seen) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # handled before it returns, unlike os.kill
         return real(clf, *args, **kw)
 
     monkeypatch.setattr(ft, "losses", spy)
