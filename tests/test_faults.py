@@ -174,6 +174,10 @@ def test_sigterm_and_ctrl_c_finish_the_step_save_and_say_how_to_resume(tmp_path,
 SECOND_SIGNAL = """
 import importlib, signal, sys
 from igpt.cli import main
+# Ctrl-C as in an interactive shell, whatever disposition the test runner's process passed on (an ignored
+# SIGINT is inherited, and the second Ctrl-C would then be ignored); said on stderr for a failure's message.
+print("SIGINT disposition at start:", signal.getsignal(signal.SIGINT), file=sys.stderr)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 pretrain = importlib.import_module("igpt.train.pretrain")
 save = pretrain.Trainer.save
 def train_step(self, step=pretrain.Trainer.train_step):
