@@ -110,6 +110,7 @@ def build_page(engine: Engine) -> Any:
     scale = max(1, EDITOR_SIDE // side)
     # one row of ids is one row of pixels with a palette, a row of codes (factor pixel rows) with a VQ-VAE
     unit = "row" if engine.is_palette else "row of codes"
+    choices = "colours" if engine.is_palette else "codes"  # what temperature and top-k choose among
     if engine.is_palette:
         seen = f"**{n_px}x{n_px} pixels in {engine.palette.k} colours**"
         swatch_label = "Palette (every colour the model can draw)"
@@ -158,11 +159,10 @@ def build_page(engine: Engine) -> Any:
                     n = gr.Slider(1, cfg.max_samples, value=cfg.n_samples, step=1, label="Images",
                                   info="how many to draw at once", elem_id="n")
                     temperature = gr.Slider(0.0, 2.0, value=sampling.temperature, step=0.05, label="Temperature",
-                                            info="lower: safer colours; 0: always the likeliest",
+                                            info=f"lower: safer {choices}; 0: always the likeliest",
                                             elem_id="temperature")
                     top_k = gr.Slider(0, engine.palette.k, value=sampling.top_k, step=1, label="Top-k",
-                                      info=f"only the k likeliest {'colours' if engine.is_palette else 'codes'}; "
-                                      "0: all", elem_id="top_k")
+                                      info=f"only the k likeliest {choices}; 0: all", elem_id="top_k")
                     seed = gr.Number(value=sampling.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed",
                                      info="same seed, same images", elem_id="seed")
                 status = gr.Markdown(_say("Ready", "choose a picture, or press Sample."), elem_id="status")
