@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from igpt.config import ModelConfig
+from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data import sources
 from igpt.data.open import resolve
 from igpt.model import GPT
+from igpt.train.pretrain import pretrain
 
 # One thread per test process, and for the commands tests start: `make test` runs one pytest worker per core
 # (pytest-xdist), and torch's default of one thread per core in each would oversubscribe the CPU, which slows
@@ -142,3 +143,12 @@ def write_openai(prefix: Path, n: dict[str, int], t: int, seed: int = 0) -> dict
         np.save(f"{prefix}_{key}.npy", arr)
     return out
 
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory) -> Path:
+    """A two-step pretraining run with --sharded-checkpoint, written once; each test takes a copy."""
+    run = tmp_path_factory.mktemp("sharded") / "run"
+    cfg = TrainConfig(batch_size=16, max_steps=2, warmup_steps=1, eval_every=0, log_every=1, ckpt_every=2,
+                      device="cpu", sharded_checkpoint=True)
+    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
+    return run

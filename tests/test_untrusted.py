@@ -8,13 +8,9 @@ would take. The marker must never appear, and the file must be refused with a on
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 import tarfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +21,17 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import igpt
 from conftest import OPENAI_AR, rand_images, write_openai
-from igpt.config import DataConfig, FeatureConfig, ModelConfig, TrainConfig
+from igpt.config import FeatureConfig, ModelConfig
 from igpt.data.imageset import ImageSet
 from igpt.data.open import open_split, prepare
 from igpt.eval.features import cached_extract
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord, Finetuned
-from igpt.train.pretrain import pretrain, resume
+from igpt.train.pretrain import resume
 from igpt.weights.checkpoint import load_train_state, save_checkpoint
 from igpt.weights.convert import convert_openai, load_classifier
 from igpt.weights.hf import save_hf
-from igpt.weights.sharded import read_metadata
 
 CFG = ModelConfig.from_preset("igpt-nano", n_vocab=16, n_px=4)
 STEP = Path("checkpoints") / "step-0000002"
@@ -91,16 +86,6 @@ def hf_folder(root: Path) -> Path:
     torch.manual_seed(0)
     palette = palette16()
     return save_hf(GPT(CFG), palette, root / "hf", CheckpointRecord(CFG, palette.fingerprint()))
-
-
-@pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory) -> Path:
-    """A two-step pretraining run with --sharded-checkpoint, written once; each test takes a copy."""
-    run = tmp_path_factory.mktemp("sharded") / "run"
-    cfg = TrainConfig(batch_size=16, max_steps=2, warmup_steps=1, eval_every=0, log_every=1, ckpt_every=2,
-                      device="cpu", sharded_checkpoint=True)
-    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
-    return run
 
 
 def hostile_byte_item(shards: Path, marker: Path, tmp: Path) -> None:
@@ -371,60 +356,3 @@ def test_a_hostile_file_is_refused_and_never_run(kind, tmp_path, request):
         assert not marker.exists(), f"reading {named} ran code from it"
     message = str(info.value)
     assert "\n" not in message and str(named) in message, message
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "igpt", "-q", *args], capture_output=True, text=True, env=env,
-                          timeout=120, check=False)
-
-
-@pytest.mark.parametrize("command", ["sample", "resume"])
-def test_the_cli_refuses_hostile_sharded_metadata(command, sharded_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(sharded_run, run)
-    metadata = run / STEP / "sharded" / ".metadata"
-    marker = tmp_path / "MARKER"
-    as_pickle(metadata, marker)
-    if command == "sample":
-        proc = cli("sample", "--checkpoint", str(run / STEP), "--n-images", "1", "--out", str(tmp_path / "s"),
-                   "--device", "cpu")
-    else:
-        proc = cli("pretrain", "--resume", str(run))
-    assert not marker.exists()
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert str(metadata) in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
-
-
-def test_sharded_metadata_is_read_only_when_the_record_declares_it(tmp_path):
-    """A full checkpoint with a hostile sharded/.metadata beside its weights loads from model.safetensors."""
-    ckpt = checkpoint(tmp_path)
-    (ckpt / "sharded").mkdir()
-    as_pickle(ckpt / "sharded" / ".metadata", tmp_path / "MARKER")
-    assert not igpt.load(ckpt).record.sharded
-    assert not (tmp_path / "MARKER").exists()
-
-
-@pytest.mark.parametrize("damage", ["truncated", "empty", "missing", "not metadata", "outside its directory"])
-def test_a_damaged_sharded_index_is_a_one_line_error_naming_it(damage, sharded_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(sharded_run, run)
-    metadata = run / STEP / "sharded" / ".metadata"
-    if damage == "truncated":
-        metadata.write_bytes(metadata.read_bytes()[:200])
-    elif damage == "empty":
-        metadata.write_bytes(b"")
-    elif damage == "missing":
-        metadata.unlink()
-    elif damage == "not metadata":
-        metadata.write_bytes(pickle.dumps({"storage_data": {}}))
-    else:  # a shard "file" that is really a file elsewhere
-        index = read_metadata(metadata)
-        key = next(iter(index.storage_data))
-        index.storage_data[key] = replace(index.storage_data[key], relative_path="../../../run.json")
-        metadata.write_bytes(pickle.dumps(index))
-    for front in (lambda: igpt.load(run / STEP), lambda: resume(run, progress=False)):
-        with pytest.raises(ValueError) as info:
-            front()
-        assert "\n" not in str(info.value) and str(metadata) in str(info.value), str(info.value)
