@@ -167,6 +167,10 @@ def test_feature_plan_counts_disk_and_memory():
     assert lbfgs == 4 * 512 * 3 * 60_000
     sgd = feature_plan(s, {"train_all": 50_000, "test": 10_000}, lbfgs=False)["probe_bytes"]
     assert sgd < lbfgs / 10  # streamed: the test split once, not the fitting matrix
+    # the test split, four minibatches, and the preconditioner's D x D second moment and eigenvectors
+    assert sgd == 4 * 512 * (10_000 + 4 * 256) + 24 * 512 ** 2
+    wide = feature_plan(s, {"train_all": 50_000, "test": 10_000}, lbfgs=False, concat=5)["probe_bytes"]
+    assert wide == 4 * 2560 * (10_000 + 4 * 256) + 24 * 2560 ** 2
 
 
 def test_probe_errors_come_before_any_extraction(tmp_path, nano_model, nano_config, capsys):

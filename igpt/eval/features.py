@@ -255,7 +255,9 @@ def feature_plan(config: ModelConfig, n_images: Mapping[str, int], *, n_layers: 
       every layer;
     - probe: one layer at a time; L-BFGS holds the fitting and test features in fp32 about three times
       over (raw, the validation carve, standardised), K x D wide for a concatenation of K layers; SGD
-      streams minibatches and holds the test split's features once."""
+      streams minibatches, holds the test split's features once and its preconditioner's (KD)^2 second
+      moment and eigenvectors (24 bytes per entry, measured: float64 accumulation and eigendecomposition,
+      float32 kept)."""
     d, t, n_layer = config.n_embd, config.n_ctx, config.n_layer
     n_layers = n_layer + 1 if n_layers is None else n_layers
     item = np.dtype(DTYPES[feats_dtype]).itemsize
@@ -266,7 +268,7 @@ def feature_plan(config: ModelConfig, n_images: Mapping[str, int], *, n_layers: 
     width = d * max(1, concat)
     n_test = n_images.get("test", 0) * test_views
     n_fit = n_train if n_train is not None else sum(n for s, n in n_images.items() if s != "test")
-    probe = 4 * width * (3 * (n_fit + n_test) if lbfgs else n_test + 4 * batch_size)
+    probe = 4 * width * 3 * (n_fit + n_test) if lbfgs else 4 * width * (n_test + 4 * batch_size) + 24 * width ** 2
     return {"disk_bytes": int(disk), "extraction_bytes": int(extraction), "probe_bytes": int(probe),
             "peak_bytes": int(max(extraction, probe))}
 

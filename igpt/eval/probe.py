@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from igpt.config import ProbeConfig
 from igpt.config.evaluation import AUTO_SGD_VALUES
 from igpt.data.splits import balanced_subset, stratified_carve
-from igpt.eval.sgd_probe import Rows, Scaler, choose_lr, predict, sgd_fit
+from igpt.eval.sgd_probe import Preconditioner, Rows, Scaler, choose_lr, predict, sgd_fit
 from igpt.objectives import modal_vote
 
-PATIENCE = 3  # grid points in a row that do not beat the best validation accuracy end the L2 search
+PATIENCE = 3  # grid points in a row that do not beat the best validation score end the L2 search
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, *,
@@ -92,20 +92,24 @@ def check_labels(train_y: np.ndarray, test_y: np.ndarray) -> int:
     return int(max(np.max(train_y), np.max(test_y))) + 1
 
 
-def _walk(grid: list[float], fit: Callable[[float, Any], tuple[float, Any]], progress: bool, desc: str
-          ) -> tuple[float, float, Any]:
-    """(l2, validation accuracy, solution) over ``grid`` walked strongest first, each fit warm-started from
-    the last one's solution; the walk stops once ``PATIENCE`` strengths in a row score below the best so
-    far without beating it (validation accuracy is unimodal in the strength, and the weak end is where
-    the solvers are slowest). Ties go to the stronger penalty."""
+def _walk(grid: list[float], fit: Callable[[float, Any], tuple[float, float, Any]], progress: bool, desc: str
+          ) -> tuple[float, float, float, Any]:
+    """(l2, validation accuracy, validation log-loss, solution) of the best strength of ``grid``, walked
+    strongest first, each fit warm-started from the last one's solution. The best has the highest
+    validation accuracy, and among equal accuracies the lowest log-loss: on a carve of a hundred images
+    many strengths tie on accuracy, and "the strongest of the tied" would then turn on single flipped
+    predictions, which two solvers at the same minimum do not share; the log-loss moves smoothly with the
+    fit. The walk stops once ``PATIENCE`` strengths in a row score below the best so far without beating
+    it (validation accuracy is unimodal in the strength, and the weak end is where the solvers are
+    slowest)."""
     solution, scores, solutions = None, {}, {}
     for l2 in tqdm(grid, desc=desc, unit="L2", leave=False, disable=not progress):
-        scores[l2], solution = fit(l2, solution)
-        solutions[l2] = solution
-        best = max(scores, key=lambda s: (scores[s], s))
+        acc, loss, solution = fit(l2, solution)
+        scores[l2], solutions[l2] = (acc, -loss), solution
+        best = max(scores, key=lambda s: (scores[s], s))  # exact ties: the stronger penalty
         if len(scores) > PATIENCE and best not in list(scores)[-PATIENCE:]:
             break
-    return best, scores[best], solutions[best]
+    return best, scores[best][0], -scores[best][1], solutions[best]
 
 
 def _carve(y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -121,57 +125,61 @@ def _carve(y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, np.ndarray, lis
 
 def _lbfgs(train: Rows, y: torch.Tensor, tests: list[Rows], n_classes: int, cfg: ProbeConfig, progress: bool
            ) -> dict[str, Any]:
-    """The full-batch probe: {"l2", "val_acc", "preds": (K, N_test) for the K test views}."""
+    """The full-batch probe: {"l2", "val_acc", "val_loss", "preds": (K, N_test) for the K test views}."""
     x = train.everything()
     fit_i, val_i, grid = _carve(y.cpu().numpy(), cfg)
-    l2, val_acc, init = grid[0], None, None
+    l2, val_acc, val_loss, init = grid[0], None, None, None
     if len(val_i):
         fi, vi = (torch.from_numpy(i).to(x.device) for i in (fit_i, val_i))
         xf, xv = _standardise(x[fi], x[vi])
 
-        def fit(strength: float, start: Any) -> tuple[float, Any]:
+        def fit(strength: float, start: Any) -> tuple[float, float, Any]:
             wb = fit_logistic(xf, y[fi], n_classes, strength, init=start, max_iter=cfg.max_iter)
-            return _accuracy(wb, xv, y[vi]), wb
+            return _accuracy(wb, xv, y[vi]), F.cross_entropy(xv @ wb[0] + wb[1], y[vi]).item(), wb
 
-        l2, val_acc, init = _walk(grid, fit, progress, "L2 search (L-BFGS)")
+        l2, val_acc, val_loss, init = _walk(grid, fit, progress, "L2 search (L-BFGS)")
         del xf, xv
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mean) / std
     del x
     wb = fit_logistic(xs, y, n_classes, l2, init=init, max_iter=cfg.max_iter)
     del xs
-    preds = [predict(t, np.arange(t.n), Scaler(mean, std, unit_norm=False), wb) for t in tests]
-    return {"l2": l2, "val_acc": val_acc, "preds": torch.stack(preds)}
+    preds = [predict(t, np.arange(t.n), Scaler(mean, std), wb) for t in tests]
+    return {"l2": l2, "val_acc": val_acc, "val_loss": val_loss, "preds": torch.stack(preds)}
 
 
 def _sgd(train: Rows, y: torch.Tensor, tests: list[Rows], n_classes: int, cfg: ProbeConfig, progress: bool
          ) -> dict[str, Any]:
     """The minibatch probe (``igpt.eval.sgd_probe``) on the same carve and grid: {"l2", "lr", "val_acc",
-    "preds"}."""
+    "val_loss", "preds"}."""
     fit_i, val_i, grid = _carve(y.cpu().numpy(), cfg)
     kw = {"epochs": cfg.sgd_epochs, "batch_size": cfg.sgd_batch_size, "seed": cfg.seed}
     rates: dict[float, float] = {}
-    l2, val_acc, init = grid[0], None, None
+    l2, val_acc, val_loss, init = grid[0], None, None, None
     if len(val_i):
         scaler = Scaler(*train.stats(fit_i))
+        precond = Preconditioner(train, fit_i, scaler)
 
-        def fit(strength: float, start: Any) -> tuple[float, Any]:
-            lr, acc, wb = choose_lr(train, fit_i, val_i, y, scaler, n_classes, strength, cfg.lr_grid, init=start,
-                                    **kw)
+        def fit(strength: float, start: Any) -> tuple[float, float, Any]:
+            lr, acc, loss, wb = choose_lr(train, fit_i, val_i, y, scaler, n_classes, strength, cfg.lr_grid,
+                                          precond=precond, init=start, **kw)
             rates[strength] = lr
-            return acc, wb
+            return acc, loss, wb
 
-        l2, val_acc, init = _walk(grid, fit, progress, "L2 search (SGD)")
+        l2, val_acc, val_loss, init = _walk(grid, fit, progress, "L2 search (SGD)")
     all_i = np.arange(train.n)
     scaler = Scaler(*train.stats(all_i))
+    precond = Preconditioner(train, all_i, scaler)
     if l2 in rates:
-        lr, wb = rates[l2], sgd_fit(train, all_i, y, scaler, n_classes, l2, rates[l2], init=init, **kw)
+        lr = rates[l2]
+        wb = sgd_fit(train, all_i, y, scaler, n_classes, l2, lr, precond=precond, init=init, **kw)
     else:  # no validation rows: the rate is chosen on the training objective
-        lr, _, wb = choose_lr(train, all_i, None, y, scaler, n_classes, l2, cfg.lr_grid, init=None, **kw)
+        lr, _, _, wb = choose_lr(train, all_i, None, y, scaler, n_classes, l2, cfg.lr_grid, precond=precond,
+                                 init=None, **kw)
     if wb is None:
         raise ValueError(f"the SGD probe diverged refitting at --l2 {l2} with learning rate {lr}")
     preds = [predict(t, np.arange(t.n), scaler, wb) for t in tests]
-    return {"l2": l2, "lr": lr, "val_acc": val_acc, "preds": torch.stack(preds)}
+    return {"l2": l2, "lr": lr, "val_acc": val_acc, "val_loss": val_loss, "preds": torch.stack(preds)}
 
 
 def _as_columns(x: Any) -> list[Any]:
@@ -191,8 +199,8 @@ def logistic_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, cfg: Pr
     blocks (layers) concatenated along features; ``test_views`` replaces ``test_x`` by K views of the test
     set (BERT masks) whose predictions are combined by a modal vote (ties broken at random, seeded by
     ``cfg.seed``). ``subsets`` maps names to boolean masks or indices of the test set (None = all of it);
-    the first is "test_acc". Returns {"test_acc", "accs": {name: acc}, "l2", "val_acc", "solver"} (and
-    "lr" for SGD)."""
+    the first is "test_acc". Returns {"test_acc", "accs": {name: acc}, "l2", "val_acc", "val_loss" (the
+    validation carve's mean cross-entropy), "solver"} (and "lr" for SGD)."""
     dev = torch.device(device)
     y_np, yt_np = np.asarray(train_y), np.asarray(test_y)
     n_classes = n_classes or check_labels(y_np, yt_np)
@@ -219,11 +227,12 @@ def logistic_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, cfg: Pr
 
 
 def _pick_best(results: Mapping[int, dict[str, Any]]) -> int:
-    """The layer with the highest validation accuracy (the earliest on ties). Without validation images
-    (a fixed --l2 on one image per class) there is no honest choice, and the last layer is taken."""
+    """The layer with the highest validation accuracy, among equal accuracies the lowest validation
+    log-loss (as for the L2 strength), then the earliest. Without validation images (a fixed --l2 on one
+    image per class) there is no honest choice, and the last layer is taken."""
     if any(r.get("val_acc") is None for r in results.values()):
         return max(results)
-    return max(sorted(results), key=lambda layer: results[layer]["val_acc"])
+    return max(sorted(results), key=lambda layer: (results[layer]["val_acc"], -results[layer].get("val_loss", 0.0)))
 
 
 def concat_layers(best: int, layers: Sequence[int] | int, k: int) -> list[int]:
@@ -279,11 +288,12 @@ def probe_layers(train_feats: Mapping[int, Any], train_y: np.ndarray,
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and sample std over repeats of logistic_probe results."""
     accs = np.array([r["test_acc"] for r in runs])
-    val = [r["val_acc"] for r in runs]
+    val, loss = [r["val_acc"] for r in runs], [r["val_loss"] for r in runs]
     return {"test_acc": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(runs) > 1 else 0.0,
             "accs": {name: float(np.mean([r["accs"][name] for r in runs])) for name in runs[0]["accs"]},
             "runs": accs.tolist(), "l2": [r["l2"] for r in runs], "solver": runs[0]["solver"],
-            "val_acc": None if None in val else float(np.mean(val))}
+            "val_acc": None if None in val else float(np.mean(val)),
+            "val_loss": None if None in loss else float(np.mean(loss))}
 
 
 def low_data_subsets(train_y: np.ndarray, cfg: ProbeConfig) -> list[np.ndarray]:
