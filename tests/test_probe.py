@@ -294,7 +294,7 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
     x_test = (rng.integers(0, 60, (30, 8, 8, 3)) + 90 * y_test[:, None, None, None]).astype(np.uint8)
     npz = tmp_path / "tiny.npz"
     np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, test_lossless=np.arange(30) < 10)
-    packed = tmp_path / "tiny.tar.xz"
+    packed = tmp_path / "packs" / "tiny.tar.xz"  # a folder not made yet: pack makes it
     assert script.main(["pack", "--data", str(npz), "--out", str(packed), "--n-px", "8", "--palette-k", "8",
                         "--device", "cpu"]) == 0
     out = tmp_path / "run"
@@ -307,6 +307,40 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
     assert results["steps"] == 3 and set(results["trained"]) >= {"best_layer", "lossless", "all", "concat"}
     assert (out / "probe.png").exists() and (out / "cifar-ids" / "test_lossless.npy").exists()
     assert script.main(["run", "--ids", str(npz), "--out", str(tmp_path / "bad"), "--steps", "1"]) == 2
+
+
+def test_probe_costs_script_times_each_probe_on_a_random_model(tmp_path, capsys):
+    """scripts/probe_costs.py at toy scale: four `igpt probe` commands on a random model, a row each."""
+    import importlib.util
+    from pathlib import Path
+
+    from igpt.bench.quality import pack
+
+    spec = importlib.util.spec_from_file_location(
+        "probe_costs", Path(__file__).resolve().parents[1] / "scripts" / "probe_costs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    y_train, y_test = np.arange(90) % 3, np.arange(30) % 3
+    x_train = (rng.integers(0, 60, (90, 4, 4, 3)) + 90 * y_train[:, None, None, None]).astype(np.uint8)
+    x_test = (rng.integers(0, 60, (30, 4, 4, 3)) + 90 * y_test[:, None, None, None]).astype(np.uint8)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, test_lossless=np.arange(30) < 10)
+    packed = pack(str(npz), tmp_path / "tiny.tar.xz", n_px=4, k=8, device="cpu")
+    out = tmp_path / "costs"
+    assert script.main(["--ids", str(packed), "--out", str(out), "--device", "cpu", "--preset", "igpt-nano",
+                        "--batch-size", "32", "--probe-args", "--l2-grid 1e-2,1e-1 --sgd-lr-grid 1"]) == 0
+    costs = json.loads((out / "costs.json").read_text())
+    assert costs["n_px"] == 4 and len(costs["rows"]) == 4 and all(r["rc"] == 0 for r in costs["rows"])
+    assert all(r["seconds"] > 0 and r["peak_rss_gib"] > 0.05 for r in costs["rows"])
+    assert "--solver sgd" in costs["rows"][2]["command"] and "--attentive" in costs["rows"][3]["command"]
+    assert all("--sgd-lr-grid 1" in r["command"] for r in costs["rows"])
+    assert "| extraction + L-BFGS (L2 search), all layers |" in capsys.readouterr().out
+    metrics = json.loads((out / "probe" / "metrics.json").read_text())
+    assert set(metrics["probes"]) >= {"linear", "attentive"}
+    with pytest.raises(SystemExit):  # argparse's one-line error naming the flag
+        script.main(["--ids", str(tmp_path / "missing.tar.xz"), "--out", str(out)])
+    assert "--ids" in capsys.readouterr().err
 
 
 def test_probe_plot_takes_named_curves_and_marks_the_chosen_layer():

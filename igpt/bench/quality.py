@@ -74,8 +74,10 @@ def build_cache(data: str, cache: Path, n_px: int, k: int, palette_file: str | N
 
 def pack(data: str, out: Path, *, n_px: int = 32, k: int = 512, palette_file: str | None = None,
          lzma_preset: int = 6, device: str = "auto") -> Path:
-    """Write the ids cache of ``data`` as one .tar.xz at ``out`` (atomically: complete or absent)."""
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+    """Write the ids cache of ``data`` as one .tar.xz at ``out`` (atomically: complete or absent; its folder
+    is made if missing)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         cache = build_cache(data, Path(tmp) / CACHE, n_px, k, palette_file, device)
         part = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         log.info("compressing %s", out)
