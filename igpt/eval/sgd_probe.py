@@ -111,7 +111,9 @@ class Preconditioner:
         self.lam, self.u = lam.clamp_min(0).float(), u.float()
 
     def __call__(self, g: torch.Tensor, l2: float) -> torch.Tensor:
-        return self.u @ ((self.u.T @ g) / (self.lam + l2)[:, None])
+        # the floor keeps --l2 0 finite where features are constant or fewer rows than features leave S
+        # singular (the gradient has no component there, and 1e-6 is the grid's weakest strength)
+        return self.u @ ((self.u.T @ g) / (self.lam + l2).clamp_min(1e-6)[:, None])
 
 
 def objective(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float) -> torch.Tensor:
