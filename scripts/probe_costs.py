@@ -9,7 +9,7 @@ the pack: costs depend on the shapes, not the weights. The data is a pack of ids
     igpt bench quality pack --data ../shared/data/cifar10.npz --out pack/cifar10-ids.tar.xz     # here, once
     python scripts/probe_costs.py --ids pack/cifar10-ids.tar.xz --out costs --device cuda      # on the GPU
 
-A small run on a CPU (seconds), to try it:
+A small run on a CPU (about two minutes), to try it:
 
     igpt bench quality pack --data ../shared/data/cifar10-small.npz --n-px 8 --palette-k 16 --out small8.tar.xz
     python scripts/probe_costs.py --ids small8.tar.xz --out costs --device cpu --preset igpt-nano --batch-size 64
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from igpt.atomic import write_json
 from igpt.bench.quality import unpack
 from igpt.config import ModelConfig
 from igpt.model import GPT
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [
         ("extraction + L-BFGS (L2 search), all layers", base + ["--overwrite"]),
         ("L-BFGS alone (L2 search), all layers, cached features", base + ["--overwrite"]),
-        ("SGD at one L2 strength (4 rates), all layers, cached features",
+        ("SGD at one L2 strength (every rate of the grid), all layers, cached features",
          base + ["--overwrite", "--solver", "sgd", "--l2", "1e-4"]),
         ("L-BFGS + attentive probe (1 epoch, best layer), cached features",
          base + ["--overwrite", "--attentive", "--attentive-epochs", "1"]),
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     meta = json.loads((cache / "meta.json").read_text())
     result = {"machine": machine, "preset": args.preset, "n_px": meta["n_px"], "ids": args.ids, "rows": rows}
-    (args.out / "costs.json").write_text(json.dumps(result, indent=2))
+    write_json(args.out / "costs.json", result)
     print(f"\n{args.preset} at n_px {meta['n_px']}, {machine}\n")
     print("| what | wall | peak host RSS |\n|---|---|---|")
     for r in rows:

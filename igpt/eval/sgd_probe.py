@@ -87,7 +87,6 @@ class Scaler:
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.mean, self.std = mean, std
-        self.d = len(mean)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
