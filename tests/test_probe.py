@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -278,22 +281,30 @@ def test_lossless_subset_is_read_from_the_shared_npz():
     assert mask.sum() == 1000 and mask.dtype == bool
 
 
+def _script(name: str) -> ModuleType:
+    """scripts/NAME.py loaded as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _tiny_cifar(path: Path, n_train: int, side: int) -> Path:
+    """A CIFAR-shaped npz at ``path``: three classes of flat colours plus noise, 30 test images of which the
+    first 10 are marked lossless."""
+    rng = np.random.default_rng(0)
+    y_train, y_test = np.arange(n_train) % 3, np.arange(30) % 3
+    x_train = (rng.integers(0, 60, (n_train, side, side, 3)) + 90 * y_train[:, None, None, None]).astype(np.uint8)
+    x_test = (rng.integers(0, 60, (30, side, side, 3)) + 90 * y_test[:, None, None, None]).astype(np.uint8)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, test_lossless=np.arange(30) < 10)
+    return path
+
+
 def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
     """scripts/cifar_quality.py end to end at toy scale: pack (palette fit, ids cache, lzma tar), then run
     (pretrain for a fixed number of steps, probe every layer of the model and of its random init)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "cifar_quality", Path(__file__).resolve().parents[1] / "scripts" / "cifar_quality.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    rng = np.random.default_rng(0)
-    y_train, y_test = np.arange(120) % 3, np.arange(30) % 3
-    x_train = (rng.integers(0, 60, (120, 8, 8, 3)) + 90 * y_train[:, None, None, None]).astype(np.uint8)
-    x_test = (rng.integers(0, 60, (30, 8, 8, 3)) + 90 * y_test[:, None, None, None]).astype(np.uint8)
-    npz = tmp_path / "tiny.npz"
-    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, test_lossless=np.arange(30) < 10)
+    script = _script("cifar_quality")
+    npz = _tiny_cifar(tmp_path / "tiny.npz", 120, 8)
     packed = tmp_path / "packs" / "tiny.tar.xz"  # a folder not made yet: pack makes it
     assert script.main(["pack", "--data", str(npz), "--out", str(packed), "--n-px", "8", "--palette-k", "8",
                         "--device", "cpu"]) == 0
@@ -311,21 +322,10 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
 
 def test_probe_costs_script_times_each_probe_on_a_random_model(tmp_path, capsys):
     """scripts/probe_costs.py at toy scale: four `igpt probe` commands on a random model, a row each."""
-    import importlib.util
-    from pathlib import Path
-
     from igpt.bench.quality import pack
 
-    spec = importlib.util.spec_from_file_location(
-        "probe_costs", Path(__file__).resolve().parents[1] / "scripts" / "probe_costs.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    rng = np.random.default_rng(0)
-    y_train, y_test = np.arange(90) % 3, np.arange(30) % 3
-    x_train = (rng.integers(0, 60, (90, 4, 4, 3)) + 90 * y_train[:, None, None, None]).astype(np.uint8)
-    x_test = (rng.integers(0, 60, (30, 4, 4, 3)) + 90 * y_test[:, None, None, None]).astype(np.uint8)
-    npz = tmp_path / "tiny.npz"
-    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, test_lossless=np.arange(30) < 10)
+    script = _script("probe_costs")
+    npz = _tiny_cifar(tmp_path / "tiny.npz", 90, 4)
     packed = pack(str(npz), tmp_path / "tiny.tar.xz", n_px=4, k=8, device="cpu")
     out = tmp_path / "costs"
     assert script.main(["--ids", str(packed), "--out", str(out), "--device", "cpu", "--preset", "igpt-nano",
