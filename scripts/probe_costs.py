@@ -26,7 +26,6 @@ The four commands, in order (features are cached by the first and read by the ot
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from igpt.atomic import write_json
+from igpt.atomic import read_json, write_json
 from igpt.bench.quality import unpack
 from igpt.config import ModelConfig
 from igpt.model import GPT
@@ -47,11 +46,10 @@ from igpt.record import CheckpointRecord
 from igpt.weights.checkpoint import save_checkpoint
 
 
-def random_checkpoint(cache: Path, preset: str, out: Path, seed: int) -> Path:
-    """A checkpoint of ``preset`` at random initialisation, at the cache's side and with its palette."""
-    meta = json.loads((cache / "meta.json").read_text())
+def random_checkpoint(cache: Path, n_px: int, preset: str, out: Path, seed: int) -> Path:
+    """A checkpoint of ``preset`` at random initialisation, at side ``n_px`` and with the cache's palette."""
     palette = Palette.load(cache / "palette.npz")
-    config = ModelConfig.from_preset(preset, n_px=int(meta["n_px"]), n_vocab=palette.k)
+    config = ModelConfig.from_preset(preset, n_px=n_px, n_vocab=palette.k)
     torch.manual_seed(seed)
     return save_checkpoint(out, GPT(config), palette, CheckpointRecord(config, palette.fingerprint(), step=0))
 
@@ -60,7 +58,7 @@ def timed(argv: list[str]) -> dict[str, float | int | str]:
     """Run ``argv``; its wall time, exit status and peak resident memory (``wait4``'s ru_maxrss)."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so Popen is told its status
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"command": " ".join(argv), "seconds": round(time.perf_counter() - start, 1),
             "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2), "rc": proc.returncode}
@@ -80,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.ids).is_file():
         ap.error(f"--ids {args.ids}: no such file")
     cache = unpack(args.ids, args.out / "ids")
+    n_px = int(read_json(cache / "meta.json")["n_px"])
     ckpt = args.out / "model"
     if not (ckpt / "config.json").is_file():
-        random_checkpoint(cache, args.preset, ckpt, args.seed)
+        random_checkpoint(cache, n_px, args.preset, ckpt, args.seed)
     base = ["igpt", "-q", "probe", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(args.out / "probe"),
             "--layers", "all", "--device", args.device, "--batch-size", str(args.batch_size),
             *shlex.split(args.probe_args)]
@@ -105,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             break
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    meta = json.loads((cache / "meta.json").read_text())
-    result = {"machine": machine, "preset": args.preset, "n_px": meta["n_px"], "ids": args.ids, "rows": rows}
+    result = {"machine": machine, "preset": args.preset, "n_px": n_px, "ids": args.ids, "rows": rows}
     write_json(args.out / "costs.json", result)
-    print(f"\n{args.preset} at n_px {meta['n_px']}, {machine}\n")
+    print(f"\n{args.preset} at n_px {n_px}, {machine}\n")
     print("| what | wall | peak host RSS |\n|---|---|---|")
     for r in rows:
         print(f"| {r['what']} | {r['seconds']} s | {r['peak_rss_gib']} GiB |")

@@ -66,8 +66,10 @@ def _standardise(fit_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     return [(t - mean) / std for t in (fit_x, *others)]
 
 
-def _accuracy(wb: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
-    return ((x @ wb[0] + wb[1]).argmax(1) == y).float().mean().item()
+def _scores(wb: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the classifier ``wb`` on (x, y), from one product."""
+    logits = x @ wb[0] + wb[1]
+    return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
 def choose_solver(cfg: ProbeConfig, n: int, d: int) -> str:
@@ -135,7 +137,7 @@ def _lbfgs(train: Rows, y: torch.Tensor, tests: list[Rows], n_classes: int, cfg:
 
         def fit(strength: float, start: Any) -> tuple[float, float, Any]:
             wb = fit_logistic(xf, y[fi], n_classes, strength, init=start, max_iter=cfg.max_iter)
-            return _accuracy(wb, xv, y[vi]), F.cross_entropy(xv @ wb[0] + wb[1], y[vi]).item(), wb
+            return *_scores(wb, xv, y[vi]), wb
 
         l2, val_acc, val_loss, init = _walk(grid, fit, progress, "L2 search (L-BFGS)")
         del xf, xv
