@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, Union
 
@@ -41,6 +42,15 @@ VQ_FORMAT = "1"
 VQ_EXTENSION = ".safetensors"
 PALETTE_FILE, VQ_FILE = "palette.npz", "tokenizer.safetensors"  # the tokenizer inside a checkpoint or run
 _ENCODE_CHUNK = 256  # images per encoder pass: bounds the activations' memory
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor of ``tensors`` that holds a NaN or an infinity, or None. A
+    diverged VQ-VAE maps every image to one code; such weights are refused, never written or read."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 class Tokenizer(Protocol):
@@ -166,6 +176,9 @@ class VQTokenizer:
         if path.suffix.lower() != VQ_EXTENSION:
             raise ValueError(f"VQ-VAE tokenizer file {path} must end in {VQ_EXTENSION}")
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        bad = non_finite(tensors)
+        if bad is not None:
+            raise FloatingPointError(f"tokenizer {path}: tensor {bad!r} holds NaN or infinite values; not written")
         header = {"igpt_kind": VQ_KIND, "format_version": VQ_FORMAT, "config": json.dumps(self.config.to_dict()),
                   "meta": json.dumps(self.meta), "fingerprint": self.fingerprint()}
         with replacing(path) as tmp:
@@ -190,6 +203,10 @@ class VQTokenizer:
         if header.get("format_version") != VQ_FORMAT:
             raise ValueError(f"tokenizer file {path}: format_version {header.get('format_version')!r}, this igpt "
                              f"reads {VQ_FORMAT}")
+        bad = non_finite(tensors)
+        if bad is not None:
+            raise ValueError(f"tokenizer file {path}: tensor {bad!r} holds NaN or infinite values (a diverged "
+                             "fit); fit the tokenizer again")
         try:
             model = VQVAE(VQConfig.from_dict(json.loads(header["config"])))
             model.load_state_dict(tensors, strict=True)

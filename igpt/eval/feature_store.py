@@ -7,7 +7,8 @@ cache, not to the process), and after every batch the files are flushed to disk 
 of three states: complete (``done == n``), part-way (an extraction stopped or was killed: it continues
 from ``done``), or unusable (a file shorter than its shape, a header that does not match, a record of
 other inputs): then it is rebuilt. Nothing is read as complete unless the record says so and every file
-has its full size.
+has its full size. A write that fails (a full disk, a quota, a file-size limit) is one line saying how much
+the store needs, and leaves the record naming only the rows made durable before it.
 
 Readers get a ``LayerFeatures`` mapping that maps one layer's file when it is indexed, so a probe holds
 one layer at a time.
@@ -19,13 +20,14 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from igpt.arrays import load_npy
-from igpt.atomic import read_json, write_json
+from igpt.atomic import read_json, write_error, write_json
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -99,39 +101,61 @@ class FeatureStore:
     def create(self) -> None:
         """A fresh, empty store (anything at ``path`` is removed first)."""
         shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        for layer in self.layers:
-            mm = np.lib.format.open_memmap(_layer_file(self.path, layer), mode="w+", dtype=self.dtype,
-                                           shape=(self.n, self.d))
-            self._offsets[layer] = int(mm.offset)
-            del mm  # sparse: the file has its full size without writing the zeros
-        write_json(self.path / PROGRESS, self._record(0))
+        with self._writing():
+            self.path.mkdir(parents=True)
+            for layer in self.layers:
+                mm = np.lib.format.open_memmap(_layer_file(self.path, layer), mode="w+", dtype=self.dtype,
+                                               shape=(self.n, self.d))
+                self._offsets[layer] = int(mm.offset)
+                del mm  # sparse: the file has its full size without writing the zeros
+            write_json(self.path / PROGRESS, self._record(0))  # last: a store cut short above has no record
 
     # ---- writing
+
+    def nbytes(self) -> int:
+        """The bytes of the features at full size (every layer's N x D values)."""
+        return self.n * self.d * self.dtype.itemsize * len(self.layers)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write as one line (``no space left writing ...: N MB needed``); ``commit`` has not run, so
+        the record still names only what was durable before."""
+        try:
+            yield
+        except OSError as e:
+            raise write_error(e, self.path, self.nbytes()) from e
 
     def __enter__(self) -> "FeatureStore":
         self._handles = {layer: open(_layer_file(self.path, layer), "r+b") for layer in self.layers}
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles = {}
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        handles, self._handles = self._handles, {}
+        failed = []
+        for f in handles.values():  # closing flushes what is buffered, which can fail as a write does
+            try:
+                f.close()
+            except OSError as e:
+                failed.append(e)
+        if failed and exc_type is None:  # otherwise the error already on its way says it
+            raise write_error(failed[0], self.path, self.nbytes()) from failed[0]
 
     def write(self, start: int, feats: Mapping[int, np.ndarray]) -> None:
         """Rows ``start, start + 1, ...`` of every layer (feats {layer: (B, D)})."""
         row = self.d * self.dtype.itemsize
-        for layer in self.layers:
-            f = self._handles[layer]
-            f.seek(self._offsets[layer] + start * row)
-            f.write(np.ascontiguousarray(feats[layer], dtype=self.dtype).tobytes())
+        with self._writing():
+            for layer in self.layers:
+                f = self._handles[layer]
+                f.seek(self._offsets[layer] + start * row)
+                f.write(np.ascontiguousarray(feats[layer], dtype=self.dtype).tobytes())
 
     def commit(self, done: int) -> None:
         """Make the rows written so far durable, then record that the first ``done`` images are in."""
-        for f in self._handles.values():
-            f.flush()
-            os.fsync(f.fileno())
-        write_json(self.path / PROGRESS, self._record(done))
+        with self._writing():
+            for f in self._handles.values():
+                f.flush()
+                os.fsync(f.fileno())
+            write_json(self.path / PROGRESS, self._record(done))
 
     # ---- reading
 

@@ -19,6 +19,7 @@ mse), on at most ``--val-images`` images of the val split (the same ones each ti
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from igpt.lock import DirLock, claim_new
 from igpt.palette import Palette
 from igpt.runtime import derived_seed, resolve_device
 from igpt.stop import GracefulStop, Stopped
-from igpt.tokenizer import VQ_FILE, VQTokenizer, reconstruction, save_in, usage
+from igpt.tokenizer import VQ_FILE, VQTokenizer, non_finite, reconstruction, save_in, usage
 from igpt.train.rundir import append_metrics, truncate_metrics
 from igpt.vqvae import VQVAE
 from igpt.weights.trainstate import load_train_state_files, save_train_state
@@ -119,8 +120,20 @@ class _Fit:
             self.model = VQVAE(vq_cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.step = 0
+        self.saved: int | None = None  # the step of the tokenizer file on disk, once one is written
+
+    def diverged(self, what: str, step: int) -> FloatingPointError:
+        """The one-line error of a fit whose numbers stopped being finite: it ends there, before anything
+        non-finite is written, and the tokenizer file on disk (if any) stays the last good one."""
+        kept = f"; {self.out / VQ_FILE} is the last good tokenizer (step {self.saved})" if self.saved is not None \
+            else ""
+        return FloatingPointError(f"{what} at step {step}: the learning rate is too high for this fit; "
+                                  f"start a new fit with a lower --lr{kept}")
 
     def save(self) -> None:
+        bad = non_finite(self.model.state_dict())
+        if bad is not None:
+            raise self.diverged(f"tensor {bad!r} became NaN or infinite", self.step)
         tok = VQTokenizer(self._copy(), {"steps": self.step, "data": self.data})
         optimizer = self.opt.state_dict()
         state = {"step": self.step, "optimizer": {"state": {str(k): v for k, v in optimizer["state"].items()},
@@ -129,6 +142,7 @@ class _Fit:
             tok.save(tmp / VQ_FILE)
             save_train_state(state, tmp / STATE_JSON, tmp / STATE_TENSORS)
         tok.save(self.out / VQ_FILE)
+        self.saved = self.step
         self.model.train()
 
     def _copy(self) -> VQVAE:
@@ -148,7 +162,7 @@ class _Fit:
         opt = state["optimizer"]
         self.opt.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()},
                                   "param_groups": [dict(g) for g in opt["param_groups"]]})
-        self.step = int(state["step"])
+        self.step = self.saved = int(state["step"])
 
 
 def _batch(train: ImageSet, step: int, cfg: TokenizerFitConfig) -> np.ndarray:
@@ -166,13 +180,15 @@ def train_step(fit: _Fit, train: ImageSet) -> dict[str, float]:
         out = fit.model(x)
         mse = F.mse_loss(out.recon, x)
         loss = mse + out.commit
+        if not math.isfinite(value := float(loss.detach())):  # checked before the step: the weights stay finite
+            raise fit.diverged(f"loss became {value}", fit.step + 1)
         fit.opt.zero_grad(set_to_none=True)
         loss.backward()
         fit.opt.step()
     fit.step += 1
     perplexity, _ = usage(out.ids, fit.model.config.codebook_size)
     # [-1, 1] -> 0..255 units: a factor of 127.5 on each value, squared
-    return {"loss": float(loss.detach()), "mse": float(mse.detach()) * 127.5 ** 2, "commit": float(out.commit.detach()),
+    return {"loss": value, "mse": float(mse.detach()) * 127.5 ** 2, "commit": float(out.commit.detach()),
             "perplexity": perplexity}
 
 
