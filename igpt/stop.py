@@ -5,6 +5,10 @@ The first signal sets a flag that the work polls between steps: it finishes the 
 command prints that one line and exits with ``EXIT_STOPPED``. A second signal stops at once: the handlers
 are back to Python's defaults by then, so it raises KeyboardInterrupt (Ctrl-C) or ends the process
 (SIGTERM). Whatever was on disk stays whole, since every file is written atomically (``igpt.atomic``).
+
+Before the first step there is nothing to save, and the setup (reading and decoding the data, fitting a
+palette) can take long without a step to end: inside ``stop.at_once()`` the first signal raises ``Stopped``
+at once, wherever the main thread is, as Ctrl-C's KeyboardInterrupt would.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -24,6 +30,11 @@ class Stopped(Exception):
     """Work ended early on request, after saving what it had; the message says how to continue."""
 
 
+class _StopNow(BaseException):
+    """What the handler raises inside ``at_once``: a BaseException, as KeyboardInterrupt is, so that no
+    ``except Exception`` on its way takes it for a failure of the code it interrupted (an unreadable file)."""
+
+
 class GracefulStop:
     """``with GracefulStop("pretrain") as stop: ... if stop.requested: save(); raise Stopped(...)``.
 
@@ -32,6 +43,7 @@ class GracefulStop:
 
     def __init__(self, what: str) -> None:
         self.what, self.signal_name, self._previous = what, "", {}
+        self._at_once = False
 
     @property
     def requested(self) -> bool:
@@ -45,7 +57,24 @@ class GracefulStop:
         name = signal.Signals(signum).name
         self.request(name)
         self._restore()  # the next signal gets the default behaviour: stop at once
+        if self._at_once:
+            raise _StopNow
         log.warning("%s: %s received; stopping after this step (send it again to stop at once)", self.what, name)
+
+    @contextmanager
+    def at_once(self) -> Iterator[None]:
+        """Within this block (the setup before a first step) a signal stops the work at once: ``Stopped``
+        ("stopped by SIGTERM before the first step") comes out of the block, and the caller says what was
+        kept and how to continue."""
+        self._at_once = True
+        try:
+            if self.requested:
+                raise _StopNow
+            yield
+        except _StopNow:
+            raise Stopped(f"stopped by {self.signal_name} before the first step") from None
+        finally:
+            self._at_once = False
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -18,17 +18,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from PIL import Image
+
 from conftest import flat_pictures, rand_images
 from igpt.cli import main
-from igpt.config import FeatureConfig, ModelConfig
+from igpt.config import DataConfig, FeatureConfig, ModelConfig, TrainConfig
+from igpt.data.open import open_split, resolve
 from igpt.config.tokenizer import TokenizerFitConfig, VQConfig
 from igpt.data.imageset import ImageSet
 from igpt.eval import feature_store
 from igpt.eval.features import cached_extract, extract
 from igpt.model import GPT
 from igpt.palette import Palette
+from igpt.stop import EXIT_STOPPED, Stopped
 from igpt.tokenizer import VQTokenizer, load_tokenizer
+from igpt.train import pretrain, resume
 from igpt.train.tokenizer import fit_tokenizer
+from test_faults import FLAGS, error_line, igpt_cli, steps_of
 
 TINY = VQConfig(input_side=8, factor=2, codebook_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
 FIT = TokenizerFitConfig(steps=4, batch_size=16, eval_every=4, log_every=1, ckpt_every=1, val_images=8, device="cpu")
@@ -195,3 +201,78 @@ def test_a_full_disk_while_writing_features_keeps_the_rows_before_it_and_continu
     want = extract(model, images, palette, CFG, progress=False)
     got = _extract(cache)
     assert all(np.array_equal(got[layer], want[layer]) for layer in want)
+
+
+# ---- a named pipe in an image folder
+
+
+def _image_folder(root: Path, classes: tuple[str, ...] = ("a", "b")) -> Path:
+    for k, name in enumerate(classes or ("",)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, px in enumerate(rand_images(10, 8, 8, seed=k)):
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_named_pipe_in_an_image_folder_is_refused_in_one_line(tmp_path):
+    data = _image_folder(tmp_path / "classes")
+    os.mkfifo(data / "a" / "x.png")  # nothing ever writes to it: a reader would wait forever
+    last = error_line(igpt_cli("pretrain", *FLAGS, "--data", str(data), "--max-steps", "2", "--out",
+                               str(tmp_path / "run"), timeout=120))
+    assert last == (f"igpt pretrain: error: {data / 'a' / 'x.png'} is a named pipe (FIFO), not an image file; "
+                    "image folders must hold regular files only: remove it or put the image it stands for in its "
+                    "place")
+    assert not (tmp_path / "run").exists()
+    flat = _image_folder(tmp_path / "flat", ())  # images directly in the folder: one unlabelled split
+    os.mkfifo(flat / "y.jpg")
+    with pytest.raises(ValueError, match=f"^{flat / 'y.jpg'} is a named pipe"):
+        open_split(str(flat), "train", n_px=8)
+    os.unlink(flat / "y.jpg")
+    os.mkfifo(flat / "notes")  # not named like an image: ignored, as any other file that is not one
+    assert resolve(str(flat)).kind == "folder" and len(open_split(str(flat), "train", n_px=8, val_fraction=0)) == 10
+
+
+# ---- a stop before the first step
+
+
+def _signal_in_palette_fit(monkeypatch) -> list[int]:
+    """SIGTERM while the run fits its palette (part of the setup before the first step)."""
+    reached = []
+    fit = Palette.fit.__func__
+
+    def fitting(cls, *args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # its handler runs before this returns
+        reached.append(1)  # only when the stop did not end the setup at once
+        return fit(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Palette, "fit", classmethod(fitting))
+    return reached
+
+
+def test_a_stop_before_the_first_step_ends_a_new_run_at_once_and_keeps_nothing(tmp_path, monkeypatch, capsys):
+    reached = _signal_in_palette_fit(monkeypatch)
+    run = tmp_path / "run"
+    code = main(["-q", "pretrain", *FLAGS, "--data", "digits", "--max-steps", "3", "--out", str(run)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == EXIT_STOPPED and not reached
+    assert last == (f"igpt pretrain: stopped by SIGTERM before the first step; nothing was trained, so {run} is not "
+                    "kept")
+    assert not run.exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
+
+
+def test_a_stop_before_the_first_step_of_a_resume_keeps_the_run_as_it_was(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    model = ModelConfig.from_preset("igpt-nano")
+    cfg = TrainConfig(batch_size=16, lr=3e-3, warmup_steps=2, eval_every=0, log_every=1, ckpt_every=2, device="cpu",
+                      workers=0, max_steps=2)
+    pretrain(model, cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*") if p.name != ".lock")
+    monkeypatch.setattr(Palette, "load", classmethod(lambda cls, path: signal.raise_signal(signal.SIGTERM)))
+    with pytest.raises(Stopped) as e:
+        resume(run, changes={"max_steps": 4}, progress=False)
+    assert str(e.value) == (f"stopped by SIGTERM before the first step; its checkpoints are as they were; continue "
+                            f"with: igpt pretrain --resume {run}")
+    after = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*") if p.name != ".lock")
+    assert steps_of(run) == [2]
+    assert [f for f in before if "checkpoints" in f[0].parts] == [f for f in after if "checkpoints" in f[0].parts]

@@ -93,6 +93,8 @@ def load_image(path: str | os.PathLike, n_px: int, resize: str = "center") -> np
     """One image file -> uint8 (n_px, n_px, 3)."""
     path = Path(path)
     if not path.is_file():
+        if path.exists() and not path.is_dir():  # a pipe or a device: reading it could block forever
+            raise ValueError(f"{path} is not a regular file, so not an image file")
         raise FileNotFoundError(f"{path}: no such image file")
     return to_n_px(open_image(path), n_px, resize)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,17 +61,51 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _image_file(entry: os.DirEntry) -> Path:
+    """A directory entry named like an image, as a path; a ValueError naming it when it is a pipe, socket or
+    device. A reader would block on a pipe forever (or read a device without end), and a file named like an
+    image was meant to be read, so it is refused rather than skipped. A broken link passes: the decoder
+    reports it as unreadable like any damaged image."""
+    if entry.is_file():  # the common case costs no stat: the directory listing gives the type
+        return Path(entry.path)
+    try:
+        mode = os.stat(entry.path).st_mode
+    except OSError:
+        return Path(entry.path)
+    what = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+    raise ValueError(f"{entry.path} is {what}, not an image file; image folders must hold regular files only: "
+                     "remove it or put the image it stands for in its place")
+
+
+def _listing(root: Path) -> list[os.DirEntry]:
+    """The entries of ``root`` by name, hidden ones left out; one line when it cannot be listed."""
+    try:
+        with os.scandir(root) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+        raise ValueError(f"{root}: cannot list this folder: {e.strerror or e}") from None
+
+
 def walk_images(root: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted walk = stable order
-        found += [Path(dirpath, f) for f in sorted(filenames) if _is_image(Path(f))]
+    """The images under ``root`` in a stable order: each folder's files by name, then its sub-folders by name
+    (hidden names skipped, linked folders not entered)."""
+    entries = _listing(root)
+    found = [_image_file(e) for e in entries if not e.is_dir() and _is_image(Path(e.name))]
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            found += walk_images(Path(e.path))
     return found
 
 
 def folder_entries(root: Path) -> tuple[list[Path], list[Path]]:
-    entries = sorted(e for e in root.iterdir() if not e.name.startswith("."))
-    return [e for e in entries if e.is_dir()], [e for e in entries if e.is_file() and _is_image(e)]
+    """(sub-folders, image files) directly inside ``root``, by name."""
+    entries = _listing(root)
+    return ([Path(e.path) for e in entries if e.is_dir()],
+            [_image_file(e) for e in entries if not e.is_dir() and _is_image(Path(e.name))])
 
 
 def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
@@ -110,8 +145,12 @@ def _decode_all(paths: list[Path], n_px: int, resize: str, on_error: str, where:
             ok[i] = False
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(paths), 4 * _CHUNK):  # chunked, so "stop" does not wait for the whole folder
-            list(pool.map(work, range(start, min(start + 4 * _CHUNK, len(paths)))))
+        try:
+            for start in range(0, len(paths), 4 * _CHUNK):  # chunked, so "stop" does not wait for the whole folder
+                list(pool.map(work, range(start, min(start + 4 * _CHUNK, len(paths)))))
+        except BaseException:  # an error or a stop (igpt.stop): the images still queued are not decoded
+            pool.shutdown(cancel_futures=True)
+            raise
     if not ok.all():
         bad = [str(paths[i]) for i in np.flatnonzero(~ok)[:5]]
         log.warning("%s: skipped %d unreadable image(s), e.g. %s", where, int((~ok).sum()), ", ".join(bad))

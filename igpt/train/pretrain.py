@@ -110,11 +110,16 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir
 def _run_locked(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, resume: bool,
                 world: World, device: str, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None,
                 stop: GracefulStop, lock: DirLock | None) -> dict[str, Any]:
-    try:  # until training starts, a failure of a new run (a bad input) undoes it
-        trainer, data_identity = _setup(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
-    except Exception:
+    try:  # until training starts, a failure of a new run (a bad input) or a stop undoes it
+        with stop.at_once():
+            trainer, data_identity = _setup(model_cfg, cfg, data_cfg, run_dir, resume, world, device)
+    except Exception as e:
         if not resume and lock is not None:
             lock.discard()
+        if isinstance(e, Stopped):
+            kept = (f"its checkpoints are as they were; continue with: igpt pretrain --resume {run_dir}" if resume
+                    else f"nothing was trained, so {run_dir} is not kept")
+            raise Stopped(f"{e}; {kept}") from None
         raise
     if world.is_main:
         write_json(run_dir / RUN_FILE, run_record(trainer.model_cfg, cfg, data_cfg, data_identity,
