@@ -25,6 +25,7 @@ from igpt.cli import main
 from igpt.config import DataConfig, FeatureConfig, ModelConfig, TrainConfig
 from igpt.data.open import open_split, resolve
 from igpt.config.tokenizer import TokenizerFitConfig, VQConfig
+from igpt.data.images import images_to_pixels
 from igpt.data.imageset import ImageSet
 from igpt.eval import feature_store
 from igpt.eval.features import cached_extract, extract
@@ -227,6 +228,8 @@ def test_a_named_pipe_in_an_image_folder_is_refused_in_one_line(tmp_path):
     os.mkfifo(flat / "y.jpg")
     with pytest.raises(ValueError, match=f"^{flat / 'y.jpg'} is a named pipe"):
         open_split(str(flat), "train", n_px=8)
+    with pytest.raises(ValueError, match="is not a regular file"):  # given by name, as to igpt complete
+        images_to_pixels(flat / "y.jpg", 8)
     os.unlink(flat / "y.jpg")
     os.mkfifo(flat / "notes")  # not named like an image: ignored, as any other file that is not one
     assert resolve(str(flat)).kind == "folder" and len(open_split(str(flat), "train", n_px=8, val_fraction=0)) == 10
