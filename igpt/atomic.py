@@ -184,7 +184,7 @@ def _check_not_cwd(path: Path, flag: str, by: str) -> None:
     here, target = Path.cwd().resolve(), path.resolve()
     if target == here or target in here.parents:
         raise ValueError(f"{flag} {path} is the current directory or holds it, which {by} would replace whole; "
-                         f"name a new directory, e.g. {flag} {path / by.split()[-1]}")
+                         "name a new directory inside it instead")
 
 
 def _check_written_by(path: Path, flag: str, writes: tuple[str, ...], by: str) -> None:
@@ -196,8 +196,8 @@ def _check_written_by(path: Path, flag: str, writes: tuple[str, ...], by: str) -
     foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, w) for w in writes)]
     if foreign or not (path / writes[0]).is_file():
         why = f"holds {foreign[0]}, which {by} does not write" if foreign else f"has no {writes[0]}"
-        raise ValueError(f"{flag} {path} {why}; --overwrite replaces only an earlier output of {by}: choose "
-                         f"another {flag}")
+        raise ValueError(f"{flag} {path} {why}, so it is not an earlier output of {by}, the only directory it "
+                         f"replaces: choose another {flag}")
 
 
 def check_writable(path: Path, flag: str) -> None:

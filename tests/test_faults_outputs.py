@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import igpt
 import igpt.demo
 from igpt.cli import main
 from igpt.config import DataConfig, ModelConfig, TrainConfig
@@ -85,7 +86,7 @@ def test_overwrite_replaces_an_earlier_sample_and_nothing_else(run, tmp_path, ca
     for out, needle in [(run, "holds checkpoints, which igpt sample does not write"), (checkpoint, "holds config.json"),
                         (mine, "holds notes.txt"), (stale, "holds .lock")]:
         err = refused(sample_args(checkpoint, out) + ["--overwrite"], capsys)
-        assert str(out) in err and needle in err and "--overwrite replaces only" in err
+        assert str(out) in err and needle in err and "not an earlier output of igpt sample" in err
     for out in (run, earlier):  # complete writes other names than sample: a sample's output is not its own
         err = refused(["complete", "--checkpoint", str(run), "--data", "digits", "--n-images", "1", "--out", str(out),
                        "--overwrite", "--device", "cpu"], capsys)
@@ -165,7 +166,19 @@ def test_the_current_directory_is_never_replaced(run, tmp_path, monkeypatch, cap
     monkeypatch.chdir(here)
     for out in (".", ""):
         err = refused(sample_args(run, Path(out)) + ["--overwrite"] * overwrite, capsys)
-        assert "--out . is the current directory or holds it" in err and "--out sample" in err
+        assert "--out . is the current directory or holds it" in err and "name a new directory" in err
     err = refused(sample_args(run, here.parent) + ["--overwrite"] * overwrite, capsys)
     assert "is the current directory or holds it" in err
     assert tree(here) == before
+
+
+def test_save_with_overwrite_replaces_an_earlier_save_and_nothing_else(run, tmp_path):
+    model, palette, _ = igpt.load(run)
+    earlier = igpt.save(model, palette, tmp_path / "earlier")
+    igpt.save(model, palette, earlier, overwrite=True)  # an earlier igpt.save: replaced
+    before = tree(run)
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    for out, needle in [(run, "holds checkpoints"), (checkpoint, "holds train_state.json")]:
+        with pytest.raises(ValueError, match=f"{needle}, which igpt.save does not write"):
+            igpt.save(model, palette, out, overwrite=True)
+    assert tree(run) == before
