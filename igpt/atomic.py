@@ -6,11 +6,15 @@ one and never half of one. A temporary name in the same directory keeps the rena
 where it is atomic. Files are opened normally, so they follow the umask like any other output.
 ``read_json`` and ``load_array`` read such files back, with a one-line error naming the file; arrays are
 read with pickles off, so an object array or a pickle in their place is refused, never unpickled.
+``check_output`` checks an output before any work, and refuses one under the lock another process holds
+(``igpt.lock.DirLock``): nothing is replaced from under a process that writes it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -19,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+LOCK_FILE = ".lock"  # the file igpt.lock.DirLock holds flock on while its process writes a directory
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -119,10 +124,18 @@ def require_new(path: str | os.PathLike, flag: str = "--out") -> Path:
 
 
 def check_output(path: str | os.PathLike, flag: str = "--out", *, overwrite: bool = False,
-                 is_dir: bool = True) -> Path:
+                 is_dir: bool = True, writes: tuple[str, ...] = (), by: str = "") -> Path:
     """Checked before any work: an output directory (``is_dir``) or file that can be written, and that
-    holds nothing yet unless ``overwrite`` (the ``--overwrite`` flag) says its contents may be replaced."""
+    holds nothing yet unless ``overwrite`` (the ``--overwrite`` flag) says its contents may be replaced.
+
+    ``writes`` is for a directory that is replaced whole (``replacing_dir``): the names (glob patterns) of
+    the files the command ``by`` writes into it, the first of which every such output holds. ``overwrite``
+    then replaces only such an output, never a directory holding anything else (a run, a lock, a user's
+    files), and the directory must not be the current one or hold it."""
     path = Path(path)
+    if writes:
+        _check_not_cwd(path, flag, by)
+    _check_unheld(path, flag)
     if path.exists():
         if is_dir and not path.is_dir():
             raise ValueError(f"{flag} {path} is a file, not a directory")
@@ -130,8 +143,61 @@ def check_output(path: str | os.PathLike, flag: str = "--out", *, overwrite: boo
             raise ValueError(f"{flag} {path} is a directory, not a file")
         if not overwrite and (not path.is_dir() or any(path.iterdir())):
             raise ValueError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another")
+        if writes and is_dir:
+            _check_written_by(path, flag, writes, by)
     check_writable(path, flag)
     return path
+
+
+def lock_holder(directory: str | os.PathLike) -> str | None:
+    """Who holds ``directory``'s lock (``igpt.lock.DirLock``): "process PID (command)" while another live
+    process does, else None. It takes the lock for an instant to find out (the kernel keeps no other record),
+    and creates no lock file."""
+    try:
+        fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file, so no holder
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        return None if who.startswith(f"process {os.getpid()} ") else who  # this process's own lock
+    finally:
+        os.close(fd)  # drops the lock if it was taken
+    return None
+
+
+def _check_unheld(path: Path, flag: str) -> None:
+    """Nothing is replaced under a lock another process holds: an existing output directory whose lock is
+    held, or an existing file in one (a run's palette while the run trains), is refused, naming the holder."""
+    directory = path if path.is_dir() else path.parent if path.exists() else None
+    who = lock_holder(directory) if directory is not None else None
+    if who is not None:
+        where = f"{flag} {path}" if directory == path else f"{flag} {path}: {directory}"
+        raise ValueError(f"{where} is in use by {who}; nothing in it is replaced while that process writes it: "
+                         "wait for it to finish or stop it first")
+
+
+def _check_not_cwd(path: Path, flag: str, by: str) -> None:
+    """Replacing a directory renames it aside and deletes it: the current directory, or one holding it,
+    would vanish from under the shell that ran the command (and ``.`` has no name to put a new one under)."""
+    here, target = Path.cwd().resolve(), path.resolve()
+    if target == here or target in here.parents:
+        raise ValueError(f"{flag} {path} is the current directory or holds it, which {by} would replace whole; "
+                         "name a new directory inside it instead")
+
+
+def _check_written_by(path: Path, flag: str, writes: tuple[str, ...], by: str) -> None:
+    """A non-empty ``path`` is an earlier output of ``by``: its files all match ``writes``, ``writes[0]``
+    among them. Names, not contents, decide: that is what ``--overwrite`` may delete."""
+    names = sorted((p.name for p in path.iterdir()), key=lambda n: (n.startswith("."), n))  # visible names first
+    if not names:
+        return
+    foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, w) for w in writes)]
+    if foreign or not (path / writes[0]).is_file():
+        why = f"holds {foreign[0]}, which {by} does not write" if foreign else f"has no {writes[0]}"
+        raise ValueError(f"{flag} {path} {why}, so it is not an earlier output of {by}, the only directory it "
+                         f"replaces: choose another {flag}")
 
 
 def check_writable(path: Path, flag: str) -> None:

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.atomic import check_writable, remove_dir, write_bytes, write_json
+from igpt.atomic import check_writable, write_bytes, write_json
 from igpt.config import DataConfig, FeatureConfig, ModelConfig, ProbeConfig, TrainConfig
 from igpt.data.open import open_split, prepare
 from igpt.eval.probe import format_table
 from igpt.eval.probe_run import LINEAR, LINEAR_INIT, probe_checkpoint
 from igpt.generate.sample import sample
-from igpt.lock import LOCK_FILE, DirLock
+from igpt.lock import LOCK_FILE, DirLock, remove_unheld
 from igpt.palette import Palette
 from igpt.train.pretrain import pretrain
 from igpt.viz import grid, save_png
@@ -49,9 +49,9 @@ def run_demo(out_dir: str | Path = "igpt-demo", steps: int = 300, seed: int = 0,
         raise ValueError(f"--out {out} is not empty and was not written by igpt demo; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     with DirLock(out, "--out"):
+        # fresh each time the demo is started, but never from under a process writing one (a resumed run)
+        remove_unheld([out / "run", out / "data", out / "probe"], "--out")
         (out / DEMO_MARK).touch()
-        for earlier in (out / "run", out / "data", out / "probe"):  # fresh each time the demo is started
-            remove_dir(earlier)
         return _demo(out, cfg, seed, progress)
 
 

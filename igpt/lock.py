@@ -4,7 +4,9 @@ Two ``igpt pretrain --out R`` at once, or a ``--resume R`` while R still trains,
 mix one run's weights into the other's checkpoints. ``DirLock`` takes ``flock(LOCK_EX)`` on ``DIR/.lock``;
 the kernel releases it when the holder exits, however it exits (SIGKILL included), so a stale lock never
 blocks a real resume. The holder's PID and command are written into the file for the refusal message.
-Readers (``igpt.load``, probes, sampling) take no lock.
+Readers (``igpt.load``, probes, sampling) take no lock. Nothing is deleted or replaced under a lock another
+process holds: ``igpt.atomic.check_output`` refuses such an output, and ``remove_unheld`` deletes a directory
+only while it holds the locks inside it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from igpt.atomic import check_writable
-
-LOCK_FILE = ".lock"
+from igpt.atomic import LOCK_FILE, check_writable, lock_holder, remove_dir
 
 
 class DirLock:
@@ -93,3 +93,24 @@ def claim_new(path: str | os.PathLike, *, marker: str, what: str, resume_flag: s
         raise refuse()
     lock.created = created
     return lock
+
+
+def remove_unheld(paths: list[Path], flag: str = "--out") -> None:
+    """Delete the directories ``paths``, which lie in the one ``flag`` names (``igpt.atomic.remove_dir``),
+    holding the lock of every directory in them that has one from before the first is touched until they
+    are gone: a process writing one of them (a run resumed by hand) is never deleted from under, and cannot
+    start meanwhile. One held by another process is refused, naming it, and then nothing is deleted."""
+    held: list[DirLock] = []
+    try:
+        for path in paths:
+            for lock in sorted(path.rglob(LOCK_FILE)) if path.is_dir() else []:
+                who = lock_holder(lock.parent)
+                if who is not None:
+                    raise ValueError(f"{flag} {path.parent}: {lock.parent} is in use by {who}; it would be "
+                                     "deleted: wait for that process to finish or stop it first")
+                held.append(DirLock(lock.parent, flag).acquire())  # a process that started since is named too
+        for path in paths:
+            remove_dir(path)
+    finally:
+        for lock in held:
+            lock.release()

@@ -22,6 +22,14 @@ from PIL import Image
 from igpt.atomic import replacing
 
 DPI = 100
+# The largest picture igpt writes, checked before the work that fills it (``check_picture``). Agg, which
+# draws every figure, refuses a side of 2**16 pixels or more. Pillow, which reads PNGs back (igpt, and most
+# viewers built on it), calls a picture of more than Image.MAX_IMAGE_PIXELS (its default, ~89 Mpx) a
+# decompression bomb: it warns, and refuses past twice that. Drawing one holds ~10 bytes a pixel (the canvas,
+# Agg's RGBA buffer, the PNG's copy), so a picture at the limit needs under 1 GB; a grid at the limit also
+# bounds the images tiled in it (~270 MB of RGB at most).
+MAX_SIDE = 2**16 - 1
+MAX_PIXELS = 89_478_485
 FONT_PT = 10  # header text; at DPI 100 a line is ~14 pixels high
 TITLE_PT = 11
 
@@ -136,6 +144,32 @@ def tile_table(rows: Sequence[Sequence[np.ndarray | None]], *, scale: int = 4, h
     for c, text in enumerate((headers or [])[:ncol]):
         texts.append((lefts[c] + col_w[c] / 2, title_h + header_h / 2, text, FONT_PT, "normal"))
     return TileTable(_render(canvas, texts), tuple(boxes), (h, w), scale)
+
+
+def table_size(n_rows: int, n_cols: int, tile: tuple[int, int], *, scale: int, pad: int = 2, gaps: int = 0,
+               gap: int = 10, widest_header: str | None = None, title: str | None = None) -> tuple[int, int]:
+    """(height, width) in pixels of the ``tile_table`` of ``n_rows`` rows of ``n_cols`` tiles (h, w) with
+    ``gaps`` wide gaps, at most (every column is taken as wide as ``widest_header``). Arithmetic and two text
+    measurements, whatever the counts: a picture too large to draw is refused before the work that fills it."""
+    th, tw = tile[0] * scale, tile[1] * scale
+    col_w, header_h, title_h = tw, 0, 0
+    if widest_header:
+        text_w, text_h = _text_px(widest_header, FONT_PT)
+        col_w, header_h = max(tw, text_w + 6), text_h + 8
+    width = pad + n_cols * (col_w + pad) + gaps * gap
+    if title:
+        title_w, text_h = _text_px(title, TITLE_PT, "bold")
+        title_h, width = text_h + 10, max(width, title_w + 12)
+    return title_h + header_h + pad + n_rows * (th + pad), width
+
+
+def check_picture(size: tuple[int, int], what: str, flags: str) -> None:
+    """Refuse, naming ``flags``, a picture of ``size`` (height, width) larger than ``MAX_SIDE`` a side or
+    ``MAX_PIXELS`` in all."""
+    h, w = size
+    if max(h, w) > MAX_SIDE or h * w > MAX_PIXELS:
+        raise ValueError(f"{flags}: {what} would be {w}x{h} pixels; a picture igpt writes is at most {MAX_SIDE} "
+                         f"pixels a side and {MAX_PIXELS / 1e6:.0f} million pixels in all")
 
 
 def grid_table(pixels: np.ndarray, ncol: int = 8, scale: int = 1, pad: int = 1, title: str | None = None) -> TileTable:

@@ -38,6 +38,7 @@ from igpt.data.open import lossless_mask, open_labelled, open_split, prepare, re
 from igpt.eval.features import cached_extract, checkpoint_identity
 from igpt.eval.plots import layer_accuracy_plot, probe_curves
 from igpt.eval.probe import probe_layers
+from igpt.lock import remove_unheld
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.runtime import resolve_device
@@ -153,10 +154,10 @@ def calibrate(cfg: QualityConfig, cache: Path, palette: Palette, n_px: int, out:
     """(steps that fit in ``seconds``, seconds per step) from a throwaway run of CALIBRATION_STEPS steps."""
     model_cfg, train_cfg = configs(cfg, palette, n_px, CALIBRATION_STEPS)
     times: list[float] = []
-    shutil.rmtree(out / "calibration", ignore_errors=True)
+    remove_unheld([out / "calibration"])  # a throwaway run, never one another process writes
     pretrain(model_cfg, dataclasses.replace(train_cfg, eval_every=0), data_config(cache), out / "calibration",
              progress=False, on_step=lambda step, m: times.append(time.perf_counter()))
-    shutil.rmtree(out / "calibration", ignore_errors=True)
+    remove_unheld([out / "calibration"])
     # The first half is warm-up (compilation, autotuning); the last step also wrote the checkpoint.
     half = len(times) // 2
     per_step = (times[-2] - times[half]) / (len(times) - 2 - half)
@@ -220,7 +221,7 @@ def run_on_cache(cache: Path, out: Path, cfg: QualityConfig, *, seconds: float |
     clock["calibration"] = time.perf_counter() - t0 - sum(clock.values())
     log.info("pretraining for %d steps%s", steps, f" ({per_step:.3f} s/step measured)" if per_step else "")
     model_cfg, train_cfg = configs(cfg, palette, n_px, steps)
-    shutil.rmtree(out / "run", ignore_errors=True)
+    remove_unheld([out / "run"])
     result = pretrain(model_cfg, train_cfg, data_config(cache), out / "run", progress=log.isEnabledFor(logging.INFO))
     clock["pretrain"] = time.perf_counter() - t0 - sum(clock.values())
 

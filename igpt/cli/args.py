@@ -104,7 +104,7 @@ def add_labelled_inputs(parser: argparse.ArgumentParser, required: bool = True) 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:
     """``--overwrite``: the one way to let a command replace an output that already exists."""
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the output if it exists (default: refuse, so nothing is lost by accident)")
+                        help="replace an earlier output of this command (default: refuse, so nothing is lost by accident)")
 
 
 def add_resize(parser: argparse.ArgumentParser) -> None:

@@ -28,8 +28,20 @@ from igpt.generate.infill import infill
 from igpt.generate.sample import check_can_sample, make_generator, sample
 from igpt.record import CheckpointRecord
 from igpt.runtime import compile_enabled, resolve_device, resolve_dtype
-from igpt.viz import completion_figure, enlarge, grid, hide_rows, save_png
+from igpt.viz import check_picture, completion_figure, enlarge, grid, hide_rows, save_png, table_size
 from igpt.weights.convert import load_located
+
+
+# What each command writes into its --out, provenance.json first (every output holds it): --overwrite replaces
+# a directory holding these names only, so it never deletes a run, a lock or a user's files (check_output).
+SAMPLE_FILES = ("provenance.json", "sample-*.png", "grid.png")
+COMPLETE_FILES = ("provenance.json", "complete-*.png", "completions.png")
+
+
+def _check_out(out: str | Path, overwrite: bool, writes: tuple[str, ...], by: str) -> Path:
+    """``--out``, before any work and again just before the new directory replaces it: never one another
+    process holds the lock of (it is named), and with ``overwrite`` only an earlier output of ``by``."""
+    return check_output(out, "--out", overwrite=overwrite, writes=writes, by=by)
 
 
 def _require_at_least(values: dict[str, int], low: int) -> None:
@@ -67,27 +79,39 @@ def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64
                   ncol: int = 8, scale: int = 4, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """``n_images`` unconditional samples as ``sample-NNNN.png`` (each enlarged ``scale`` times, nearest
     neighbour), ``grid.png`` (``ncol`` to a row, titled with the draw settings) and ``provenance.json`` in the
-    new directory ``out`` (with ``overwrite``, the new directory replaces an existing one whole)."""
+    new directory ``out`` (with ``overwrite``, it replaces an earlier ``sample`` output whole, and nothing else)."""
     _require_at_least({"--n-images": n_images, "--ncol": ncol, "--scale": scale}, 1)
-    check_output(out, "--out", overwrite=overwrite)
+    _check_out(out, overwrite, SAMPLE_FILES, "igpt sample")
     device = resolve_device(cfg.device)
     located, (model, palette, record) = load_located(checkpoint, device)
     check_can_sample(model)  # before any work: a BERT checkpoint is refused with a message
-    ids = sample(model, n_images, progress=progress, **_sample_kw(cfg, device))
     n_px = model.config.n_px
+    side = palette.pixel_side(n_px)
+    title = f"{n_images} samples · {_settings(cfg, record.step)}"
+    _check_sample_size(n_images, ncol, scale, side, title)  # before sampling, not after
+    ids = sample(model, n_images, progress=progress, **_sample_kw(cfg, device))
     pixels = palette.decode_images(ids.cpu()).numpy()  # (n, side, side, 3) uint8, side = the tokenizer's image side
     out = Path(out)
     with replacing_dir(out) as tmp:
         for i, img in enumerate(enlarge(pixels, scale)):
             save_png(Image.fromarray(img), tmp / f"sample-{i:04d}.png")
-        title = f"{n_images} samples · {_settings(cfg, record.step)}"
         save_png(grid(pixels, ncol=ncol, scale=scale, title=title), tmp / "grid.png")
         write_json(tmp / "provenance.json", provenance(checkpoint, located, record, cfg, device, n_images=n_images,
                                                        scale=scale))
+        _check_out(out, overwrite, SAMPLE_FILES, "igpt sample")  # nothing else came into it meanwhile
     return {"checkpoint": str(checkpoint), "step": record.step, "n_images": n_images, "n_px": n_px,
             "image_side": pixels.shape[1],
             "out": str(out), "files": [f"sample-{i:04d}.png" for i in range(n_images)] + ["grid.png",
                                                                                          "provenance.json"]}
+
+
+def _check_sample_size(n_images: int, ncol: int, scale: int, side: int, title: str) -> None:
+    """Each sample-NNNN.png and grid.png fit ``igpt.viz.check_picture``'s limits; the grid's limit also bounds
+    the memory of the images it tiles."""
+    check_picture((side * scale, side * scale), "each sample-NNNN.png", f"--scale {scale}")
+    cols = min(ncol, n_images)
+    size = table_size(-(-n_images // cols), cols, (side, side), scale=scale, pad=1, title=title)  # as grid() lays it
+    check_picture(size, "grid.png", f"--n-images {n_images} --ncol {ncol} --scale {scale}")
 
 
 def kept_rows(n_px: int, keep: float = 0.5, rows: int | None = None) -> int:
@@ -119,6 +143,13 @@ def _inputs(images: list[str] | None, data: EvalDataConfig, n_images: int, offse
     return names, to_ids(found, index, palette, torch.device("cpu")), f"{data.data} ({split} split)"
 
 
+def _check_figure_size(M: int, N: int, side: int, scale: int, title: str, inputs: str) -> None:
+    """completions.png (the largest figure: ``M`` rows of original, kept rows and ``N`` completions) fits
+    ``igpt.viz.check_picture``'s limits."""
+    size = table_size(M, N + 2, (side, side), scale=scale, gaps=1, widest_header=f"completion {N}", title=title)
+    check_picture(size, "completions.png", f"{inputs} --n-samples {N} --scale {scale}")
+
+
 def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | None = None,
              data: EvalDataConfig = EvalDataConfig(), n_images: int = 8, offset: int = 0, keep: float = 0.5,
              rows: int | None = None, n_samples: int = 4, rounds: int = 8, schedule: str = "cosine",
@@ -127,10 +158,10 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     """Keep the top rows of each input (image files, or ``n_images`` of a split of ``data.data``), complete
     the rest ``n_samples`` times, and write the paper's figure (quantized original, kept rows, completions)
     as ``completions.png`` plus one ``complete-NAME.png`` per input, in the new directory ``out`` (with
-    ``overwrite``, the new directory replaces an existing one whole)."""
+    ``overwrite``, it replaces an earlier ``complete`` output whole, and nothing else)."""
     if bool(images) == bool(data.data):
         raise ValueError("complete needs exactly one of --images FILE... and --data DATA")
-    check_output(out, "--out", overwrite=overwrite)
+    _check_out(out, overwrite, COMPLETE_FILES, "igpt complete")
     _require_at_least({"--n-samples": n_samples, "--rounds": rounds, "--scale": scale}, 1)
     _require_at_least({"--offset": offset}, 0)
     if data.data:
@@ -141,6 +172,9 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     kept = kept_rows(n_px, keep, rows)
     names, ids, where = _inputs(images, data, n_images, offset, palette, n_px)
     M, N = len(ids), n_samples
+    title = f"kept {kept} of {n_px} rows · {_settings(cfg, record.step)}"
+    inputs = f"--n-images {M}" if data.data else f"{M} --images"
+    _check_figure_size(M, N, palette.pixel_side(n_px), scale, title, inputs)  # before completing, not after
     known = ids.repeat_interleave(N, dim=0)  # (M * N, T): N copies of each input, adjacent
     reading = record.reading
     if reading.can_sample:
@@ -158,7 +192,6 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     completions = palette.decode_images(result.cpu()).numpy().reshape(M, N, side, side, 3)
     hidden = hide_rows(originals, kept * side // n_px)  # kept rows of ids -> rows of pixels
     dest = Path(out)
-    title = f"kept {kept} of {n_px} rows · {_settings(cfg, record.step)}"
     with replacing_dir(dest) as tmp:
         for i, name in enumerate(names):
             save_png(completion_figure(originals[i:i + 1], hidden[i:i + 1], completions[i:i + 1], scale=scale,
@@ -168,6 +201,7 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
         write_json(tmp / "provenance.json", provenance(
             checkpoint, located, record, cfg, device, how=how, inputs=where, names=names, rows_kept=kept,
             n_samples=N, scale=scale, **({"rounds": rounds, "schedule": schedule} if not reading.can_sample else {})))
+        _check_out(dest, overwrite, COMPLETE_FILES, "igpt complete")  # nothing else came into it meanwhile
     return {"checkpoint": str(checkpoint), "objective": reading.objective, "how": how, "inputs": where,
             "names": names, "rows_kept": kept, "n_px": n_px, "n_samples": N, "out": str(dest),
             "ids": result.cpu(), "original_ids": ids}

@@ -21,11 +21,11 @@ import torch
 from huggingface_hub import ModelHubMixin
 
 from igpt import model as core
-from igpt.atomic import check_writable, require_new, write_text
-from igpt.tokenizer import AnyTokenizer
+from igpt.atomic import check_output, require_new, write_text
+from igpt.tokenizer import PALETTE_FILE, VQ_FILE, AnyTokenizer
 from igpt.record import CheckpointRecord
 from igpt.weights.card import model_card, run_facts
-from igpt.weights.checkpoint import load_head, load_igpt, resolve_checkpoint, save_checkpoint
+from igpt.weights.checkpoint import CONFIG, WEIGHTS, load_head, load_igpt, resolve_checkpoint, save_checkpoint
 from igpt.weights.hf import is_hf_dir, load_hf, save_hf
 from igpt.weights.hub import resolve as resolve_hub
 from igpt.weights.openai import load_openai
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _PRUNE_PATIENCE = 60.0  # seconds a reader keeps choosing again while a run prunes under it
 _LISTING_RETRIES = 20
+SAVED_FILES = (CONFIG, WEIGHTS, PALETTE_FILE, VQ_FILE, "README.md")  # what igpt.save writes, config.json first
 
 
 class GPT(core.GPT, ModelHubMixin, library_name="igpt", tags=["image-gpt"],
@@ -105,7 +106,8 @@ def save(model: core.GPT, palette: AnyTokenizer, out: str | Path, *, record: Che
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out} already exists and is not empty; choose a new directory or pass overwrite=True")
-    check_writable(out, "out")
+    # the checkpoint replaces out whole (save_checkpoint), so overwrite=True replaces only an earlier igpt.save
+    check_output(out, "out", overwrite=True, writes=SAVED_FILES, by="igpt.save")
     record = record or getattr(model, "record", None) or CheckpointRecord(
         model.config, palette.fingerprint(), "ar" if model.causal else "bert")
     if record.model != model.config:
