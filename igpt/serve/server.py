@@ -147,14 +147,16 @@ def serving(engine: Engine) -> Iterator[Served]:
         yield Served(page.local_url, folder, page)
     finally:
         done.set()
-        if page is not None:
-            page.close(verbose=False)
-        if previous is None:
-            os.environ.pop(GRADIO_FOLDER, None)
-        else:
-            os.environ[GRADIO_FOLDER] = previous
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            if page is not None:
+                page.close(verbose=False)  # up to seconds: a second Ctrl-C may cut it short, not the removal
+        finally:
+            if previous is None:
+                os.environ.pop(GRADIO_FOLDER, None)
+            else:
+                os.environ[GRADIO_FOLDER] = previous
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _sweep_until(page: Any, folder: Path, keep: frozenset[str], cfg: ServeConfig, done: threading.Event) -> None:
