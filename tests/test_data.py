@@ -22,8 +22,10 @@ SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 
 
 class TinyPalette:
-    """Nearest-centre quantizer with the Palette interface (encode, fingerprint, describe), independent of
+    """Nearest-centre quantizer with the Palette interface (kind, encode, fingerprint, describe), independent of
     igpt.palette."""
+
+    kind = "palette"
 
     def __init__(self, k: int, seed: int) -> None:
         self.centers = np.random.default_rng(seed).uniform(-1, 1, (k, 3))  # (K, 3) in [-1, 1]

@@ -12,7 +12,7 @@ from typing import Any
 
 from igpt.cli.args import add_checkpoint, add_eval_data, add_fields, build, command
 from igpt.config import EvalDataConfig, SampleConfig, ServeConfig
-from igpt.serve import Engine, launch
+from igpt.serve import Engine, check_address, launch
 
 INSTALL_HINT = "pip install 'igpt[serve]'"
 
@@ -21,9 +21,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if importlib.util.find_spec("gradio") is None:  # before the checkpoint is read
         raise ValueError(f"the page needs Gradio, which is not installed: {INSTALL_HINT}")
     cfg, sampling, data = build(ServeConfig, args), build(SampleConfig, args), build(EvalDataConfig, args)
+    check_address(cfg.host, cfg.port)  # before the checkpoint is read: a busy port is a second's error
     engine = Engine(args.checkpoint, cfg, sampling, data)
     print(f"igpt serve: {engine.where} on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", flush=True)
     launch(engine)
+    print("igpt serve: stopped; its temporary files are removed", flush=True)
 
 
 def register(sub: Any) -> None:

@@ -53,18 +53,19 @@ def check_ids(images: ImageSet, palette: AnyTokenizer, *, any_palette: bool = Fa
     if images.ids is None:
         return
     have = palette.fingerprint()
+    word, unit = ("palette", "colours") if palette.kind == "palette" else ("tokenizer", "codes")
     if images.palette_fingerprint is not None and images.palette_fingerprint != have:
-        raise ValueError(f"--data {images.source}: ids were made with palette {images.palette_fingerprint} "
-                         f"but the palette given is {palette.describe()}; use the palette that prepared the data "
+        raise ValueError(f"--data {images.source}: ids were made with {word} {images.palette_fingerprint} "
+                         f"but the {word} given is {palette.describe()}; use the {word} that prepared the data "
                          "or prepare again")
     top = int(np.max(images.ids)) if len(images) else -1
     if top >= palette.k:
-        raise ValueError(f"--data {images.source}: holds ids up to {top}, past the {palette.k} colours (ids "
-                         f"0..{palette.k - 1}) of palette {palette.describe()}; use the palette the data was "
+        raise ValueError(f"--data {images.source}: holds ids up to {top}, past the {palette.k} {unit} (ids "
+                         f"0..{palette.k - 1}) of {word} {palette.describe()}; use the {word} the data was "
                          "made with")
     if images.palette_fingerprint is None and not any_palette and not palette.looks_like_openai():
         fitted = " and was fitted by igpt" if palette.meta else ""
         raise ValueError(f"--data {images.source}: holds OpenAI's pre-quantized ids, which record no palette, but "
-                         f"palette {palette.describe()} is not OpenAI's kmeans_centers.npy: it has {palette.k} "
-                         f"colours{fitted} (theirs: 512, no fit metadata); use that file, or --any-palette to "
+                         f"{word} {palette.describe()} is not OpenAI's kmeans_centers.npy: it has {palette.k} "
+                         f"{unit}{fitted} (theirs: 512 colours, no fit metadata); use that file, or --any-palette to "
                          "accept this one")

@@ -16,6 +16,7 @@ convolutional and sees its neighbours).
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from igpt.config import PRESETS, EvalDataConfig, SampleConfig, ServeConfig
+from igpt.config.fields import SEED_RANGE
 from igpt.data.images import DECODE_ERRORS, to_n_px, to_rgb
 from igpt.data.open import open_eval
 from igpt.data.streams import to_ids
@@ -198,11 +200,18 @@ class Engine:
         return make_generator(seed, self.device)
 
     def _check_draw(self, draw: Draw) -> None:
+        """The checks ``SampleConfig`` makes of its flags, in the words of the page's controls: a request
+        reaches here from the page (or from Gradio's API for it), where ``--temperature`` means nothing."""
         if not 1 <= draw.n <= self.cfg.max_samples:
             raise ValueError(f"Choose 1..{self.cfg.max_samples} images, not {draw.n}.")
-        if draw.temperature < 0 or draw.top_k < 0:
-            raise ValueError("Temperature and top-k must be >= 0.")
-        SampleConfig(temperature=draw.temperature, top_k=draw.top_k, seed=draw.seed)  # the CLI's checks
+        if not (math.isfinite(draw.temperature) and draw.temperature >= 0):
+            raise ValueError(f"Temperature must be a finite number >= 0 (0: always the likeliest), "
+                             f"not {draw.temperature}.")
+        if not draw.top_k >= 0:
+            raise ValueError(f"Top-k must be >= 0 (0: no top-k filter), not {draw.top_k}.")
+        low, high = SEED_RANGE
+        if not low <= draw.seed < high:
+            raise ValueError(f"Seed must be in {low}..{high - 1}, not {draw.seed}.")
 
     def _filters(self, draw: Draw) -> dict[str, Any]:
         return {"temperature": draw.temperature, "top_k": draw.top_k or None,

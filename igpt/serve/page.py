@@ -9,6 +9,7 @@ files before they are stored; one queue computes ``--concurrency`` requests at a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,6 +83,17 @@ def _guard(fn: Callable[..., Iterator[tuple]], n_out: int, warn: Callable[[str],
             warn(msg)
             yield (*(unchanged() for _ in range(n_out - 1)), _say("Error", msg))
     return run
+
+
+def _draw(n: float, temperature: float, top_k: float, seed: float | None) -> Draw:
+    """The controls' values as one request's ``Draw``. Gradio's API for the page passes any number a caller
+    sends (NaN and infinities pass its range checks): one that is not finite is refused naming the control
+    as the page labels it; the engine checks the ranges."""
+    seed = 0 if seed is None else seed  # an emptied Seed box
+    for label, value in (("Images", n), ("Temperature", temperature), ("Top-k", top_k), ("Seed", seed)):
+        if not math.isfinite(value):
+            raise ValueError(f"{label} must be a finite number, not {value}.")
+    return Draw(n=int(n), temperature=float(temperature), top_k=int(top_k), seed=int(seed))
 
 
 def _gallery(pixels: np.ndarray, rows: int, factor: int = 1) -> list[np.ndarray]:
@@ -246,55 +258,43 @@ def build_page(engine: Engine) -> Any:
 
         rows.change(show_kept, [original, rows], kept, queue=False)
 
-        def draw_of(n_: float, t: float, k: float, s: float | None) -> Draw:
-            return Draw(n=int(n_), temperature=float(t), top_k=int(k), seed=int(s or 0))
-
         def need(picture: Picture | None) -> Picture:
             if picture is None:
                 raise ValueError("Choose a picture first (upload, draw, or pick one).")
             return picture
 
         def run_complete(picture, rows_kept, n_, t, k, s) -> Iterator[tuple]:
-            picture, rows_kept = need(picture), int(rows_kept)
+            picture, rows_kept, draw = need(picture), int(rows_kept), _draw(n_, t, k, s)
             rows_word = "rows" if engine.is_palette else "rows of codes"
-            what = f"{int(n_)} completion(s) of the bottom {n_px - rows_kept} {rows_word}, seed {int(s or 0)}"
+            what = f"{draw.n} completion(s) of the bottom {n_px - rows_kept} {rows_word}, seed {draw.seed}"
             yield hide_rows(picture.pixels[None], rows_kept * factor)[0], [], _say("Working", f"{what}: starting")
-            for done, images in engine.complete(picture, rows_kept, draw_of(n_, t, k, s)):
+            for done, images in engine.complete(picture, rows_kept, draw):
                 yield gr.update(), _gallery(images, done, factor), _progress(done, n_px, rows_kept, what, unit)
 
         def run_infill(picture, painted, n_, t, k, s) -> Iterator[tuple]:
-            picture = need(picture)
+            picture, draw = need(picture), _draw(n_, t, k, s)
             layers = (painted or {}).get("layers") or []
             strokes = sum((np.asarray(layer)[..., 3].astype(np.int32) for layer in layers), np.zeros(1, np.int32))
             if not layers or not np.any(strokes):
                 raise ValueError("Paint over the part of the picture to fill in first.")
             mask = engine.mask_from_strokes(np.clip(strokes, 0, 255).astype(np.uint8))
             first = int(np.flatnonzero(mask.reshape(-1))[0]) // n_px if mask.any() else 0
-            what = f"{int(n_)} infill(s), seed {int(s or 0)}"
+            what = f"{draw.n} infill(s), seed {draw.seed}"
             yield [], _say("Working", f"{what}: starting")
-            for done, images in engine.infill_mask(picture, mask, draw_of(n_, t, k, s)):
+            for done, images in engine.infill_mask(picture, mask, draw):
                 yield _gallery(images, done, factor), _progress(done, n_px, first, what, unit)
 
         def run_sample(n_, t, k, s) -> Iterator[tuple]:
-            what = f"{int(n_)} sample(s), seed {int(s or 0)}"
+            draw = _draw(n_, t, k, s)
+            what = f"{draw.n} sample(s), seed {draw.seed}"
             yield [], _say("Working", f"{what}: starting")
-            for done, images in engine.sample(draw_of(n_, t, k, s)):
+            for done, images in engine.sample(draw):
                 yield _gallery(images, done, factor), _progress(done, n_px, 0, what, unit)
 
         controls = [n, temperature, top_k, seed]
-        complete_btn.click(guard(run_complete, 3), [original, rows, *controls], [kept, completions, status])
-        infill_btn.click(guard(run_infill, 2), [original, editor, *controls], [infilled, status])
-        sample_btn.click(guard(run_sample, 2), controls, [samples, status])
+        complete_btn.click(guard(run_complete, 3), [original, rows, *controls], [kept, completions, status],
+                           api_name="complete")
+        infill_btn.click(guard(run_infill, 2), [original, editor, *controls], [infilled, status], api_name="infill")
+        sample_btn.click(guard(run_sample, 2), controls, [samples, status], api_name="sample")
     return page
 
-
-def launch(engine: Engine) -> None:
-    """Serve the page until Ctrl-C: one queue, ``--concurrency`` requests at a time."""
-    import gradio as gr  # the optional extra, as in build_page
-
-    cfg = engine.cfg
-    page = build_page(engine)
-    page.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
-    page.launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False,
-                max_file_size=cfg.max_upload_bytes, theme=_theme(gr), css=CSS, show_error=False,
-                footer_links=[], mcp_server=False, pwa=False, ssr_mode=False, enable_monitoring=False)

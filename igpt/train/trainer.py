@@ -147,8 +147,9 @@ class Trainer:
             palette = load_tokenizer(path)
             expected = self._recorded_palette()
             if expected is not None and palette.fingerprint() != expected:
-                raise ValueError(f"{path} has palette {palette.fingerprint()}, but the run trained with {expected}: "
-                                 "it was replaced; put the run's palette back, or start a new run")
+                word = "palette" if palette.kind == "palette" else "tokenizer"  # a VQ-VAE is no palette
+                raise ValueError(f"{path} has {word} {palette.fingerprint()}, but the run trained with {expected}: "
+                                 f"it was replaced; put the run's {word} back, or start a new run")
             check_ids(self.fit_set, palette, any_palette=self.data_cfg.any_palette)  # a new run checks in resolve_palette, before writing the palette
             return palette
         if self.world.is_main:
