@@ -110,3 +110,11 @@ def test_version_and_quiet_after_the_command(capsys):
     assert make_parser().parse_args(["bench", "memory", "-q"]).quiet
     assert make_parser().parse_args(["-q", "bench", "memory"]).quiet
     assert not make_parser().parse_args(["bench", "memory"]).quiet
+
+
+def test_int_flags_take_whole_numbers_in_float_notation_and_refuse_fractions():
+    from igpt.cli.args import integer
+    assert integer("64") == 64 and integer("1e8") == 100_000_000 and integer("2E3") == 2000
+    for bad in ("2.5", "inf", "nan", "x"):
+        with pytest.raises(ValueError):
+            integer(bad)

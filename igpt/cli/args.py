@@ -17,6 +17,21 @@ def _default_text(default: Any) -> str:
     return "none" if default is None else str(default)
 
 
+def integer(text: str) -> int:
+    """An int flag's value: a plain integer, or a whole number in float notation (``--n-images 1e8``,
+    ``--max-steps 2e5``), which people write for large counts; ``2.5`` stays an error."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # ValueError here is argparse's "invalid int value"
+        if not value.is_integer():
+            raise ValueError(text) from None
+        return int(value)
+
+
+integer.__name__ = "int"  # argparse names the type in its error: "invalid int value: '2.5'"
+
+
 def _add(group: Any, f: dataclasses.Field, *, preset: bool, required: bool) -> None:
     help_text = f.metadata["help"].replace("%", "%%")
     if preset:
@@ -28,7 +43,7 @@ def _add(group: Any, f: dataclasses.Field, *, preset: bool, required: bool) -> N
     if kind is bool:
         kw["action"] = argparse.BooleanOptionalAction
     else:
-        kw["type"] = kind
+        kw["type"] = integer if kind is int else kind
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if "metavar" in f.metadata:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from igpt.atomic import check_output
-from igpt.cli.args import add_data, add_fields, add_overwrite, add_resize, command
+from igpt.cli.args import add_data, add_fields, add_overwrite, add_resize, command, integer
 from igpt.config import DataConfig, EvalDataConfig
 from igpt.data.open import open_split, prepare
 from igpt.config.tokenizer import TokenizerFitConfig
@@ -49,9 +49,9 @@ def _palette_parser(sub: Any) -> None:
     add_data(fit)
     fit.add_argument("--out", required=True, help="output: .npy (OpenAI's kmeans_centers layout) or .npz")
     add_fields(fit, DataConfig, title="palette", only=("palette_k",))
-    fit.add_argument("--iters", type=int, default=30, help="maximum Lloyd iterations (default: 30)")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the k-means++ initialisation (default: 0)")
-    fit.add_argument("--n-px", type=int, default=32, help="downscale images to this side first (default: 32)")
+    fit.add_argument("--iters", type=integer, default=30, help="maximum Lloyd iterations (default: 30)")
+    fit.add_argument("--seed", type=integer, default=0, help="seed of the k-means++ initialisation (default: 0)")
+    fit.add_argument("--n-px", type=integer, default=32, help="downscale images to this side first (default: 32)")
     add_resize(fit)
     add_overwrite(fit)
     fit.set_defaults(func=cmd_palette_fit)
@@ -62,7 +62,7 @@ def _prepare_parser(sub: Any) -> None:
                 "tar shards")
     add_data(p)
     p.add_argument("--out", required=True, help="cache (or shards) directory to write")
-    p.add_argument("--n-px", type=int, required=True,
+    p.add_argument("--n-px", type=integer, required=True,
                    help="image side after resizing (the input resolution): with a palette also the side of the "
                         "id grid; a VQ-VAE tokenizer needs its own input side and makes a smaller grid")
     p.add_argument("--palette", default=None, metavar="TOKENIZER",
@@ -71,10 +71,10 @@ def _prepare_parser(sub: Any) -> None:
     add_fields(p, TokenizerFitConfig, title="images", only=("upscale",))
     add_fields(p, DataConfig, title="data", only=("val_fraction", "resize"))
     add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation carve (default: 0)")
+    p.add_argument("--seed", type=integer, default=0, help="seed of the validation carve (default: 0)")
     p.add_argument("--on-error", default="stop", choices=("stop", "skip"),
                    help="an unreadable image stops the run, or is skipped and counted (default: stop)")
-    p.add_argument("--shards", type=int, default=0, metavar="N_PER_SHARD",
+    p.add_argument("--shards", type=integer, default=0, metavar="N_PER_SHARD",
                    help="write WebDataset tar shards of N images each (+ index, shards.json) for streaming "
                         "instead of a memory-mapped cache; image folders keep their original files "
                         "(default: 0, the cache)")

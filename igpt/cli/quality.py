@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from igpt.bench.quality import CACHE, build_cache, pack, quality_run, run_on_cache, summary
-from igpt.cli.args import add_fields, build, command
+from igpt.cli.args import add_fields, build, command, integer
 from igpt.config import QualityConfig
 from igpt.eval.probe import format_table
 
@@ -59,10 +59,10 @@ def register(bsub: Any) -> None:
     p.add_argument("--data", required=True, help="CIFAR-10: a cifar-10-batches-py folder, or an npz with "
                    "x_train/y_train/x_test/y_test (and test_lossless)")
     p.add_argument("--out", required=True, help="the .tar.xz to write")
-    p.add_argument("--n-px", type=int, default=32, help="image side (default: 32)")
-    p.add_argument("--palette-k", type=int, default=512, help="palette colours (default: 512)")
+    p.add_argument("--n-px", type=integer, default=32, help="image side (default: 32)")
+    p.add_argument("--palette-k", type=integer, default=512, help="palette colours (default: 512)")
     p.add_argument("--palette", default=None, help="use this palette file instead of fitting one")
-    p.add_argument("--lzma-preset", type=int, default=6, help="lzma preset 0-9 (default: 6)")
+    p.add_argument("--lzma-preset", type=integer, default=6, help="lzma preset 0-9 (default: 6)")
     p.add_argument("--device", default="auto", help="where the palette is fitted (default: auto)")
     p.set_defaults(func=cmd_pack)
 
@@ -72,8 +72,8 @@ def register(bsub: Any) -> None:
     src.add_argument("--data", help="the data itself: fit the palette and quantize here first")
     run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--minutes", type=float, default=5.5, help="pretraining wall-clock budget (default: 5.5)")
-    run.add_argument("--steps", type=int, default=0, help="pretrain this many steps instead of --minutes")
-    run.add_argument("--n-px", type=int, default=None, help="with --data: quantize at this side (default: 32); "
+    run.add_argument("--steps", type=integer, default=0, help="pretrain this many steps instead of --minutes")
+    run.add_argument("--n-px", type=integer, default=None, help="with --data: quantize at this side (default: 32); "
                      "with --ids the packed side is used")
     add_fields(run, QualityConfig, title="model, pretraining and probe")  # the same settings as bench report's
     run.set_defaults(func=cmd_run)

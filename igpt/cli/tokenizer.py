@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from igpt.cli.args import add_data, add_fields, add_overwrite, build, command
+from igpt.cli.args import add_data, add_fields, add_overwrite, build, command, integer
 from igpt.config.tokenizer import TokenizerFitConfig, VQConfig
 from igpt.eval.tokens import report_tokenizer
 from igpt.train.tokenizer import fit_tokenizer, resume_fit
@@ -61,8 +61,8 @@ def _report_parser(sub: Any) -> None:
     rep.add_argument("--compare-palette", default=None, metavar="FILE",
                      help="the palette to compare with (default: fit one on the train split at the grid side)")
     add_fields(rep, TokenizerFitConfig, title="data", only=("resize", "seed", "device"))
-    rep.add_argument("--palette-k", type=int, default=512, help="colours of the palette fitted here (default: 512)")
-    rep.add_argument("--max-images", type=int, default=0, help="score at most this many images (default: 0, all)")
+    rep.add_argument("--palette-k", type=integer, default=512, help="colours of the palette fitted here (default: 512)")
+    rep.add_argument("--max-images", type=integer, default=0, help="score at most this many images (default: 0, all)")
     add_overwrite(rep)
     rep.set_defaults(func=cmd_report)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from igpt.cli.args import add_fields, add_labelled_inputs, build, command
+from igpt.cli.args import add_fields, add_labelled_inputs, build, command, integer
 from igpt.config import FINETUNE_RESUME_CHANGES, PRESETS, DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from igpt.demo import run_demo
 from igpt.train import finetune, pretrain, resume, resume_finetune
@@ -85,8 +85,8 @@ def _finetune_parser(sub: Any) -> None:
 def _demo_parser(sub: Any) -> None:
     p = command(sub, "demo", help="palette -> prepare -> pretrain -> probe -> samples on scikit-learn digits")
     p.add_argument("--out", default="igpt-demo", help="output directory (default: igpt-demo)")
-    p.add_argument("--steps", type=int, default=300, help="pretraining steps (default: 300)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--steps", type=integer, default=300, help="pretraining steps (default: 300)")
+    p.add_argument("--seed", type=integer, default=0, help="seed (default: 0)")
     p.set_defaults(func=cmd_demo)
 
 
