@@ -70,7 +70,7 @@ def config_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     tensor is missing or of another rank is left out: the strict shape check names that tensor."""
     convs = [s for k, s in shapes.items() if re.fullmatch(r"encoder\.\d+\.weight", k)]
     out = {"res_blocks": sum(bool(re.fullmatch(r"encoder\.\d+\.body\.1\.weight", k)) for k in shapes),
-           "factor": 2 ** sum(len(s) == 4 and s[2:] == (4, 4) for s in convs)}
+           "factor": 2 ** min(64, sum(len(s) == 4 and s[2:] == (4, 4) for s in convs))}
     first, embed = shapes.get("encoder.0.weight", ()), shapes.get("vq._codebook.embed", ())
     if len(first) == 4:
         out["hidden"] = first[0]

@@ -39,7 +39,7 @@ def gpt_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     wte, wpe = shapes.get("wte.weight", ()), shapes.get("wpe.weight", ())
     if len(wte) == 2:
         out["n_vocab"], out["n_embd"] = wte
-    if len(wpe) == 2 and math.isqrt(wpe[0]) ** 2 == wpe[0]:
+    if len(wpe) == 2 and wpe[0] >= 0 and math.isqrt(wpe[0]) ** 2 == wpe[0]:
         out["n_px"] = math.isqrt(wpe[0])
     return out
 
