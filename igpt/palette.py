@@ -273,7 +273,12 @@ def _read(path: Path, ext: str) -> tuple[np.ndarray, dict[str, Any]]:
     with data:
         if "centers" not in data.files:
             raise ValueError(f"no 'centers' array (found {data.files})")
-        meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+        try:
+            meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+        except ValueError as e:
+            raise ValueError(f"its meta is not JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"its meta is a JSON {type(meta).__name__}, not an object")
         return data["centers"], meta
 
 

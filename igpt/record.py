@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from igpt.config import OBJECTIVES, ModelConfig
+from igpt.config import OBJECTIVES, ModelConfig, check_types
 
 FORMAT_VERSION = 2
 PAPER_MASK_PROB = 0.15  # the paper's BERT mask rate, for BERT weights that do not record theirs
@@ -53,6 +53,9 @@ class Finetuned:
     base_checkpoint: str | None = None
     head_layer: int | None = None  # whose normed, mean-pooled features the head reads; None: the final norm
 
+    def __post_init__(self) -> None:
+        check_types(self, named=lambda name: f"finetuned.{name}")
+
 
 @dataclass(frozen=True)
 class CheckpointRecord:
@@ -70,6 +73,7 @@ class CheckpointRecord:
     saved_by_processes: int = 1
 
     def __post_init__(self) -> None:
+        check_types(self, named=str)  # config.json is read from a file: "step": "10" or "sharded": "no" is refused
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be 'ar' or 'bert', got {self.objective!r}")
         layer = self.finetuned.head_layer if self.finetuned is not None else None

@@ -22,9 +22,9 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol, TypeVar, Union
 
 import numpy as np
 import torch
@@ -35,22 +35,15 @@ from igpt.atomic import replacing
 from igpt.config.tokenizer import VQConfig
 from igpt.palette import EXTENSIONS as PALETTE_EXTENSIONS
 from igpt.palette import Palette
-from igpt.vqvae import VQVAE
+from igpt.tensorfile import first_nonfinite, require_fields, require_finite, require_tensors, shapes_of
+from igpt.vqvae import VQVAE, config_fields
 
 VQ_KIND = "igpt-vqvae-tokenizer"
 VQ_FORMAT = "1"
 VQ_EXTENSION = ".safetensors"
 PALETTE_FILE, VQ_FILE = "palette.npz", "tokenizer.safetensors"  # the tokenizer inside a checkpoint or run
 _ENCODE_CHUNK = 256  # images per encoder pass: bounds the activations' memory
-
-
-def non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    """The name of the first floating tensor of ``tensors`` that holds a NaN or an infinity, or None. A
-    diverged VQ-VAE maps every image to one code; such weights are refused, never written or read."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
+T = TypeVar("T")
 
 
 class Tokenizer(Protocol):
@@ -176,7 +169,7 @@ class VQTokenizer:
         if path.suffix.lower() != VQ_EXTENSION:
             raise ValueError(f"VQ-VAE tokenizer file {path} must end in {VQ_EXTENSION}")
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        bad = non_finite(tensors)
+        bad = first_nonfinite(tensors)
         if bad is not None:
             raise FloatingPointError(f"tokenizer {path}: tensor {bad!r} holds NaN or infinite values; not written")
         header = {"igpt_kind": VQ_KIND, "format_version": VQ_FORMAT, "config": json.dumps(self.config.to_dict()),
@@ -186,39 +179,62 @@ class VQTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "VQTokenizer":
+        """The tokenizer in a file ``save`` wrote. The header's config is a claim until checked: the sizes it
+        gives (hidden, res_blocks, ...) must be those of the stored tensors before a network is built."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-            raise ValueError(f"tokenizer file {path} could not be read (truncated or not safetensors): "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        where = f"tokenizer file {path}"
+        header, shapes = _read_vq(path, lambda f: (f.metadata() or {}, shapes_of(f)))
         if header.get("igpt_kind") != VQ_KIND:
             what = header.get("igpt_kind") or "no igpt tokenizer header"
-            raise ValueError(f"tokenizer file {path} is not a VQ-VAE tokenizer ({what}); pass a palette (.npz, .npy) "
+            raise ValueError(f"{where} is not a VQ-VAE tokenizer ({what}); pass a palette (.npz, .npy) "
                              "or a file written by 'igpt tokenizer fit'")
         if header.get("format_version") != VQ_FORMAT:
-            raise ValueError(f"tokenizer file {path}: format_version {header.get('format_version')!r}, this igpt "
-                             f"reads {VQ_FORMAT}")
-        bad = non_finite(tensors)
-        if bad is not None:
-            raise ValueError(f"tokenizer file {path}: tensor {bad!r} holds NaN or infinite values (a diverged "
-                             "fit); fit the tokenizer again")
+            raise ValueError(f"{where}: format_version {header.get('format_version')!r}, this igpt reads {VQ_FORMAT}")
+        fields = _header_json(header, "config", where)
         try:
-            model = VQVAE(VQConfig.from_dict(json.loads(header["config"])))
-            model.load_state_dict(tensors, strict=True)
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise ValueError(f"tokenizer file {path}: its tensors do not fit its recorded shape: "
-                             f"{str(e).splitlines()[0]}") from e
-        tok = cls(model, json.loads(header.get("meta", "{}")))
+            config = VQConfig.from_dict(fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: config: {e}") from None
+        meta = _header_json(header, "meta", where, "{}")
+        require_fields(config.to_dict(), config_fields(shapes), f"{where}: config", "the file")
+        model = VQVAE(config)  # its size is now that of the stored tensors
+        require_tensors(shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()}, where)
+        tensors = _read_vq(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+        require_finite(tensors, where)
+        model.load_state_dict(tensors, strict=True)
+        tok = cls(model, meta)
         tok.source = str(path)
         if header.get("fingerprint") not in (None, tok.fingerprint()):
-            raise ValueError(f"tokenizer file {path}: its tensors have fingerprint {tok.fingerprint()}, the header "
+            raise ValueError(f"{where}: its tensors have fingerprint {tok.fingerprint()}, the header "
                              f"records {header['fingerprint']}; the file is damaged")
         return tok
+
+
+def _read_vq(path: Path, read: Callable[[Any], T]) -> T:
+    """``read(f)`` of the open safetensors file ``path``; an error naming it when the file is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return read(f)
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"tokenizer file {path} could not be read (truncated or not safetensors): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _header_json(header: dict[str, str], key: str, where: str, default: str | None = None) -> dict[str, Any]:
+    """The JSON object the header holds under ``key`` (the config, the meta); an error naming the file and
+    the key when it is missing, not JSON, or not an object."""
+    text = header.get(key, default)
+    if text is None:
+        raise ValueError(f"{where}: the header has no {key}")
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: {key} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: {key} is a JSON {type(value).__name__}, not an object")
+    return value
 
 
 AnyTokenizer = Union[Palette, VQTokenizer]

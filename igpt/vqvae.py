@@ -14,6 +14,8 @@ In eval mode ``forward``'s reconstruction is the decoder applied to the codebook
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -59,6 +61,22 @@ def _decoder(cfg: VQConfig) -> nn.Sequential:
     if ups == 0:
         layers += [nn.ReLU(), nn.Conv2d(cfg.hidden, 3, 3, padding=1)]
     return nn.Sequential(*layers)
+
+
+def config_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """What the shapes of a VQVAE's tensors say of its VQConfig: ``res_blocks`` (the encoder's residual
+    blocks present), ``factor`` (2 to the number of its stride-2, 4x4 convolutions), ``hidden`` (the first
+    convolution's outputs) and ``codebook_size`` and ``code_dim`` (the codebook, (1, K, D)). A field whose
+    tensor is missing or of another rank is left out: the strict shape check names that tensor."""
+    convs = [s for k, s in shapes.items() if re.fullmatch(r"encoder\.\d+\.weight", k)]
+    out = {"res_blocks": sum(bool(re.fullmatch(r"encoder\.\d+\.body\.1\.weight", k)) for k in shapes),
+           "factor": 2 ** min(64, sum(len(s) == 4 and s[2:] == (4, 4) for s in convs))}
+    first, embed = shapes.get("encoder.0.weight", ()), shapes.get("vq._codebook.embed", ())
+    if len(first) == 4:
+        out["hidden"] = first[0]
+    if len(embed) == 3:
+        out["codebook_size"], out["code_dim"] = embed[1:]
+    return out
 
 
 class VQVAE(nn.Module):

@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+# vector-quantize-pytorch logs through loguru, whose default sink is the sys.stderr of the moment loguru is
+# first imported. Imported first inside a test that captures output (capsys), the sink would be that test's
+# stream, closed when it ends, and every later VQ-VAE build would print loguru's "Logging error" traceback
+# into the next test's captured stderr. Imported here, the sink is the session's own stream.
+import loguru  # noqa: F401,E402
+
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data import sources
 from igpt.data.open import resolve

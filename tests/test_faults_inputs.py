@@ -105,8 +105,8 @@ def test_a_tokenizer_file_with_non_finite_values_is_refused_naming_file_and_tens
     for read in (load_tokenizer, VQTokenizer.load):
         with pytest.raises(ValueError) as e:
             read(bad)
-        assert str(e.value) == (f"tokenizer file {bad}: tensor {name!r} holds NaN or infinite values (a diverged "
-                                "fit); fit the tokenizer again")
+        kind = "NaN" if value != value else "infinite"
+        assert str(e.value).startswith(f"tokenizer file {bad}: tensor {name} holds {kind} values")
     model = VQTokenizer.load(good).model
     with torch.no_grad():
         model.vq.codebook[0, 0] = value

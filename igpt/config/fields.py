@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -16,6 +17,14 @@ DTYPES = ("auto", "bf16", "fp32")
 SWITCH = ("auto", "on", "off")
 OBJECTIVES = ("ar", "bert")
 RESIZE_MODES = ("center", "squash")
+C = TypeVar("C")
+# The annotations a field's value is checked against (``check_types``), and how an error names each.
+_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 def arg(default: Any, help: str, **kw: Any) -> Any:
@@ -36,10 +45,40 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_types(obj: Any, named: Callable[[str], str] = flag) -> None:
+    """Each field of the dataclass ``obj`` annotated ``int``, ``float``, ``str`` or ``bool`` holds that type
+    (or None, when annotated ``| None`` or None by default); an error names the field as ``named`` spells it.
+    A config read from a JSON file can hold anything: ``n_layer`` 2.5 would fail deep inside the model, and
+    ``int()`` would read it as 2. An integer is a number; true and false are neither. Other annotations
+    (tuples, dicts, records) are their own classes' to check."""
+    for f in dataclasses.fields(obj):
+        kinds = str(getattr(f.type, "__name__", f.type)).replace(" ", "").split("|")
+        value, kind, optional = getattr(obj, f.name), kinds[0], "None" in kinds or f.default is None
+        if (value is None and optional) or len(kinds) - ("None" in kinds) != 1 or kind not in _TYPES:
+            continue
+        ok, what = _TYPES[kind]
+        if not ok(value):
+            raise ValueError(f"{named(f.name)} must be {what}{' or null' * optional}, got {value!r}")
+
+
+def from_json_object(cls: type[C], d: Any, *, refuse_unknown: bool = False) -> C:
+    """The config ``cls`` from a JSON object of its fields (keys it does not know are dropped, or refused
+    with ``refuse_unknown``); anything but an object is refused, naming what it is."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object of {cls.__name__}'s fields, got a {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - known)
+    if refuse_unknown and unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
 def check_fields(cfg: Any) -> None:
-    """The checks every config runs first, read from its fields: a field with ``choices`` holds one of them
-    (None is allowed for None defaults), no number is NaN or infinite (they slip through ``x < 0`` checks,
-    and no flag has a use for them), and each field's own ``check`` passes (seeds, devices)."""
+    """The checks every config runs first, read from its fields: each holds its annotated type
+    (``check_types``), a field with ``choices`` holds one of them (None is allowed for None defaults), no
+    number is NaN or infinite (they slip through ``x < 0`` checks, and no flag has a use for them), and each
+    field's own ``check`` passes (seeds, devices)."""
+    check_types(cfg)
     for f in dataclasses.fields(cfg):
         value, choices, name = getattr(cfg, f.name), f.metadata.get("choices"), flag(f.name)
         if choices is not None and value not in choices and not (value is None and f.default is None):

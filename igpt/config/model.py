@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from igpt.config.fields import N_VOCAB, arg, check_fields, require_at_least, require_fraction
+from igpt.config.fields import N_VOCAB, arg, check_fields, from_json_object, require_at_least, require_fraction
 
 # Shapes of the released and paper models (reference igpt.md section 13) plus small ones for tests and
 # the demo. iGPT-XL's head count is unpublished; 24 heads (head_dim 128) is our choice, not OpenAI's.
@@ -64,11 +64,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = {k: v for k, v in d.items() if k != "grad_checkpoint"}  # a training choice, kept here before
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k != "grad_checkpoint"}  # a training choice, kept here before
+        return from_json_object(cls, d, refuse_unknown=True)
 
     def num_params(self) -> int:
         """Exact parameter count: L(12d^2 + 2d) + 2*V*d + T*d + d (sos) + d (ln_f)."""

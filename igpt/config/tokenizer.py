@@ -7,8 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from igpt.config.fields import (N_VOCAB, arg, check_fields, device_arg, require_at_least, require_fraction,
-                                require_positive, resize_arg, seed_arg, upscale_arg, val_fraction_arg)
+from igpt.config.fields import (N_VOCAB, arg, check_fields, device_arg, from_json_object, require_at_least,
+                                require_fraction, require_positive, resize_arg, seed_arg, upscale_arg, val_fraction_arg)
 
 TOKENIZER_KINDS = ("vqvae", "palette")
 
@@ -52,7 +52,7 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VQConfig":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        return from_json_object(cls, d)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class TokenizerFitConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TokenizerFitConfig":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        return from_json_object(cls, d)
 
 
 # What ``tokenizer fit --resume`` may change: how long it goes, how often it reports and saves, and where.

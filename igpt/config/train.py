@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from igpt.config.fields import (OBJECTIVES, SWITCH, any_palette_arg, arg, check_fields, device_arg, dtype_arg, require_at_least,
-                                require_fraction, require_positive, resize_arg, seed_arg, upscale_arg, val_fraction_arg)
+from igpt.config.fields import (OBJECTIVES, SWITCH, any_palette_arg, arg, check_fields, device_arg, dtype_arg,
+                                from_json_object, require_at_least, require_fraction, require_positive, resize_arg,
+                                seed_arg, upscale_arg, val_fraction_arg)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        return from_json_object(cls, d)
 
 
 # What ``pretrain --resume`` may change: how long the run goes, how often it reports and saves, and where and

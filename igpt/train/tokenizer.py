@@ -37,7 +37,8 @@ from igpt.lock import DirLock, claim_new
 from igpt.palette import Palette
 from igpt.runtime import derived_seed, resolve_device
 from igpt.stop import GracefulStop, Stopped
-from igpt.tokenizer import VQ_FILE, VQTokenizer, non_finite, reconstruction, save_in, usage
+from igpt.tensorfile import first_nonfinite
+from igpt.tokenizer import VQ_FILE, VQTokenizer, reconstruction, save_in, usage
 from igpt.train.rundir import append_metrics, truncate_metrics
 from igpt.vqvae import VQVAE
 from igpt.weights.trainstate import load_train_state_files, save_train_state
@@ -131,7 +132,7 @@ class _Fit:
                                   f"start a new fit with a lower --lr{kept}")
 
     def save(self) -> None:
-        bad = non_finite(self.model.state_dict())
+        bad = first_nonfinite(self.model.state_dict())
         if bad is not None:
             raise self.diverged(f"tensor {bad!r} became NaN or infinite", self.step)
         tok = VQTokenizer(self._copy(), {"steps": self.step, "data": self.data})

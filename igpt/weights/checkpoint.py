@@ -35,9 +35,11 @@ from safetensors import SafetensorError
 from igpt.atomic import read_json, remove_dir, replacing_dir, write_error, write_json
 from igpt.model import GPT
 from igpt.record import CheckpointRecord
+from igpt.tensorfile import require_fields
 from igpt.tokenizer import PALETTE_FILE, AnyTokenizer, file_name, load_tokenizer, stored_in
-from igpt.weights.sharded import load_sharded
-from igpt.weights.tensors import build_model, load_weight_file, nbytes, save_tensors, unreadable
+from igpt.weights.sharded import SHARDS, load_sharded, model_shapes
+from igpt.weights.tensors import (build_model, gpt_fields, load_weight_file, nbytes, read_shapes, save_tensors,
+                                  unreadable)
 from igpt.weights.trainstate import load_train_state_files, save_train_state
 
 WEIGHTS, CONFIG, CLASSIFIER = "model.safetensors", "config.json", "classifier.safetensors"
@@ -142,15 +144,24 @@ def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
         raise ValueError(f"{path} has fingerprint {palette.fingerprint()} but the checkpoint "
                          f"records {record.palette_fingerprint}")
     causal = record.reading.causal
+    # The record's shape is compared with the stored tensors' before a model of that shape is built.
     if record.sharded:  # re-assembled in this process from every writer's shards
+        _require_shape(record, model_shapes(ckpt_dir), ckpt_dir / SHARDS)
         model = GPT(record.model, causal=causal)
         load_sharded(ckpt_dir, model)
     else:
         weights = ckpt_dir / WEIGHTS
         if not weights.is_file():
             raise ValueError(f"{ckpt_dir}: {WEIGHTS} is missing")
+        _require_shape(record, read_shapes(weights), weights)
         model = build_model(record.model, load_weight_file(weights), causal=causal, where=str(weights))
     return model.to(device).eval(), palette, record
+
+
+def _require_shape(record: CheckpointRecord, shapes: dict[str, tuple[int, ...]], weights: Path) -> None:
+    """The record's n_layer, n_embd, n_vocab and n_px are those of the stored tensors (a config.json edited
+    to n_layer 200000 beside a two-block model is refused here, before anything of that size is built)."""
+    require_fields(record.model.to_dict(), gpt_fields(shapes), str(weights.parent / CONFIG), str(weights))
 
 
 def load_head(ckpt_dir: Path, record: CheckpointRecord, device: str | torch.device = "cpu") -> torch.nn.Linear:

@@ -51,7 +51,8 @@ from igpt.palette import Palette
 from igpt.tokenizer import AnyTokenizer, require_palette
 from igpt.record import CheckpointRecord
 from igpt.weights.card import model_card
-from igpt.weights.tensors import build_model, check_tensors, load_weight_file, save_tensors
+from igpt.tensorfile import require_fields, require_tensors
+from igpt.weights.tensors import build_model, load_weight_file, read_shapes, save_tensors
 
 HF_CONFIG, HF_PROCESSOR, HF_CARD = "config.json", "preprocessor_config.json", "README.md"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -85,7 +86,13 @@ def _hf_model_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
     c = {**_HF_DEFAULTS, **{_HF_ALIASES.get(k, k): v for k, v in hf.items()}}
     if c.get("model_type") != "imagegpt":
         raise ValueError(f"{where}: model_type is {c.get('model_type')!r}, not 'imagegpt'")
-    d, T = int(c["n_embd"]), int(c["n_positions"])
+    spelled = {_HF_ALIASES.get(k, k): k for k in hf}
+    for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"):  # int() would truncate 2.5 to 2
+        if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1:
+            raise ValueError(f"{where}: {spelled.get(key, key)} must be a positive integer, got {c[key]!r}")
+    if not isinstance(c["layer_norm_epsilon"], (int, float)):
+        raise ValueError(f"{where}: layer_norm_epsilon must be a number, got {c['layer_norm_epsilon']!r}")
+    d, T = c["n_embd"], c["n_positions"]
     n_px = math.isqrt(T)
     fits = {"n_positions": n_px * n_px == T, "n_inner": c["n_inner"] in (None, 4 * d),
             "activation_function": c["activation_function"] == "quick_gelu",
@@ -98,8 +105,7 @@ def _hf_model_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
         raise ValueError(f"{where}: {bad} = {c[bad]!r} cannot be represented by igpt's model (it needs a square "
                          "n_positions, n_inner 4*n_embd, quick_gelu, eps 1e-5, scaled attention, no cross-attention)")
     try:
-        return ModelConfig(n_layer=int(c["n_layer"]), n_embd=d, n_head=int(c["n_head"]), n_px=n_px,
-                           n_vocab=int(c["vocab_size"]) - 1)
+        return ModelConfig(n_layer=c["n_layer"], n_embd=d, n_head=c["n_head"], n_px=n_px, n_vocab=c["vocab_size"] - 1)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -129,8 +135,9 @@ def hf_to_igpt(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any],
             continue  # causal-mask buffers saved by old transformers versions; not weights
         original[key.removeprefix("transformer.")] = key
     src = {k: state[v] for k, v in original.items()}
-    check_tensors({k: tuple(v.shape) for k, v in src.items()}, _hf_shapes(cfg), where,
-                   shown=lambda k: original.get(k, "transformer." * (k != "lm_head.weight") + k))
+    _require_hf_shape(hf_config, cfg, {k: tuple(v.shape) for k, v in state.items()}, where, where)
+    require_tensors({k: tuple(v.shape) for k, v in src.items()}, _hf_shapes(cfg), where,
+                    shown=lambda k: original.get(k, "transformer." * (k != "lm_head.weight") + k))
     for i in range(cfg.n_layer):
         for b in _HF_BIASES:
             t = src[f"h.{i}.{b}"]
@@ -190,24 +197,61 @@ def igpt_to_hf(model: GPT, head: torch.Tensor | None = None, classes: Sequence[s
     return {k: v.contiguous() for k, v in out.items()}, hf_config
 
 
-def _read_hf_weights(src: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _hf_weight_files(src: Path) -> tuple[list[Path], str]:
+    """The weight files of an ImageGPT folder (one, or those its sharded index lists) and what names them
+    in errors (the file, or the index)."""
     for name in HF_WEIGHTS:
         if (src / name).is_file():
-            return load_weight_file(src / name), str(src / name)
+            return [src / name], str(src / name)
     for name in HF_INDEXES:
         index = src / name
         if index.is_file():
             try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError) as e:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError, TypeError) as e:
                 raise ValueError(f"{index} is not a weight index ({e})") from None
-            state: dict[str, torch.Tensor] = {}
-            for f in files:
-                if not (src / f).is_file():
-                    raise FileNotFoundError(f"{src / f} (listed in {index}) does not exist")
-                state.update(load_weight_file(src / f))
-            return state, str(index)
+            return [_indexed_file(src, index, f) for f in names], str(index)
     raise FileNotFoundError(f"{src} has no {' or '.join(HF_WEIGHTS)} (nor a sharded index)")
+
+
+def _indexed_file(src: Path, index: Path, name: Any) -> Path:
+    """A file a sharded index lists, which must lie in the index's folder once every link is followed (an
+    index is data: ``../x``, an absolute path or a link out of the folder would have igpt read a file the
+    folder does not hold). In the Hub's cache (``.../snapshots/REV/``) every file is a link into the
+    repository's ``blobs/``, which counts as the folder."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValueError(f"{index}: lists {name!r}, not a file name")
+    path, home = src / name, src.resolve()
+    homes = [home, home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [home]
+    if not any(path.resolve().is_relative_to(h) for h in homes):
+        raise ValueError(f"{index}: lists {name!r}, which lies outside {src}; refused")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} (listed in {index}) does not exist")
+    return path
+
+
+def _hf_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """What ImageGPT tensors' shapes say of its config.json: ``n_layer`` (the blocks h.i present), ``n_embd``
+    and ``vocab_size`` (wte: (V + 1, d)) and ``n_positions`` (wpe: (T, d)). A field whose tensor is missing
+    or of another rank is left out: the strict check names that tensor."""
+    short = {k.removeprefix("transformer."): s for k, s in shapes.items()}
+    out = {"n_layer": len({k.split(".")[1] for k in short if k.startswith("h.") and k.count(".") > 1})}
+    wte, wpe = short.get("wte.weight", ()), short.get("wpe.weight", ())
+    if len(wte) == 2:
+        out["vocab_size"], out["n_embd"] = wte
+    if len(wpe) == 2:
+        out["n_positions"] = wpe[0]
+    return out
+
+
+def _require_hf_shape(hf: Mapping[str, Any], cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]],
+                      config_where: str, where: str) -> None:
+    """config.json's sizes are those of the stored tensors, before anything of their size is built; a field
+    is named as config.json spells it (``num_hidden_layers`` for ``n_layer``...)."""
+    spelled = {_HF_ALIASES.get(k, k): k for k in hf}
+    declared = {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.n_vocab + 1, "n_positions": cfg.n_ctx}
+    require_fields({spelled.get(k, k): v for k, v in declared.items()},
+                   {spelled.get(k, k): v for k, v in _hf_fields(shapes).items()}, config_where, where)
 
 
 def _read_hf_palette(src: Path, n_vocab: int) -> Palette:
@@ -233,14 +277,20 @@ def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, P
     if not src.is_dir():
         raise FileNotFoundError(f"Hugging Face directory {src} does not exist")
     hf = read_json(src / HF_CONFIG)
-    if hf.get("model_type") != "imagegpt":
-        raise ValueError(f"{src / HF_CONFIG}: model_type is {hf.get('model_type')!r}; not an ImageGPT directory")
+    model_type = hf.get("model_type") if isinstance(hf, dict) else None
+    if model_type != "imagegpt":
+        raise ValueError(f"{src / HF_CONFIG}: model_type is {model_type!r}; not an ImageGPT directory")
     if "ImageGPTForImageClassification" in (hf.get("architectures") or []):
         raise ValueError(f"{src / HF_CONFIG}: an ImageGPTForImageClassification folder (an exported classifier); "
                          "igpt reads generative ImageGPT folders: load the igpt checkpoint it was exported from")
     cfg = _hf_model_config(hf, str(src / HF_CONFIG))
     palette = _read_hf_palette(src, cfg.n_vocab)  # cheap checks before reading gigabytes of weights
-    state, where = _read_hf_weights(src)
+    files, where = _hf_weight_files(src)
+    _require_hf_shape(hf, cfg, {k: s for f in files for k, s in read_shapes(f).items()}, str(src / HF_CONFIG),
+                      where)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_weight_file(f))
     cfg, sd = hf_to_igpt(state, hf, where)
     record = CheckpointRecord(cfg, palette.fingerprint(), "ar", source={"format": "hf", "path": str(src)})
     return build_model(cfg, sd, where=where).to(device).eval(), palette, record

@@ -17,7 +17,8 @@ from igpt.config import ModelConfig
 from igpt.model import GPT
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
-from igpt.weights.tensors import build_model, check_tensors
+from igpt.tensorfile import require_finite, require_tensors
+from igpt.weights.tensors import build_model
 from igpt.weights.tfbundle import TensorBundle
 
 
@@ -69,7 +70,7 @@ def openai_config(shapes: Mapping[str, tuple[int, ...]], where: str,
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     weights = {k: tuple(v) for k, v in shapes.items() if not _is_training_state(k)}
-    check_tensors(weights, _openai_shapes(cfg, has_sos), where)
+    require_tensors(weights, _openai_shapes(cfg, has_sos), where)
     return cfg, objective
 
 
@@ -83,6 +84,7 @@ def openai_to_igpt(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], 
     quiet = not progress or sum(math.prod(shapes[n]) for n in names) < 1 << 24  # a bar only for big files
     with tqdm(names, desc="reading tensors", unit="tensor", disable=quiet) as bar:
         arrays = {n: torch.from_numpy(np.asarray(read(n), dtype=np.float32)) for n in bar}
+    require_finite(arrays, where)
     sd = {"wte.weight": arrays["model/wte"], "wpe.weight": arrays["model/wpe"],
           "lm_head.weight": arrays["model/wtet"], "ln_f.weight": arrays["model/ln_f/g"],
           # BERT never reads the SOS vector; zeros keep GPT's parameter set uniform

@@ -28,6 +28,7 @@ before torch 2.6, the tensors with an unrestricted ``torch.load`` too. Here ``.m
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import shutil
 import warnings
@@ -48,6 +49,7 @@ from torch.futures import Future
 
 from igpt.atomic import move_into_place, write_error
 from igpt.distributed import World, barrier
+from igpt.tensorfile import nonfinite
 from igpt.weights.tensors import nbytes, unreadable
 
 SHARDS, METADATA = "sharded", ".metadata"  # DCP's name for its index of the shards
@@ -195,6 +197,9 @@ class _Reader(FileSystemReader):
         if target.size() != tensor.size():
             raise ValueError(f"item {item.storage_index.fqn} has shape {tuple(tensor.size())} where "
                              f"{tuple(target.size())} is needed")
+        why = nonfinite(item.storage_index.fqn, tensor)  # weights or optimizer moments: NaN in either is lost
+        if why is not None:
+            raise ValueError(why)
         target.copy_(tensor)
         planner.commit_tensor(item, target)
 
@@ -219,6 +224,25 @@ def _failure(e: BaseException) -> BaseException:
     if isinstance(e, CheckpointException) and e.failures:
         return next(iter(e.failures.values()))[0]
     return e
+
+
+def model_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The model's tensors and their shapes as the index ``sharded/.metadata`` records them, read before
+    anything of the shards. The index is a claim like a config: one that records more tensor bytes than
+    the shard files hold is refused, so that no model is built to a size the files cannot fill."""
+    root = Path(ckpt_dir) / SHARDS
+    metadata = read_metadata(root / METADATA)
+    tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    try:
+        shapes = {k: tuple(int(n) for n in m.size) for k, m in tensors.items()}
+        claimed = sum(math.prod(shapes[k]) * m.properties.dtype.itemsize for k, m in tensors.items())
+    except (TypeError, ValueError, AttributeError) as e:
+        raise _FileError(f"{root / METADATA}: a tensor's size or dtype is not one: {e}") from None
+    held = sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+    if claimed > held:
+        raise _FileError(f"{root / METADATA} records {claimed} bytes of tensors, but the files beside it hold "
+                         f"{held}: it does not describe them")
+    return {k.removeprefix("model."): shape for k, shape in shapes.items() if k.startswith("model.")}
 
 
 def load_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:

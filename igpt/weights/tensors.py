@@ -1,10 +1,12 @@
-"""Tensor plumbing shared by every weight format: reading weight files without running code, strict
-shape checks that name the tensor, and building a model that holds exactly the given tensors."""
+"""Tensor plumbing shared by every weight format: reading weight files without running code (their shapes
+first, from the header, then their values, which must be finite), the fields of a GPT's config its tensors'
+shapes give, and building a model that holds exactly the given tensors, checked strictly."""
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +14,34 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from igpt.atomic import follow_umask
-
 from igpt.config import ModelConfig
 from igpt.model import GPT
+from igpt.tensorfile import header_shapes, require_finite, require_tensors
 
 
-def check_tensors(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str,
-                  shown: Callable[[str], str] = str) -> None:
-    """Raise naming the first missing, unexpected or mis-shaped tensor."""
-    missing = [k for k in expected if k not in found]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"{where}: tensor {shown(missing[0])} is missing{more}")
-    unexpected = sorted(k for k in found if k not in expected)
-    if unexpected:
-        raise ValueError(f"{where}: unexpected tensor {shown(unexpected[0])} (shape "
-                         f"{tuple(found[unexpected[0]])}); not a model of the configured shape")
-    for k, shape in expected.items():
-        if tuple(found[k]) != tuple(shape):
-            raise ValueError(f"{where}: tensor {shown(k)} has shape {tuple(found[k])}, expected {tuple(shape)} "
-                             "from the configuration")
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a weight file, before its data is read: a safetensors file's header, or a
+    PyTorch ``.bin`` mapped into memory with ``weights_only`` (its storages are not read)."""
+    try:
+        if path.name.endswith(".safetensors"):
+            return header_shapes(path)
+        loaded = _torch_load(path, mmap=True)
+    except Exception as e:  # whatever the parser trips on, the answer is: this file is not usable weights
+        raise ValueError(f"{path} cannot be read as weights: {unreadable(e)}") from e
+    return {k: tuple(v.shape) for k, v in _state(loaded, path).items()}
+
+
+def gpt_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """What the shapes of a GPT's tensors (``igpt.model.GPT``'s names) say of its ModelConfig: ``n_layer``
+    (the blocks present), ``n_embd`` and ``n_vocab`` (wte: (V, d)) and ``n_px`` (wpe: (n_px**2, d)). A field
+    whose tensor is missing or of another rank is left out: the strict check names that tensor."""
+    out = {"n_layer": len({k.split(".")[1] for k in shapes if k.startswith("blocks.") and k.count(".") > 1})}
+    wte, wpe = shapes.get("wte.weight", ()), shapes.get("wpe.weight", ())
+    if len(wte) == 2:
+        out["n_vocab"], out["n_embd"] = wte
+    if len(wpe) == 2 and wpe[0] >= 0 and math.isqrt(wpe[0]) ** 2 == wpe[0]:
+        out["n_px"] = math.isqrt(wpe[0])
+    return out
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, causal: bool = True,
@@ -41,7 +51,7 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, causal: bool =
     with torch.device("meta"):
         model = GPT(cfg, causal=causal)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_tensors({k: tuple(v.shape) for k, v in sd.items()}, expected, where)
+    require_tensors({k: tuple(v.shape) for k, v in sd.items()}, expected, where)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 
@@ -62,13 +72,31 @@ def unreadable(e: BaseException) -> str:
 
 def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file, or a PyTorch ``.bin`` read with ``weights_only`` (a pickle that needs anything
-    but tensors is refused, never executed)."""
+    but tensors is refused, never executed). A tensor holding NaN or infinities is an error naming it."""
     try:
-        if path.name.endswith(".safetensors"):
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = load_file(str(path)) if path.name.endswith(".safetensors") else _torch_load(path)
     except Exception as e:  # whatever the parser trips on, the answer is: this file is not usable weights
         raise ValueError(f"{path} cannot be read as weights: {unreadable(e)}") from e
+    tensors = _state(loaded, path)
+    require_finite(tensors, str(path))
+    return tensors
+
+
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only``; ``mmap`` maps the storages instead of reading them, which
+    only the zip format (torch >= 1.6) allows: an older file is read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        raise
+
+
+def _state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of named tensors")
+    return obj
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from igpt.atomic import read_json, write_text
+from igpt.tensorfile import require_finite
 from igpt.weights.tensors import save_tensors, unreadable
 
 FORMAT_VERSION = 1
@@ -91,6 +92,7 @@ def load_train_state_files(json_path: Path, tensors_path: Path) -> dict[str, Any
         tensors = load_file(str(tensors_path))
     except Exception as e:  # whatever the safetensors parser trips on, the file is unusable
         raise ValueError(f"{tensors_path} cannot be read as tensors: {unreadable(e)}") from e
+    require_finite(tensors, str(tensors_path))  # NaN optimizer moments would turn the next step's weights NaN
     state = _decode(doc.get("state"), tensors, json_path, tensors_path)
     if not isinstance(state, dict):
         raise ValueError(f"{json_path}: the state is a {type(state).__name__}, not a dict")
