@@ -284,6 +284,20 @@ def test_an_igpt_config_claiming_other_sizes_is_refused_before_a_model_is_built(
     assert str(e.value).startswith(f"{src / 'config.json'}: {field} is {value}, but the tensors in {weights}")
 
 
+def test_a_run_record_claiming_other_sizes_is_refused_before_a_resume_builds_it(tmp_path, no_big_builds):
+    run = tmp_path / "run"
+    cfg = TrainConfig(batch_size=16, max_steps=2, warmup_steps=1, eval_every=0, log_every=1, ckpt_every=2,
+                      device="cpu", workers=0)
+    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
+    record = json.loads((run / "run.json").read_text())
+    record["model"]["n_layer"] = 200000
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError) as e:
+        resume(run, changes={"max_steps": 4}, progress=False)
+    weights = run / "checkpoints" / "step-0000002" / "model.safetensors"
+    assert str(e.value).startswith(f"{run / 'run.json'}: n_layer is 200000, but the tensors in {weights}")
+
+
 @pytest.mark.parametrize("field,value", [("n_layer", 5000), ("num_hidden_layers", 5000), ("n_embd", 3000)])
 def test_an_hf_config_claiming_other_sizes_is_refused_before_anything_is_built(field, value, tmp_path,
                                                                                 no_big_builds):

@@ -59,6 +59,7 @@ def resume(run_dir: str | Path, *, changes: Mapping[str, Any] | None = None, pro
     that differs from the run's is refused, as is data or a palette that changed since the run started."""
     run_dir = Path(run_dir)
     model_cfg, cfg, data_cfg = read_run(run_dir, dict(changes or {}))
+    ckpt.require_run_shape(run_dir, model_cfg)
     return _launch(model_cfg, cfg, data_cfg, run_dir, True, progress, on_step)
 
 

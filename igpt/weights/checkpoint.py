@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 
 from igpt.atomic import read_json, remove_dir, replacing_dir, write_error, write_json
+from igpt.config import ModelConfig
 from igpt.model import GPT
 from igpt.record import CheckpointRecord
 from igpt.tensorfile import require_fields
@@ -156,6 +157,21 @@ def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
         _require_shape(record, read_shapes(weights), weights)
         model = build_model(record.model, load_weight_file(weights), causal=causal, where=str(weights))
     return model.to(device).eval(), palette, record
+
+
+def require_run_shape(run_dir: Path, model_cfg: ModelConfig) -> None:
+    """A run's recorded model (``run.json``) has the shape of its newest checkpoint that reads, checked
+    before a resume builds the model from the record: an edited or damaged ``run.json`` claiming
+    ``n_layer 200000`` would otherwise allocate that model first. Sharded checkpoints are checked against
+    their own index when they are read."""
+    for ckpt_dir in reversed(step_checkpoints(run_dir)):
+        weights = ckpt_dir / WEIGHTS
+        try:
+            shapes = read_shapes(weights)
+        except ValueError:
+            continue  # a damaged newest checkpoint: the resume sets it aside and reads the one before
+        require_fields(model_cfg.to_dict(), gpt_fields(shapes), str(run_dir / "run.json"), str(weights))
+        return
 
 
 def _require_shape(record: CheckpointRecord, shapes: dict[str, tuple[int, ...]], weights: Path) -> None:
