@@ -113,9 +113,13 @@ def test_bad_report_flags_are_one_line(tmp_path, argv, needle, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_smoke_quality_row_probes_trained_and_init_on_packed_ids(tmp_path, capsys):
-    """--smoke --quality: the protocol at 8x8 and 16 colours on the small CIFAR-10 file, end to end."""
+def test_smoke_quality_row_probes_trained_and_init_on_packed_ids(tmp_path, capsys, monkeypatch):
+    """--smoke --quality: the protocol at 8x8 and 16 colours on the small CIFAR-10 file, end to end. The
+    budget is lifted: on a loaded machine the two-minute promise would time the rows out, and this test
+    checks what the rows hold, not the machine's speed."""
     from conftest import shared_file
+
+    monkeypatch.setattr(report, "SMOKE_MINUTES", 30.0)
 
     ids = quality.pack(str(shared_file("cifar10-small.npz")), tmp_path / "ids.tar.xz", n_px=8, k=16, device="cpu")
     out = tmp_path / "report"
