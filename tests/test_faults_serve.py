@@ -111,8 +111,11 @@ def test_sigterm_and_ctrl_c_stop_the_server_and_remove_its_files(ar_run, tmp_pat
     env = {**os.environ, "TMPDIR": str(temp),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("GRADIO_TEMP_DIR", None)
+    # Ctrl-C as in an interactive shell: a runner started in the background passes on an ignored SIGINT, and
+    # Python installs its KeyboardInterrupt handler only over the default disposition
     proc = subprocess.Popen([sys.executable, "-m", "igpt", "serve", "--checkpoint", str(ar_run), "--port", str(port),
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_server(proc, port)
         assert _listening(proc.pid) == {("127.0.0.1", port)}  # the address asked for, and no other
