@@ -158,3 +158,12 @@ def sharded_run(tmp_path_factory) -> Path:
                       device="cpu", sharded_checkpoint=True)
     pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
     return run
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """An empty working directory for a test that runs commands writing relative paths."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work

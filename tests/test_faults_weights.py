@@ -173,14 +173,6 @@ def sample_error(src: Path, untouched: Path, capsys) -> str:
     return err
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("kind", FORMATS)
 def test_nan_or_infinite_weights_are_refused_naming_the_file_and_tensor(kind, value, tmp_path):

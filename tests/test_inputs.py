@@ -61,14 +61,6 @@ def refuse(argv: list[str], needle: str, untouched: Path, capsys) -> str:
     return err
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
 # ---- 1. flags: every numeric field is checked once, in its config
 
 
