@@ -12,9 +12,8 @@ docs/architecture.md.
 from igpt.config import PRESETS, DataConfig, ModelConfig, TrainConfig
 from igpt.data.images import encode_images
 from igpt.generate import complete, infill, sample
-from igpt.palette import Palette
+from igpt.tokenizers import Palette, load_tokenizer
 from igpt.record import CheckpointRecord, Reading
-from igpt.tokenizer import load_tokenizer
 from igpt.train import finetune, pretrain, resume
 from igpt.weights import GPT, load, save
 

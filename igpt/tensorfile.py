@@ -1,6 +1,6 @@
 """A weight file checked before it is trusted: what its tensors are, and whether their values are numbers.
 
-Every reader of weights (``igpt.weights``, ``igpt.tokenizer``) asks three questions of a file, in this order:
+Every reader of weights (``igpt.weights``, ``igpt.tokenizers``) asks three questions of a file, in this order:
 
 1. **Which tensors, of which shapes, does it hold?** ``header_shapes`` reads them from a safetensors header
    alone, no tensor data. safetensors refuses a header whose shapes and dtypes do not account for the file's

@@ -12,7 +12,7 @@ from igpt.config import AttentiveConfig, ModelConfig
 from igpt.data.imageset import ImageSet
 from igpt.eval.attentive import AttentiveHead, attentive_probe
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.checkpoint import save_checkpoint
 

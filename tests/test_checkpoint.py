@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 import igpt
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.checkpoint import load_train_state, save_checkpoint
 from igpt.weights.convert import load as load_checkpoint

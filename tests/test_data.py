@@ -14,7 +14,7 @@ from igpt.data import cache as data_mod
 from igpt.data.imageset import ImageSet, check_ids as check_palette
 from igpt.data.open import open_split, prepare
 from igpt.data.splits import split_indices
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 
 from conftest import read_source
 
@@ -23,7 +23,7 @@ SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 
 class TinyPalette:
     """Nearest-centre quantizer with the Palette interface (kind, encode, fingerprint, describe), independent of
-    igpt.palette."""
+    igpt.tokenizers.palette."""
 
     kind = "palette"
 

@@ -21,7 +21,7 @@ import torch
 
 import igpt
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.stop import EXIT_STOPPED
 from igpt.train import pretrain
 

@@ -30,9 +30,8 @@ from igpt.data.imageset import ImageSet
 from igpt.eval import feature_store
 from igpt.eval.features import cached_extract, extract
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette, VQTokenizer, load_tokenizer
 from igpt.stop import EXIT_STOPPED, Stopped
-from igpt.tokenizer import VQTokenizer, load_tokenizer
 from igpt.train import pretrain, resume
 from igpt.train.tokenizer import fit_tokenizer
 from test_faults import FLAGS, error_line, igpt_cli, steps_of

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import igpt
-import igpt.demo
+import igpt.bench.demo
 from igpt.cli import main
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.lock import LOCK_FILE, DirLock
@@ -113,16 +113,16 @@ def test_overwrite_refuses_a_directory_a_live_process_holds_naming_it(run, tmp_p
 def test_demo_never_deletes_a_run_another_process_holds(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     (out / "run").mkdir(parents=True)
-    (out / igpt.demo.DEMO_MARK).touch()
+    (out / igpt.bench.demo.DEMO_MARK).touch()
     (out / "run" / "run.json").write_text("{}")  # the demo's run, resumed by hand and still training
     started = []
-    monkeypatch.setattr(igpt.demo, "_demo", lambda *a: started.append(a) or {})  # the pipeline itself is not run
+    monkeypatch.setattr(igpt.bench.demo, "_demo", lambda *a: started.append(a) or {})  # the pipeline itself is not run
     with held_by_another_process(out / "run") as pid:
         with pytest.raises(ValueError, match=f"run is in use by process {pid}") as e:
-            igpt.demo.run_demo(out, steps=1, progress=False)
+            igpt.bench.demo.run_demo(out, steps=1, progress=False)
         assert len(str(e.value).splitlines()) == 1
         assert (out / "run" / "run.json").exists() and not started
-    igpt.demo.run_demo(out, steps=1, progress=False)  # once that process has ended, the demo starts afresh
+    igpt.bench.demo.run_demo(out, steps=1, progress=False)  # once that process has ended, the demo starts afresh
     assert started and not (out / "run").exists()
 
 

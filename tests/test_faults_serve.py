@@ -27,7 +27,7 @@ from igpt.data.open import prepare
 from igpt.serve import Draw, Engine, serving
 from igpt.serve.page import _draw
 from igpt.serve.server import FOLDER_PREFIX
-from igpt.tokenizer import load_tokenizer
+from igpt.tokenizers import load_tokenizer
 from igpt.train import pretrain, resume
 from igpt.train.tokenizer import fit_tokenizer
 

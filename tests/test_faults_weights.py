@@ -35,9 +35,8 @@ from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.config.tokenizer import VQConfig
 from igpt.distributed import World
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette, VQTokenizer, load_tokenizer
 from igpt.record import CheckpointRecord
-from igpt.tokenizer import VQTokenizer, load_tokenizer
 from igpt.train.pretrain import pretrain, resume
 from igpt.weights import checkpoint as ckpt_io
 from igpt.weights.hf import save_hf

@@ -14,7 +14,7 @@ from igpt.data.imageset import ImageSet
 from igpt.eval import features
 from igpt.eval.features import cached_extract, extract, feature_plan, parse_layers
 from igpt.eval.probe_run import probe_checkpoint
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.stop import GracefulStop, Stopped
 from igpt.weights.checkpoint import save_checkpoint

@@ -17,7 +17,7 @@ from igpt.data.streams import BatchStream, LabelledBatchStream, labelled_batches
 from igpt.eval.features import extract
 from igpt.eval.probe import logistic_probe
 from igpt.objectives import ar_loss
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.train.finetune import Classifier, finetune, losses
 from igpt.train.pretrain import pretrain

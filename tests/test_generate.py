@@ -19,7 +19,7 @@ from igpt.eval.score import score
 from igpt.generate.complete import complete
 from igpt.generate.infill import infill, still_masked
 from igpt.objectives import mean_loss
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.train.finetune import finetune
 from igpt.train.pretrain import pretrain
 from igpt.viz import completion_figure

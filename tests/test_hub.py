@@ -20,7 +20,7 @@ import igpt
 from igpt.cli import main
 from igpt.config import ModelConfig
 from igpt.model import GPT as CoreGPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord, Finetuned
 from igpt.weights.checkpoint import save_checkpoint
 from igpt.weights.hf import save_hf

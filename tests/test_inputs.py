@@ -26,7 +26,7 @@ from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchSampleConfig
 from igpt.data.imageset import check_ids
 from igpt.data.open import lossless_mask, open_training, prepare
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.train import pretrain
 from igpt.train.rundir import read_metrics

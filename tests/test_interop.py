@@ -20,7 +20,7 @@ from igpt.cli import main
 from igpt.weights.hf import hf_to_igpt, igpt_to_hf, is_hf_dir, load_hf, save_hf
 from igpt.weights.openai import load_openai, openai_to_igpt
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 
 

@@ -16,7 +16,7 @@ import igpt
 from igpt.config import ModelConfig
 from igpt.generate.sample import sample
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.hf import load_hf, save_hf
 

@@ -1,4 +1,4 @@
-"""Tests for igpt.palette: the quantisation formulas, k-means fitting, file formats and fingerprints."""
+"""Tests for igpt.tokenizers.palette: the quantisation formulas, k-means fitting, file formats and fingerprints."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from igpt.data.imageset import ImageSet, check_ids
-from igpt.kmeans import assign, lloyd
-from igpt.palette import Palette, _normalise
+from igpt.tokenizers.kmeans import assign, lloyd
+from igpt.tokenizers import Palette
+from igpt.tokenizers.palette import _normalise
 
 
 def _grid_colours(step: int = 40) -> np.ndarray:

@@ -20,7 +20,7 @@ from igpt.eval.probe import concat_layers, fit_logistic, logistic_probe, probe_f
 from igpt.eval.probe_run import probe_checkpoint
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.runtime import derived_generator
 from igpt.train.pretrain import pretrain

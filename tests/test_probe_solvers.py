@@ -167,7 +167,7 @@ def test_concat_window_keeps_k_layers_shifting_at_the_ends():
 def test_finetune_predictions_vote_over_bert_masks(nano_model):
     from igpt.config import FinetuneConfig
     from igpt.data.imageset import ImageSet
-    from igpt.palette import Palette
+    from igpt.tokenizers import Palette
     from igpt.train.finetune import Classifier, evaluate, predict
 
     nano_model.causal = False

@@ -15,7 +15,7 @@ from PIL import Image
 
 from igpt.config import ModelConfig
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.checkpoint import save_checkpoint
 

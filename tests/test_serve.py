@@ -29,7 +29,7 @@ from igpt.config import ModelConfig, SampleConfig, ServeConfig
 from igpt.data.images import to_n_px
 from igpt.generate.sample import make_generator, sample, sample_rows
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.serve import Draw, Engine
 from igpt.serve.page import _guard

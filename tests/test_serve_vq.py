@@ -18,7 +18,7 @@ from igpt.config.tokenizer import TokenizerFitConfig, VQConfig
 from igpt.model import GPT
 from igpt.record import CheckpointRecord
 from igpt.serve import Draw, Engine
-from igpt.tokenizer import load_tokenizer
+from igpt.tokenizers import load_tokenizer
 from igpt.train.tokenizer import fit_tokenizer
 from igpt.weights.checkpoint import save_checkpoint
 

@@ -24,7 +24,7 @@ from igpt.data.open import open_split, open_training, prepare
 from igpt.data.splits import split_indices
 from igpt.distributed import World
 from igpt.data.images import open_image
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.data.shard_streams import ShardImages, ShardStream
 from igpt.data.shards import ShardIndex, is_shard_dir
 

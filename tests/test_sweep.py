@@ -11,7 +11,7 @@ from PIL import Image
 from igpt.cli import main
 from igpt.config import DataConfig, FeatureConfig, ModelConfig, ProbeConfig, TrainConfig
 from igpt.eval.sweep import sweep_checkpoints
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.train.pretrain import pretrain
 from igpt.weights.checkpoint import prune_checkpoints, step_checkpoints
 

@@ -1,4 +1,4 @@
-"""Tokenizers: the palette read through igpt.tokenizer bit for bit, the VQ-VAE's round trip and file, bad
+"""Tokenizers: the palette read through igpt.tokenizers bit for bit, the VQ-VAE's round trip and file, bad
 files and sizes, fingerprints, an exactly resumed fit, old checkpoints and caches, and the whole chain
 (fit -> prepare -> pretrain -> sample -> probe) at tiny sizes."""
 
@@ -20,13 +20,11 @@ from igpt.data.cache import META
 from igpt.data.images import encode_images
 from igpt.data.open import check_upscale, open_split, prepare
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import VQVAE, Palette, VQTokenizer, load_tokenizer, to_pixels
 from igpt.record import CheckpointRecord
-from igpt.tokenizer import VQTokenizer, load_tokenizer, to_pixels
 from igpt.stop import GracefulStop, Stopped
 from igpt.train import tokenizer as fit_module
 from igpt.train.tokenizer import fit_tokenizer, resume_fit, to_unit
-from igpt.vqvae import VQVAE
 from igpt.weights.convert import load, save
 from igpt.weights.tensors import save_tensors
 

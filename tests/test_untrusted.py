@@ -26,7 +26,7 @@ from igpt.data.imageset import ImageSet
 from igpt.data.open import open_split, prepare
 from igpt.eval.features import cached_extract
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord, Finetuned
 from igpt.train.pretrain import resume
 from igpt.weights.checkpoint import load_train_state, save_checkpoint

@@ -13,7 +13,7 @@ from PIL import Image
 
 from igpt.cli import main
 from igpt.config import DataConfig, ModelConfig, TrainConfig
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.train.pretrain import pretrain
 from igpt.train.trainer import N_SAMPLES
 from igpt.train.rundir import read_metrics

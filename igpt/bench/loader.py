@@ -21,8 +21,7 @@ import torch
 from igpt.config import BenchLoaderConfig
 from igpt.data.imageset import check_ids
 from igpt.data.open import open_training
-from igpt.palette import Palette
-from igpt.tokenizer import load_tokenizer
+from igpt.tokenizers import Palette, load_tokenizer
 from igpt.runtime import resolve_device
 
 FIT_IMAGES = 500  # enough for a palette whose encoding costs what a real one does

@@ -40,7 +40,7 @@ from igpt.eval.plots import layer_accuracy_plot, probe_curves
 from igpt.eval.probe import probe_layers
 from igpt.lock import remove_unheld
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.runtime import resolve_device
 from igpt.train.pretrain import pretrain
 from igpt.viz import save_png

@@ -10,8 +10,7 @@ from igpt.cli.args import add_data, add_fields, add_overwrite, add_resize, comma
 from igpt.config import DataConfig, EvalDataConfig
 from igpt.data.open import open_split, prepare
 from igpt.config.tokenizer import TokenizerFitConfig
-from igpt.palette import Palette
-from igpt.tokenizer import load_tokenizer
+from igpt.tokenizers import Palette, load_tokenizer
 
 
 def cmd_palette_fit(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from igpt.cli.args import add_fields, add_labelled_inputs, build, command, integer
 from igpt.config import FINETUNE_RESUME_CHANGES, PRESETS, DataConfig, FinetuneConfig, ModelConfig, TrainConfig
-from igpt.demo import run_demo
+from igpt.bench.demo import run_demo
 from igpt.train import finetune, pretrain, resume, resume_finetune
 
 

@@ -19,7 +19,7 @@ from igpt.atomic import read_json, replacing, write_json
 from igpt.arrays import load_npy
 from igpt.data.imageset import ImageSet, check_labels
 from igpt.data.splits import RawSplit, carve_val, first_available, split_indices
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 
 META = "meta.json"
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from igpt.config import RESIZE_MODES
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]  # a file, a PIL image or uint8 (H, W[, 3]) pixels
 

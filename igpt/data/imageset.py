@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 
 
 @dataclass

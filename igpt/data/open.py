@@ -42,7 +42,7 @@ from igpt.data.imageset import ImageSet, check_ids
 from igpt.data.shards import ShardIndex, is_shard_dir
 from igpt.data.splits import carve_val, check_names, first_available, sample_indices, split_indices
 from igpt.data.streams import BatchStream, FolderStream
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from igpt.data.images import open_image, to_n_px
 from igpt.data.shards import ShardIndex, ShardSplit
 from igpt.data.splits import first_available
 from igpt.data.streams import WorkerStream
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 from igpt.runtime import derived_generator
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 
 from igpt.data.augment import FolderImages, cifar_augment, cifar_augment_params
 from igpt.data.imageset import ImageSet
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 from igpt.runtime import derived_generator
 
 

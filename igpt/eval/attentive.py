@@ -44,7 +44,7 @@ from igpt.data.streams import to_ids
 from igpt.eval.probe_run import write_probe_png
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype
 from igpt.stop import GracefulStop, Stopped
 from igpt.weights.convert import load_located

@@ -42,7 +42,7 @@ from igpt.data.streams import to_ids
 from igpt.eval.feature_store import DTYPES, FeatureStore, LayerFeatures
 from igpt.model import GPT
 from igpt.objectives import sample_keep_mask
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 from igpt.record import PAPER_MASK_PROB, CheckpointRecord, Reading
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype
 from igpt.stop import GracefulStop, Stopped

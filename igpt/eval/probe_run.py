@@ -28,7 +28,7 @@ from igpt.eval.plots import chance_level, layer_accuracy_plot, probe_curves
 from igpt.eval.probe import check_labels, choose_solver, low_data_subsets, probe_features
 from igpt.lock import DirLock
 from igpt.model import GPT
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 from igpt.record import CheckpointRecord
 from igpt.runtime import resolve_device
 from igpt.viz import save_png

@@ -21,9 +21,8 @@ import torch
 from igpt.atomic import check_output, write_json
 from igpt.data.images import to_n_px
 from igpt.data.open import open_eval, open_split
-from igpt.palette import Palette
+from igpt.tokenizers import Palette, VQTokenizer, load_tokenizer, psnr, reconstruction, usage
 from igpt.runtime import resolve_device
-from igpt.tokenizer import VQTokenizer, load_tokenizer, psnr, reconstruction, usage
 from igpt.viz import save_png, tile_table
 
 log = logging.getLogger(__name__)

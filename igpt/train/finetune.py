@@ -57,7 +57,7 @@ from igpt.data.streams import LabelledBatchStream, labelled_batches
 from igpt.lock import DirLock, claim_new
 from igpt.model import GPT
 from igpt.objectives import EVAL_MASK_KEY, masked_loss, modal_vote, sample_keep_mask
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 from igpt.record import CheckpointRecord, Finetuned
 from igpt.runtime import autocast, derived_generator, resolve_device, resolve_dtype, seed_everything
 from igpt.stop import GracefulStop, Stopped

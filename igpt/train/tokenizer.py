@@ -34,13 +34,11 @@ from igpt.config.tokenizer import FIT_RESUME_CHANGES, TokenizerFitConfig, VQConf
 from igpt.data.imageset import ImageSet
 from igpt.data.open import check_upscale, identity, open_split
 from igpt.lock import DirLock, claim_new
-from igpt.palette import Palette
+from igpt.tokenizers import VQVAE, VQ_FILE, Palette, VQTokenizer, reconstruction, save_in, usage
 from igpt.runtime import derived_seed, resolve_device
 from igpt.stop import GracefulStop, Stopped
 from igpt.tensorfile import first_nonfinite
-from igpt.tokenizer import VQ_FILE, VQTokenizer, reconstruction, save_in, usage
 from igpt.train.rundir import append_metrics, truncate_metrics
-from igpt.vqvae import VQVAE
 from igpt.weights.trainstate import load_train_state_files, save_train_state
 
 log = logging.getLogger(__name__)

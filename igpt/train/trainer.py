@@ -29,8 +29,7 @@ from igpt.generate.infill import infill
 from igpt.generate.sample import make_generator, sample
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
-from igpt.palette import Palette
-from igpt.tokenizer import VQ_EXTENSION, AnyTokenizer, load_from, load_tokenizer, save_in, stored_in
+from igpt.tokenizers import VQ_EXTENSION, AnyTokenizer, Palette, load_from, load_tokenizer, save_in, stored_in
 from igpt.record import CheckpointRecord, read_as
 from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_seed, resolve_device,
                           resolve_dtype, seed_everything)

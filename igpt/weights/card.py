@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from igpt.record import CheckpointRecord
-from igpt.tokenizer import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer
 
 # What the exported preprocessor_config.json does, and where that differs from igpt (printed by convert too).
 PROCESSOR_NOTE = (

@@ -6,8 +6,8 @@ A checkpoint is a directory::
     step-0001000/
       model.safetensors       weights of the uncompiled GPT (strictly loaded)
       config.json             the CheckpointRecord: model shape, objective, tokenizer fingerprint, step, ...
-      palette.npz             the tokenizer the ids were made with: a palette (igpt.palette format), or
-      tokenizer.safetensors     a VQ-VAE (igpt.tokenizer); the record's palette_fingerprint names either
+      palette.npz             the tokenizer the ids were made with: a palette (igpt.tokenizers.palette format), or
+      tokenizer.safetensors     a VQ-VAE (igpt.tokenizers.vq); the record's palette_fingerprint names either
       train_state.json        pretraining checkpoints only: optimizer, data position and RNG state, the
       train_state.safetensors   tensors in the safetensors file, the rest in the JSON (igpt.weights.trainstate)
       classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]
@@ -37,7 +37,7 @@ from igpt.config import ModelConfig
 from igpt.model import GPT
 from igpt.record import CheckpointRecord
 from igpt.tensorfile import require_fields
-from igpt.tokenizer import PALETTE_FILE, AnyTokenizer, file_name, load_tokenizer, stored_in
+from igpt.tokenizers import PALETTE_FILE, AnyTokenizer, file_name, load_tokenizer, stored_in
 from igpt.weights.sharded import SHARDS, load_sharded, model_shapes
 from igpt.weights.tensors import (build_model, gpt_fields, load_weight_file, nbytes, read_shapes, save_tensors,
                                   unreadable)

@@ -22,7 +22,7 @@ from huggingface_hub import ModelHubMixin
 
 from igpt import model as core
 from igpt.atomic import check_output, require_new, write_text
-from igpt.tokenizer import PALETTE_FILE, VQ_FILE, AnyTokenizer
+from igpt.tokenizers import PALETTE_FILE, VQ_FILE, AnyTokenizer
 from igpt.record import CheckpointRecord
 from igpt.weights.card import model_card, run_facts
 from igpt.weights.checkpoint import CONFIG, WEIGHTS, load_head, load_igpt, resolve_checkpoint, save_checkpoint

@@ -47,8 +47,7 @@ import torch
 from igpt.atomic import read_json, replacing_dir, require_new, write_json, write_text
 from igpt.config import ModelConfig
 from igpt.model import GPT, NORM_EPS
-from igpt.palette import Palette
-from igpt.tokenizer import AnyTokenizer, require_palette
+from igpt.tokenizers import AnyTokenizer, Palette, require_palette
 from igpt.record import CheckpointRecord
 from igpt.weights.card import model_card
 from igpt.tensorfile import require_fields, require_tensors

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from igpt.config import ModelConfig
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.tensorfile import require_finite, require_tensors
 from igpt.weights.tensors import build_model

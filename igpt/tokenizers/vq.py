@@ -1,30 +1,16 @@
-"""The one front door for tokenizer files: ``load_tokenizer(path)`` reads a palette or a VQ-VAE tokenizer, and
-both answer the same questions, so every command takes either through ``--palette``.
-
-| interface                | ``Palette`` (``igpt.palette``)            | ``VQTokenizer`` (below)                     |
-|--------------------------|-------------------------------------------|---------------------------------------------|
-| ``kind``                 | ``"palette"``                             | ``"vqvae"``                                 |
-| ``k`` / ``vocab_size``   | colours                                   | codes                                       |
-| ``encode(pixels)``       | uint8 (..., 3) -> ids (...), per pixel    | uint8 (B, S, S, 3) -> ids (B, g, g)         |
-| ``decode_images(ids)``   | (B, T) or (B, g, g) -> (B, g, g, 3)       | (B, T) or (B, g, g) -> (B, S, S, 3)         |
-| ``grid``, ``input_side`` | None: any side, the grid is the image     | g and S = g * factor                        |
-| ``pixel_side(grid)``     | ``grid``                                  | S (and the grid must be g)                  |
-| ``fingerprint()``        | sha256 of the centres                     | sha256 of the shape and every tensor        |
-
-A model's ``n_px`` is always the side of its id grid (``T = n_px**2``); the images a tokenizer reads are
-``pixel_side(n_px)`` on a side. A palette file is ``.npy`` (OpenAI's ``kmeans_centers.npy``) or ``.npz``; a VQ
-tokenizer file is ``.safetensors`` whose header metadata holds its kind, shape and fit record.
+"""A fitted VQ-VAE used as a tokenizer (``VQTokenizer``), and its file: one ``.safetensors`` whose header
+metadata holds its kind, shape and fit record. Images of ``input_side`` become a ``grid`` x ``grid`` of ids
+(the paper's high-resolution tokenizer, section 3.2); the network is ``igpt.tokenizers.vqvae``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, Union
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,38 +19,14 @@ from safetensors.torch import save_file
 
 from igpt.atomic import replacing
 from igpt.config.tokenizer import VQConfig
-from igpt.palette import EXTENSIONS as PALETTE_EXTENSIONS
-from igpt.palette import Palette
 from igpt.tensorfile import first_nonfinite, require_fields, require_finite, require_tensors, shapes_of
-from igpt.vqvae import VQVAE, config_fields
+from igpt.tokenizers.vqvae import VQVAE, config_fields
 
 VQ_KIND = "igpt-vqvae-tokenizer"
 VQ_FORMAT = "1"
 VQ_EXTENSION = ".safetensors"
-PALETTE_FILE, VQ_FILE = "palette.npz", "tokenizer.safetensors"  # the tokenizer inside a checkpoint or run
 _ENCODE_CHUNK = 256  # images per encoder pass: bounds the activations' memory
 T = TypeVar("T")
-
-
-class Tokenizer(Protocol):
-    """What every command asks of a tokenizer (``Palette`` and ``VQTokenizer`` both answer)."""
-
-    kind: str
-    meta: dict[str, Any]
-    source: str | None
-    grid: int | None
-    input_side: int | None
-
-    @property
-    def k(self) -> int: ...
-    def encode(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor: ...
-    def decode_images(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor: ...
-    def fingerprint(self) -> str: ...
-    def describe(self) -> str: ...
-    def looks_like_openai(self) -> bool: ...
-    def pixel_side(self, grid: int) -> int: ...
-    def to(self, device: str | torch.device) -> "Tokenizer": ...
-    def save(self, path: str | os.PathLike[str]) -> None: ...
 
 
 class VQTokenizer:
@@ -237,84 +199,7 @@ def _header_json(header: dict[str, str], key: str, where: str, default: str | No
     return value
 
 
-AnyTokenizer = Union[Palette, VQTokenizer]
-
 
 def to_pixels(y: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) floats in [-1, 1] -> uint8 (B, H, W, 3), rounded as the palette decodes."""
     return torch.round(127.5 * (y.clamp(-1, 1) + 1)).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def usage(ids: torch.Tensor, k: int) -> tuple[float, int]:
-    """(perplexity of the code histogram, codes never used) of ids (...) in [0, k)."""
-    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=k).double()
-    p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return float(entropy.exp()), int((counts == 0).sum())
-
-
-def psnr(mse: float) -> float:
-    """Peak signal-to-noise ratio in dB of a per-value MSE in 0..255 units."""
-    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
-@torch.no_grad()
-def reconstruction(tok: AnyTokenizer, pixels: np.ndarray, batch: int = 256) -> dict[str, float]:
-    """MSE (0..255 units), PSNR (dB), code perplexity and dead codes of ``tok`` on uint8 images (N, S, S, 3)
-    (S = ``tok.pixel_side`` of its grid): decode(encode(images)) against the images."""
-    err, all_ids = 0.0, []
-    for s in range(0, len(pixels), batch):
-        px = torch.from_numpy(np.ascontiguousarray(pixels[s:s + batch]))
-        ids = tok.encode(px)
-        all_ids.append(ids)
-        err += float((tok.decode_images(ids).double() - px.double()).pow(2).sum())
-    mse = err / max(1, pixels.size)
-    perplexity, dead = usage(torch.cat(all_ids), tok.k)
-    return {"mse": mse, "psnr": psnr(mse), "perplexity": perplexity, "dead_codes": dead}
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> AnyTokenizer:
-    """A palette (.npy, .npz) or a VQ-VAE tokenizer (.safetensors), by its extension."""
-    path = Path(path)
-    ext = path.suffix.lower()
-    if ext in PALETTE_EXTENSIONS:
-        return Palette.load(path)
-    if ext == VQ_EXTENSION:
-        return VQTokenizer.load(path)
-    raise ValueError(f"tokenizer file {path} must be a palette ({', '.join(PALETTE_EXTENSIONS)}) or a VQ-VAE "
-                     f"tokenizer ({VQ_EXTENSION})")
-
-
-def file_name(tok: AnyTokenizer) -> str:
-    """The name a tokenizer is stored under inside a checkpoint, run or cache directory."""
-    return VQ_FILE if tok.kind == "vqvae" else PALETTE_FILE
-
-
-def save_in(tok: AnyTokenizer, directory: str | os.PathLike[str]) -> Path:
-    """Write ``tok`` into ``directory`` under ``file_name``; returns the file."""
-    path = Path(directory) / file_name(tok)
-    tok.save(path)
-    return path
-
-
-def stored_in(directory: str | os.PathLike[str]) -> Path | None:
-    """The tokenizer file a checkpoint, run or cache directory holds (a VQ tokenizer first), or None."""
-    for name in (VQ_FILE, PALETTE_FILE):
-        if (Path(directory) / name).is_file():
-            return Path(directory) / name
-    return None
-
-
-def load_from(directory: str | os.PathLike[str]) -> AnyTokenizer:
-    """The tokenizer stored in ``directory``; an error naming it when there is none."""
-    path = stored_in(directory)
-    if path is None:
-        raise FileNotFoundError(f"{directory} holds no tokenizer ({PALETTE_FILE} or {VQ_FILE})")
-    return load_tokenizer(path)
-
-
-def require_palette(tok: AnyTokenizer, what: str) -> Palette:
-    """``tok`` as a Palette, or a one-line error saying that ``what`` knows only palettes."""
-    if not isinstance(tok, Palette):
-        raise ValueError(f"{what} knows only palettes; tokenizer {tok.describe()} is a {tok.kind}")
-    return tok

@@ -1,6 +1,6 @@
 """Weighted k-means on points in R^d, on any device: k-means++ seeding from a sample, then Lloyd iterations
 over (point, weight) pairs, distances computed in row blocks so that memory stays bounded. The palette
-(``igpt.palette``) fits its colours with it, on the distinct colours of the pixels and their counts."""
+(``igpt.tokenizers.palette``) fits its colours with it, on the distinct colours of the pixels and their counts."""
 
 from __future__ import annotations
 

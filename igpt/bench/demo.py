@@ -23,7 +23,7 @@ from igpt.eval.probe import format_table
 from igpt.eval.probe_run import LINEAR, LINEAR_INIT, probe_checkpoint
 from igpt.generate.sample import sample
 from igpt.lock import LOCK_FILE, DirLock, remove_unheld
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.train.pretrain import pretrain
 from igpt.viz import grid, save_png
 from igpt.weights.convert import load

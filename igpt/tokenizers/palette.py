@@ -27,7 +27,7 @@ import torch
 from igpt.arrays import UNREADABLE, array_error
 from igpt.atomic import replacing
 from igpt.config import N_VOCAB
-from igpt.kmeans import default_chunk, default_device, kmeans_pp, lloyd, nearest, unique_colours
+from igpt.tokenizers.kmeans import default_chunk, default_device, kmeans_pp, lloyd, nearest, unique_colours
 
 EXTENSIONS = (".npy", ".npz")  # .npy: OpenAI's kmeans_centers.npy layout; .npz: centres plus our fit metadata
 _RANGE_SLACK = 1e-6  # centres may sit a float32 rounding outside [-1, 1]
@@ -66,7 +66,7 @@ def _normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 class Palette:
     """K colours in [-1, 1] (K = 512 in the paper); maps uint8 pixels to ids and back. As a tokenizer
-    (``igpt.tokenizer``) it makes one id per pixel at any image side: its grid is the image."""
+    (``igpt.tokenizers``) it makes one id per pixel at any image side: its grid is the image."""
 
     kind = "palette"
     grid: int | None = None  # any side: the id grid is the image itself
