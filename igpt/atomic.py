@@ -169,7 +169,7 @@ def lock_holder(directory: str | os.PathLike) -> str | None:
 
 def _check_unheld(path: Path, flag: str) -> None:
     """Nothing is replaced under a lock another process holds: an existing output directory whose lock is
-    held, or an existing file in one (a run's palette while the run trains), is refused, naming the holder."""
+    held, or an existing file in one (a run's tokenizer while the run trains), is refused, naming the holder."""
     directory = path if path.is_dir() else path.parent if path.exists() else None
     who = lock_holder(directory) if directory is not None else None
     if who is not None:

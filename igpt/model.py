@@ -3,7 +3,7 @@
 A pre-norm GPT-2 decoder with OpenAI's changes: a non-centred, bias-free norm (RMSNorm), no biases
 anywhere, quick-GELU, a learned start-of-sequence *vector* (not a vocabulary row), learned absolute
 positions and an untied, zero-initialised output head. The model knows nothing about objectives: it maps
-palette ids to logits and exposes per-layer hidden states. Losses live in ``igpt.objectives``.
+ids to logits and exposes per-layer hidden states. Losses live in ``igpt.objectives``.
 
 Input modes of ``GPT.forward(ids, causal=..., keep=..., sos=...)``; ``causal=None`` (the default) reads the
 model the way its weights were trained, ``GPT(config, causal=...)``: ``igpt.load`` builds a BERT checkpoint's

@@ -21,7 +21,9 @@ from typing import Any
 
 from igpt.config import OBJECTIVES, ModelConfig, check_types
 
-FORMAT_VERSION = 2
+# 3 names the tokenizer's fingerprint ``tokenizer_fingerprint``; 2 called it ``palette_fingerprint``, and
+# 1 kept a free-form dict. All three are read.
+FORMAT_VERSION = 3
 PAPER_MASK_PROB = 0.15  # the paper's BERT mask rate, for BERT weights that do not record theirs
 
 
@@ -62,7 +64,7 @@ class CheckpointRecord:
     """``config.json`` of a checkpoint."""
 
     model: ModelConfig
-    palette_fingerprint: str
+    tokenizer_fingerprint: str
     objective: str = "ar"  # what the weights were pretrained with (a fine-tuned model: its trunk's)
     mask_prob: float | None = None  # BERT: the rate the weights were trained with; None when unknown or AR
     step: int | None = None
@@ -104,16 +106,18 @@ class CheckpointRecord:
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> "CheckpointRecord":
-        """Read ``config.json`` of this version or of version 1; ``where`` names the file in errors."""
+        """Read ``config.json`` of this version or an earlier one; ``where`` names the file in errors."""
         if not isinstance(d, dict) or d.get("format") != "igpt":
             raise ValueError(f"{where} is not an igpt checkpoint config (no \"format\": \"igpt\")")
         version = d.get("format_version")
         try:
             if version == 1:
                 return _from_v1(d)
-            if version != FORMAT_VERSION:
-                raise ValueError(f"format_version {version!r}; this igpt reads 1 and {FORMAT_VERSION}")
+            if version not in (2, FORMAT_VERSION):
+                raise ValueError(f"format_version {version!r}; this igpt reads 1 to {FORMAT_VERSION}")
             body = {k: v for k, v in d.items() if k not in ("format", "format_version")}
+            if version == 2 and "palette_fingerprint" in body:
+                body["tokenizer_fingerprint"] = body.pop("palette_fingerprint")
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(body) - known)
             if unknown:

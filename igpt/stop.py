@@ -7,7 +7,7 @@ are back to Python's defaults by then, so it raises KeyboardInterrupt (Ctrl-C) o
 (SIGTERM). Whatever was on disk stays whole, since every file is written atomically (``igpt.atomic``).
 
 Before the first step there is nothing to save, and the setup (reading and decoding the data, fitting a
-palette) can take long without a step to end: inside ``stop.at_once()`` the first signal raises ``Stopped``
+tokenizer) can take long without a step to end: inside ``stop.at_once()`` the first signal raises ``Stopped``
 at once, wherever the main thread is, as Ctrl-C's KeyboardInterrupt would.
 """
 

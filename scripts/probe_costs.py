@@ -41,7 +41,7 @@ from igpt.atomic import read_json, write_json
 from igpt.bench.quality import unpack
 from igpt.config import ModelConfig
 from igpt.model import GPT
-from igpt.palette import Palette
+from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.weights.checkpoint import save_checkpoint
 

@@ -156,7 +156,7 @@ def sharded_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("sharded") / "run"
     cfg = TrainConfig(batch_size=16, max_steps=2, warmup_steps=1, eval_every=0, log_every=1, ckpt_every=2,
                       device="cpu", sharded_checkpoint=True)
-    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
+    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", vocab_size=16), run, progress=False)
     return run
 
 

@@ -109,7 +109,7 @@ def test_prepare_roundtrip_pixels(npz_file, tmp_path):
 def test_prepare_roundtrip_ids(npz_file, tmp_path):
     path, _ = npz_file
     palette = TinyPalette(8, seed=0)
-    meta = prepare(str(path), str(tmp_path / "cache"), n_px=4, palette=palette, progress=False)
+    meta = prepare(str(path), str(tmp_path / "cache"), n_px=4, tokenizer=palette, progress=False)
     assert meta["kind"] == "ids" and meta["palette_fingerprint"] == palette.fingerprint()
     for split in ("train", "val", "train_all"):
         cached = open_split(str(tmp_path / "cache"), split, n_px=4)
@@ -141,10 +141,10 @@ def test_prepare_openai_and_real_palette(tmp_path):
     with pytest.raises(ValueError, match="not OpenAI's kmeans_centers.npy: it has 512 colours and was fitted"):
         check_palette(ids, fitted)
     check_palette(ids, fitted, any_palette=True)
-    meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "c2"), n_px=4, palette=openai, progress=False)
+    meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "c2"), n_px=4, tokenizer=openai, progress=False)
     assert meta["palette_fingerprint"] == openai.fingerprint()
     with pytest.raises(ValueError, match="--any-palette"):
-        prepare(str(tmp_path / "cifar10"), str(tmp_path / "c3"), n_px=4, palette=fitted, progress=False)
+        prepare(str(tmp_path / "cifar10"), str(tmp_path / "c3"), n_px=4, tokenizer=fitted, progress=False)
     assert not (tmp_path / "c3").exists()
 
 

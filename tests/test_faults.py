@@ -82,7 +82,7 @@ def straight_long(tmp_path_factory) -> Path:
     model = ModelConfig.from_preset("igpt-nano")
     cfg = TrainConfig(batch_size=16, lr=3e-3, warmup_steps=2, eval_every=0, log_every=1, ckpt_every=4, keep_last=5,
                       device="cpu", workers=0, max_steps=SIGNAL_STEPS)
-    pretrain(model, cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
+    pretrain(model, cfg, DataConfig(data="digits", vocab_size=16), run, progress=False)
     return run
 
 

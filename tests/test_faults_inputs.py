@@ -36,7 +36,7 @@ from igpt.train import pretrain, resume
 from igpt.train.tokenizer import fit_tokenizer
 from test_faults import FLAGS, error_line, igpt_cli, steps_of
 
-TINY = VQConfig(input_side=8, factor=2, codebook_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
+TINY = VQConfig(input_side=8, factor=2, vocab_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
 FIT = TokenizerFitConfig(steps=4, batch_size=16, eval_every=4, log_every=1, ckpt_every=1, val_images=8, device="cpu")
 DIVERGES = TokenizerFitConfig(**{**FIT.to_dict(), "lr": 1e10})  # finite after step 1, NaN from step 2 on
 
@@ -268,7 +268,7 @@ def test_a_stop_before_the_first_step_of_a_resume_keeps_the_run_as_it_was(tmp_pa
     model = ModelConfig.from_preset("igpt-nano")
     cfg = TrainConfig(batch_size=16, lr=3e-3, warmup_steps=2, eval_every=0, log_every=1, ckpt_every=2, device="cpu",
                       workers=0, max_steps=2)
-    pretrain(model, cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
+    pretrain(model, cfg, DataConfig(data="digits", vocab_size=16), run, progress=False)
     before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*") if p.name != ".lock")
     monkeypatch.setattr(Palette, "load", classmethod(lambda cls, path: signal.raise_signal(signal.SIGTERM)))
     with pytest.raises(Stopped) as e:

@@ -28,7 +28,7 @@ def run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("outputs") / "run"
     pretrain(ModelConfig.from_preset("igpt-nano"),
              TrainConfig(max_steps=2, batch_size=8, device="cpu", eval_every=0, log_every=1),
-             DataConfig(data="digits", palette_k=16), run, progress=False)
+             DataConfig(data="digits", vocab_size=16), run, progress=False)
     return run
 
 

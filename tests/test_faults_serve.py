@@ -194,7 +194,7 @@ def test_the_page_names_its_own_controls_not_the_command_line_flags(ar_run):
 
 
 def test_a_replaced_vq_tokenizer_is_called_a_tokenizer_not_a_palette(tmp_path):
-    tiny = VQConfig(input_side=8, factor=2, codebook_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
+    tiny = VQConfig(input_side=8, factor=2, vocab_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
     fit = TokenizerFitConfig(steps=1, batch_size=16, eval_every=1, log_every=1, ckpt_every=1, val_images=8,
                              device="cpu")
     npz = tmp_path / "pictures.npz"
@@ -206,14 +206,14 @@ def test_a_replaced_vq_tokenizer_is_called_a_tokenizer_not_a_palette(tmp_path):
     model = ModelConfig.from_preset("igpt-nano", n_px=4)
     train = TrainConfig(max_steps=1, batch_size=8, eval_every=0, log_every=1, ckpt_every=1, device="cpu", workers=0)
     run = tmp_path / "run"
-    pretrain(model, train, DataConfig(data=str(npz), palette=str(tok)), run, progress=False)
+    pretrain(model, train, DataConfig(data=str(npz), tokenizer=str(tok)), run, progress=False)
     (run / "tokenizer.safetensors").write_bytes(other.read_bytes())
     with pytest.raises(ValueError, match="has tokenizer .* was replaced; put the run's tokenizer back") as e:
         resume(run, changes={"max_steps": 2}, progress=False)
     assert "has palette" not in str(e.value) and "palette back" not in str(e.value)
     # data prepared with one VQ-VAE, trained with another: the same words
-    prepare(npz, tmp_path / "cache", n_px=8, palette=load_tokenizer(tok), progress=False)
+    prepare(npz, tmp_path / "cache", n_px=8, tokenizer=load_tokenizer(tok), progress=False)
     with pytest.raises(ValueError, match="ids were made with tokenizer .* the tokenizer given is") as e:
-        pretrain(model, train, DataConfig(data=str(tmp_path / "cache"), palette=str(other)), tmp_path / "run2",
+        pretrain(model, train, DataConfig(data=str(tmp_path / "cache"), tokenizer=str(other)), tmp_path / "run2",
                  progress=False)
     assert "with palette" not in str(e.value) and "palette given" not in str(e.value)

@@ -44,7 +44,7 @@ from igpt.weights.openai import openai_to_igpt
 from igpt.weights.sharded import save_sharded
 
 CFG = ModelConfig.from_preset("igpt-nano", n_vocab=16, n_px=4)
-VQ = VQConfig(input_side=8, factor=2, codebook_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=0)
+VQ = VQConfig(input_side=8, factor=2, vocab_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=0)
 
 
 def nano() -> tuple[GPT, Palette]:
@@ -150,7 +150,7 @@ def vq_checkpoint(root: Path) -> tuple[Path, Path, str]:
     """An igpt checkpoint whose ids come from a VQ-VAE tokenizer (tokenizer.safetensors)."""
     torch.manual_seed(0)
     tok = VQTokenizer(vqvae.VQVAE(VQ))
-    cfg = ModelConfig.from_preset("igpt-nano", n_vocab=VQ.codebook_size, n_px=VQ.grid)
+    cfg = ModelConfig.from_preset("igpt-nano", n_vocab=VQ.vocab_size, n_px=VQ.grid)
     src = ckpt_io.save_checkpoint(root / "src", GPT(cfg), tok, CheckpointRecord(cfg, tok.fingerprint()))
     return src, src / "tokenizer.safetensors", "vq._codebook.embed"
 
@@ -206,7 +206,7 @@ def test_a_resume_sets_aside_a_checkpoint_with_nan_and_continues_from_the_one_be
     run = tmp_path / "run"
     cfg = TrainConfig(batch_size=16, max_steps=4, warmup_steps=1, eval_every=0, log_every=1, ckpt_every=2,
                       keep_last=5, device="cpu", workers=0)
-    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
+    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", vocab_size=16), run, progress=False)
     newest = run / "checkpoints" / "step-0000004"
     name = "wte.weight" if file == "model.safetensors" else next(
         k for k in load_file(str(newest / file)) if k.endswith("exp_avg"))
@@ -279,7 +279,7 @@ def test_a_run_record_claiming_other_sizes_is_refused_before_a_resume_builds_it(
     run = tmp_path / "run"
     cfg = TrainConfig(batch_size=16, max_steps=2, warmup_steps=1, eval_every=0, log_every=1, ckpt_every=2,
                       device="cpu", workers=0)
-    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", palette_k=16), run, progress=False)
+    pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", vocab_size=16), run, progress=False)
     record = json.loads((run / "run.json").read_text())
     record["model"]["n_layer"] = 200000
     (run / "run.json").write_text(json.dumps(record))

@@ -37,11 +37,11 @@ def digits_run(tmp_path_factory):
     train = open_split("digits", "train", n_px=8, val_fraction=0.0)
     palette = Palette.fit(train.pixels, k=16, seed=0, device="cpu")
     palette.save(root / "palette.npz")
-    prepare("digits", str(root / "cache"), n_px=8, palette=palette, progress=False)
+    prepare("digits", str(root / "cache"), n_px=8, tokenizer=palette, progress=False)
     cfg = TrainConfig(batch_size=32, max_steps=100, lr=1e-2, eval_every=0, ckpt_every=100, log_every=50,
                       device="cpu")
     pretrain(ModelConfig.from_preset("igpt-nano"), cfg,
-             DataConfig(data=str(root / "cache"), palette=str(root / "palette.npz")), root / "run", progress=False)
+             DataConfig(data=str(root / "cache"), tokenizer=str(root / "palette.npz")), root / "run", progress=False)
     return root
 
 
@@ -54,9 +54,9 @@ def _small_cfg(**kw) -> FinetuneConfig:
 def test_finetuning_improves_over_the_probe_on_a_small_labelled_set(digits_run, tmp_path):
     data = str(digits_run / "cache")
     model, palette, _ = load_checkpoint(digits_run / "run")
-    train = open_labelled(data, "train", n_px=8, palette=palette)
+    train = open_labelled(data, "train", n_px=8, tokenizer=palette)
     small = train.take(balanced_subset(train.labels, PER_CLASS, 0))  # the set finetune trains on
-    test = open_labelled(data, "test", n_px=8, palette=palette)
+    test = open_labelled(data, "test", n_px=8, tokenizer=palette)
     fc = FeatureConfig(device="cpu")
     tr, te = (extract(model, s, palette, fc, progress=False) for s in (small, test))
     probes = {l: logistic_probe(tr[l], small.labels, te[l], test.labels, ProbeConfig(l2_grid="1e-3,1e-2,1e-1"))["test_acc"]
@@ -189,7 +189,7 @@ def test_head_layer_is_recorded_and_read_back_by_classify_and_refused_by_hf_expo
     assert CheckpointRecord.from_json(config, "config.json") == record  # the record round-trips
 
     # test_acc was scored reading layer 1, as igpt classify reads it
-    test = open_labelled(data, "test", n_px=8, palette=palette)
+    test = open_labelled(data, "test", n_px=8, tokenizer=palette)
     clf = Classifier(model, 10, head_layer=record.head_layer)
     clf.head.load_state_dict(head.state_dict())
     with torch.no_grad():

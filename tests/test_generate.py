@@ -32,7 +32,7 @@ def _pretrain(root, objective: str):
     run = root / "run"
     pretrain(ModelConfig.from_preset("igpt-nano"),
              TrainConfig(objective=objective, max_steps=3, batch_size=16, device="cpu", eval_every=0, log_every=1),
-             DataConfig(data="digits", palette_k=16), run, progress=False)
+             DataConfig(data="digits", vocab_size=16), run, progress=False)
     return run
 
 
@@ -157,7 +157,7 @@ def test_complete_cli_on_image_files_and_an_ids_cache(ar_run, tmp_path):
     assert (out / "complete-000-a.png").exists() and (out / "complete-001-b.png").exists()
     # an ids cache prepared with the run's own palette is accepted; --keep 0 samples whole images
     cache = tmp_path / "cache"
-    prepare("digits", cache, n_px=N_PX, palette=Palette.load(ar_run / "palette.npz"), progress=False)
+    prepare("digits", cache, n_px=N_PX, tokenizer=Palette.load(ar_run / "palette.npz"), progress=False)
     assert main(["complete", "--checkpoint", str(ar_run), "--data", str(cache), "--split", "val", "--n-images", "2",
                  "--keep", "0", "--out", str(tmp_path / "fig2")]) == 0
     assert np.all(_cells(tmp_path / "fig2" / "completions.png", 2, 4)[:, 1] == 128)
@@ -253,8 +253,8 @@ def test_infill_bad_arguments(nano_model):
 def test_bad_inputs_are_one_clear_line(ar_run, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     other = Palette.fit(open_split("digits", "train", n_px=N_PX).pixels, k=8, seed=0, device="cpu")
-    prepare("digits", tmp_path / "other", n_px=N_PX, palette=other, progress=False)
-    prepare("digits", tmp_path / "small", n_px=4, palette=Palette.load(ar_run / "palette.npz"), progress=False)
+    prepare("digits", tmp_path / "other", n_px=N_PX, tokenizer=other, progress=False)
+    prepare("digits", tmp_path / "small", n_px=4, tokenizer=Palette.load(ar_run / "palette.npz"), progress=False)
     run = str(ar_run)
     cases = [
         (["complete", "--checkpoint", run, "--images", str(tmp_path / "missing.png")], "missing.png"),

@@ -81,7 +81,7 @@ def test_a_hub_id_loads_from_the_local_cache_on_every_front_door(hub, tmp_path, 
     assert record.source == {"format": "hf", "path": str(snap)}
     hubbed = igpt.GPT.from_pretrained("openai/imagegpt-small")
     assert isinstance(hubbed, igpt.GPT) and same_weights(hubbed, model)
-    assert hubbed.palette.fingerprint() == palette.fingerprint() and not hubbed.training
+    assert hubbed.tokenizer.fingerprint() == palette.fingerprint() and not hubbed.training
     # a command's --checkpoint takes the id too
     assert main(["convert", "--from", "hf", "--checkpoint", "openai/imagegpt-small", "--out",
                  str(tmp_path / "conv")]) == 0
@@ -141,13 +141,13 @@ def test_save_mirrors_load_and_save_pretrained_writes_the_palette(tmp_path):
     hubbed = igpt.GPT.from_pretrained(out)
     hubbed.save_pretrained(tmp_path / "again")
     again = igpt.GPT.from_pretrained(tmp_path / "again")
-    assert same_weights(again, model) and again.palette.fingerprint() == palette.fingerprint()
+    assert same_weights(again, model) and again.tokenizer.fingerprint() == palette.fingerprint()
     assert again.record.model == CFG
     card = (tmp_path / "again" / "README.md").read_text()
     assert "library_name: igpt" in card and palette.fingerprint() in card
     with pytest.raises(ValueError, match="pass palette="):
         igpt.GPT(CFG).save_pretrained(tmp_path / "fresh")
-    igpt.GPT(CFG).save_pretrained(tmp_path / "fresh", palette=palette)
+    igpt.GPT(CFG).save_pretrained(tmp_path / "fresh", tokenizer=palette)
     assert igpt.load(tmp_path / "fresh").model.config == CFG
 
 
@@ -188,7 +188,7 @@ def test_classify_prints_the_top_classes_with_the_training_resize(tmp_path, caps
                  str(tmp_path / "ft"), "--top-k", "2", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{tmp_path / 'a.png'}: ")
-    palette = igpt.load(tmp_path / "ft").palette
+    palette = igpt.load(tmp_path / "ft").tokenizer
     ids = igpt.encode_images([tmp_path / "a.png", tmp_path / "b.png"], palette, 4, resize="squash")
     with torch.no_grad():
         probs = torch.softmax(model.forward_features(ids).mean(1) @ head.T, -1)
@@ -286,7 +286,7 @@ def test_push_to_hub_uploads_the_saved_folder_to_a_mocked_hub(tmp_path, monkeypa
         def upload_folder(self, repo_id, folder_path, **kw):
             files = sorted(p.name for p in Path(folder_path).iterdir())
             back = igpt.load(folder_path)
-            uploads.append({"repo_id": repo_id, "files": files, "palette": back.palette.fingerprint()})
+            uploads.append({"repo_id": repo_id, "files": files, "palette": back.tokenizer.fingerprint()})
             return f"https://huggingface.co/{repo_id}/commit/0"
 
     monkeypatch.setattr(hub_mixin, "HfApi", FakeApi)

@@ -177,7 +177,7 @@ def finished_run(tmp_path_factory) -> Path:
     """A two-step igpt-nano run on digits with both steps' metrics and a final checkpoint."""
     run = tmp_path_factory.mktemp("run") / "run"
     pretrain(ModelConfig.from_preset("igpt-nano"), TrainConfig(max_steps=2, batch_size=16, eval_every=0, log_every=1,
-             device="cpu"), DataConfig(data="digits", palette_k=8), run, progress=False)
+             device="cpu"), DataConfig(data="digits", vocab_size=8), run, progress=False)
     return run
 
 

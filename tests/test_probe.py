@@ -187,11 +187,11 @@ def digits_run(tmp_path_factory):
     train = open_split("digits", "train", n_px=8, val_fraction=0.0)
     palette = Palette.fit(train.pixels, k=16, seed=0, device="cpu")
     palette.save(root / "palette.npz")
-    prepare("digits", str(root / "cache"), n_px=8, palette=palette, progress=False)
+    prepare("digits", str(root / "cache"), n_px=8, tokenizer=palette, progress=False)
     model_cfg = ModelConfig.from_preset("igpt-nano")  # 2 layers, 32 wide
     cfg = TrainConfig(batch_size=32, max_steps=100, lr=1e-2, eval_every=0, ckpt_every=100, log_every=50,
                       device="cpu")
-    pretrain(model_cfg, cfg, DataConfig(data=str(root / "cache"), palette=str(root / "palette.npz")), root / "run",
+    pretrain(model_cfg, cfg, DataConfig(data=str(root / "cache"), tokenizer=str(root / "palette.npz")), root / "run",
              progress=False)
     return root
 
@@ -259,12 +259,12 @@ def test_bad_input_is_a_clear_error(digits_run, tmp_path, capsys):
         from PIL import Image
         for i in range(3):
             Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
-        open_labelled(str(images), "train_all", n_px=8, palette=palette)
+        open_labelled(str(images), "train_all", n_px=8, tokenizer=palette)
     other = Palette(np.linspace(-1, 1, 48).reshape(16, 3))
     with pytest.raises(ValueError, match="palette"):
-        open_labelled(str(digits_run / "cache"), "test", n_px=8, palette=other)
+        open_labelled(str(digits_run / "cache"), "test", n_px=8, tokenizer=other)
     with pytest.raises(ValueError, match="prepared at 8x8, but 4x4"):
-        open_labelled(str(digits_run / "cache"), "test", n_px=4, palette=palette)
+        open_labelled(str(digits_run / "cache"), "test", n_px=4, tokenizer=palette)
     with pytest.raises(ValueError, match="test_lossless"):
         lossless_mask("digits", 359)
     code = main(["probe", "--checkpoint", ckpt, "--data", str(digits_run / "cache"), "--out", str(tmp_path / "o"),

@@ -80,7 +80,7 @@ def bert_run(tmp_path_factory) -> Path:
 def _quantized_china(engine: Engine) -> np.ndarray:
     """igpt's own view of the photo: the data pipeline's resize, then the palette."""
     pixels = to_n_px(Image.open(io.BytesIO(_jpeg_bytes())), N_PX)
-    return engine.palette.decode(engine.palette.encode(pixels)).reshape(N_PX, N_PX, 3).numpy()
+    return engine.tokenizer.decode(engine.tokenizer.encode(pixels)).reshape(N_PX, N_PX, 3).numpy()
 
 
 # ---- without a browser
@@ -106,7 +106,7 @@ def test_complete_keeps_the_quantized_rows_and_depends_on_the_seed(ar_run):
     picture = engine.decode_upload(_jpeg_bytes())
     pixels = picture.pixels
     assert np.array_equal(pixels, _quantized_china(engine))
-    assert torch.equal(picture.ids, engine.palette.encode(pixels).reshape(-1))
+    assert torch.equal(picture.ids, engine.tokenizer.encode(pixels).reshape(-1))
     finals = []
     for seed in (0, 1):
         steps = list(engine.complete(picture, 3, Draw(n=2, seed=seed)))
@@ -165,7 +165,7 @@ def test_model_card_names_the_checkpoint_and_its_validation_loss(ar_run):
     assert card["val"] == {"step": 7, "loss": 2.5, "bits": 3.6}
     swatch = engine.swatch(ncol=8, scale=3)
     assert swatch.shape == (2 * 4 + 1, 8 * 4 + 1, 3)  # 16 colours in 2 rows of 8, 3 px each, 1 px borders
-    colours = {tuple(c) for c in engine.palette.decode(torch.arange(K)).numpy()}
+    colours = {tuple(c) for c in engine.tokenizer.decode(torch.arange(K)).numpy()}
     assert colours <= {tuple(c) for c in swatch.reshape(-1, 3)}
 
 

@@ -24,7 +24,7 @@ from igpt.weights.checkpoint import save_checkpoint
 
 SIDE, FACTOR, K = 8, 2, 8
 GRID = SIDE // FACTOR
-TINY = VQConfig(input_side=SIDE, factor=FACTOR, codebook_size=K, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
+TINY = VQConfig(input_side=SIDE, factor=FACTOR, vocab_size=K, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
 FIT = TokenizerFitConfig(steps=2, batch_size=16, eval_every=2, log_every=1, ckpt_every=1, val_images=8, device="cpu")
 CPU = SampleConfig(device="cpu")
 
@@ -64,7 +64,7 @@ def test_complete_keeps_rows_of_codes_and_shows_pictures_at_the_input_side(vq):
     engine = Engine(vq["ar"], ServeConfig(), CPU, EvalDataConfig(data=str(vq["npz"]), split="test"))
     assert (engine.n_px, engine.side, engine.factor, engine.id_word) == (GRID, SIDE, FACTOR, "code")
     picture = engine.dataset_image(3)
-    tokenizer = engine.palette
+    tokenizer = engine.tokenizer
     codes = tokenizer.encode(flat_pictures(16, 1)[3:4]).reshape(-1)  # (T,): the test split's image 3, encoded
     assert torch.equal(picture.ids, codes) and picture.pixels.shape == (SIDE, SIDE, 3)
     assert np.array_equal(picture.pixels, tokenizer.decode_images(codes[None]).numpy()[0])  # what the model sees
@@ -83,7 +83,7 @@ def test_bert_infills_exactly_the_painted_codes(vq):
     engine = Engine(vq["bert"], ServeConfig(), CPU)
     picture = engine.quantize(flat_pictures(1, 5)[0])
     codes = picture.ids
-    assert torch.equal(codes, engine.palette.encode(flat_pictures(1, 5)).reshape(-1))
+    assert torch.equal(codes, engine.tokenizer.encode(flat_pictures(1, 5)).reshape(-1))
     strokes = np.zeros((SIDE * 8, SIDE * 8), np.uint8)  # painted over the enlarged picture on the canvas
     strokes[16:32, 16:48] = 255  # pixel rows 2..3, columns 2..5: the codes (1, 1) and (1, 2)
     mask = engine.mask_from_strokes(strokes)
@@ -106,7 +106,7 @@ def test_card_swatch_and_page_speak_of_codes(vq):
     assert "4x4 grid of codes" in _card_markdown(engine) and "colours" not in _card_markdown(engine)
     swatch = engine.swatch(ncol=4, scale=4)  # 8 codes in 2 rows of 4, each a 2x2 patch drawn 2x: 4 px + 1
     assert swatch.shape == (2 * 5 + 1, 4 * 5 + 1, 3)
-    alone = engine.palette.decode_images(torch.full((1, GRID * GRID), 5)).numpy()[0]  # code 5 everywhere
+    alone = engine.tokenizer.decode_images(torch.full((1, GRID * GRID), 5)).numpy()[0]  # code 5 everywhere
     centre = alone[GRID // 2 * FACTOR:GRID // 2 * FACTOR + FACTOR, GRID // 2 * FACTOR:GRID // 2 * FACTOR + FACTOR]
     assert np.array_equal(swatch[1 + 5:1 + 5 + 4:2, 1 + 5:1 + 5 + 4:2], centre)  # code 5: row 1, column 1
     page = build_page(engine)

@@ -31,7 +31,7 @@ def run(tmp_path_factory):
     cfg = TrainConfig(batch_size=8, max_steps=12, lr=1e-2, eval_every=0, ckpt_every=100, keep_last=1, keep_every=4,
                       log_every=4, device="cpu")
     pretrain(ModelConfig.from_preset("igpt-nano"), cfg,
-             DataConfig(data=str(root / "data.npz"), palette=str(root / "palette.npz")), root / "run", progress=False)
+             DataConfig(data=str(root / "data.npz"), tokenizer=str(root / "palette.npz")), root / "run", progress=False)
     return root
 
 

@@ -28,7 +28,7 @@ from igpt.train.tokenizer import fit_tokenizer, resume_fit, to_unit
 from igpt.weights.convert import load, save
 from igpt.weights.tensors import save_tensors
 
-TINY = VQConfig(input_side=8, factor=2, codebook_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
+TINY = VQConfig(input_side=8, factor=2, vocab_size=8, code_dim=4, hidden=8, res_blocks=1, kmeans_iters=2)
 FIT = TokenizerFitConfig(steps=2, batch_size=16, eval_every=2, log_every=1, ckpt_every=1, val_images=8, device="cpu")
 
 
@@ -63,7 +63,7 @@ def test_vq_decode_of_encode_is_the_models_own_reconstruction(tmp_path):
     model.train()(to_unit(pixels, torch.device("cpu")))  # one training pass: k-means initialises the codebook
     tok = VQTokenizer(model)  # eval mode from here
     ids = tok.encode(pixels)
-    assert ids.shape == (6, 4, 4) and int(ids.max()) < TINY.codebook_size
+    assert ids.shape == (6, 4, 4) and int(ids.max()) < TINY.vocab_size
     with torch.no_grad():
         own = to_pixels(model(to_unit(pixels, torch.device("cpu"))).recon)  # (6, 8, 8, 3)
     assert torch.equal(tok.decode_images(ids), own)
@@ -96,7 +96,7 @@ def test_bad_tokenizer_files_and_sizes_are_one_line_errors(tiny, tmp_path):
     tok = load_tokenizer(tiny["tok"])
     _one_line_error(lambda: tok.encode(rand_images(2, 16, 16)), "8x8", "(2, 16, 16, 3)")
     _one_line_error(lambda: tok.pixel_side(8), "4x4", "n_px is 8")
-    _one_line_error(lambda: prepare(tiny["npz"], tmp_path / "c", n_px=16, palette=tok, progress=False),
+    _one_line_error(lambda: prepare(tiny["npz"], tmp_path / "c", n_px=16, tokenizer=tok, progress=False),
                     "--n-px 16", "--n-px 8")
 
 
@@ -110,10 +110,10 @@ def test_smaller_images_are_refused_by_path_unless_upscale(tmp_path):
     check_upscale(str(folder), 6, False)
     npz = tmp_path / "d.npz"
     np.savez(npz, x_train=rand_images(20, 8, 8))
-    big = VQTokenizer(VQVAE(VQConfig(input_side=16, factor=4, codebook_size=4, code_dim=2, hidden=4,
+    big = VQTokenizer(VQVAE(VQConfig(input_side=16, factor=4, vocab_size=4, code_dim=2, hidden=4,
                                      res_blocks=0)))
-    _one_line_error(lambda: prepare(npz, tmp_path / "c", n_px=16, palette=big, progress=False), npz, "--upscale")
-    meta = prepare(npz, tmp_path / "c", n_px=16, palette=big, upscale=True, progress=False)
+    _one_line_error(lambda: prepare(npz, tmp_path / "c", n_px=16, tokenizer=big, progress=False), npz, "--upscale")
+    meta = prepare(npz, tmp_path / "c", n_px=16, tokenizer=big, upscale=True, progress=False)
     assert meta["grid"] == 4 and np.load(tmp_path / "c" / "train_ids.npy").shape[1] == 16
 
 
@@ -143,7 +143,7 @@ def test_fit_stopped_then_resumed_ends_with_the_same_tokenizer(tiny, tmp_path, m
 
 def test_mismatched_tokenizer_is_refused_by_fingerprint(tiny, tmp_path, capsys):
     cache = tmp_path / "cache"
-    prepare(tiny["npz"], cache, n_px=8, palette=load_tokenizer(tiny["tok"]), progress=False)
+    prepare(tiny["npz"], cache, n_px=8, tokenizer=load_tokenizer(tiny["tok"]), progress=False)
     other = tmp_path / "other"
     fit_tokenizer(str(tiny["npz"]), other, TINY, TokenizerFitConfig(**{**FIT.to_dict(), "seed": 1}), progress=False)
     code = main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", str(cache), "--palette",
@@ -152,7 +152,7 @@ def test_mismatched_tokenizer_is_refused_by_fingerprint(tiny, tmp_path, capsys):
     assert code == 2 and load_tokenizer(tiny["tok"]).fingerprint() in err and len(err.strip().splitlines()) == 1
     # a checkpoint whose tokenizer file was swapped is refused by the fingerprint its record holds
     tok = load_tokenizer(tiny["tok"])
-    model = GPT(ModelConfig(n_layer=1, n_embd=8, n_head=1, n_px=4, n_vocab=TINY.codebook_size))
+    model = GPT(ModelConfig(n_layer=1, n_embd=8, n_head=1, n_px=4, n_vocab=TINY.vocab_size))
     save(model, tok, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "tokenizer.safetensors").write_bytes((other / "tokenizer.safetensors").read_bytes())
     _one_line_error(lambda: load(tmp_path / "ckpt"), "fingerprint", tok.fingerprint())
@@ -171,7 +171,7 @@ def test_checkpoints_and_caches_written_before_tokenizers_still_load(tmp_path, n
     loaded, pal, record = load(old)
     assert isinstance(pal, Palette) and pal.fingerprint() == palette.fingerprint() and record.objective == "ar"
     cache = tmp_path / "cache"
-    prepare(npz, cache, n_px=8, palette=palette, progress=False)
+    prepare(npz, cache, n_px=8, tokenizer=palette, progress=False)
     meta = json.loads((cache / META).read_text())
     meta.pop("grid")  # caches of earlier versions do not record it
     (cache / META).write_text(json.dumps(meta))
@@ -209,7 +209,7 @@ def test_chain_end_to_end_on_vq_codes(tiny, tmp_path, capsys):
     model, tokenizer, _ = load(run)
     save(model, tokenizer, tmp_path / "saved")
     assert "VQ-VAE, 8 codes, 8x8 images -> 4x4 codes" in (tmp_path / "saved" / "README.md").read_text()
-    assert load(tmp_path / "saved").palette.fingerprint() == tokenizer.fingerprint()
+    assert load(tmp_path / "saved").tokenizer.fingerprint() == tokenizer.fingerprint()
 
 
 def test_complete_infill_finetune_and_classify_on_vq_codes(tiny, tmp_path, capsys):

@@ -17,7 +17,7 @@ from igpt.train.optim import pretrain_lr as lr_at, warmup_steps
 from igpt.train.pretrain import pretrain, resume
 
 MODEL = ModelConfig.from_preset("igpt-nano")
-DATA = DataConfig(data="digits", palette_k=16)
+DATA = DataConfig(data="digits", vocab_size=16)
 
 
 def train_cfg(**kw) -> TrainConfig:
@@ -121,7 +121,7 @@ def test_imagenet_style_augmentation_streams_an_image_folder_and_resumes(tmp_pat
             w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) // 64 * 64  # few colours
             Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
-    data = DataConfig(data=str(tmp_path / "imgs"), palette_k=16, val_fraction=0.2)
+    data = DataConfig(data=str(tmp_path / "imgs"), vocab_size=16, val_fraction=0.2)
     cfg = train_cfg(augment="imagenet", workers=0, max_steps=4, ckpt_every=2, eval_every=2)
     straight = pretrain(MODEL, cfg, data, tmp_path / "a", progress=False)
     assert straight["val"]["images"] == 5  # 20% of 24 carved, centre-cropped

@@ -20,7 +20,7 @@ from igpt.train.rundir import read_metrics
 from igpt.viz import grid_table
 
 MODEL = ModelConfig.from_preset("igpt-nano")  # 8x8 images
-DATA = DataConfig(data="digits", palette_k=16)
+DATA = DataConfig(data="digits", vocab_size=16)
 
 
 def _cfg(**kw) -> TrainConfig:

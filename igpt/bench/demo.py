@@ -63,13 +63,13 @@ def _demo(out: Path, cfg: TrainConfig, seed: int, progress: bool) -> dict:
     palette = Palette.fit(train.pixels, k=DEMO_K, seed=seed, device="cpu")
     palette.save(out / "palette.npz")
     data_dir = str(out / "data")
-    prepare("digits", data_dir, n_px=model_cfg.n_px, palette=palette, seed=seed, progress=False)
+    prepare("digits", data_dir, n_px=model_cfg.n_px, tokenizer=palette, seed=seed, progress=False)
 
     # 3. pretraining
     run_dir = out / "run"
-    result = pretrain(model_cfg, cfg, DataConfig(data=data_dir, palette=str(out / "palette.npz")), run_dir,
+    result = pretrain(model_cfg, cfg, DataConfig(data=data_dir, tokenizer=str(out / "palette.npz")), run_dir,
                       progress=progress)
-    model, palette, _ = load(run_dir)
+    model, tokenizer, _ = load(run_dir)
 
     # 4. the linear probe of igpt probe, trained vs the same architecture at initialisation
     probe = probe_checkpoint(run_dir, data_dir, out / "probe", ProbeConfig(baseline=True, seed=seed),
@@ -78,7 +78,7 @@ def _demo(out: Path, cfg: TrainConfig, seed: int, progress: bool) -> dict:
 
     # 5. samples
     ids = sample(model, 64, generator=torch.Generator().manual_seed(seed))
-    pixels = palette.decode(ids).view(64, model_cfg.n_px, model_cfg.n_px, 3).numpy()
+    pixels = tokenizer.decode(ids).view(64, model_cfg.n_px, model_cfg.n_px, 3).numpy()
     save_png(grid(pixels, ncol=8, scale=4, title=f"64 samples · seed {seed}"),
              out / "samples.png")
 

@@ -1,7 +1,7 @@
 """Images per second of the training input pipeline alone: read, decode, augment, move, quantize.
 
     igpt bench loader --data shards/imagenet --augment imagenet --workers 8 --device cuda
-    igpt bench loader --data cache/cifar10 --palette p.npz --augment cifar --batch-size 128
+    igpt bench loader --data cache/cifar10 --tokenizer p.npz --augment cifar --batch-size 128
 
 The stream is the one ``igpt pretrain`` builds for the same flags (``igpt.data.open``), so the figure is
 what a training step would wait for if the GPU took no time. ``warmup`` batches are drawn untimed (worker
@@ -30,21 +30,21 @@ FIT_IMAGES = 500  # enough for a palette whose encoding costs what a real one do
 def bench_loader(cfg: BenchLoaderConfig, *, show: bool = True) -> dict[str, Any]:
     """Time ``batches`` draws of the training stream; returns {"setup": {...}, "loader": {...}}."""
     data, n_px, batch, augment, workers = cfg.data, cfg.n_px, cfg.batch_size, cfg.augment, cfg.workers
-    batches, palette = cfg.batches, cfg.palette
+    batches = cfg.batches
     dev = resolve_device(cfg.device)
-    given = load_tokenizer(palette) if palette is not None else None
+    given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
     if given is not None and given.input_side is not None:
         n_px = given.input_side  # a VQ-VAE reads its own image side
     train = open_training(data, n_px, batch_size=batch, seed=cfg.seed, device=dev, augment=augment,
                           workers=workers, val_fraction=0.0, validate=False)
     if given is not None:
-        pal = given
-        check_ids(train.fit_set, pal, any_palette=cfg.any_palette)  # the ids a training run would check
+        tok = given
+        check_ids(train.fit_set, tok, any_palette=cfg.any_palette)  # the ids a training run would check
     elif train.fit_set.pixels is None:
-        raise ValueError(f"--data {data} holds palette ids: pass the --palette it was prepared with")
+        raise ValueError(f"--data {data} holds ids: pass the --tokenizer it was prepared with")
     else:
-        pal = Palette.fit(train.fit_set.pixels[:FIT_IMAGES], k=cfg.palette_k, iters=5, seed=cfg.seed)
-    stream = train.make_stream(pal)
+        tok = Palette.fit(train.fit_set.pixels[:FIT_IMAGES], k=cfg.vocab_size, iters=5, seed=cfg.seed)
+    stream = train.make_stream(tok)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     for _ in range(cfg.warmup):
         stream.next()
@@ -57,7 +57,7 @@ def bench_loader(cfg: BenchLoaderConfig, *, show: bool = True) -> dict[str, Any]
     images = batches * batch
     tokens = int(ids.shape[-1])  # n_px**2 for a palette, the code grid's for a VQ-VAE
     setup = {"data": data, "n_px": n_px, "T": tokens, "batch": batch, "augment": augment, "workers": workers,
-             "device": str(dev), "palette_k": pal.k, "cpu_count": os.cpu_count(),
+             "device": str(dev), "vocab_size": tok.k, "tokenizer": tok.kind, "cpu_count": os.cpu_count(),
              "torch_threads": torch.get_num_threads(), "stream": type(stream).__name__}
     result = {"setup": setup, "loader": {"batches": batches, "seconds": wall, "images_per_s": images / wall,
                                          "tokens_per_s": images * tokens / wall,
@@ -71,7 +71,7 @@ def format_table(result: dict[str, Any]) -> str:
     s, r = result["setup"], result["loader"]
     return "\n".join([
         f"loader: {s['stream']} over {s['data']} at {s['n_px']}x{s['n_px']}, batch {s['batch']}, augment "
-        f"{s['augment']}, {s['workers']} worker(s), {s['palette_k']}-colour palette on {s['device']} "
+        f"{s['augment']}, {s['workers']} worker(s), {s['vocab_size']}-id {s['tokenizer']} on {s['device']} "
         f"({s['cpu_count']} CPUs, {s['torch_threads']} torch threads)",
         f"{'batches':>7} {'seconds':>9} {'images/s':>10} {'tokens/s':>12} {'main CPU s':>10}",
         f"{r['batches']:>7} {r['seconds']:>9.2f} {r['images_per_s']:>10.1f} {r['tokens_per_s']:>12,.0f} "

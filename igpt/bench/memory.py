@@ -1,6 +1,6 @@
 """Memory per GPU of a pretraining step: the formulas behind docs/scaling.md and ``igpt bench memory``.
 
-Bytes, for P parameters, L layers of width d, T = n_px^2 positions, V palette ids and a micro-batch of B
+Bytes, for P parameters, L layers of width d, T = n_px^2 positions, V tokenizer ids and a micro-batch of B
 images per GPU, with fp32 master weights and bf16 autocast (``--dtype auto`` on a GPU):
 
 - **state**: fp32 weights, fp32 gradients and Adam's two fp32 moments = 16 P, divided by the number of

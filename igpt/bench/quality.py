@@ -63,7 +63,7 @@ def build_cache(data: str, cache: Path, n_px: int, k: int, palette_file: str | N
         train = open_split(data, "train_all", n_px=n_px, val_fraction=0.0)
         log.info("fitting a %d-colour palette on %d training images", k, len(train))
         palette = Palette.fit(train.pixels, k=k, seed=0, device=resolve_device(device), progress=True)
-    prepare(data, cache, n_px=n_px, palette=palette, val_fraction=0.1, seed=0)
+    prepare(data, cache, n_px=n_px, tokenizer=palette, val_fraction=0.1, seed=0)
     palette.save(cache / "palette.npz")
     meta = json.loads((cache / "meta.json").read_text())
     n_test = meta["splits"]["test"]["n"]
@@ -146,7 +146,7 @@ def configs(cfg: QualityConfig, palette: Palette, n_px: int, steps: int) -> tupl
 
 
 def data_config(cache: Path) -> DataConfig:
-    return DataConfig(data=str(cache), palette=str(cache / "palette.npz"))
+    return DataConfig(data=str(cache), tokenizer=str(cache / "palette.npz"))
 
 
 def calibrate(cfg: QualityConfig, cache: Path, palette: Palette, n_px: int, out: Path,
@@ -227,7 +227,7 @@ def run_on_cache(cache: Path, out: Path, cfg: QualityConfig, *, seconds: float |
 
     # The trained model and then the same architecture at random init, on the same features pipeline.
     model, palette, record = load(result["checkpoint"])
-    images = {split: open_labelled(str(cache), split, n_px=model.config.n_px, palette=palette)
+    images = {split: open_labelled(str(cache), split, n_px=model.config.n_px, tokenizer=palette)
               for split in ("train_all", "test")}
     mask = np.load(cache / "test_lossless.npy")
     trained = probe_model(model, palette, images, mask, checkpoint_identity(Path(result["checkpoint"]), record),

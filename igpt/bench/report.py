@@ -126,7 +126,7 @@ def part_configs(cfg: BenchReportConfig, out: Path) -> Parts:
                      sample=BenchSampleConfig(**shape, batch_size=4, batches=1, warmup=1, dtype="fp32",
                                               compare_hf=True),
                      loader=BenchLoaderConfig(data="digits", n_px=8, batch_size=16, batches=3, warmup=1,
-                                              palette_k=16, device="cpu", seed=cfg.seed),
+                                              vocab_size=16, device="cpu", seed=cfg.seed),
                      quality=quality)
     common = {"preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype, "seed": cfg.seed}
     train = BenchTrainConfig(**common, batch_size=cfg.train_batch, steps=cfg.steps, warmup=cfg.warmup,
@@ -135,7 +135,7 @@ def part_configs(cfg: BenchReportConfig, out: Path) -> Parts:
                  train_bert=BenchTrainConfig(**{**asdict(train), "objective": "bert"}),
                  sample=BenchSampleConfig(**common, batch_size=cfg.sample_batch, compare_hf=True),
                  loader=BenchLoaderConfig(data=cfg.data, n_px=ModelConfig.from_preset(cfg.preset).n_px,
-                                          batch_size=cfg.train_batch, palette_k=cfg.loader_palette_k,
+                                          batch_size=cfg.train_batch, vocab_size=cfg.loader_vocab_size,
                                           device=cfg.device, seed=cfg.seed),
                  quality=quality)
 

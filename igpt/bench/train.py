@@ -110,7 +110,7 @@ def hf_step(config: ModelConfig, cfg: TrainConfig, device: torch.device,
 
 
 def random_ids(batch: int, config: ModelConfig, device: torch.device, seed: int) -> torch.Tensor:
-    """(batch, T) uniform palette ids, the same for every model of a run."""
+    """(batch, T) uniform ids, the same for every model of a run."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(config.n_vocab, (batch, config.n_ctx), generator=generator).to(device)
 

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 from igpt.config import DataConfig, EvalDataConfig
+from igpt.config.fields import flag
 
 
 def _default_text(default: Any) -> str:
@@ -32,6 +33,28 @@ def integer(text: str) -> int:
 integer.__name__ = "int"  # argparse names the type in its error: "invalid int value: '2.5'"
 
 
+class Renamed(argparse.Action):
+    """A flag that also answers to its old name (``--palette`` for ``--tokenizer``), kept for one release so
+    that scripts keep working. Both spellings in one command would leave one of them silently unused, so
+    that is an error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        mark = f"_spelled_{self.dest}"  # which spelling came first, for this parse only
+        first = getattr(namespace, mark, None)
+        if first is not None and first != option_string:
+            parser.error(f"{first} and {option_string} are one flag ({self.option_strings[1]} is the old name of "
+                         f"{self.option_strings[0]}); give it once")
+        setattr(namespace, mark, option_string)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(group: Any, new: str, old: str, **kw: Any) -> None:
+    """``new`` with ``old`` as its alias; the help says which is the old name."""
+    kw["help"] = kw.get("help", "") + f" ({old} is its old name, kept for one release)"
+    group.add_argument(new, old, action=Renamed, **kw)
+
+
 def _add(group: Any, f: dataclasses.Field, *, preset: bool, required: bool) -> None:
     help_text = f.metadata["help"].replace("%", "%%")
     if preset:
@@ -51,14 +74,18 @@ def _add(group: Any, f: dataclasses.Field, *, preset: bool, required: bool) -> N
     if required:
         kw["required"] = True
         del kw["default"]
-    group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    if "old" in f.metadata:
+        add_renamed(group, flag(f.name), f.metadata["old"], **kw)
+    else:
+        group.add_argument(flag(f.name), **kw)
 
 
 def add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, preset: bool = False,
                required: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
     """One flag per field of ``cls`` (``n_layer`` -> ``--n-layer``) with the field's help, default and
     choices. With ``preset`` the default is None, so that an unset flag keeps the preset's value. Fields
-    with ``cli=False``, fields outside ``only``, and flags the parser already has are left out."""
+    with ``cli=False``, fields outside ``only``, and flags the parser already has are left out. A field with
+    ``old`` also answers to that old flag name (``Renamed``)."""
     group = parser.add_argument_group(title)
     taken = {a.dest for a in parser._actions}
     for f in dataclasses.fields(cls):
@@ -111,7 +138,7 @@ def add_labelled_inputs(parser: argparse.ArgumentParser, required: bool = True) 
     (``required=False`` where ``--resume`` may stand in for them)."""
     add_checkpoint(parser, required=required)
     add_data(parser, "labelled dataset, any format 'igpt prepare' accepts, or a prepared cache made with the "
-             "checkpoint's palette", required=required)
+             "checkpoint's tokenizer", required=required)
     parser.add_argument("--out", required=required, help="output directory")
     add_resize(parser)
 

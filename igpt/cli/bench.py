@@ -5,7 +5,7 @@ one JSON and one markdown file; ``bench quality`` is the CIFAR-10 quality protoc
 
     igpt bench sample --preset igpt-s --batch-size 256 --compare-hf   # our images/s and HF's
     igpt bench train --preset igpt-s --batch-size 32 --compare-hf     # tokens/s, MFU, peak memory: ours and HF's
-    igpt bench loader --data cache/cifar10 --palette p.npz            # images/s of the input pipeline
+    igpt bench loader --data cache/cifar10 --tokenizer p.npz          # images/s of the input pipeline
     igpt bench memory --preset igpt-xl --batch-size 4 --processes 8 --fsdp --grad-checkpoint
     igpt bench report --out reports/h100                              # all of the above in one budget (8 min)
     igpt bench quality run --ids cifar10-ids.tar.xz --out runs/quality   # pretrain, probe every layer

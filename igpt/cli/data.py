@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from igpt.atomic import check_output
-from igpt.cli.args import add_data, add_fields, add_overwrite, add_resize, command, integer
+from igpt.cli.args import add_data, add_fields, add_overwrite, add_renamed, add_resize, command, integer
 from igpt.config import DataConfig, EvalDataConfig
 from igpt.data.open import open_split, prepare
 from igpt.config.tokenizer import TokenizerFitConfig
@@ -17,8 +17,8 @@ def cmd_palette_fit(args: argparse.Namespace) -> None:
     check_output(args.out, "--out", overwrite=args.overwrite, is_dir=False)  # before minutes of k-means
     images = open_split(args.data, "train", n_px=args.n_px, val_fraction=0.0, resize=args.resize)
     if images.pixels is None:
-        raise ValueError(f"--data {args.data} holds palette ids, not pixels: there is nothing to fit")
-    palette = Palette.fit(images.pixels, k=args.palette_k, iters=args.iters, seed=args.seed, progress=True)
+        raise ValueError(f"--data {args.data} holds ids, not pixels: there is nothing to fit")
+    palette = Palette.fit(images.pixels, k=args.vocab_size, iters=args.iters, seed=args.seed, progress=True)
     palette.save(args.out)
     meta = palette.meta
     print(f"palette {palette.fingerprint()}: {palette.k} colours from {meta.get('n_pixels', '?')} pixels, "
@@ -26,8 +26,8 @@ def cmd_palette_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    palette = load_tokenizer(args.palette) if args.palette else None
-    meta = prepare(args.data, args.out, n_px=args.n_px, palette=palette, shards=args.shards,
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    meta = prepare(args.data, args.out, n_px=args.n_px, tokenizer=tokenizer, shards=args.shards,
                    val_fraction=args.val_fraction, seed=args.seed, resize=args.resize, on_error=args.on_error,
                    overwrite=args.overwrite, any_palette=args.any_palette, upscale=args.upscale)
     if args.shards:
@@ -47,7 +47,7 @@ def _palette_parser(sub: Any) -> None:
     fit = command(psub, "fit", help="fit a palette on the training pixels of --data")
     add_data(fit)
     fit.add_argument("--out", required=True, help="output: .npy (OpenAI's kmeans_centers layout) or .npz")
-    add_fields(fit, DataConfig, title="palette", only=("palette_k",))
+    add_fields(fit, DataConfig, title="palette", only=("vocab_size",))
     fit.add_argument("--iters", type=integer, default=30, help="maximum Lloyd iterations (default: 30)")
     fit.add_argument("--seed", type=integer, default=0, help="seed of the k-means++ initialisation (default: 0)")
     fit.add_argument("--n-px", type=integer, default=32, help="downscale images to this side first (default: 32)")
@@ -64,12 +64,12 @@ def _prepare_parser(sub: Any) -> None:
     p.add_argument("--n-px", type=integer, required=True,
                    help="image side after resizing (the input resolution): with a palette also the side of the "
                         "id grid; a VQ-VAE tokenizer needs its own input side and makes a smaller grid")
-    p.add_argument("--palette", default=None, metavar="TOKENIZER",
-                   help="tokenizer file, a palette (.npz, .npy) or a VQ-VAE (.safetensors from 'igpt tokenizer "
-                        "fit'): store its ids instead of pixels (default: none)")
+    add_renamed(p, "--tokenizer", "--palette", default=None, metavar="FILE",
+                help="tokenizer file, a palette (.npz, .npy) or a VQ-VAE (.safetensors from 'igpt tokenizer "
+                     "fit'): store its ids instead of pixels (default: none)")
     add_fields(p, TokenizerFitConfig, title="images", only=("upscale",))
     add_fields(p, DataConfig, title="data", only=("val_fraction", "resize"))
-    add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
+    add_fields(p, EvalDataConfig, title="tokenizer check", only=("any_palette",))
     p.add_argument("--seed", type=integer, default=0, help="seed of the validation carve (default: 0)")
     p.add_argument("--on-error", default="stop", choices=("stop", "skip"),
                    help="an unreadable image stops the run, or is skipped and counted (default: stop)")

@@ -95,7 +95,7 @@ def _probe_parser(sub: Any) -> None:
                 "probe per layer (L-BFGS or minibatch SGD) with the L2 strength chosen on a validation carve "
                 "of train, the layer chosen on validation and its test accuracy, metrics.json and probe.png.")
     add_labelled_inputs(p)
-    add_fields(p, EvalDataConfig, title="palette check", only=("any_palette",))
+    add_fields(p, EvalDataConfig, title="tokenizer check", only=("any_palette",))
     add_fields(p, ProbeConfig, title="probe")
     add_fields(p, FeatureConfig, title="features")
     add_fields(p, AttentiveConfig, title="attentive probe")
@@ -121,7 +121,7 @@ def _score_parser(sub: Any) -> None:
 def _classify_parser(sub: Any) -> None:
     p = command(sub, "classify", help="top classes of a fine-tuned checkpoint for image files",
                 description="Each image is resized as the fine-tune resized its data, quantized with the "
-                "checkpoint's palette and classified by its head; prints the top classes and their "
+                "checkpoint's tokenizer and classified by its head; prints the top classes and their "
                 "probabilities, one line per image.")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files (any format Pillow reads)")
     add_checkpoint(p, "a fine-tuned checkpoint (igpt finetune --out OUT: OUT or OUT/checkpoints/step-N)")

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from igpt.bench.quality import CACHE, build_cache, pack, quality_run, run_on_cache, summary
-from igpt.cli.args import add_fields, build, command, integer
+from igpt.cli.args import add_fields, add_renamed, build, command, integer
 from igpt.config import QualityConfig
 from igpt.eval.probe import format_table
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    out = pack(args.data, Path(args.out), n_px=args.n_px, k=args.palette_k, palette_file=args.palette,
+    out = pack(args.data, Path(args.out), n_px=args.n_px, k=args.vocab_size, palette_file=args.palette,
                lzma_preset=args.lzma_preset, device=args.device)
     print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB (palette, ids of train/val/test, test_lossless)")
 
@@ -60,7 +60,7 @@ def register(bsub: Any) -> None:
                    "x_train/y_train/x_test/y_test (and test_lossless)")
     p.add_argument("--out", required=True, help="the .tar.xz to write")
     p.add_argument("--n-px", type=integer, default=32, help="image side (default: 32)")
-    p.add_argument("--palette-k", type=integer, default=512, help="palette colours (default: 512)")
+    add_renamed(p, "--vocab-size", "--palette-k", type=integer, default=512, help="palette colours (default: 512)")
     p.add_argument("--palette", default=None, help="use this palette file instead of fitting one")
     p.add_argument("--lzma-preset", type=integer, default=6, help="lzma preset 0-9 (default: 6)")
     p.add_argument("--device", default="auto", help="where the palette is fitted (default: auto)")

@@ -19,7 +19,7 @@ def _resume_changes(args: argparse.Namespace) -> dict[str, Any]:
     changes = {name: getattr(args, name) for name in given if name != "preset"}
     if "preset" in given:  # the preset's shape, as the flags beside it adjust it
         changes.update(build(ModelConfig, args, PRESETS[args.preset]).to_dict())
-        changes.pop("n_vocab", None)  # the palette's size, not a preset's
+        changes.pop("n_vocab", None)  # the tokenizer's size, not a preset's
     return changes
 
 
@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _pretrain_parser(sub: Any) -> None:
     p = command(sub, "pretrain", help="pretrain a model (AR or BERT)")
     p.add_argument("--preset", default="igpt-s", choices=sorted(PRESETS), help="model shape (default: igpt-s)")
-    p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl, palette)")
+    p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl, tokenizer)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest checkpoint with its saved configs")
     add_fields(p, ModelConfig, title="model (overrides the preset)", preset=True)
@@ -83,7 +83,7 @@ def _finetune_parser(sub: Any) -> None:
 
 
 def _demo_parser(sub: Any) -> None:
-    p = command(sub, "demo", help="palette -> prepare -> pretrain -> probe -> samples on scikit-learn digits")
+    p = command(sub, "demo", help="palette fit -> prepare -> pretrain -> probe -> samples on scikit-learn digits")
     p.add_argument("--out", default="igpt-demo", help="output directory (default: igpt-demo)")
     p.add_argument("--steps", type=integer, default=300, help="pretraining steps (default: 300)")
     p.add_argument("--seed", type=integer, default=0, help="seed (default: 0)")

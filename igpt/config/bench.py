@@ -50,7 +50,7 @@ class BenchSampleConfig:
     preset: str | None = timed_preset_arg()
     batch_size: int = arg(256, "images sampled at once")
     n_px: int | None = bench_n_px_arg()
-    n_vocab: int = arg(N_VOCAB, "palette size of the random model")
+    n_vocab: int = arg(N_VOCAB, "tokenizer vocabulary of the random model")
     batches: int = arg(2, "timed batches of our sampler")
     warmup: int = arg(1, "untimed batches before timing")
     window: int = same_as(SampleConfig, "window")
@@ -79,7 +79,7 @@ class BenchTrainConfig:
     preset: str | None = timed_preset_arg()
     batch_size: int = arg(32, "images per step; with --max-batch, where the search starts")
     n_px: int | None = bench_n_px_arg()
-    n_vocab: int = arg(N_VOCAB, "palette size of the random model")
+    n_vocab: int = arg(N_VOCAB, "tokenizer vocabulary of the random model")
     objective: str = same_as(TrainConfig, "objective")
     compile: str = arg("auto", "torch.compile our model, as igpt pretrain decides ('auto': on CUDA GPUs with "
                        "triton, off on CPU); compiling happens in the warm-up steps", choices=SWITCH)
@@ -113,9 +113,9 @@ class BenchLoaderConfig:
     batches: int = arg(20, "timed batches")
     warmup: int = arg(2, "untimed batches first")
     device: str = device_arg("where ids are quantized: 'auto', 'cpu', 'cuda'")
-    palette: str | None = arg(None, "tokenizer file, a palette or a VQ-VAE (required for ids data; default: fit "
-                              "a quick palette on 500 training images)", type=str)
-    palette_k: int = arg(N_VOCAB, "colours of the quick palette")
+    tokenizer: str | None = arg(None, "tokenizer file, a palette or a VQ-VAE (required for ids data; default: fit "
+                                "a quick palette on 500 training images)", type=str, old="--palette")
+    vocab_size: int = arg(N_VOCAB, "colours of the quick palette", old="--palette-k")
     seed: int = seed_arg("seed of the order and augmentation")
     any_palette: bool = same_as(EvalDataConfig, "any_palette")
 
@@ -123,7 +123,7 @@ class BenchLoaderConfig:
         check_fields(self)
         require_at_least(self, ("n_px", "batch_size", "batches"), 1)
         require_at_least(self, ("warmup", "workers"), 0)
-        require_at_least(self, ("palette_k",), 2)
+        require_at_least(self, ("vocab_size",), 2)
 
 
 @dataclass(frozen=True)
@@ -204,8 +204,8 @@ class BenchReportConfig:
     warmup: int = arg(3, "untimed training steps first (compilation happens there)")
     data: str = arg("digits", "images for the loader row, any --data igpt pretrain accepts (digits need no "
                     "download; upscaled to the preset's side)", type=str)
-    loader_palette_k: int = arg(256, "colours of the loader's quick palette (upscaled digits hold only 256; 512 "
-                                "for photographs such as CIFAR-10)")
+    loader_vocab_size: int = arg(256, "colours of the loader's quick palette (upscaled digits hold only 256; 512 "
+                                 "for photographs such as CIFAR-10)", old="--loader-palette-k")
     compile: str = arg("auto", "torch.compile our training steps, as igpt pretrain decides ('auto': on CUDA GPUs "
                        "with triton)", choices=SWITCH)
     device: str = device_arg()
@@ -217,4 +217,4 @@ class BenchReportConfig:
         require_positive(self, ("minutes",))
         require_at_least(self, ("train_batch", "sample_batch", "steps"), 1)
         require_at_least(self, ("warmup",), 0)
-        require_at_least(self, ("loader_palette_k",), 2)
+        require_at_least(self, ("loader_vocab_size",), 2)

@@ -63,7 +63,7 @@ class EvalDataConfig:
     """The split of ``--data`` that ``score`` and ``complete`` read."""
 
     data: str | None = arg(None, "dataset (any format 'igpt prepare' reads, or a prepared cache); an ids cache "
-                           "must come from the checkpoint's palette", type=str)
+                           "must come from the checkpoint's tokenizer", type=str)
     split: str | None = arg(None, "split to use (default: test when present, else val)", type=str,
                             choices=("train", "val", "test", "unlabeled", "train_all"))
     val_fraction: float = arg(0.1, "val carved from train when the source has none; match the run's")

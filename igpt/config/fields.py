@@ -31,7 +31,8 @@ def arg(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its CLI help text attached. ``choices`` lists the allowed values; ``type``
     gives the flag's type when the default (None) does not; ``metavar`` names its value in ``--help``;
     ``cli=False`` keeps a field off the command
-    line; ``check(flag, value)`` raises on a value no command can use (``check_fields`` calls it)."""
+    line; ``check(flag, value)`` raises on a value no command can use (``check_fields`` calls it); ``old`` is
+    the flag's old name, which it also answers to for one release."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -61,11 +62,26 @@ def check_types(obj: Any, named: Callable[[str], str] = flag) -> None:
             raise ValueError(f"{named(f.name)} must be {what}{' or null' * optional}, got {value!r}")
 
 
+# Field names release 0.1 wrote into run.json, fit.json and tokenizer headers, and their names now: a
+# tokenizer is no longer called a palette, and the size of any fitted tokenizer is its vocab_size.
+OLD_NAMES = {"palette": "tokenizer", "palette_k": "vocab_size", "codebook_size": "vocab_size",
+             "loader_palette_k": "loader_vocab_size"}
+
+
+def with_new_names(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with each field of ``cls`` that it holds under an old name (``OLD_NAMES``) under its name now."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return {(OLD_NAMES[k] if k in OLD_NAMES and k not in known and OLD_NAMES[k] in known and OLD_NAMES[k] not in d
+             else k): v for k, v in d.items()}
+
+
 def from_json_object(cls: type[C], d: Any, *, refuse_unknown: bool = False) -> C:
     """The config ``cls`` from a JSON object of its fields (keys it does not know are dropped, or refused
-    with ``refuse_unknown``); anything but an object is refused, naming what it is."""
+    with ``refuse_unknown``); anything but an object is refused, naming what it is. A field under its old
+    name (``OLD_NAMES``) reads as the field."""
     if not isinstance(d, dict):
         raise ValueError(f"expected a JSON object of {cls.__name__}'s fields, got a {type(d).__name__}")
+    d = with_new_names(cls, d)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(d) - known)
     if refuse_unknown and unknown:

@@ -33,7 +33,7 @@ class ModelConfig:
     n_head: int = arg(8, "attention heads (n_embd must be divisible by n_head)")
     n_px: int = arg(32, "side of the id grid, the sequence length being n_px**2: the image side in pixels with "
                     "a palette, the code grid's side with a VQ-VAE tokenizer (its input side / its factor)")
-    # Not a flag: the palette decides it (a run's palette is fitted or given, and the model follows).
+    # Not a flag: the tokenizer decides it (a run's tokenizer is fitted or given, and the model follows).
     n_vocab: int = arg(N_VOCAB, "tokenizer vocabulary: palette colours or VQ-VAE codes (512 in the paper)",
                        cli=False)
     dropout: float = arg(0.0, "dropout on attention weights and residual branches (the paper used none)")

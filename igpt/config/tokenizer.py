@@ -21,7 +21,8 @@ class VQConfig:
                           "ImageNet)")
     factor: int = arg(4, "downsampling from the image side to the code grid, a power of 2 (the paper: "
                       "192 -> 48, factor 4)")
-    codebook_size: int = arg(N_VOCAB, "codes in the codebook: the model's vocabulary (512 in the paper)")
+    vocab_size: int = arg(N_VOCAB, "ids of the tokenizer fitted: a VQ-VAE's codebook codes, or a palette's "
+                          "colours (the model's vocabulary; 512 in the paper)", old="--codebook-size")
     code_dim: int = arg(64, "width of each code vector")
     hidden: int = arg(128, "channels of the convolutional encoder and decoder")
     res_blocks: int = arg(2, "residual blocks at the grid resolution, in the encoder and in the decoder")
@@ -33,11 +34,11 @@ class VQConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        require_at_least(self, ("input_side", "factor", "codebook_size", "code_dim", "hidden"), 1)
+        require_at_least(self, ("input_side", "factor", "vocab_size", "code_dim", "hidden"), 1)
         require_at_least(self, ("res_blocks", "dead_code", "commitment", "kmeans_iters"), 0)
         require_fraction(self, "decay")
-        if self.codebook_size < 2:
-            raise ValueError(f"--codebook-size must be >= 2, got {self.codebook_size}")
+        if self.vocab_size < 2:
+            raise ValueError(f"--vocab-size must be >= 2, got {self.vocab_size}")
         if self.factor & (self.factor - 1):
             raise ValueError(f"--factor must be a power of 2, got {self.factor}")
         if self.input_side % self.factor:

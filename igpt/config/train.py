@@ -105,17 +105,18 @@ class DataConfig:
                     "OpenAI's pre-quantized prefix, shards, or a directory written by 'igpt prepare'")
     val_fraction: float = val_fraction_arg()
     resize: str = resize_arg()
-    palette: str | None = arg(None, "tokenizer file: a palette (.npy OpenAI layout or .npz) or a VQ-VAE "
-                              "(.safetensors from 'igpt tokenizer fit'; then --n-px is its grid side); default: "
-                              "fit a palette on the training pixels", type=str)
-    palette_k: int = arg(512, "colours of a palette fitted here (512 in the paper)")
+    tokenizer: str | None = arg(None, "tokenizer file: a palette (.npy OpenAI layout or .npz) or a VQ-VAE "
+                                "(.safetensors from 'igpt tokenizer fit'; then --n-px is its grid side); default: "
+                                "fit a palette on the training pixels", type=str, old="--palette")
+    vocab_size: int = arg(512, "ids of a tokenizer fitted here: a palette's colours (512 in the paper)",
+                          old="--palette-k")
     any_palette: bool = any_palette_arg()
     upscale: bool = upscale_arg()
 
     def __post_init__(self) -> None:
         check_fields(self)
         require_fraction(self, "val_fraction")
-        require_at_least(self, ("palette_k",), 2)
+        require_at_least(self, ("vocab_size",), 2)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ from igpt.atomic import read_json, replacing, write_json
 from igpt.arrays import load_npy
 from igpt.data.imageset import ImageSet, check_labels
 from igpt.data.splits import RawSplit, carve_val, first_available, split_indices
-from igpt.tokenizers import AnyTokenizer
+from igpt.tokenizers import AnyTokenizer, recorded_fingerprint
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -90,7 +90,7 @@ def open_cache(root: Path, names: tuple[str, ...], n_px: int) -> tuple[ImageSet,
         x, labels = _cache_split(root, meta, "train" if split == "train_all" else split)
     pixels, ids = (x, None) if meta["kind"] == "pixels" else (None, x)
     classes = meta.get("classes") if labels is not None else None  # as the direct path: unlabelled, no classes
-    return ImageSet(n_px, pixels, ids, labels, classes, meta.get("palette_fingerprint"), str(root)), split
+    return ImageSet(n_px, pixels, ids, labels, classes, recorded_fingerprint(meta), str(root)), split
 
 
 def _write_array(out_dir: Path, name: str, arr: np.ndarray, bar, encode=None, tokens: int = 0) -> None:
@@ -113,22 +113,22 @@ def _write_array(out_dir: Path, name: str, arr: np.ndarray, bar, encode=None, to
         del out  # close the map before the rename
 
 
-def _encoder(palette: AnyTokenizer):
+def _encoder(tokenizer: AnyTokenizer):
     def encode(chunk: np.ndarray) -> np.ndarray:  # (n, n_px, n_px, 3) uint8 -> (n, T) uint16
-        ids = palette.encode(chunk).cpu().numpy()
+        ids = tokenizer.encode(chunk).cpu().numpy()
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint16).max):
-            raise ValueError(f"palette produced ids {ids.min()}..{ids.max()}, which do not fit uint16")
+            raise ValueError(f"tokenizer produced ids {ids.min()}..{ids.max()}, which do not fit uint16")
         return ids.reshape(len(chunk), -1).astype(np.uint16)
 
     return encode
 
 
 def write_cache(raw: dict[str, RawSplit], out_dir: str | Path, *, source: str, n_px: int,
-                palette: AnyTokenizer | None = None, val_fraction: float = 0.1, seed: int = 0, resize: str = "center",
+                tokenizer: AnyTokenizer | None = None, val_fraction: float = 0.1, seed: int = 0, resize: str = "center",
                 progress: bool = True) -> dict[str, Any]:
     """Carve val out of the read splits ``raw`` and write the cache described in the module docstring.
-    Returns meta. With ``palette``, pixels are stored as its ids and its fingerprint is recorded; OpenAI's
-    pre-quantized files are stored as ids either way (fingerprint recorded only when a palette is given)."""
+    Returns meta. With ``tokenizer``, pixels are stored as its ids and its fingerprint is recorded; OpenAI's
+    pre-quantized files are stored as ids either way (fingerprint recorded only when a tokenizer is given)."""
     from tqdm.auto import tqdm
 
     splits, carved = carve_val(raw, val_fraction, seed)
@@ -136,9 +136,9 @@ def write_cache(raw: dict[str, RawSplit], out_dir: str | Path, *, source: str, n
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)  # from here until the end, out_dir is not a complete cache
-    kind = "ids" if palette is not None or any(s.ids is not None for s in splits.values()) else "pixels"
-    encode = _encoder(palette) if palette is not None else None
-    grid = getattr(palette, "grid", None) or n_px  # a VQ-VAE's grid is its own; a palette's is n_px
+    kind = "ids" if tokenizer is not None or any(s.ids is not None for s in splits.values()) else "pixels"
+    encode = _encoder(tokenizer) if tokenizer is not None else None
+    grid = getattr(tokenizer, "grid", None) or n_px  # a VQ-VAE's grid is its own; a palette's is n_px
     entries = {}
     with tqdm(total=sum(map(len, splits.values())), desc=f"prepare {out}", unit="img", disable=not progress) as bar:
         for name, s in splits.items():
@@ -152,7 +152,7 @@ def write_cache(raw: dict[str, RawSplit], out_dir: str | Path, *, source: str, n
     classes = next((s.classes for s in splits.values() if s.classes is not None), None)
     meta = {"format_version": FORMAT_VERSION, "n_px": n_px, "grid": grid, "kind": kind, "splits": entries,
             "classes": classes,
-            "palette_fingerprint": palette.fingerprint() if palette is not None else None, "source": source,
+            "tokenizer_fingerprint": tokenizer.fingerprint() if tokenizer is not None else None, "source": source,
             "val_fraction": val_fraction, "seed": seed, "resize": resize, "val_carved": carved}
     write_json(out / META, meta)  # last: its presence means every file above is complete
     return meta

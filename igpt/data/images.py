@@ -121,11 +121,11 @@ def images_to_pixels(images: ImageLike | Sequence[ImageLike], n_px: int, resize:
     return out
 
 
-def encode_images(images: ImageLike | Sequence[ImageLike], palette: AnyTokenizer, n_px: int,
+def encode_images(images: ImageLike | Sequence[ImageLike], tokenizer: AnyTokenizer, n_px: int,
                   resize: str = "center") -> torch.Tensor:
     """``igpt.encode_images``: image files, PIL images or uint8 arrays -> ids (B, n_px**2) int64, ready for
     ``model(ids)``: the training resize (``images_to_pixels``) to the side the tokenizer reads
-    (``palette.pixel_side(n_px)``: n_px for a palette, a VQ-VAE's input side), then ``palette.encode``.
+    (``tokenizer.pixel_side(n_px)``: n_px for a palette, a VQ-VAE's input side), then ``tokenizer.encode``.
     ``n_px`` is the model's, the side of its id grid."""
-    pixels = images_to_pixels(images, palette.pixel_side(n_px), resize)  # (B, side, side, 3)
-    return palette.encode(pixels).reshape(len(pixels), n_px * n_px)
+    pixels = images_to_pixels(images, tokenizer.pixel_side(n_px), resize)  # (B, side, side, 3)
+    return tokenizer.encode(pixels).reshape(len(pixels), n_px * n_px)

@@ -16,7 +16,7 @@ class ImageSet:
     ids: np.ndarray | None  # (N, T) uint16, possibly np.memmap
     labels: np.ndarray | None  # (N,) int64
     classes: list[str] | None
-    palette_fingerprint: str | None  # set when the ids were made by one of our palettes
+    tokenizer_fingerprint: str | None  # set when the ids were made by one of our tokenizers
     source: str  # the --data spec, for messages
 
     def __len__(self) -> int:
@@ -26,7 +26,7 @@ class ImageSet:
         """The images ``index`` of this split, as a new in-memory ImageSet."""
         pick = (lambda a: None if a is None else np.asarray(a[index]))
         return ImageSet(self.n_px, pick(self.pixels), pick(self.ids), pick(self.labels), self.classes,
-                        self.palette_fingerprint, self.source)
+                        self.tokenizer_fingerprint, self.source)
 
 
 def check_labels(labels: np.ndarray, classes: list[str] | None, where: str) -> np.ndarray:
@@ -44,28 +44,28 @@ def check_labels(labels: np.ndarray, classes: list[str] | None, where: str) -> n
     return labels.astype(np.int64, copy=False)
 
 
-def check_ids(images: ImageSet, palette: AnyTokenizer, *, any_palette: bool = False) -> None:
-    """The one check that ids fit a palette: ids made by another of our palettes (by fingerprint), ids past
-    the palette's size, or ids without a fingerprint (OpenAI's pre-quantized files, and caches prepared from
-    them without a palette) met by a palette that is not OpenAI's (``Palette.looks_like_openai``), unless
+def check_ids(images: ImageSet, tokenizer: AnyTokenizer, *, any_palette: bool = False) -> None:
+    """The one check that ids fit a tokenizer: ids made by another of our tokenizers (by fingerprint), ids
+    past its size, or ids without a fingerprint (OpenAI's pre-quantized files, and caches prepared from them
+    without a tokenizer) met by a tokenizer that is not OpenAI's palette (``looks_like_openai``), unless
     ``any_palette``, are an error naming the data and the palette. Pixels need no check (they are
-    quantized with ``palette``)."""
+    quantized with ``tokenizer``)."""
     if images.ids is None:
         return
-    have = palette.fingerprint()
-    word, unit = ("palette", "colours") if palette.kind == "palette" else ("tokenizer", "codes")
-    if images.palette_fingerprint is not None and images.palette_fingerprint != have:
-        raise ValueError(f"--data {images.source}: ids were made with {word} {images.palette_fingerprint} "
-                         f"but the {word} given is {palette.describe()}; use the {word} that prepared the data "
+    have = tokenizer.fingerprint()
+    word, unit = ("palette", "colours") if tokenizer.kind == "palette" else ("tokenizer", "codes")
+    if images.tokenizer_fingerprint is not None and images.tokenizer_fingerprint != have:
+        raise ValueError(f"--data {images.source}: ids were made with {word} {images.tokenizer_fingerprint} "
+                         f"but the {word} given is {tokenizer.describe()}; use the {word} that prepared the data "
                          "or prepare again")
     top = int(np.max(images.ids)) if len(images) else -1
-    if top >= palette.k:
-        raise ValueError(f"--data {images.source}: holds ids up to {top}, past the {palette.k} {unit} (ids "
-                         f"0..{palette.k - 1}) of {word} {palette.describe()}; use the {word} the data was "
+    if top >= tokenizer.k:
+        raise ValueError(f"--data {images.source}: holds ids up to {top}, past the {tokenizer.k} {unit} (ids "
+                         f"0..{tokenizer.k - 1}) of {word} {tokenizer.describe()}; use the {word} the data was "
                          "made with")
-    if images.palette_fingerprint is None and not any_palette and not palette.looks_like_openai():
-        fitted = " and was fitted by igpt" if palette.meta else ""
+    if images.tokenizer_fingerprint is None and not any_palette and not tokenizer.looks_like_openai():
+        fitted = " and was fitted by igpt" if tokenizer.meta else ""
         raise ValueError(f"--data {images.source}: holds OpenAI's pre-quantized ids, which record no palette, but "
-                         f"{word} {palette.describe()} is not OpenAI's kmeans_centers.npy: it has {palette.k} "
+                         f"{word} {tokenizer.describe()} is not OpenAI's kmeans_centers.npy: it has {tokenizer.k} "
                          f"{unit}{fitted} (theirs: 512 colours, no fit metadata); use that file, or --any-palette to "
                          "accept this one")

@@ -12,7 +12,7 @@ it (or write it) whatever it is.
 | ``folder`` | images: class sub-folders, ``train``/``val``/``test`` sub-folders, or flat                 |
 
 - ``open_split``: one split as an ``ImageSet`` (arrays, or memory maps of a cache);
-- ``open_labelled``: a labelled split whose ids fit a checkpoint's palette (probes, fine-tuning);
+- ``open_labelled``: a labelled split whose ids fit a checkpoint's tokenizer (probes, fine-tuning);
 - ``open_eval``: the split a model is scored or completed on (test when there is one, else val);
 - ``open_training``: the training stream and validation set of a pretraining run;
 - ``prepare``: a cache or shards written from any other kind.
@@ -119,23 +119,23 @@ def _first_split(data: str | Path | DataSpec, names: tuple[str, ...], n_px: int,
     return ImageSet(n_px, s.pixels, s.ids, s.labels, s.classes, None, d.spec), split
 
 
-def open_labelled(data: str | Path, split: str, *, n_px: int, palette: AnyTokenizer, val_fraction: float = 0.1,
+def open_labelled(data: str | Path, split: str, *, n_px: int, tokenizer: AnyTokenizer, val_fraction: float = 0.1,
                   seed: int = 0, resize: str = "center", any_palette: bool = False) -> ImageSet:
-    """A labelled split whose ids fit ``palette`` (``check_ids``): for probes and fine-tuning."""
+    """A labelled split whose ids fit ``tokenizer`` (``check_ids``): for probes and fine-tuning."""
     images = open_split(data, split, n_px=n_px, val_fraction=val_fraction, seed=seed, resize=resize)
     if images.labels is None:
         raise ValueError(f"--data {data}: the {split!r} split has no labels; a probe or fine-tune needs labelled "
                          "images (class sub-folders, y_train/y_test arrays, ...)")
-    check_ids(images, palette, any_palette=any_palette)
+    check_ids(images, tokenizer, any_palette=any_palette)
     return images
 
 
-def open_eval(data: str | Path, split: str | None, *, n_px: int, palette: AnyTokenizer, val_fraction: float = 0.1,
+def open_eval(data: str | Path, split: str | None, *, n_px: int, tokenizer: AnyTokenizer, val_fraction: float = 0.1,
               seed: int = 0, resize: str = "center", any_palette: bool = False) -> tuple[ImageSet, str]:
     """(images, split name) that a model is scored or completed on: ``split``, or test when the data has
-    one and val otherwise. Their ids must fit ``palette``."""
+    one and val otherwise. Their ids must fit ``tokenizer``."""
     images, name = _first_split(data, (split,) if split else ("test", "val"), n_px, val_fraction, seed, resize)
-    check_ids(images, palette, any_palette=any_palette)
+    check_ids(images, tokenizer, any_palette=any_palette)
     return images, name
 
 
@@ -237,31 +237,31 @@ def identity(data: str | Path | DataSpec) -> dict[str, Any]:
 # ---- writing: caches and shards
 
 
-def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: AnyTokenizer | None = None, shards: int = 0,
+def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, tokenizer: AnyTokenizer | None = None, shards: int = 0,
             val_fraction: float = 0.1, seed: int = 0, resize: str = "center", on_error: str = "stop",
             overwrite: bool = False, any_palette: bool = False, upscale: bool = False,
             progress: bool = True) -> dict[str, Any]:
-    """Write ``data`` as a cache (``igpt.data.cache``; ids with ``palette``, which may be any tokenizer, else
+    """Write ``data`` as a cache (``igpt.data.cache``; ids with ``tokenizer``, else
     pixels) or, with ``shards`` images per shard, as tar shards (``igpt.data.shard_writer``). Returns their
     metadata. ``n_px`` is the image side: a VQ-VAE tokenizer needs its own input side, and images smaller than
     that are enlarged only with ``upscale`` (``check_upscale``). Ids that are read, not made (OpenAI's
-    files), must fit ``palette`` (``check_ids``), whose fingerprint the cache records. An existing
+    files), must fit ``tokenizer`` (``check_ids``), whose fingerprint the cache records. An existing
     ``out_dir`` is refused unless ``overwrite``."""
     check_seed("--seed", seed)  # the carve's default_rng would refuse a negative one without naming it
     d = resolve(data)
     check_output(out_dir, "--out", overwrite=overwrite)
-    side = getattr(palette, "input_side", None)  # None for a palette, or any quantizer with its interface
+    side = getattr(tokenizer, "input_side", None)  # None for a palette, or any quantizer with its interface
     if side is not None:  # a VQ-VAE reads one image side only
         if n_px != side:
-            raise ValueError(f"--n-px {n_px}: tokenizer {palette.describe()} reads {palette.input_side}x"
-                             f"{palette.input_side} images; prepare with --n-px {palette.input_side}")
+            raise ValueError(f"--n-px {n_px}: tokenizer {tokenizer.describe()} reads {tokenizer.input_side}x"
+                             f"{tokenizer.input_side} images; prepare with --n-px {tokenizer.input_side}")
         check_upscale(d.spec, n_px, upscale)
     if d.kind in ("cache", "shards"):
         what = "a prepared cache" if d.kind == "cache" else "a shards directory"
         raise ValueError(f"--data {data} is already {what}; use it directly")
     created = not Path(out_dir).exists()
     try:
-        return _prepare(d, out_dir, n_px, palette, shards, val_fraction, seed, resize, on_error, any_palette,
+        return _prepare(d, out_dir, n_px, tokenizer, shards, val_fraction, seed, resize, on_error, any_palette,
                         progress)
     except Exception:
         if created:  # a bad input (an unreadable image, ...) leaves no half-made output behind
@@ -269,12 +269,12 @@ def prepare(data: str | Path, out_dir: str | Path, *, n_px: int, palette: AnyTok
         raise
 
 
-def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: AnyTokenizer | None, shards: int,
+def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, tokenizer: AnyTokenizer | None, shards: int,
              val_fraction: float, seed: int, resize: str, on_error: str, any_palette: bool,
              progress: bool) -> dict[str, Any]:
     if shards:
-        if palette is not None:
-            raise ValueError("--shards stores images, not palette ids: leave out --palette (training quantizes)")
+        if tokenizer is not None:
+            raise ValueError("--shards stores images, not ids: leave out --tokenizer (training quantizes)")
         if d.kind == "folder":  # files are copied as they are, at full resolution
             return shard_writer.write_folder_shards(Path(d.path), out_dir, per_shard=shards, val_fraction=val_fraction,
                                                     seed=seed, on_error=on_error, progress=progress)
@@ -282,10 +282,10 @@ def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: AnyTokenizer 
         return shard_writer.write_array_shards(raw, out_dir, source=d.spec, n_px=n_px, per_shard=shards,
                                                val_fraction=val_fraction, seed=seed, progress=progress)
     raw = sources.read(d.kind, d.path, n_px, resize=resize, on_error=on_error)
-    if palette is not None:  # before the cache records the palette's fingerprint for ids it did not make
+    if tokenizer is not None:  # before the cache records the tokenizer's fingerprint for ids it did not make
         for s in raw.values():
-            check_ids(ImageSet(n_px, None, s.ids, None, None, None, d.spec), palette, any_palette=any_palette)
-    return cache.write_cache(raw, out_dir, source=d.spec, n_px=n_px, palette=palette, val_fraction=val_fraction,
+            check_ids(ImageSet(n_px, None, s.ids, None, None, None, d.spec), tokenizer, any_palette=any_palette)
+    return cache.write_cache(raw, out_dir, source=d.spec, n_px=n_px, tokenizer=tokenizer, val_fraction=val_fraction,
                              seed=seed, resize=resize, progress=progress)
 
 
@@ -294,10 +294,10 @@ def _prepare(d: DataSpec, out_dir: str | Path, n_px: int, palette: AnyTokenizer 
 
 @dataclass
 class TrainingData:
-    fit_set: ImageSet  # images to fit or check the palette on (all of train when it is in memory)
+    fit_set: ImageSet  # images to fit or check the tokenizer on (all of train when it is in memory)
     n_train: int  # training images (one epoch)
     val_set: ImageSet | None  # None without a validation split, or when not asked for
-    make_stream: Callable[[AnyTokenizer], Any]  # palette -> stream with next() -> ids (rows, T) on the device
+    make_stream: Callable[[AnyTokenizer], Any]  # tokenizer -> stream with next() -> ids (rows, T) on the device
 
 
 def open_training(data: str | Path, n_px: int, *, batch_size: int, seed: int, device: torch.device,
@@ -323,10 +323,10 @@ def open_training(data: str | Path, n_px: int, *, batch_size: int, seed: int, de
         except ValueError as e:
             log.warning("no validation split, so no validation loss: %s", e)
 
-    def make_stream(palette: AnyTokenizer) -> BatchStream:
-        if val is not None:  # the run checks train against its palette; val is first read at an evaluation
-            check_ids(val, palette, any_palette=any_palette)
-        return BatchStream(train, batch_size, seed, palette, device, augment, rows)
+    def make_stream(tokenizer: AnyTokenizer) -> BatchStream:
+        if val is not None:  # the run checks train against its tokenizer; val is first read at an evaluation
+            check_ids(val, tokenizer, any_palette=any_palette)
+        return BatchStream(train, batch_size, seed, tokenizer, device, augment, rows)
 
     return TrainingData(train, len(train), val, make_stream)
 
@@ -346,8 +346,8 @@ def _shard_training(d: DataSpec, n_px: int, batch_size: int, seed: int, device: 
         n = len(v) if val_images == 0 else min(len(v), val_images)
         val = ImageSet(n_px, shard_streams.decode_images(v, n_px, sample_indices(len(v), n, seed)), None, None,
                        None, None, f"{d.spec} (val)")
-    return TrainingData(fit, len(train), val, lambda palette: shard_streams.ShardStream(
-        train, batch_size, seed, palette, device, n_px, augment, workers, rows))
+    return TrainingData(fit, len(train), val, lambda tokenizer: shard_streams.ShardStream(
+        train, batch_size, seed, tokenizer, device, n_px, augment, workers, rows))
 
 
 def _folder_training(d: DataSpec, n_px: int, batch_size: int, seed: int, device: torch.device, workers: int,
@@ -374,5 +374,5 @@ def _folder_training(d: DataSpec, n_px: int, batch_size: int, seed: int, device:
         val = ImageSet(n_px, pixels, None, labels, images.classes, None, f"{d.spec} (val carve)")
     fit_idx = np.random.default_rng(seed).permutation(train_idx)[:PALETTE_FIT_IMAGES]
     fit = ImageSet(n_px, np.stack([view[int(i)][0].numpy() for i in fit_idx]), None, None, None, None, d.spec)
-    return TrainingData(fit, len(train_idx), val, lambda palette: FolderStream(
-        images, train_idx, batch_size, seed, palette, device, workers, rows))
+    return TrainingData(fit, len(train_idx), val, lambda tokenizer: FolderStream(
+        images, train_idx, batch_size, seed, tokenizer, device, workers, rows))

@@ -160,7 +160,7 @@ class ShardStream(WorkerStream):
     """Endless micro-batches from a shards split (``WorkerStream``'s contract). ``augment``: "none", "cifar"
     (on the device, draws for the whole global batch sliced by ``rows``) or "imagenet" (in the ``workers``)."""
 
-    def __init__(self, split: ShardSplit, batch_size: int, seed: int, palette: AnyTokenizer, device: torch.device,
+    def __init__(self, split: ShardSplit, batch_size: int, seed: int, tokenizer: AnyTokenizer, device: torch.device,
                  n_px: int, augment: str = "none", workers: int = 0, rows: slice = slice(None)) -> None:
         if len(split) < batch_size:
             raise ValueError(f"{split.tars[0].parent}: {len(split)} {split.name} images is fewer than "
@@ -168,7 +168,7 @@ class ShardStream(WorkerStream):
         if augment not in ("none", "cifar", "imagenet"):
             raise ValueError(f"--augment must be 'none', 'cifar' or 'imagenet', got {augment!r}")
         images = ShardImages(split, n_px, augment="imagenet" if augment == "imagenet" else "center", seed=seed)
-        super().__init__(images, len(split), batch_size, seed, palette, device, workers, rows)
+        super().__init__(images, len(split), batch_size, seed, tokenizer, device, workers, rows)
         self.split, self.n_px, self.augment = split, n_px, augment
 
     def _keys(self) -> _RankKeys:

@@ -169,7 +169,7 @@ def write_array_shards(raw: dict[str, RawSplit], out_dir: str | os.PathLike, *, 
     """Splits read at ``n_px`` (npz, CIFAR, digits, ...) as lossless PNGs in tar shards of ``per_shard``
     images. Returns the contents of shards.json."""
     if any(s.pixels is None for s in raw.values()):
-        raise ValueError(f"--data {source} holds palette ids, not images: --shards stores images; use prepare "
+        raise ValueError(f"--data {source} holds ids, not images: --shards stores images; use prepare "
                          "without --shards")
     plans = {name: _Plan(len(s), _png_loader(s.pixels), s.labels, np.arange(len(s))) for name, s in raw.items()}
     classes = next((s.classes for s in raw.values() if s.classes is not None), None)

@@ -21,7 +21,7 @@ from igpt.tokenizers import AnyTokenizer
 from igpt.runtime import derived_generator
 
 
-def to_ids(data: ImageSet, index: np.ndarray, palette: AnyTokenizer, device: torch.device,
+def to_ids(data: ImageSet, index: np.ndarray, tokenizer: AnyTokenizer, device: torch.device,
            augment: str = "none", generator: torch.Generator | None = None,
            rows: slice = slice(None)) -> torch.Tensor:
     """Images ``index[rows]`` of ``data`` as ids (B, T) int64 on ``device``. Pixels are moved as uint8 (4x
@@ -37,13 +37,13 @@ def to_ids(data: ImageSet, index: np.ndarray, palette: AnyTokenizer, device: tor
         pixels = torch.from_numpy(np.ascontiguousarray(data.pixels[index])).to(device, non_blocking=True)
         if params is not None:
             pixels = cifar_augment(pixels, None, params=params)  # (B, n, n, 3)
-        return palette.encode(pixels).reshape(len(index), -1)  # a palette's (B, n, n) or a VQ-VAE's (B, g, g)
+        return tokenizer.encode(pixels).reshape(len(index), -1)  # a palette's (B, n, n) or a VQ-VAE's (B, g, g)
     ids = torch.from_numpy(np.ascontiguousarray(data.ids[index]).astype(np.int64)).to(device)  # (B, T)
     if params is not None:
         if ids.shape[1] != n * n:
             raise ValueError(f"--data {data.source}: its ids are a {math.isqrt(ids.shape[1])}-wide grid of VQ-VAE "
                              f"codes of {n}x{n} images, which --augment cifar cannot shift by pixels; prepare "
-                             "the images without --palette to augment them")
+                             "the images without --tokenizer to augment them")
         ids = cifar_augment(ids.view(-1, n, n, 1), None, params=params).reshape(len(index), n * n)
     return ids
 
@@ -52,13 +52,13 @@ class BatchStream:
     """Endless micro-batches of ``batch_size`` images, reshuffled each epoch; the last partial batch of an
     epoch is dropped, as image-gpt's ``iter_data(truncate=True)`` does."""
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, palette: AnyTokenizer, device: torch.device,
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, tokenizer: AnyTokenizer, device: torch.device,
                  augment: str = "none", rows: slice = slice(None)) -> None:
         if len(data) < batch_size:
             raise ValueError(f"{data.source}: {len(data)} training images is fewer than --batch-size "
                              f"{batch_size}")
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.palette, self.device, self.augment, self.rows = palette.to(device), device, augment, rows
+        self.tokenizer, self.device, self.augment, self.rows = tokenizer.to(device), device, augment, rows
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation(0)
 
@@ -79,17 +79,17 @@ class BatchStream:
         index = self._perm[self.pos:self.pos + self.batch_size]
         generator = derived_generator(self.seed, self.epoch, self.pos) if self.augment != "none" else None
         self.pos += self.batch_size
-        return to_ids(self.data, index, self.palette, self.device, self.augment, generator, self.rows)
+        return to_ids(self.data, index, self.tokenizer, self.device, self.augment, generator, self.rows)
 
 
-def fixed_batches(data: ImageSet, batch_size: int, n_batches: int, palette: AnyTokenizer,
+def fixed_batches(data: ImageSet, batch_size: int, n_batches: int, tokenizer: AnyTokenizer,
                   device: torch.device) -> Iterator[torch.Tensor]:
     """The first ``n_batches`` batches of ``data`` in stored order, unaugmented (for evaluation); the last
     batch may be smaller. ``n_batches=0`` means the whole split."""
     n = len(data) if n_batches == 0 else min(len(data), n_batches * batch_size)
-    palette = palette.to(device)
+    tokenizer = tokenizer.to(device)
     for start in range(0, n, batch_size):
-        yield to_ids(data, np.arange(start, min(n, start + batch_size)), palette, device)
+        yield to_ids(data, np.arange(start, min(n, start + batch_size)), tokenizer, device)
 
 
 class WorkerStream:
@@ -99,9 +99,9 @@ class WorkerStream:
     ``pos`` on (``_keys``), and may augment the batch on the device (``_augment``)."""
 
     def __init__(self, images: torch.utils.data.Dataset, n_items: int, batch_size: int, seed: int,
-                 palette: AnyTokenizer, device: torch.device, workers: int, rows: slice) -> None:
+                 tokenizer: AnyTokenizer, device: torch.device, workers: int, rows: slice) -> None:
         self.images, self.n_items, self.batch_size, self.seed = images, n_items, batch_size, seed
-        self.palette, self.device, self.workers, self.rows = palette.to(device), device, workers, rows
+        self.tokenizer, self.device, self.workers, self.rows = tokenizer.to(device), device, workers, rows
         self.epoch, self.pos, self._it = 0, 0, None
 
     def state_dict(self) -> dict[str, int]:
@@ -127,7 +127,7 @@ class WorkerStream:
         pixels, _ = next(self._it)  # (rows, n_px, n_px, 3) uint8
         pixels = self._augment(pixels.to(self.device, non_blocking=True))
         self.pos += self.batch_size
-        return self.palette.encode(pixels).view(len(pixels), -1)
+        return self.tokenizer.encode(pixels).view(len(pixels), -1)
 
 
 class FolderStream(WorkerStream):
@@ -136,11 +136,11 @@ class FolderStream(WorkerStream):
     list is held in memory. Order from (seed, epoch), per-image randomness from (seed, epoch, index) inside
     ``FolderImages``."""
 
-    def __init__(self, images: FolderImages, index: np.ndarray, batch_size: int, seed: int, palette: AnyTokenizer,
+    def __init__(self, images: FolderImages, index: np.ndarray, batch_size: int, seed: int, tokenizer: AnyTokenizer,
                  device: torch.device, workers: int, rows: slice = slice(None)) -> None:
         if len(index) < batch_size:
             raise ValueError(f"{len(index)} training images is fewer than --batch-size {batch_size}")
-        super().__init__(images, len(index), batch_size, seed, palette, device, workers, rows)
+        super().__init__(images, len(index), batch_size, seed, tokenizer, device, workers, rows)
         self.index = index
 
     def _keys(self) -> list[tuple[int, int]]:
@@ -161,10 +161,10 @@ class LabelledBatchStream(BatchStream):
     """A BatchStream that also yields each batch's labels: ``next()`` -> (ids (B, T), labels (B,)). Same
     order, augmentation and resumable state as the unlabelled stream (fine-tuning)."""
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, palette: AnyTokenizer, device: torch.device,
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, tokenizer: AnyTokenizer, device: torch.device,
                  augment: str = "none") -> None:
         _labels_of(data, np.arange(0), device)  # fail before the first batch, not at it
-        super().__init__(data, batch_size, seed, palette, device, augment)
+        super().__init__(data, batch_size, seed, tokenizer, device, augment)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         ids = super().next()
@@ -172,12 +172,12 @@ class LabelledBatchStream(BatchStream):
         return ids, _labels_of(self.data, index, self.device)
 
 
-def labelled_batches(data: ImageSet, batch_size: int, palette: AnyTokenizer,
+def labelled_batches(data: ImageSet, batch_size: int, tokenizer: AnyTokenizer,
                      device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """All of ``data`` in stored order, unaugmented, as (ids (B, T), labels (B,)); the last batch may be
     smaller (evaluation)."""
     _labels_of(data, np.arange(0), device)
-    palette = palette.to(device)
+    tokenizer = tokenizer.to(device)
     for start in range(0, len(data), batch_size):
         index = np.arange(start, min(len(data), start + batch_size))
-        yield to_ids(data, index, palette, device), _labels_of(data, index, device)
+        yield to_ids(data, index, tokenizer, device), _labels_of(data, index, device)

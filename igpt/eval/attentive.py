@@ -79,7 +79,7 @@ class _Trunk:
     """The frozen model and how it is read."""
 
     model: GPT
-    palette: AnyTokenizer
+    tokenizer: AnyTokenizer
     layers: list[int]
     device: torch.device
     dtype: torch.dtype
@@ -88,7 +88,7 @@ class _Trunk:
     @torch.no_grad()
     def states(self, images: ImageSet, index: np.ndarray, *keys: int) -> dict[int, torch.Tensor]:
         """{layer: token states (B, T, D) float32} of ``images[index]``; BERT masks drawn from ``keys``."""
-        ids = to_ids(images, index, self.palette, self.device)  # (B, T)
+        ids = to_ids(images, index, self.tokenizer, self.device)  # (B, T)
         keep = None
         if self.mask_prob is not None:
             keep = sample_keep_mask(tuple(ids.shape), self.mask_prob, derived_generator(*keys), self.device)
@@ -123,7 +123,7 @@ def _accuracies(trunk: _Trunk, heads: dict[tuple[int, float], AttentiveHead], im
     return {key: n / max(1, len(index)) for key, n in correct.items()}
 
 
-def attentive_probe(model: GPT, palette: AnyTokenizer, train: ImageSet, test: ImageSet, layers: list[int],
+def attentive_probe(model: GPT, tokenizer: AnyTokenizer, train: ImageSet, test: ImageSet, layers: list[int],
                     cfg: AttentiveConfig = AttentiveConfig(), *, val_fraction: float = 0.1, seed: int = 0,
                     device: str | torch.device = "cpu", dtype: str = "auto", mask_prob: float | None = None,
                     progress: bool = False) -> dict[int, dict[str, Any]]:
@@ -135,7 +135,7 @@ def attentive_probe(model: GPT, palette: AnyTokenizer, train: ImageSet, test: Im
     if not layers or min(layers) < 0 or max(layers) > L:
         raise ValueError(f"attentive probe layers must lie in 0..{L}, got {layers}")
     dev = resolve_device(str(device))
-    trunk = _Trunk(model.to(dev).eval(), palette.to(dev), sorted(set(layers)), dev, resolve_dtype(dtype, dev),
+    trunk = _Trunk(model.to(dev).eval(), tokenizer.to(dev), sorted(set(layers)), dev, resolve_dtype(dtype, dev),
                    None if model.causal else mask_prob)
     y_all = np.asarray(train.labels).astype(np.int64)
     if len(y_all) == 0 or len(test) == 0 or int(min(y_all.min(), np.min(test.labels))) < 0:
@@ -199,15 +199,15 @@ def attentive_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path,
     ``out_dir/metrics.json`` and returns the updated metrics."""
     path = Path(out_dir) / "metrics.json"
     metrics = read_json(path) if path.is_file() else {}
-    _, (model, palette, record) = load_located(checkpoint)
+    _, (model, tokenizer, record) = load_located(checkpoint)
     layers = cfg.layers(model.config.n_layer, metrics.get("best_layer"))
-    side = palette.pixel_side(model.config.n_px)  # the image side its tokenizer reads
-    images = {split: open_labelled(data, split, n_px=side, palette=palette, resize=resize, any_palette=any_palette)
+    side = tokenizer.pixel_side(model.config.n_px)  # the image side its tokenizer reads
+    images = {split: open_labelled(data, split, n_px=side, tokenizer=tokenizer, resize=resize, any_palette=any_palette)
               for split in ("train_all", "test")}
     mask_prob = None
     if not model.causal and feat_cfg.bert_mask:
         mask_prob = record.reading.mask_prob if feat_cfg.mask_prob == -1 else feat_cfg.mask_prob
-    results = attentive_probe(model, palette, images["train_all"], images["test"], layers, cfg,
+    results = attentive_probe(model, tokenizer, images["train_all"], images["test"], layers, cfg,
                               val_fraction=probe_cfg.val_fraction, seed=probe_cfg.seed, device=feat_cfg.device,
                               dtype=feat_cfg.dtype, mask_prob=mask_prob, progress=progress)
     layer_results = {str(layer): r for layer, r in results.items()}

@@ -2,7 +2,7 @@
 
 The images are resized exactly as the fine-tune resized its data (the ``resize`` recorded in the run's
 finetune.json, ``igpt.weights.card.run_facts``; ``center`` when the checkpoint stands alone), quantized
-with the checkpoint's palette, and read as the head was trained: the mean over positions of the normed
+with the checkpoint's tokenizer, and read as the head was trained: the mean over positions of the normed
 features of the layer the checkpoint records (the final norm unless it was fine-tuned with --head-layer), a
 bias-free linear map, softmax. A BERT trunk reads them masked, as it was trained and as the fine-tune
 evaluated it (the paper: "at evaluation the BERT model's inputs must also be masked"): at the rate the
@@ -42,9 +42,9 @@ def classify(checkpoint: str | Path, images: ImageLike | Sequence[ImageLike],
         if isinstance(item, (str, os.PathLike)) and not Path(item).is_file():
             raise FileNotFoundError(f"{item}: no such image file")  # before the checkpoint is read
     ckpt_dir = locate(checkpoint)
-    model, head, palette, record = load_classifier(ckpt_dir, device)
+    model, head, tokenizer, record = load_classifier(ckpt_dir, device)
     resize = resize or run_facts(ckpt_dir).get("resize", "center")
-    ids = encode_images(images, palette, model.config.n_px, resize)  # (B, T)
+    ids = encode_images(images, tokenizer, model.config.n_px, resize)  # (B, T)
     ids, layer, reading = ids.to(device), record.head_layer, record.reading
     probs = torch.zeros(len(ids), head.out_features, device=device)  # (B, n_classes)
     n_masks = 1 if reading.causal else cfg.n_masks

@@ -9,7 +9,7 @@ so host memory holds one batch of activations whatever the size of the split. Th
 give the same key.
 
 The key hashes what the features depend on: the checkpoint (path, step, size and mtime of its files,
-palette fingerprint; or any caller-given identity such as a random init's config and seed), the *content*
+tokenizer fingerprint; or any caller-given identity such as a random init's config and seed), the *content*
 of the split (pixels or ids and labels), the layers, the storage dtype and every extraction option below.
 
 BERT checkpoints are read bidirectionally. By default their inputs are masked as in training (each
@@ -107,7 +107,7 @@ def _mask_range(cfg: FeatureConfig, mask_index: int | None) -> range:
     return range(cfg.n_masks) if mask_index is None else range(mask_index, mask_index + 1)
 
 
-def _batches(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: FeatureConfig, layers: list[int], start: int,
+def _batches(model: GPT, images: ImageSet, tokenizer: AnyTokenizer, cfg: FeatureConfig, layers: list[int], start: int,
              mask_index: int | None) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
     """(batch start, {layer: (B, D) float32}) from image ``start`` on. Batches start at multiples of the
     batch size, as in one uninterrupted pass (the BERT masks are drawn from each batch's start), so a
@@ -115,12 +115,12 @@ def _batches(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: FeatureCo
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model = model.to(device).eval()
-    palette = palette.to(device)
+    tokenizer = tokenizer.to(device)
     masks = _mask_range(cfg, mask_index)
     for first in range(start, len(images), cfg.batch_size):
         index = np.arange(first, min(len(images), first + cfg.batch_size))
         with torch.no_grad(), autocast(device, dtype):  # not held across the yield: the caller's mode stays
-            ids = to_ids(images, index, palette, device)  # (B, T)
+            ids = to_ids(images, index, tokenizer, device)  # (B, T)
             feats = _split_feats(model, ids, cfg, layers, first, masks)
             arrays = {layer: f.float().cpu().numpy() for layer, f in feats.items()}
         yield first, arrays
@@ -138,7 +138,7 @@ def _check(model: GPT, images: ImageSet, layers: list[int] | None) -> list[int]:
     return sorted(set(layers))
 
 
-def extract(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: FeatureConfig = FeatureConfig(), *,
+def extract(model: GPT, images: ImageSet, tokenizer: AnyTokenizer, cfg: FeatureConfig = FeatureConfig(), *,
             layers: list[int] | None = None, progress: bool = True, desc: str = "features",
             mask_index: int | None = None) -> dict[int, np.ndarray]:
     """{layer: feats (N, D) float32} of every image of ``images`` (default layers 0..L), in memory: for small
@@ -147,14 +147,14 @@ def extract(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: FeatureCon
     layers = _check(model, images, layers)
     out = {layer: np.empty((len(images), model.config.n_embd), np.float32) for layer in layers}
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
-        for start, feats in _batches(model, images, palette, cfg, layers, 0, mask_index):
+        for start, feats in _batches(model, images, tokenizer, cfg, layers, 0, mask_index):
             for layer, f in feats.items():
                 out[layer][start:start + len(f)] = f
             bar.update(len(next(iter(feats.values()))))
     return out
 
 
-def extract_to_store(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: FeatureConfig, store: FeatureStore, *,
+def extract_to_store(model: GPT, images: ImageSet, tokenizer: AnyTokenizer, cfg: FeatureConfig, store: FeatureStore, *,
                      progress: bool = True, desc: str = "features", mask_index: int | None = None) -> LayerFeatures:
     """Fill ``store`` (continuing from its progress record when ``cfg.cache`` and it matches; from scratch
     otherwise), one batch at a time; SIGTERM or Ctrl-C stop it between batches with the rows so far kept."""
@@ -167,7 +167,7 @@ def extract_to_store(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: F
         return store.features()
     with store, tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress) as bar, \
             GracefulStop(desc) as stop:
-        for start, feats in _batches(model, images, palette, cfg, store.layers, done, mask_index):
+        for start, feats in _batches(model, images, tokenizer, cfg, store.layers, done, mask_index):
             if stop.requested:
                 raise Stopped(f"stopped by {stop.signal_name} after {start} of {n} images ({desc}); kept in "
                               f"{store.path}: the same command continues from there")
@@ -187,7 +187,7 @@ def checkpoint_identity(ckpt_dir: Path, record: CheckpointRecord) -> dict[str, A
     files = sorted(p for p in Path(ckpt_dir).rglob("*") if p.is_file() and not p.name.startswith("."))
     stats = [(str(p.relative_to(ckpt_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return {"checkpoint": str(Path(ckpt_dir).resolve()), "step": record.step, "files": stats,
-            "palette": record.palette_fingerprint}
+            "tokenizer": record.tokenizer_fingerprint}
 
 
 def _content_hash(images: ImageSet) -> str:
@@ -213,7 +213,7 @@ def cache_key(model_identity: dict[str, Any], images: ImageSet, split: str, cfg:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_extract(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: FeatureConfig, *, split: str,
+def cached_extract(model: GPT, images: ImageSet, tokenizer: AnyTokenizer, cfg: FeatureConfig, *, split: str,
                    model_identity: dict[str, Any], cache_dir: str | Path | None,
                    layers: list[int] | None = None, progress: bool = True,
                    mask_index: int | None = None) -> Mapping[int, np.ndarray]:
@@ -224,12 +224,12 @@ def cached_extract(model: GPT, images: ImageSet, palette: AnyTokenizer, cfg: Fea
     layers = _check(model, images, layers)
     desc = f"features {split}" + (f", mask {mask_index}" if mask_index is not None else "")
     if cache_dir is None:
-        return extract(model, images, palette, cfg, layers=layers, progress=progress, desc=desc,
+        return extract(model, images, tokenizer, cfg, layers=layers, progress=progress, desc=desc,
                        mask_index=mask_index)
     key = cache_key(model_identity, images, split, cfg, model.causal, layers, mask_index)
     store = FeatureStore(Path(cache_dir) / f"feats-{split}-{key}", len(images), model.config.n_embd, layers,
                          cfg.feats_dtype, key)
-    return extract_to_store(model, images, palette, cfg, store, progress=progress, desc=desc,
+    return extract_to_store(model, images, tokenizer, cfg, store, progress=progress, desc=desc,
                             mask_index=mask_index)
 
 

@@ -44,15 +44,16 @@ def voting(model: GPT, feat_cfg: FeatureConfig) -> bool:
     return not model.causal and feat_cfg.bert_mask and feat_cfg.n_masks > 1 and feat_cfg.mask_combine == "vote"
 
 
-def model_features(model: GPT, palette: AnyTokenizer, images: dict[str, ImageSet], feat_cfg: FeatureConfig,
+def model_features(model: GPT, tokenizer: AnyTokenizer, images: dict[str, ImageSet], feat_cfg: FeatureConfig,
                    identity: dict[str, Any], layers: list[int], cache_dir: Path, progress: bool
                    ) -> tuple[Any, Any]:
     """(train features, test features or a list of K test views for a vote), streamed into ``cache_dir``."""
     kw = {"model_identity": identity, "cache_dir": cache_dir, "layers": layers, "progress": progress}
     if not voting(model, feat_cfg):
-        return tuple(cached_extract(model, images[s], palette, feat_cfg, split=s, **kw) for s in ("train_all", "test"))
-    train = cached_extract(model, images["train_all"], palette, feat_cfg, split="train_all", mask_index=0, **kw)
-    views = [cached_extract(model, images["test"], palette, feat_cfg, split="test", mask_index=k, **kw)
+        return tuple(cached_extract(model, images[s], tokenizer, feat_cfg, split=s, **kw)
+                     for s in ("train_all", "test"))
+    train = cached_extract(model, images["train_all"], tokenizer, feat_cfg, split="train_all", mask_index=0, **kw)
+    views = [cached_extract(model, images["test"], tokenizer, feat_cfg, split="test", mask_index=k, **kw)
              for k in range(feat_cfg.n_masks)]
     return train, views
 
@@ -91,14 +92,14 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     part-way, are reused either way."""
     out = Path(out_dir)
     _check_out(out, overwrite)
-    ckpt_dir, (model, palette, record) = load_located(checkpoint)
-    if feat_cfg.flip_average and palette.kind != "palette":  # a code grid mirrored is not the mirrored image's
+    ckpt_dir, (model, tokenizer, record) = load_located(checkpoint)
+    if feat_cfg.flip_average and tokenizer.kind != "palette":  # a code grid mirrored is not the mirrored image's
         raise ValueError(f"--flip-average mirrors the grid of ids, which mirrors the image only for a palette; "
-                         f"{checkpoint} reads {palette.describe()}")
+                         f"{checkpoint} reads {tokenizer.describe()}")
     layers = parse_layers(feat_cfg.layers, model.config.n_layer)  # before any work
     feat_cfg = for_reading(feat_cfg, record.reading)
-    side = palette.pixel_side(model.config.n_px)  # the image side its tokenizer reads
-    images = {split: open_labelled(data, split, n_px=side, palette=palette, resize=resize, any_palette=any_palette)
+    side = tokenizer.pixel_side(model.config.n_px)  # the image side its tokenizer reads
+    images = {split: open_labelled(data, split, n_px=side, tokenizer=tokenizer, resize=resize, any_palette=any_palette)
               for split in ("train_all", "test")}
     train_y, test_y = images["train_all"].labels, images["test"].labels
     check_labels(train_y, test_y)
@@ -111,7 +112,7 @@ def probe_checkpoint(checkpoint: str | Path, data: str, out_dir: str | Path, cfg
     log.info("%s", describe_plan(plan))
     out.mkdir(parents=True, exist_ok=True)
     with DirLock(out, "--out"):  # one writer per feature store
-        metrics = _run(model, palette, record, ckpt_dir, images, layers, subsets, plan, cfg, feat_cfg, out, progress)
+        metrics = _run(model, tokenizer, record, ckpt_dir, images, layers, subsets, plan, cfg, feat_cfg, out, progress)
     metrics.update(data=str(data), step=record.step, chance=chance_level(test_y), subset=next(iter(subsets)))
     write_json(out / "metrics.json", metrics)
     write_probe_png(metrics, out)
@@ -128,7 +129,7 @@ def write_probe_png(metrics: dict[str, Any], out: Path) -> None:
     save_png(layer_accuracy_plot(curves, title, chance=metrics["chance"]), out / "probe.png")
 
 
-def _run(model: GPT, palette: AnyTokenizer, record: CheckpointRecord, ckpt_dir: Path, images: dict[str, ImageSet], layers: list[int],
+def _run(model: GPT, tokenizer: AnyTokenizer, record: CheckpointRecord, ckpt_dir: Path, images: dict[str, ImageSet], layers: list[int],
          subsets: dict[str, np.ndarray | None], plan: dict[str, Any], cfg: ProbeConfig, feat_cfg: FeatureConfig,
          out: Path, progress: bool) -> dict[str, Any]:
     """Features and probes of the checkpoint (and of its random init with ``cfg.baseline``): the metrics."""
@@ -144,7 +145,7 @@ def _run(model: GPT, palette: AnyTokenizer, record: CheckpointRecord, ckpt_dir: 
                                            "objective": record.objective}))
     probes = {}
     for name, net, identity in models:
-        train, test = model_features(net, palette, images, feat_cfg, identity, layers, out, progress)
+        train, test = model_features(net, tokenizer, images, feat_cfg, identity, layers, out, progress)
         probes[name] = probe_features(train, train_y, test, test_y, cfg, **kw)
     main = probes[LINEAR]
     return {"probes": probes, "best_layer": main["best_layer"], "best_val_acc": main["best_val_acc"],

@@ -28,13 +28,13 @@ def score(checkpoint: str | Path, data: EvalDataConfig, cfg: ScoreConfig = Score
     if not data.data:
         raise ValueError("score needs --data")
     device = resolve_device(cfg.device)
-    model, palette, record = load(checkpoint, device)
+    model, tokenizer, record = load(checkpoint, device)
     reading = record.reading
     mask_prob = reading.mask_prob if cfg.mask_prob == -1 else cfg.mask_prob
-    images, split = open_eval(data.data, data.split, n_px=palette.pixel_side(model.config.n_px), palette=palette,
+    images, split = open_eval(data.data, data.split, n_px=tokenizer.pixel_side(model.config.n_px), tokenizer=tokenizer,
                               val_fraction=data.val_fraction, seed=data.split_seed, resize=data.resize,
                               any_palette=data.any_palette)
-    batches = fixed_batches(images, cfg.batch_size, 0, palette, device)
+    batches = fixed_batches(images, cfg.batch_size, 0, tokenizer, device)
     batches = tqdm(batches, total=math.ceil(len(images) / cfg.batch_size), desc="score", unit="batch",
                    disable=not progress)
     result = mean_loss(model, batches, reading.objective, mask_prob, cfg.seed, resolve_dtype(cfg.dtype, device))
@@ -42,15 +42,15 @@ def score(checkpoint: str | Path, data: EvalDataConfig, cfg: ScoreConfig = Score
                               "objective": reading.objective, "images": result["images"],
                               "tokens_per_image": model.config.n_ctx, "nats_per_token": result["loss"],
                               "bits_per_token": result["bits"]}
-    if reading.objective == "ar" and palette.kind == "palette":
+    if reading.objective == "ar" and tokenizer.kind == "palette":
         report["bits_per_subpixel_equivalent"] = result["bits"] / 3
         report["note"] = ("palette NLL over all tokens, pixel 0 included (predicted from the SOS); bits/3 is "
                           "not 8-bit bits/dim (no dequantization term)")
     elif reading.objective == "ar":  # a code stands for a patch of pixels: there is no per-sub-pixel figure
         report["note"] = (f"NLL of VQ-VAE codes over all {model.config.n_ctx} tokens, code 0 included (predicted "
                           "from the SOS); bits per token, not per pixel: each code stands for a "
-                          f"{palette.pixel_side(model.config.n_px) // model.config.n_px}x"
-                          f"{palette.pixel_side(model.config.n_px) // model.config.n_px} patch")
+                          f"{tokenizer.pixel_side(model.config.n_px) // model.config.n_px}x"
+                          f"{tokenizer.pixel_side(model.config.n_px) // model.config.n_px} patch")
     else:
         report.update(mask_prob=mask_prob, seed=cfg.seed,
                       note="BERT: mean loss over the masked positions only, masks drawn from the seed")

@@ -46,11 +46,11 @@ def report_tokenizer(tokenizer: str, data: str, out: str | Path, *, split: str |
     check_output(out, "--out", overwrite=overwrite)
     tok = load_tokenizer(tokenizer)
     if not isinstance(tok, VQTokenizer):
-        raise ValueError(f"--palette {tokenizer}: the report compares a VQ-VAE tokenizer (.safetensors, from 'igpt "
+        raise ValueError(f"--tokenizer {tokenizer}: the report compares a VQ-VAE tokenizer (.safetensors, from 'igpt "
                          "tokenizer fit') with a palette; this file is a palette")
     tok.to(resolve_device(device))
     side, g = tok.input_side, tok.grid
-    images, name = open_eval(data, split, n_px=side, palette=tok, seed=seed, resize=resize)
+    images, name = open_eval(data, split, n_px=side, tokenizer=tok, seed=seed, resize=resize)
     if images.pixels is None:
         raise ValueError(f"--data {data} holds ids, not images: a report reconstructs images")
     n = len(images) if max_images == 0 else min(len(images), max_images)

@@ -83,14 +83,14 @@ def sample_images(checkpoint: str | Path, out: str | Path, *, n_images: int = 64
     _require_at_least({"--n-images": n_images, "--ncol": ncol, "--scale": scale}, 1)
     _check_out(out, overwrite, SAMPLE_FILES, "igpt sample")
     device = resolve_device(cfg.device)
-    located, (model, palette, record) = load_located(checkpoint, device)
+    located, (model, tokenizer, record) = load_located(checkpoint, device)
     check_can_sample(model)  # before any work: a BERT checkpoint is refused with a message
     n_px = model.config.n_px
-    side = palette.pixel_side(n_px)
+    side = tokenizer.pixel_side(n_px)
     title = f"{n_images} samples · {_settings(cfg, record.step)}"
     _check_sample_size(n_images, ncol, scale, side, title)  # before sampling, not after
     ids = sample(model, n_images, progress=progress, **_sample_kw(cfg, device))
-    pixels = palette.decode_images(ids.cpu()).numpy()  # (n, side, side, 3) uint8, side = the tokenizer's image side
+    pixels = tokenizer.decode_images(ids.cpu()).numpy()  # (n, side, side, 3) uint8, side = the tokenizer's image side
     out = Path(out)
     with replacing_dir(out) as tmp:
         for i, img in enumerate(enlarge(pixels, scale)):
@@ -125,22 +125,22 @@ def kept_rows(n_px: int, keep: float = 0.5, rows: int | None = None) -> int:
     return min(n_px, max(0, round(keep * n_px)))
 
 
-def _inputs(images: list[str] | None, data: EvalDataConfig, n_images: int, offset: int, palette, n_px: int
+def _inputs(images: list[str] | None, data: EvalDataConfig, n_images: int, offset: int, tokenizer, n_px: int
             ) -> tuple[list[str], torch.Tensor, str]:
     """(names, ids (M, T) int64 on the CPU, where from) of the images to complete."""
-    side = palette.pixel_side(n_px)  # the image side the tokenizer reads
+    side = tokenizer.pixel_side(n_px)  # the image side the tokenizer reads
     if images:
         pixels = np.stack([load_image(p, side, data.resize) for p in images])  # (M, side, side, 3)
         names = [f"{i:03d}-{Path(p).stem}" for i, p in enumerate(images)]
-        return names, palette.encode(pixels).reshape(len(pixels), -1), f"{len(pixels)} image file(s)"
-    found, split = open_eval(data.data, data.split, n_px=side, palette=palette, val_fraction=data.val_fraction,
+        return names, tokenizer.encode(pixels).reshape(len(pixels), -1), f"{len(pixels)} image file(s)"
+    found, split = open_eval(data.data, data.split, n_px=side, tokenizer=tokenizer, val_fraction=data.val_fraction,
                              seed=data.split_seed, resize=data.resize, any_palette=data.any_palette)
     if n_images < 1 or not 0 <= offset < len(found):
         raise ValueError(f"--offset {offset} / --n-images {n_images}: the {split} split of {data.data} has "
                          f"{len(found)} images")
     index = np.arange(offset, min(len(found), offset + n_images))
     names = [f"{split}-{i:05d}" for i in index]
-    return names, to_ids(found, index, palette, torch.device("cpu")), f"{data.data} ({split} split)"
+    return names, to_ids(found, index, tokenizer, torch.device("cpu")), f"{data.data} ({split} split)"
 
 
 def _check_figure_size(M: int, N: int, side: int, scale: int, title: str, inputs: str) -> None:
@@ -167,14 +167,14 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
     if data.data:
         _require_at_least({"--n-images": n_images}, 1)
     device = resolve_device(cfg.device)
-    located, (model, palette, record) = load_located(checkpoint, device)
+    located, (model, tokenizer, record) = load_located(checkpoint, device)
     n_px, T = model.config.n_px, model.config.n_ctx
     kept = kept_rows(n_px, keep, rows)
-    names, ids, where = _inputs(images, data, n_images, offset, palette, n_px)
+    names, ids, where = _inputs(images, data, n_images, offset, tokenizer, n_px)
     M, N = len(ids), n_samples
     title = f"kept {kept} of {n_px} rows · {_settings(cfg, record.step)}"
     inputs = f"--n-images {M}" if data.data else f"{M} --images"
-    _check_figure_size(M, N, palette.pixel_side(n_px), scale, title, inputs)  # before completing, not after
+    _check_figure_size(M, N, tokenizer.pixel_side(n_px), scale, title, inputs)  # before completing, not after
     known = ids.repeat_interleave(N, dim=0)  # (M * N, T): N copies of each input, adjacent
     reading = record.reading
     if reading.can_sample:
@@ -187,9 +187,9 @@ def complete(checkpoint: str | Path, out: str | Path, *, images: list[str] | Non
                         generator=make_generator(cfg.seed, device), dtype=resolve_dtype(cfg.dtype, device),
                         batch_size=cfg.batch_size, **cfg.filters())
         how = f"infilled by BERT in {rounds} rounds ({schedule})"
-    originals = palette.decode_images(ids).numpy()  # (M, side, side, 3)
+    originals = tokenizer.decode_images(ids).numpy()  # (M, side, side, 3)
     side = originals.shape[1]
-    completions = palette.decode_images(result.cpu()).numpy().reshape(M, N, side, side, 3)
+    completions = tokenizer.decode_images(result.cpu()).numpy().reshape(M, N, side, side, 3)
     hidden = hide_rows(originals, kept * side // n_px)  # kept rows of ids -> rows of pixels
     dest = Path(out)
     with replacing_dir(dest) as tmp:

@@ -1,4 +1,4 @@
-"""Autoregressive sampling with a pre-allocated KV cache. Knows ids only; pixels go through the palette.
+"""Autoregressive sampling with a pre-allocated KV cache. Knows ids only; pixels go through the tokenizer.
 
 ``sample(model, n)`` draws unconditional images; ``prefix`` (n, P) ids completes given first pixels (the
 paper's half-image completions keep the top rows). Each new pixel costs one token's work: the SOS and the

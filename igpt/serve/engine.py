@@ -74,18 +74,18 @@ class Engine:
                  sampling: SampleConfig = SampleConfig(), data: EvalDataConfig = EvalDataConfig()) -> None:
         self.cfg, self.sampling = cfg, sampling
         self.device = resolve_device(sampling.device)
-        self.where, (self.model, self.palette, self.record) = load_located(checkpoint, self.device)
+        self.where, (self.model, self.tokenizer, self.record) = load_located(checkpoint, self.device)
         self.model.eval()
         self.dtype = resolve_dtype(sampling.dtype, self.device)
         # an AR model samples with its weights in the sampling dtype (bf16 on GPUs): cast once, not per request
         self.sampler_model = low_precision_copy(self.model, self.dtype) if self.can_sample else None
         self.n_px = self.model.config.n_px  # side of the id grid
-        self.side = self.palette.pixel_side(self.n_px)  # side of the pictures
+        self.side = self.tokenizer.pixel_side(self.n_px)  # side of the pictures
         self.factor = self.side // self.n_px  # pixel rows per row of ids
         self.resize = data.resize
         self.data, self.split = None, None
         if data.data:
-            self.data, self.split = open_eval(data.data, data.split, n_px=self.side, palette=self.palette,
+            self.data, self.split = open_eval(data.data, data.split, n_px=self.side, tokenizer=self.tokenizer,
                                               val_fraction=data.val_fraction, seed=data.split_seed,
                                               resize=data.resize, any_palette=data.any_palette)
             self.data_name = data.data
@@ -98,7 +98,7 @@ class Engine:
 
     @property
     def is_palette(self) -> bool:
-        return self.palette.kind == "palette"
+        return self.tokenizer.kind == "palette"
 
     @property
     def id_word(self) -> str:
@@ -110,8 +110,8 @@ class Engine:
         c = self.record.model
         return {"checkpoint": str(self.where), "preset": preset_of(c), "n_layer": c.n_layer, "n_embd": c.n_embd,
                 "n_head": c.n_head, "n_px": c.n_px, "params": sum(p.numel() for p in self.model.parameters()),
-                "objective": self.record.objective, "step": self.record.step, "palette_k": self.palette.k,
-                "tokenizer": self.palette.kind, "side": self.side,
+                "objective": self.record.objective, "step": self.record.step, "vocab_size": self.tokenizer.k,
+                "tokenizer": self.tokenizer.kind, "side": self.side,
                 "val": self.val_loss(), "source": (self.record.source or {}).get("format"),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
@@ -133,14 +133,14 @@ class Engine:
         VQ-VAE code decoded from a grid filled with it alone (the centre patch, ``factor`` pixels on a side:
         a code's look depends on its neighbours, and this is its look among its own kind)."""
         if self.is_palette:
-            tiles = self.palette.decode(torch.arange(self.palette.k)).numpy().reshape(-1, 1, 1, 3)  # (k, 1, 1, 3)
+            tiles = self.tokenizer.decode(torch.arange(self.tokenizer.k)).numpy().reshape(-1, 1, 1, 3)  # (k, 1, 1, 3)
         else:
             f, mid = self.factor, self.n_px // 2 * self.factor
-            T, k = self.n_px * self.n_px, self.palette.k
+            T, k = self.n_px * self.n_px, self.tokenizer.k
             parts = []
             for c in range(0, k, 32):  # a few codes per pass: each is a whole picture (side, side) to the decoder
                 codes = torch.arange(c, min(k, c + 32))[:, None].expand(-1, T)  # (b, T)
-                parts.append(self.palette.decode_images(codes).cpu().numpy()[:, mid:mid + f, mid:mid + f])
+                parts.append(self.tokenizer.decode_images(codes).cpu().numpy()[:, mid:mid + f, mid:mid + f])
             tiles = np.concatenate(parts)  # (k, f, f, 3)
             scale = max(1, scale // f)
         return np.asarray(grid(tiles, ncol=ncol, scale=scale, pad=1))
@@ -177,7 +177,7 @@ class Engine:
             raise ValueError("No dataset was given to this page (start it with --data DATA).")
         if not 0 <= index < len(self.data):
             raise ValueError(f"The {self.split} split has images 0..{len(self.data) - 1}, not {index}.")
-        ids = to_ids(self.data, np.array([index]), self.palette, torch.device("cpu"))  # (1, T)
+        ids = to_ids(self.data, np.array([index]), self.tokenizer, torch.device("cpu"))  # (1, T)
         return self.picture(ids[0])
 
     def picture(self, ids: torch.Tensor) -> Picture:
@@ -186,12 +186,12 @@ class Engine:
 
     def encode(self, pixels: np.ndarray) -> torch.Tensor:
         """Pixels (side, side, 3) uint8 -> ids (T,) on the CPU."""
-        return self.palette.encode(np.ascontiguousarray(pixels)[None]).reshape(-1)
+        return self.tokenizer.encode(np.ascontiguousarray(pixels)[None]).reshape(-1)
 
     def decode(self, ids: torch.Tensor) -> np.ndarray:
         """Ids (..., T) -> pixels (..., side, side, 3) uint8."""
         ids = ids.cpu()
-        images = self.palette.decode_images(ids.reshape(-1, self.n_px * self.n_px))  # (B, side, side, 3)
+        images = self.tokenizer.decode_images(ids.reshape(-1, self.n_px * self.n_px))  # (B, side, side, 3)
         return images.reshape(*ids.shape[:-1], self.side, self.side, 3).numpy()
 
     # ---- images out, as they grow

@@ -45,10 +45,10 @@ def _card_markdown(engine: Engine) -> str:
     c = engine.card()
     val, word = c["val"], engine.id_word
     if engine.is_palette:
-        seen = f"**Image size:** {c['n_px']}x{c['n_px']} pixels, **palette:** {c['palette_k']} colours (below)"
+        seen = f"**Image size:** {c['n_px']}x{c['n_px']} pixels, **palette:** {c['vocab_size']} colours (below)"
     else:
         seen = (f"**Image size:** {c['side']}x{c['side']} pixels, as a {c['n_px']}x{c['n_px']} grid of codes of a "
-                f"VQ-VAE (**codebook:** {c['palette_k']} codes, below), each code a {engine.factor}x{engine.factor} "
+                f"VQ-VAE (**codebook:** {c['vocab_size']} codes, below), each code a {engine.factor}x{engine.factor} "
                 "patch")
     lines = [
         f"**Checkpoint:** `{c['checkpoint']}`",
@@ -124,10 +124,10 @@ def build_page(engine: Engine) -> Any:
     unit = "row" if engine.is_palette else "row of codes"
     choices = "colours" if engine.is_palette else "codes"  # what temperature and top-k choose among
     if engine.is_palette:
-        seen = f"**{n_px}x{n_px} pixels in {engine.palette.k} colours**"
+        seen = f"**{n_px}x{n_px} pixels in {engine.tokenizer.k} colours**"
         swatch_label = "Palette (every colour the model can draw)"
     else:
-        seen = (f"**a {n_px}x{n_px} grid of codes** of a VQ-VAE ({engine.palette.k} codes, each a {factor}x{factor} "
+        seen = (f"**a {n_px}x{n_px} grid of codes** of a VQ-VAE ({engine.tokenizer.k} codes, each a {factor}x{factor} "
                 f"patch of a {side}x{side} picture)")
         swatch_label = "Codebook (each code decoded from a grid of that code alone; centre patch)"
 
@@ -173,7 +173,7 @@ def build_page(engine: Engine) -> Any:
                     temperature = gr.Slider(0.0, 2.0, value=sampling.temperature, step=0.05, label="Temperature",
                                             info=f"lower: safer {choices}; 0: always the likeliest",
                                             elem_id="temperature")
-                    top_k = gr.Slider(0, engine.palette.k, value=sampling.top_k, step=1, label="Top-k",
+                    top_k = gr.Slider(0, engine.tokenizer.k, value=sampling.top_k, step=1, label="Top-k",
                                       info=f"only the k likeliest {choices}; 0: all", elem_id="top_k")
                     seed = gr.Number(value=sampling.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed",
                                      info="same seed, same images", elem_id="seed")

@@ -11,7 +11,7 @@ This package sits between the core (config, model, ...) and the stages that read
 """
 
 from igpt.tokenizers.files import (PALETTE_FILE, VQ_FILE, AnyTokenizer, Tokenizer, file_name, load_from,
-                                   load_tokenizer, require_palette, save_in, stored_in)
+                                   load_tokenizer, recorded_fingerprint, require_palette, save_in, stored_in)
 from igpt.tokenizers.metrics import psnr, reconstruction, usage
 from igpt.tokenizers.palette import Palette
 from igpt.tokenizers.vq import VQ_EXTENSION, VQTokenizer, to_pixels
@@ -19,4 +19,4 @@ from igpt.tokenizers.vqvae import VQVAE
 
 __all__ = ["PALETTE_FILE", "VQ_EXTENSION", "VQ_FILE", "VQVAE", "AnyTokenizer", "Palette", "Tokenizer",
            "VQTokenizer", "file_name", "load_from", "load_tokenizer", "psnr", "reconstruction",
-           "require_palette", "save_in", "stored_in", "to_pixels", "usage"]
+           "recorded_fingerprint", "require_palette", "save_in", "stored_in", "to_pixels", "usage"]

@@ -96,6 +96,13 @@ def load_from(directory: str | os.PathLike[str]) -> AnyTokenizer:
     return load_tokenizer(path)
 
 
+def recorded_fingerprint(record: dict[str, Any]) -> str | None:
+    """The tokenizer fingerprint a JSON record (a cache's meta.json, a run's run.json) names, or None. Release
+    0.1 wrote it as ``palette_fingerprint``; such files keep reading."""
+    value = record.get("tokenizer_fingerprint", record.get("palette_fingerprint"))
+    return value if isinstance(value, str) else None
+
+
 def require_palette(tok: AnyTokenizer, what: str) -> Palette:
     """``tok`` as a Palette, or a one-line error saying that ``what`` knows only palettes."""
     if not isinstance(tok, Palette):

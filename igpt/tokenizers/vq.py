@@ -25,6 +25,7 @@ from igpt.tokenizers.vqvae import VQVAE, config_fields
 VQ_KIND = "igpt-vqvae-tokenizer"
 VQ_FORMAT = "1"
 VQ_EXTENSION = ".safetensors"
+FINGERPRINT_NAMES = {"vocab_size": "codebook_size"}  # VQConfig field -> its name in the fingerprint
 _ENCODE_CHUNK = 256  # images per encoder pass: bounds the activations' memory
 T = TypeVar("T")
 
@@ -44,7 +45,7 @@ class VQTokenizer:
 
     @property
     def k(self) -> int:
-        return self.config.codebook_size
+        return self.config.vocab_size
 
     vocab_size = k
 
@@ -57,7 +58,7 @@ class VQTokenizer:
         return f"{self.source} ({self.fingerprint()})" if self.source else self.fingerprint()
 
     def looks_like_openai(self) -> bool:
-        return False  # OpenAI's pre-quantized ids are palette ids
+        return False  # OpenAI's pre-quantized ids are ids of their palette
 
     def pixel_side(self, grid: int) -> int:
         """The image side a model with an id grid of ``grid`` reads: this tokenizer's input side."""
@@ -116,9 +117,12 @@ class VQTokenizer:
     decode = decode_images  # a VQ code has no colour of its own: ids decode as whole images
 
     def fingerprint(self) -> str:
-        """16 hex chars of sha256 over the shape and every tensor (name, dtype, bytes) in name order."""
+        """16 hex chars of sha256 over the shape and every tensor (name, dtype, bytes) in name order. The
+        shape is hashed under the field names of the first file format (``codebook_size``), so that a
+        tokenizer keeps its fingerprint, and the caches and checkpoints that name it keep matching it."""
         if self._fingerprint is None:
-            h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            shape = {FINGERPRINT_NAMES.get(k, k): v for k, v in self.config.to_dict().items()}
+            h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
             for name, t in sorted(self.model.state_dict().items()):
                 h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())

@@ -66,7 +66,7 @@ def _decoder(cfg: VQConfig) -> nn.Sequential:
 def config_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     """What the shapes of a VQVAE's tensors say of its VQConfig: ``res_blocks`` (the encoder's residual
     blocks present), ``factor`` (2 to the number of its stride-2, 4x4 convolutions), ``hidden`` (the first
-    convolution's outputs) and ``codebook_size`` and ``code_dim`` (the codebook, (1, K, D)). A field whose
+    convolution's outputs) and ``vocab_size`` and ``code_dim`` (the codebook, (1, K, D)). A field whose
     tensor is missing or of another rank is left out: the strict shape check names that tensor."""
     convs = [s for k, s in shapes.items() if re.fullmatch(r"encoder\.\d+\.weight", k)]
     out = {"res_blocks": sum(bool(re.fullmatch(r"encoder\.\d+\.body\.1\.weight", k)) for k in shapes),
@@ -75,7 +75,7 @@ def config_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     if len(first) == 4:
         out["hidden"] = first[0]
     if len(embed) == 3:
-        out["codebook_size"], out["code_dim"] = embed[1:]
+        out["vocab_size"], out["code_dim"] = embed[1:]
     return out
 
 
@@ -90,7 +90,7 @@ class VQVAE(nn.Module):
 
         # sync_* off: a tokenizer is fitted in one process; the library would otherwise all-reduce when a
         # process group happens to exist.
-        self.vq = VectorQuantize(dim=cfg.code_dim, codebook_size=cfg.codebook_size, decay=cfg.decay,
+        self.vq = VectorQuantize(dim=cfg.code_dim, codebook_size=cfg.vocab_size, decay=cfg.decay,
                                  kmeans_init=cfg.kmeans_iters > 0, kmeans_iters=max(cfg.kmeans_iters, 1),
                                  threshold_ema_dead_code=cfg.dead_code, commitment_weight=cfg.commitment,
                                  sync_codebook=False, sync_kmeans=False)

@@ -118,14 +118,14 @@ def losses(clf: Classifier, ids: torch.Tensor, labels: torch.Tensor, gen_weight:
 
 
 @torch.no_grad()
-def evaluate(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
+def evaluate(clf: Classifier, images: ImageSet, tokenizer: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
              dtype: torch.dtype, with_losses: bool = False, mask: int = 0) -> tuple[np.ndarray, dict[str, float]]:
     """(Predicted class of every image (N,), and with ``with_losses`` the mean of ``losses`` over the images
     in nats), unaugmented; BERT inputs under fixed seeded masks (``mask`` k > 0: the k-th other one)."""
     was_training = clf.training
     clf.eval()
     preds, start, sums = [], 0, {"loss": 0.0, "clf_loss": 0.0, "gen_loss": 0.0}
-    for ids, labels in labelled_batches(images, cfg.eval_batch_size, palette, device):
+    for ids, labels in labelled_batches(images, cfg.eval_batch_size, tokenizer, device):
         keys = (cfg.seed, EVAL_MASK_KEY, start) + ((mask,) if mask else ())
         keep = clf.keep(tuple(ids.shape), device, *keys)
         with autocast(device, dtype):
@@ -141,22 +141,22 @@ def evaluate(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: Fine
     return np.concatenate(preds), ({k: v / start for k, v in sums.items()} if with_losses else {})
 
 
-def predict(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
+def predict(clf: Classifier, images: ImageSet, tokenizer: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
             dtype: torch.dtype) -> np.ndarray:
     """Predicted class of every image (N,), unaugmented; a BERT trunk's under ``cfg.n_masks`` fixed seeded
     masks, combined by a modal vote with seeded random tie-breaks (the paper's ensemble)."""
     n = 1 if clf.gpt.causal else cfg.n_masks
-    preds = np.stack([evaluate(clf, images, palette, cfg, device, dtype, mask=k)[0] for k in range(n)])
+    preds = np.stack([evaluate(clf, images, tokenizer, cfg, device, dtype, mask=k)[0] for k in range(n)])
     return preds[0] if n == 1 else modal_vote(preds, clf.head.out_features, cfg.seed)
 
 
-def _accuracy(clf: Classifier, images: ImageSet, palette: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
+def _accuracy(clf: Classifier, images: ImageSet, tokenizer: AnyTokenizer, cfg: FinetuneConfig, device: torch.device,
               dtype: torch.dtype) -> float:
-    return float((predict(clf, images, palette, cfg, device, dtype) == np.asarray(images.labels)).mean())
+    return float((predict(clf, images, tokenizer, cfg, device, dtype) == np.asarray(images.labels)).mean())
 
 
-def _splits(data: str, palette: AnyTokenizer, n_px: int, cfg: FinetuneConfig, resize: str) -> dict[str, ImageSet]:
-    kw = {"n_px": palette.pixel_side(n_px), "palette": palette, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+def _splits(data: str, tokenizer: AnyTokenizer, n_px: int, cfg: FinetuneConfig, resize: str) -> dict[str, ImageSet]:
+    kw = {"n_px": tokenizer.pixel_side(n_px), "tokenizer": tokenizer, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
           "resize": resize, "any_palette": cfg.any_palette}
     splits = {split: open_labelled(data, split, **kw) for split in ("train", "val", "test")}
     if cfg.labels_per_class:
@@ -202,14 +202,14 @@ def resume_finetune(out_dir: str | Path, *, changes: dict[str, Any] | None = Non
 class _Job:
     """One fine-tune: what it trains, on what, and where it is."""
 
-    def __init__(self, out: Path, spec: dict[str, Any], clf: Classifier, palette: AnyTokenizer,
+    def __init__(self, out: Path, spec: dict[str, Any], clf: Classifier, tokenizer: AnyTokenizer,
                  splits: dict[str, ImageSet], record: CheckpointRecord, cfg: FinetuneConfig) -> None:
-        self.out, self.spec, self.clf, self.palette, self.splits, self.record, self.cfg = (
-            out, spec, clf, palette, splits, record, cfg)
+        self.out, self.spec, self.clf, self.tokenizer, self.splits, self.record, self.cfg = (
+            out, spec, clf, tokenizer, splits, record, cfg)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.opt = make_optimizer(clf, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0, device=self.device)
-        self.stream = LabelledBatchStream(splits["train"], cfg.batch_size, cfg.seed, palette, self.device,
+        self.stream = LabelledBatchStream(splits["train"], cfg.batch_size, cfg.seed, tokenizer, self.device,
                                           cfg.augment)
         self.step, self.stale = 0, 0
         # sums of the training losses since the last evaluation, for its "train" record (kept in the resume state)
@@ -219,23 +219,23 @@ class _Job:
     @classmethod
     def new(cls, checkpoint: str | Path, data: str, out: Path, cfg: FinetuneConfig, resize: str) -> "_Job":
         device = resolve_device(cfg.device)
-        base_dir, (model, palette, base) = load_located(checkpoint, device)
+        base_dir, (model, tokenizer, base) = load_located(checkpoint, device)
         mask_prob = base.reading.mask_prob if cfg.mask_prob == -1 else cfg.mask_prob
-        splits = _splits(data, palette, model.config.n_px, cfg, resize)
+        splits = _splits(data, tokenizer, model.config.n_px, cfg, resize)
         labels = np.concatenate([np.asarray(s.labels) for s in splits.values()])
         classes = splits["train"].classes
         n_classes = max(int(labels.max()) + 1, len(classes or []))
         seed_everything(cfg.seed)
         head_layer = None if cfg.head_layer == -1 else cfg.head_layer
         clf = Classifier(model, n_classes, mask_prob, head_layer).to(device).train()
-        record = CheckpointRecord(model.config, palette.fingerprint(), base.objective, mask_prob if not model.causal
+        record = CheckpointRecord(model.config, tokenizer.fingerprint(), base.objective, mask_prob if not model.causal
                                   else None, data=str(data),
                                   finetuned=Finetuned(n_classes, tuple(classes) if classes else None,
                                                       base_checkpoint=str(base_dir), head_layer=clf.head_layer))
         spec = {"checkpoint": str(base_dir), "data": str(data), "resize": resize, "config": dataclasses.asdict(cfg),
                 "data_identity": identity(data)}
         write_json(out / SPEC_FILE, spec)
-        return cls(out, spec, clf, palette, splits, record, cfg)
+        return cls(out, spec, clf, tokenizer, splits, record, cfg)
 
     @classmethod
     def restore(cls, out: Path, spec: dict[str, Any]) -> "_Job":
@@ -245,12 +245,12 @@ class _Job:
             raise ValueError(f"--resume {out}: the data {spec['data']} has changed since the fine-tune started "
                              f"(recorded {spec['data_identity']}, found {found}); resume with the same data")
         device = resolve_device(cfg.device)
-        model, head, palette, record = load_classifier(out / LAST, device)
-        splits = _splits(spec["data"], palette, model.config.n_px, cfg, spec["resize"])
+        model, head, tokenizer, record = load_classifier(out / LAST, device)
+        splits = _splits(spec["data"], tokenizer, model.config.n_px, cfg, spec["resize"])
         mask_prob = record.mask_prob if record.mask_prob is not None else cfg.mask_prob
         clf = Classifier(model, record.finetuned.n_classes, mask_prob, record.head_layer).to(device).train()
         clf.head.load_state_dict(head.state_dict())
-        job = cls(out, spec, clf, palette, splits, record, cfg)
+        job = cls(out, spec, clf, tokenizer, splits, record, cfg)
         state = ckpt.load_train_state(out / LAST)
         set_optimizer_state_dict(clf, job.opt, state["optimizer"], options=FULL_STATE)
         job.stream.load_state_dict(state["stream"])
@@ -269,7 +269,7 @@ class _Job:
         state = {"step": self.step, "stale": self.stale, "best": dict(self.best), "window": dict(self.window),
                  "optimizer": get_optimizer_state_dict(self.clf, self.opt, options=FULL_STATE),
                  "stream": self.stream.state_dict(), "torch_rng": torch.get_rng_state()}
-        ckpt.save_checkpoint(self.out / LAST, self.clf.gpt, self.palette, self.record.replace(step=self.step),
+        ckpt.save_checkpoint(self.out / LAST, self.clf.gpt, self.tokenizer, self.record.replace(step=self.step),
                              train_state=state, classifier={"head.weight": self.clf.head.weight})
 
     def run(self, progress: bool) -> dict[str, Any]:
@@ -279,7 +279,7 @@ class _Job:
         tuned, head, _, saved = load_classifier(self.out, device)  # the best checkpoint, as a user would load it
         best_clf = Classifier(tuned, self.clf.head.out_features, self.clf.mask_prob, saved.head_layer).to(device)
         best_clf.head.load_state_dict(head.state_dict())
-        metrics = {**best, "test_acc": _accuracy(best_clf, self.splits["test"], self.palette, cfg, device, dtype),
+        metrics = {**best, "test_acc": _accuracy(best_clf, self.splits["test"], self.tokenizer, cfg, device, dtype),
                    "checkpoint": str(ckpt.resolve_checkpoint(self.out)), "data": self.spec["data"],
                    "n_train": len(self.splits["train"]), "base_checkpoint": self.spec["checkpoint"],
                    "config": dataclasses.asdict(cfg)}
@@ -292,7 +292,7 @@ def _log_evaluation(job: _Job, metrics_log: MetricsLog, lr: float) -> float:
     """Validation loss and accuracy now, logged with the mean training losses since the last evaluation;
     returns the accuracy."""
     val = job.splits["val"]
-    preds, val_losses = evaluate(job.clf, val, job.palette, job.cfg, job.device, job.dtype, with_losses=True)
+    preds, val_losses = evaluate(job.clf, val, job.tokenizer, job.cfg, job.device, job.dtype, with_losses=True)
     acc = float((preds == np.asarray(val.labels)).mean())
     n = max(1, job.window["n"])
     metrics_log.write({"split": "train", "step": job.step, "loss": job.window["loss"] / n,
@@ -306,7 +306,7 @@ def _train(job: _Job, stop: GracefulStop, progress: bool) -> dict[str, Any]:
     """The loop: warm-up then constant LR, evaluations, saving each new best and the state to resume from,
     early stopping, and a clean stop on a signal."""
     clf, opt, stream, cfg, device, dtype = job.clf, job.opt, job.stream, job.cfg, job.device, job.dtype
-    palette, out, best = job.palette, job.out, job.best
+    tokenizer, out, best = job.tokenizer, job.out, job.best
     metrics_log = MetricsLog(out)
     bar = tqdm(total=cfg.max_steps, initial=job.step, desc="finetune", unit="step", disable=not progress)
     try:
@@ -336,7 +336,7 @@ def _train(job: _Job, stop: GracefulStop, progress: bool) -> dict[str, Any]:
                     job.stale = 0
                     tuned = job.record.replace(step=job.step,
                                                finetuned=dataclasses.replace(job.record.finetuned, val_acc=acc))
-                    ckpt.save_checkpoint(out / "checkpoints" / f"step-{job.step:07d}", clf.gpt, palette, tuned,
+                    ckpt.save_checkpoint(out / "checkpoints" / f"step-{job.step:07d}", clf.gpt, tokenizer, tuned,
                                          classifier={"head.weight": clf.head.weight})
                     ckpt.prune_checkpoints(out, keep_last=1)
                 else:

@@ -56,7 +56,7 @@ def resume(run_dir: str | Path, *, changes: Mapping[str, Any] | None = None, pro
     """Continue the run in ``run_dir`` from its newest readable checkpoint, with the configs in its run.json;
     the loss curve is the one an uninterrupted run would have drawn. ``changes`` (flag name -> value, as
     ``{"max_steps": 20000}``) may alter the settings in ``igpt.config.RESUME_CHANGES``; any other setting
-    that differs from the run's is refused, as is data or a palette that changed since the run started."""
+    that differs from the run's is refused, as is data or a tokenizer that changed since the run started."""
     run_dir = Path(run_dir)
     model_cfg, cfg, data_cfg = read_run(run_dir, dict(changes or {}))
     ckpt.require_run_shape(run_dir, model_cfg)
@@ -124,7 +124,7 @@ def _run_locked(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, 
         raise
     if world.is_main:
         write_json(run_dir / RUN_FILE, run_record(trainer.model_cfg, cfg, data_cfg, data_identity,
-                                                 trainer.palette.fingerprint()))
+                                                 trainer.tokenizer.fingerprint()))
         log.info("%s: %s parameters, %d training images, warm-up %d steps, %d process(es) on %s (%s)", run_dir,
                  f"{trainer.model.num_params():,}", trainer.n_train, trainer.warmup, world.size, device,
                  trainer.fast_paths())
@@ -165,7 +165,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
 def _write_samples(t: Trainer, metrics_log: MetricsLog | None) -> None:
     """Rank 0 writes the --sample-every grid as a PNG (and to TensorBoard); the other ranks wait for it."""
     if t.world.is_main and metrics_log is not None:
-        side = t.palette.pixel_side(t.model_cfg.n_px)  # each image shown about 128 pixels wide
+        side = t.tokenizer.pixel_side(t.model_cfg.n_px)  # each image shown about 128 pixels wide
         table = grid_table(t.samples(), ncol=4, scale=max(1, 128 // side), pad=2,
                            title=f"{t.cfg.objective.upper()} samples · step {t.step} · seed {t.cfg.seed}")
         save_png(table.image, t.run_dir / "samples" / f"step-{t.step:07d}.png")

@@ -19,6 +19,7 @@ from typing import Any
 
 from igpt.atomic import read_json, write_text
 from igpt.config import RESUME_CHANGES, DataConfig, ModelConfig, TrainConfig, flag
+from igpt.config.fields import with_new_names
 from igpt.lock import DirLock, claim_new
 from igpt.viz import curves_plot, save_png
 
@@ -94,7 +95,7 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
 
 
 def read_run_file(run_dir: Path) -> dict[str, Any]:
-    """run.json as written: the configs, and the identity of the data and palette a resume checks."""
+    """run.json as written: the configs, and the identity of the data and tokenizer a resume checks."""
     return read_json(run_dir / RUN_FILE)
 
 
@@ -108,7 +109,7 @@ def read_run(run_dir: Path, changes: dict[str, Any] | None = None) -> tuple[Mode
         raise ValueError(f"--resume {run_dir}: no {RUN_FILE} there, so it is not an igpt run directory")
     run = read_json(path)  # a truncated or garbled file is an error naming it
     try:
-        model, train, data = dict(run["model"]), dict(run["train"]), dict(run["data"])
+        model, train, data = dict(run["model"]), dict(run["train"]), with_new_names(DataConfig, dict(run["data"]))
     except KeyError as e:
         raise ValueError(f"{path}: has no {e.args[0]!r} section; it was not written by igpt pretrain") from None
     except (TypeError, ValueError) as e:  # a section that is not an object
@@ -200,7 +201,7 @@ def claim_run(run_dir: Path, resuming: bool) -> DirLock:
 
 
 def run_record(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig,
-              data_identity: dict[str, Any], palette: str | None) -> dict[str, Any]:
+              data_identity: dict[str, Any], tokenizer: str | None) -> dict[str, Any]:
     """run.json: the configs, and the identity of the run's inputs that a resume checks."""
     return {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data_cfg.to_dict(),
-            "data_identity": data_identity, "palette_fingerprint": palette}
+            "data_identity": data_identity, "tokenizer_fingerprint": tokenizer}

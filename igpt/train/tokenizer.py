@@ -3,7 +3,7 @@
 Fit layout (``--out DIR``)::
 
     fit.json                 the VQ-VAE shape, the fit recipe, the data and its identity (``--resume`` reads it)
-    tokenizer.safetensors    the tokenizer as of the newest checkpoint: give it to --palette anywhere
+    tokenizer.safetensors    the tokenizer as of the newest checkpoint: give it to --tokenizer anywhere
     metrics.jsonl            {"split": "train", "step", "loss", "mse", "commit", "perplexity"} and
                              {"split": "val", "step", "mse", "psnr", "perplexity", "dead_codes"}
     checkpoint/              the newest checkpoint: tokenizer.safetensors + train_state.{json,safetensors}
@@ -102,7 +102,7 @@ def resume_fit(out: str | Path, *, changes: Mapping[str, Any] | None = None,
 
 def _fit_palette(train: ImageSet, out: Path, vq_cfg: VQConfig, cfg: TokenizerFitConfig,
                  progress: bool) -> dict[str, Any]:
-    palette = Palette.fit(train.pixels, k=vq_cfg.codebook_size, iters=cfg.iters, seed=cfg.seed,
+    palette = Palette.fit(train.pixels, k=vq_cfg.vocab_size, iters=cfg.iters, seed=cfg.seed,
                           device=resolve_device(cfg.device), progress=progress)
     path = save_in(palette, out)
     return {"tokenizer": str(path), "fingerprint": palette.fingerprint(), **palette.meta}
@@ -185,7 +185,7 @@ def train_step(fit: _Fit, train: ImageSet) -> dict[str, float]:
         loss.backward()
         fit.opt.step()
     fit.step += 1
-    perplexity, _ = usage(out.ids, fit.model.config.codebook_size)
+    perplexity, _ = usage(out.ids, fit.model.config.vocab_size)
     # [-1, 1] -> 0..255 units: a factor of 127.5 on each value, squared
     return {"loss": value, "mse": float(mse.detach()) * 127.5 ** 2, "commit": float(out.commit.detach()),
             "perplexity": perplexity}

@@ -29,7 +29,8 @@ from igpt.generate.infill import infill
 from igpt.generate.sample import make_generator, sample
 from igpt.model import GPT
 from igpt.objectives import ar_loss, bert_loss, mean_loss, nats_to_bits, sample_keep_mask
-from igpt.tokenizers import VQ_EXTENSION, AnyTokenizer, Palette, load_from, load_tokenizer, save_in, stored_in
+from igpt.tokenizers import (VQ_EXTENSION, AnyTokenizer, Palette, load_from, load_tokenizer, recorded_fingerprint,
+                             save_in, stored_in)
 from igpt.record import CheckpointRecord, read_as
 from igpt.runtime import (autocast, compile_enabled, derived_generator, derived_seed, resolve_device,
                           resolve_dtype, seed_everything)
@@ -67,18 +68,18 @@ def init_model(model_cfg: ModelConfig, cfg: TrainConfig) -> GPT:
     return model
 
 
-def resolve_palette(data_cfg: DataConfig, train: ImageSet, seed: int, device: torch.device) -> AnyTokenizer:
+def resolve_tokenizer(data_cfg: DataConfig, train: ImageSet, seed: int, device: torch.device) -> AnyTokenizer:
     """The given tokenizer file (checked against the data), or a palette fitted on the training pixels."""
-    if data_cfg.palette is not None:
-        palette = load_tokenizer(data_cfg.palette)
-        check_ids(train, palette, any_palette=data_cfg.any_palette)
-        return palette
+    if data_cfg.tokenizer is not None:
+        tokenizer = load_tokenizer(data_cfg.tokenizer)
+        check_ids(train, tokenizer, any_palette=data_cfg.any_palette)
+        return tokenizer
     if train.pixels is None:
-        hint = ("OpenAI's kmeans_centers.npy" if train.palette_fingerprint is None
-                else f"the palette {train.palette_fingerprint} it was prepared with")
-        raise ValueError(f"{train.source} holds palette ids, not pixels: pass --palette with {hint}")
-    log.info("fitting a %d-colour palette on %d training images", data_cfg.palette_k, len(train))
-    return Palette.fit(train.pixels, k=data_cfg.palette_k, seed=seed, device=device)
+        hint = ("OpenAI's kmeans_centers.npy" if train.tokenizer_fingerprint is None
+                else f"the tokenizer {train.tokenizer_fingerprint} it was prepared with")
+        raise ValueError(f"{train.source} holds ids, not pixels: pass --tokenizer with {hint}")
+    log.info("fitting a %d-colour palette on %d training images", data_cfg.vocab_size, len(train))
+    return Palette.fit(train.pixels, k=data_cfg.vocab_size, seed=seed, device=device)
 
 
 class Trainer:
@@ -98,8 +99,8 @@ class Trainer:
                              validate=cfg.eval_every > 0, val_images=cfg.eval_batches * cfg.batch_size,
                              rows=self.rows, any_palette=data_cfg.any_palette)
         self.fit_set, self.n_train, self.val_set = data.fit_set, data.n_train, data.val_set
-        self.palette = self._palette(resume)
-        self.model_cfg = replace(model_cfg, n_vocab=self.palette.k)
+        self.tokenizer = self._tokenizer(resume)
+        self.model_cfg = replace(model_cfg, n_vocab=self.tokenizer.k)
         self.model = init_model(self.model_cfg, cfg).to(self.device)  # same seed on every rank: identical replicas
         self.sharded = cfg.fsdp and world.size > 1
         if self.sharded and cfg.sample_every:
@@ -110,7 +111,7 @@ class Trainer:
                 fully_shard(block)
             fully_shard(self.model)
         self.optimizer = pretrain_optimizer(self.model, cfg, self.device)  # after sharding: it holds the shards
-        self.stream = data.make_stream(self.palette)
+        self.stream = data.make_stream(self.tokenizer)
         self.warmup = warmup_steps(cfg, self.n_train)
         self.step = 0
         self.compiled = compile_enabled(cfg.compile, self.device)
@@ -130,7 +131,7 @@ class Trainer:
         """The side of the images the run reads: n_px for a palette, a VQ-VAE tokenizer's input side (whose
         grid must be n_px; smaller images are refused unless --upscale)."""
         stored = stored_in(self.run_dir) if resume else None
-        path = stored if stored is not None else self.data_cfg.palette
+        path = stored if stored is not None else self.data_cfg.tokenizer
         if path is None or Path(path).suffix.lower() != VQ_EXTENSION:
             return n_px
         side = load_tokenizer(path).pixel_side(n_px)
@@ -138,32 +139,33 @@ class Trainer:
             check_upscale(self.data_cfg.data, side, self.data_cfg.upscale)
         return side
 
-    def _palette(self, resume: bool) -> AnyTokenizer:
+    def _tokenizer(self, resume: bool) -> AnyTokenizer:
         """The run's tokenizer: the saved one on resume (checked against the fingerprint its checkpoints
         record); else rank 0 fits or loads it and the others read it."""
         path = stored_in(self.run_dir)
         if resume and path is not None:
-            palette = load_tokenizer(path)
-            expected = self._recorded_palette()
-            if expected is not None and palette.fingerprint() != expected:
-                word = "palette" if palette.kind == "palette" else "tokenizer"  # a VQ-VAE is no palette
-                raise ValueError(f"{path} has {word} {palette.fingerprint()}, but the run trained with {expected}: "
+            tokenizer = load_tokenizer(path)
+            expected = self._recorded_fingerprint()
+            if expected is not None and tokenizer.fingerprint() != expected:
+                word = "palette" if tokenizer.kind == "palette" else "tokenizer"  # a VQ-VAE is no palette
+                raise ValueError(f"{path} has {word} {tokenizer.fingerprint()}, but the run trained with {expected}: "
                                  f"it was replaced; put the run's {word} back, or start a new run")
-            check_ids(self.fit_set, palette, any_palette=self.data_cfg.any_palette)  # a new run checks in resolve_palette, before writing the palette
-            return palette
+            check_ids(self.fit_set, tokenizer, any_palette=self.data_cfg.any_palette)  # a new run checks in resolve_tokenizer
+
+            return tokenizer
         if self.world.is_main:
-            save_in(resolve_palette(self.data_cfg, self.fit_set, self.cfg.seed, self.device), self.run_dir)
+            save_in(resolve_tokenizer(self.data_cfg, self.fit_set, self.cfg.seed, self.device), self.run_dir)
         barrier(self.world)
         return load_from(self.run_dir)
 
-    def _recorded_palette(self) -> str | None:
-        """The fingerprint of the palette the run trained with: its newest checkpoint's, else run.json's."""
+    def _recorded_fingerprint(self) -> str | None:
+        """The fingerprint of the tokenizer the run trained with: its newest checkpoint's, else run.json's."""
         for ckpt_dir in reversed(ckpt.step_checkpoints(self.run_dir)):
             try:
-                return ckpt.read_record(ckpt_dir).palette_fingerprint
+                return ckpt.read_record(ckpt_dir).tokenizer_fingerprint
             except ValueError:
                 continue  # an unreadable checkpoint; restore() says so
-        return read_run_file(self.run_dir).get("palette_fingerprint")
+        return recorded_fingerprint(read_run_file(self.run_dir))
 
     def restore(self) -> None:
         """Continue from the newest checkpoint that reads whole. Newer ones that do not (a truncated file, a
@@ -217,17 +219,17 @@ class Trainer:
         collective under FSDP), or with --sharded-checkpoint every rank writes its own shards."""
         ckpt_dir = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
         causal = self.model.causal
-        record = CheckpointRecord(self.model_cfg, self.palette.fingerprint(), self.cfg.objective,
+        record = CheckpointRecord(self.model_cfg, self.tokenizer.fingerprint(), self.cfg.objective,
                                   None if causal else self.cfg.mask_prob, self.step, data=self.data_cfg.data)
         if self.cfg.sharded_checkpoint:
             record = record.replace(sharded=True, saved_by_processes=self.world.size)
             save_sharded(ckpt_dir, self.model, self.optimizer, self.world, lambda tmp: ckpt.write_small_files(
-                tmp, record, self.palette, self._train_state()))
+                tmp, record, self.tokenizer, self._train_state()))
         else:
             weights = get_model_state_dict(self.model, options=FULL_STATE)
             optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
             if self.world.is_main:
-                ckpt.save_checkpoint(ckpt_dir, self.model, self.palette, record,
+                ckpt.save_checkpoint(ckpt_dir, self.model, self.tokenizer, record,
                                      {**self._train_state(), "optimizer": optimizer}, state_dict=weights)
         if self.world.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last, self.cfg.keep_every)
@@ -285,14 +287,14 @@ class Trainer:
                 ids = infill(self.model, blank, torch.zeros_like(blank, dtype=torch.bool), generator=generator,
                              dtype=self.dtype)
         self.model.train()
-        return self.palette.decode_images(ids.cpu()).numpy()  # (n, side, side, 3): the tokenizer's images
+        return self.tokenizer.decode_images(ids.cpu()).numpy()  # (n, side, side, 3): the tokenizer's images
 
     def validate(self) -> dict[str, float] | None:
         """Validation loss on the unwrapped model: computed by rank 0 while the others wait, or under FSDP by
         every rank (each forward pass gathers the shards), with rank 0 reporting it."""
         result = None
         if self.world.is_main or self.sharded:
-            batches = fixed_batches(self.val_set, self.cfg.batch_size, self.cfg.eval_batches, self.palette,
+            batches = fixed_batches(self.val_set, self.cfg.batch_size, self.cfg.eval_batches, self.tokenizer,
                                     self.device)
             result = mean_loss(self.model, batches, self.cfg.objective, self.cfg.mask_prob, self.cfg.seed,
                               self.dtype)

@@ -1,4 +1,4 @@
-"""The model card (README.md) written beside exported or saved weights: what the model is, which palette its
+"""The model card (README.md) written beside exported or saved weights: what the model is, which tokenizer its
 ids use, what it was trained with and on, and how its Hugging Face processor differs from igpt's resize."""
 
 from __future__ import annotations
@@ -49,23 +49,23 @@ def run_facts(ckpt_dir: str | Path) -> dict[str, Any]:
     return {}
 
 
-def model_card(record: CheckpointRecord, palette: AnyTokenizer, *, library: str, title: str,
+def model_card(record: CheckpointRecord, tokenizer: AnyTokenizer, *, library: str, title: str,
                hf_export: bool = False, facts: dict[str, Any] | None = None) -> str:
-    """Markdown with Hub metadata: architecture, palette, objective, training data (and, from ``facts``
+    """Markdown with Hub metadata: architecture, tokenizer, objective, training data (and, from ``facts``
     (``run_facts``), its identity and resize) and step."""
     facts = facts or {}
     m, ft = record.model, record.finetuned
     pipeline = "image-classification" if ft is not None else "unconditional-image-generation"
     n_params = m.num_params()
-    side = palette.pixel_side(m.n_px)
+    side = tokenizer.pixel_side(m.n_px)
     grid = f"{m.n_px}x{m.n_px} pixels" if side == m.n_px else f"{m.n_px}x{m.n_px} codes of {side}x{side} images"
     rows = [("architecture", f"iGPT transformer: {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads, "
                              f"{grid} ({m.n_ctx} positions), {n_params:,} parameters"),
-            ("palette", f"{palette.k} colours, fingerprint {palette.fingerprint()}"
-                        + (f" (vocabulary {palette.k + 1} with the SOS id)" if hf_export else ""))
-            if palette.kind == "palette" else
-            ("tokenizer", f"VQ-VAE, {palette.k} codes, {side}x{side} images -> {m.n_px}x{m.n_px} codes, "
-                          f"fingerprint {palette.fingerprint()} (tokenizer.safetensors)"),
+            ("palette", f"{tokenizer.k} colours, fingerprint {tokenizer.fingerprint()}"
+                        + (f" (vocabulary {tokenizer.k + 1} with the SOS id)" if hf_export else ""))
+            if tokenizer.kind == "palette" else
+            ("tokenizer", f"VQ-VAE, {tokenizer.k} codes, {side}x{side} images -> {m.n_px}x{m.n_px} codes, "
+                          f"fingerprint {tokenizer.fingerprint()} (tokenizer.safetensors)"),
             ("objective", {"ar": "autoregressive next-pixel prediction (ar)",
                            "bert": "masked-pixel prediction (bert)"}[record.objective]),
             ("training data", (record.data or "not recorded in the checkpoint") + _identity(facts)),
@@ -87,7 +87,7 @@ def model_card(record: CheckpointRecord, palette: AnyTokenizer, *, library: str,
         lines += ["## Preprocessing", "", PROCESSOR_NOTE, "", "## Reading", "", SOS_NOTE, ""]
     else:
         lines += ["## Loading", "", "```python", "import igpt", "model = igpt.GPT.from_pretrained(\"<this folder "
-                  "or Hub id>\")  # model.palette holds the tokenizer", "```", ""]
+                  "or Hub id>\")  # model.tokenizer holds the tokenizer", "```", ""]
     return "\n".join(lines)
 
 

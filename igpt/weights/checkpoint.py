@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights + the typed record (``igpt.record``) + palette + training state, written
+"""Checkpoints: safetensors weights + the typed record (``igpt.record``) + tokenizer + training state, written
 atomically.
 
 A checkpoint is a directory::
@@ -7,7 +7,7 @@ A checkpoint is a directory::
       model.safetensors       weights of the uncompiled GPT (strictly loaded)
       config.json             the CheckpointRecord: model shape, objective, tokenizer fingerprint, step, ...
       palette.npz             the tokenizer the ids were made with: a palette (igpt.tokenizers.palette format), or
-      tokenizer.safetensors     a VQ-VAE (igpt.tokenizers.vq); the record's palette_fingerprint names either
+      tokenizer.safetensors     a VQ-VAE (igpt.tokenizers.vq); the record's tokenizer_fingerprint names either
       train_state.json        pretraining checkpoints only: optimizer, data position and RNG state, the
       train_state.safetensors   tensors in the safetensors file, the rest in the JSON (igpt.weights.trainstate)
       classifier.safetensors  fine-tuned checkpoints only: head.weight [n_classes, d]
@@ -53,7 +53,7 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: AnyTokenizer, record: CheckpointRecord,
+def save_checkpoint(ckpt_dir: str | Path, model: GPT, tokenizer: AnyTokenizer, record: CheckpointRecord,
                     train_state: dict[str, Any] | None = None, classifier: dict[str, torch.Tensor] | None = None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint directory atomically. ``model`` must be the uncompiled module;
@@ -64,7 +64,7 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: AnyTokenizer, rec
     try:
         with replacing_dir(ckpt_dir) as tmp:
             save_tensors(weights, tmp / WEIGHTS)
-            write_small_files(tmp, record, palette, train_state)
+            write_small_files(tmp, record, tokenizer, train_state)
             if classifier is not None:
                 save_tensors(_cpu(classifier), tmp / CLASSIFIER)
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -72,17 +72,17 @@ def save_checkpoint(ckpt_dir: str | Path, model: GPT, palette: AnyTokenizer, rec
     return Path(ckpt_dir)
 
 
-def write_small_files(ckpt_dir: Path, record: CheckpointRecord, palette: AnyTokenizer,
+def write_small_files(ckpt_dir: Path, record: CheckpointRecord, tokenizer: AnyTokenizer,
                       train_state: dict[str, Any] | None) -> None:
     """Everything of a checkpoint but its weights: the tokenizer (palette.npz or tokenizer.safetensors),
     config.json and the train state."""
-    what, unit = ("palette", "colours") if palette.kind == "palette" else ("VQ-VAE tokenizer", "codes")
-    if record.model.n_vocab != palette.k:
-        raise ValueError(f"model has {record.model.n_vocab} ids but the {what} has {palette.k} {unit}")
-    if record.palette_fingerprint != palette.fingerprint():
-        raise ValueError(f"the record names {what} {record.palette_fingerprint}, not {palette.fingerprint()}")
-    palette.pixel_side(record.model.n_px)  # a VQ-VAE's grid must be the model's
-    palette.save(ckpt_dir / file_name(palette))
+    what, unit = ("palette", "colours") if tokenizer.kind == "palette" else ("VQ-VAE tokenizer", "codes")
+    if record.model.n_vocab != tokenizer.k:
+        raise ValueError(f"model has {record.model.n_vocab} ids but the {what} has {tokenizer.k} {unit}")
+    if record.tokenizer_fingerprint != tokenizer.fingerprint():
+        raise ValueError(f"the record names {what} {record.tokenizer_fingerprint}, not {tokenizer.fingerprint()}")
+    tokenizer.pixel_side(record.model.n_px)  # a VQ-VAE's grid must be the model's
+    tokenizer.save(ckpt_dir / file_name(tokenizer))
     write_json(ckpt_dir / CONFIG, record.to_json())
     if train_state is not None:
         save_train_state(train_state, ckpt_dir / STATE, ckpt_dir / STATE_TENSORS)
@@ -140,10 +140,10 @@ def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
     path = stored_in(ckpt_dir)
     if path is None:
         raise ValueError(f"{ckpt_dir}: no tokenizer ({PALETTE} or tokenizer.safetensors)")
-    palette = load_tokenizer(path)
-    if palette.fingerprint() != record.palette_fingerprint:
-        raise ValueError(f"{path} has fingerprint {palette.fingerprint()} but the checkpoint "
-                         f"records {record.palette_fingerprint}")
+    tokenizer = load_tokenizer(path)
+    if tokenizer.fingerprint() != record.tokenizer_fingerprint:
+        raise ValueError(f"{path} has fingerprint {tokenizer.fingerprint()} but the checkpoint "
+                         f"records {record.tokenizer_fingerprint}")
     causal = record.reading.causal
     # The record's shape is compared with the stored tensors' before a model of that shape is built.
     if record.sharded:  # re-assembled in this process from every writer's shards
@@ -156,7 +156,7 @@ def load_igpt(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
             raise ValueError(f"{ckpt_dir}: {WEIGHTS} is missing")
         _require_shape(record, read_shapes(weights), weights)
         model = build_model(record.model, load_weight_file(weights), causal=causal, where=str(weights))
-    return model.to(device).eval(), palette, record
+    return model.to(device).eval(), tokenizer, record
 
 
 def require_run_shape(run_dir: Path, model_cfg: ModelConfig) -> None:

@@ -260,13 +260,13 @@ def _read_hf_palette(src: Path, n_vocab: int) -> Palette:
     if clusters is None:
         raise ValueError(f"{path} has no 'clusters' (the colour palette)")
     try:
-        palette = Palette(np.asarray(clusters, dtype=np.float32))
+        tokenizer = Palette(np.asarray(clusters, dtype=np.float32))
     except ValueError as e:
         raise ValueError(f"{path}: clusters: {e}") from None
-    if palette.k != n_vocab:
-        raise ValueError(f"{path} has {palette.k} clusters, but the model's vocabulary has {n_vocab} colours "
+    if tokenizer.k != n_vocab:
+        raise ValueError(f"{path} has {tokenizer.k} clusters, but the model's vocabulary has {n_vocab} colours "
                          f"(vocab_size {n_vocab + 1} includes the SOS id)")
-    return palette
+    return tokenizer
 
 
 def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Palette, CheckpointRecord]:
@@ -283,7 +283,7 @@ def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, P
         raise ValueError(f"{src / HF_CONFIG}: an ImageGPTForImageClassification folder (an exported classifier); "
                          "igpt reads generative ImageGPT folders: load the igpt checkpoint it was exported from")
     cfg = _hf_model_config(hf, str(src / HF_CONFIG))
-    palette = _read_hf_palette(src, cfg.n_vocab)  # cheap checks before reading gigabytes of weights
+    tokenizer = _read_hf_palette(src, cfg.n_vocab)  # cheap checks before reading gigabytes of weights
     files, where = _hf_weight_files(src)
     _require_hf_shape(hf, cfg, {k: s for f in files for k, s in read_shapes(f).items()}, str(src / HF_CONFIG),
                       where)
@@ -291,11 +291,11 @@ def load_hf(src: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, P
     for f in files:
         state.update(load_weight_file(f))
     cfg, sd = hf_to_igpt(state, hf, where)
-    record = CheckpointRecord(cfg, palette.fingerprint(), "ar", source={"format": "hf", "path": str(src)})
-    return build_model(cfg, sd, where=where).to(device).eval(), palette, record
+    record = CheckpointRecord(cfg, tokenizer.fingerprint(), "ar", source={"format": "hf", "path": str(src)})
+    return build_model(cfg, sd, where=where).to(device).eval(), tokenizer, record
 
 
-def save_hf(model: GPT, palette: AnyTokenizer, out_dir: str | Path, record: CheckpointRecord,
+def save_hf(model: GPT, tokenizer: AnyTokenizer, out_dir: str | Path, record: CheckpointRecord,
             head: torch.Tensor | None = None, facts: dict[str, Any] | None = None) -> Path:
     """Write an ImageGPT directory (config.json, model.safetensors, preprocessor_config.json and the model
     card README.md, with the run's ``facts``) atomically; with a fine-tuned ``head``, as
@@ -303,15 +303,15 @@ def save_hf(model: GPT, palette: AnyTokenizer, out_dir: str | Path, record: Chec
     if not record.reading.causal:
         raise ValueError(f"the checkpoint's objective is {record.objective!r}: Hugging Face's ImageGPT always "
                          "attends causally, so a BERT model exported there would compute the wrong function")
-    palette = require_palette(palette, "Hugging Face's ImageGPT")  # its processor holds colour clusters only
-    if palette.k != model.config.n_vocab:
-        raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {palette.k} colours")
+    tokenizer = require_palette(tokenizer, "Hugging Face's ImageGPT")  # its processor holds colour clusters only
+    if tokenizer.k != model.config.n_vocab:
+        raise ValueError(f"model has {model.config.n_vocab} ids but the palette has {tokenizer.k} colours")
     out = require_new(out_dir)
     classes = record.finetuned.classes if record.finetuned is not None else None
     state, hf_config = igpt_to_hf(model, head, classes)
     n_px = model.config.n_px
     processor = {"image_processor_type": "ImageGPTImageProcessor",
-                 "clusters": palette.centers.cpu().numpy().astype(np.float32).tolist(),
+                 "clusters": tokenizer.centers.cpu().numpy().astype(np.float32).tolist(),
                  # PIL's box filter (4), igpt's filter when shrinking (igpt.data.images.to_n_px); the
                  # processor cannot cut the centred square first (see igpt.weights.card.PROCESSOR_NOTE)
                  "do_resize": True, "size": {"height": n_px, "width": n_px}, "resample": 4,
@@ -319,7 +319,7 @@ def save_hf(model: GPT, palette: AnyTokenizer, out_dir: str | Path, record: Chec
                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_color_quantize": True}
     kind = "image classifier" if head is not None else "generative model"
-    card = model_card(record if head is not None else record.replace(finetuned=None), palette,
+    card = model_card(record if head is not None else record.replace(finetuned=None), tokenizer,
                       library="transformers", title=f"iGPT {kind} ({out.name})", hf_export=True, facts=facts)
     with replacing_dir(out) as tmp:
         save_tensors(state, tmp / HF_WEIGHTS[0], metadata={"format": "pt"})
