@@ -1,22 +1,27 @@
 """Command line: ``igpt <command>`` (also ``python -m igpt``).
 
-Each family of commands lives in its own module with a ``register(subparsers)`` function and handlers that
-parse, call one library function and print. Flags come from the config dataclasses (``igpt.cli.args``), so
-every default and help text is defined once, in ``igpt.config``.
+Each family of commands has two modules. ``igpt.cli.parsers.<family>`` builds its flags (a
+``register(subparsers)`` function) from the config dataclasses (``igpt.cli.args``), so every default, help
+text and set of choices is defined once, in ``igpt.config``; it imports neither torch nor the library, and
+names each command's handler as a string, ``set_defaults(handler="igpt.cli.train:cmd_pretrain")``.
+``igpt.cli.<family>`` holds the handlers, which call one library function and print. ``main`` parses first,
+then imports the one handler named (and with it the library and torch) and runs it through
+``igpt.cli.dispatch``, which turns expected errors into one line and an exit status. So ``igpt --help`` and
+``igpt CMD --help`` take a fraction of a second (tests/test_startup.py). The handler is named rather than
+imported because importing it is what costs seconds; nothing below the command line is reached this way.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-from igpt.cli import bench, convert, data, evaluate, generate, serve, tokenizer, train
-from igpt.distributed import PeerLostError, launched_by_torchrun
-from igpt.stop import EXIT_STOPPED, Stopped
+from igpt.cli.parsers import bench, convert, data, evaluate, generate, serve, tokenizer, train
 
 COMMAND_MODULES = (data, tokenizer, train, evaluate, generate, convert, bench, serve)
 
@@ -60,44 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports that name it
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    code = _run(args)
-    if launched_by_torchrun():
-        # One of several torchrun processes leaves at once, its outputs flushed: the process group was left
-        # (igpt.distributed.shutdown), but objects that still hold it (FSDP's device mesh, DDP's reducer)
-        # are freed only while the interpreter shuts down, and gloo's worker threads then abort the
-        # finished process now and then ("terminate called without an active exception", SIGABRT, a
-        # failed torchrun). Every file is already written atomically and closed.
-        _exit_now(code)
-    return code
+    # The library and torch come only now: the command's handler, and the runner that reports its errors
+    args.func = named(args.handler)
+    return named("igpt.cli.dispatch:run")(args)
 
 
-def _exit_now(code: int) -> None:
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _run(args: argparse.Namespace) -> int:
-    """Run the command; its exit status, with expected errors as one line on stderr."""
-    func: Callable[[argparse.Namespace], None] = args.func
-    try:
-        func(args)
-    except PeerLostError as e:
-        print(f"igpt {args.command}: error: {e}", file=sys.stderr)
-        # Exit at once: releasing the broken process group's objects (DDP's reducer, pending collectives)
-        # can block forever in their C++ destructors, and everything worth keeping is already on disk.
-        _exit_now(2)
-    except Stopped as e:
-        print(f"igpt {args.command}: {e}", file=sys.stderr)
-        return EXIT_STOPPED
-    except KeyboardInterrupt:  # a second Ctrl-C: what was saved is whole (every write is atomic)
-        print(f"igpt {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"igpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def named(name: str) -> Callable[..., Any]:
+    """The function ``"module:function"`` names, its module imported now (a handler ``set_defaults`` named)."""
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 if __name__ == "__main__":

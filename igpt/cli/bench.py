@@ -25,8 +25,7 @@ from igpt.bench.memory import format_plan, max_batch, plan
 from igpt.bench.report import bench_report
 from igpt.bench.sample import bench_sample
 from igpt.bench.train import bench_train
-from igpt.cli import quality
-from igpt.cli.args import add_fields, add_overwrite, build, command
+from igpt.cli.args import build
 from igpt.config import (BenchLoaderConfig, BenchMemoryConfig, BenchReportConfig, BenchSampleConfig, BenchTrainConfig,
                           ModelConfig)
 
@@ -74,23 +73,3 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
 
 def cmd_bench_report(args: argparse.Namespace) -> None:
     bench_report(build(BenchReportConfig, args), command=shlex.join(["igpt", *args.argv]), overwrite=args.overwrite)
-
-
-_COMMANDS = (("sample", BenchSampleConfig, cmd_bench_sample), ("train", BenchTrainConfig, cmd_bench_train),
-             ("loader", BenchLoaderConfig, cmd_bench_loader), ("memory", BenchMemoryConfig, cmd_bench_memory))
-
-
-def register(sub: Any) -> None:
-    p = command(sub, "bench", help="speed benchmarks and the memory plan")
-    bsub = p.add_subparsers(dest="bench_command", required=True, help="what to measure")
-    for name, cls, func in _COMMANDS:
-        b = command(bsub, name, help=(cls.__doc__ or "").split(": ", 1)[-1].rstrip("."))
-        add_fields(b, cls, title=name, required=("data",) if cls is BenchLoaderConfig else ())
-        b.add_argument("--json", default=None, help="also write the result to this JSON file")
-        add_overwrite(b)
-        b.set_defaults(func=func)
-    r = command(bsub, "report", help=(BenchReportConfig.__doc__ or "").split(": ", 1)[-1].rstrip("."))
-    add_fields(r, BenchReportConfig, title="report", required=("out",))
-    add_overwrite(r)
-    r.set_defaults(func=cmd_bench_report)
-    quality.register(bsub)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from typing import Any
 
-from igpt.cli.args import add_checkpoint, add_eval_data, add_fields, build, command
+from igpt.cli.args import build
+from igpt.cli.parsers.serve import INSTALL_HINT
 from igpt.config import EvalDataConfig, SampleConfig, ServeConfig
 from igpt.serve import Engine, check_address, launch
-
-INSTALL_HINT = "pip install 'igpt[serve]'"
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -26,14 +24,3 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"igpt serve: {engine.where} on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", flush=True)
     launch(engine)
     print("igpt serve: stopped; its temporary files are removed", flush=True)
-
-
-def register(sub: Any) -> None:
-    p = command(sub, "serve", help="a local web page to complete, infill and sample images with a checkpoint "
-                f"(needs {INSTALL_HINT})")
-    add_checkpoint(p)
-    add_eval_data(p, required=False)
-    add_fields(p, ServeConfig, title="page")
-    add_fields(p, SampleConfig, title="sampling (the page's defaults)",
-               only=("temperature", "top_k", "top_p", "seed", "device", "dtype", "window", "cuda_graph"))
-    p.set_defaults(func=cmd_serve)

@@ -17,8 +17,8 @@ device, the seed, the autocast dtype, the resize mode) come from one factory eac
 
 from igpt.config.bench import (BenchLoaderConfig, BenchMemoryConfig, BenchReportConfig, BenchSampleConfig,
                                BenchTrainConfig, QualityConfig)
-from igpt.config.evaluation import (DEFAULT_L2_GRID, AttentiveConfig, ClassifyConfig, EvalDataConfig, FeatureConfig,
-                                    ProbeConfig, SampleConfig, ScoreConfig)
+from igpt.config.evaluation import (DEFAULT_L2_GRID, SCHEDULES, AttentiveConfig, ClassifyConfig, EvalDataConfig,
+                                    FeatureConfig, ProbeConfig, SampleConfig, ScoreConfig)
 from igpt.config.fields import (DTYPES, N_VOCAB, OBJECTIVES, RESIZE_MODES, SWITCH, arg, check_fields, check_seed,
                                 check_types, flag, require_at_least, require_fraction, require_positive)
 from igpt.config.model import PRESETS, ModelConfig
@@ -29,6 +29,6 @@ __all__ = ["AttentiveConfig", "BenchLoaderConfig", "BenchMemoryConfig", "BenchRe
            "BenchTrainConfig",
            "ClassifyConfig", "DEFAULT_L2_GRID", "DTYPES", "DataConfig", "EvalDataConfig", "FINETUNE_RESUME_CHANGES",
            "FeatureConfig", "FinetuneConfig", "ModelConfig", "N_VOCAB", "OBJECTIVES", "PRESETS", "ProbeConfig",
-           "QualityConfig", "RESIZE_MODES", "RESUME_CHANGES", "SWITCH", "SampleConfig", "ScoreConfig", "ServeConfig",
+           "QualityConfig", "RESIZE_MODES", "RESUME_CHANGES", "SCHEDULES", "SWITCH", "SampleConfig", "ScoreConfig", "ServeConfig",
            "TrainConfig", "arg", "check_fields", "check_seed", "check_types", "flag", "require_at_least",
            "require_fraction", "require_positive"]

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from igpt.config.fields import (DTYPES, SWITCH, any_palette_arg, arg, check_fields, device_arg, dtype_arg,
                                 require_at_least, require_fraction, resize_arg, seed_arg)
 
+# How BERT infilling shrinks the masked count over its rounds (``igpt complete --schedule``,
+# ``igpt.generate.infill``); here, so that the flag's choices need no import of the sampler.
+SCHEDULES = ("cosine", "linear")
+
 
 @dataclass(frozen=True)
 class SampleConfig:

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import field
 from typing import Any, TypeVar
 
-import torch
-
 N_VOCAB = 512  # the 9-bit colour palette of the paper (section 3.2); no SOS, MASK or PAD id
 DTYPES = ("auto", "bf16", "fp32")
 SWITCH = ("auto", "on", "off")
@@ -146,6 +144,10 @@ def check_device(name: str, value: str) -> None:
     anything (torch would fail only when the first tensor moves, after a run directory exists)."""
     if value == "auto":
         return
+    # torch only here, for a device named: the config classes are imported by every --help, which must not
+    # wait seconds for torch (a handler building a config has imported it already)
+    import torch
+
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):

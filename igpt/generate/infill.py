@@ -27,11 +27,10 @@ import math
 
 import torch
 
+from igpt.config import SCHEDULES
 from igpt.model import GPT
 from igpt.runtime import autocast
 from igpt.generate.sample import draw_from, filter_logits
-
-SCHEDULES = ("cosine", "linear")
 
 
 def still_masked(total: torch.Tensor, r: int, rounds: int, schedule: str) -> torch.Tensor:
