@@ -27,30 +27,25 @@ before torch 2.6, the tensors with an unrestricted ``torch.load`` too. Here ``.m
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import pickle
 import shutil
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata, MetadataIndex, StorageMeta,
-                                                   TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.futures import Future
 
 from igpt.atomic import move_into_place, write_error
 from igpt.distributed import World, barrier
 from igpt.tensorfile import nonfinite
 from igpt.weights.tensors import nbytes, unreadable
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 SHARDS, METADATA = "sharded", ".metadata"  # DCP's name for its index of the shards
 
@@ -83,15 +78,16 @@ def save_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True)
     barrier(world)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    d = _dcp()
+    state = {"model": d.get_model_state_dict(model), "optim": d.get_optimizer_state_dict(model, optimizer)}
     try:
-        dcp.save(state, checkpoint_id=tmp / SHARDS, no_dist=_no_dist())
+        d.dcp.save(state, checkpoint_id=tmp / SHARDS, no_dist=_no_dist())
         barrier(world)  # every rank's shard is on disk before the directory becomes visible
         if world.is_main:
             write_rest(tmp)
             move_into_place(tmp, ckpt_dir)
     # CheckpointException derives from BaseException, so it is named: DCP wraps every rank's failure in it
-    except (Exception, CheckpointException) as e:
+    except (Exception, d.CheckpointException) as e:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         cause = _failure(e)
@@ -125,6 +121,7 @@ def _plain_name(name: Any) -> bool:
 def read_metadata(path: Path) -> Metadata:
     """The DCP index ``path`` (``sharded/.metadata``), unpickled by ``MetadataUnpickler`` and checked to
     point only at files beside it; a one-line ValueError naming it when it is missing, corrupt or hostile."""
+    d = _dcp()  # the classes the pickle names must be importable before it is read
     try:
         with open(path, "rb") as f:
             metadata = MetadataUnpickler(f).load()
@@ -132,96 +129,119 @@ def read_metadata(path: Path) -> Metadata:
         raise _FileError(f"{path} is missing: the sharded checkpoint is incomplete") from None
     except Exception as e:  # a truncated or tampered pickle trips the unpickler in any number of ways
         raise _FileError(f"{path} is not readable DCP metadata: {unreadable(e)}") from e
-    if not (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
+    if not (isinstance(metadata, d.Metadata) and isinstance(metadata.state_dict_metadata, dict)
             and isinstance(metadata.storage_data, dict)
-            and isinstance(metadata.storage_meta, (StorageMeta, type(None)))):
+            and isinstance(metadata.storage_meta, (d.StorageMeta, type(None)))):
         raise _FileError(f"{path} is not DCP metadata (it holds a {type(metadata).__name__})")
     for key, kind in metadata.state_dict_metadata.items():
-        if not isinstance(key, str) or not isinstance(kind, (TensorStorageMetadata, BytesStorageMetadata)):
+        if not isinstance(key, str) or not isinstance(kind, (d.TensorStorageMetadata, d.BytesStorageMetadata)):
             raise _FileError(f"{path}: entry {key!r} is a {type(kind).__name__}, not tensor or bytes metadata")
     for index, where in metadata.storage_data.items():
-        if not (isinstance(index, MetadataIndex) and isinstance(where, _StorageInfo)
+        if not (isinstance(index, d.MetadataIndex) and isinstance(where, d.StorageInfo)
                 and _plain_name(where.relative_path)):
             raise _FileError(f"{path}: item {getattr(index, 'fqn', index)!r} points at "
                              f"{getattr(where, 'relative_path', where)!r}, not at a shard file beside it")
     return metadata
 
 
-class _Reader(FileSystemReader):
-    """DCP's file reader with the metadata read by ``read_metadata`` and every item read here: tensors with
-    ``torch.load(weights_only=True)`` (DCP's own reader passes no ``weights_only`` before torch 2.6, so its
-    default there unpickles in full), byte items by the planner. A failure is one line naming its shard file."""
+@functools.cache
+def _dcp() -> SimpleNamespace:
+    """``torch.distributed.checkpoint``, and the reader and planner igpt builds on it, imported on first use:
+    importing DCP costs more than a second, which every command would otherwise pay, sharded checkpoint or
+    not. The classes that extend DCP's are therefore made here, once, rather than at module level."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata, MetadataIndex,
+                                                       StorageMeta, TensorStorageMetadata)
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.futures import Future
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")  # newer DCP falls back to per-rank metadata files
-        metadata = read_metadata(Path(self.path) / (METADATA if rank is None else f"__{rank}{METADATA}"))
-        if metadata.storage_meta is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
-        return metadata
+    class Reader(FileSystemReader):
+        """DCP's file reader with the metadata read by ``read_metadata`` and every item read here: tensors with
+        ``torch.load(weights_only=True)`` (DCP's own reader passes no ``weights_only`` before torch 2.6, so its
+        default there unpickles in full), byte items by the planner. A failure is one line naming its shard file."""
 
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        files: dict[str, list[ReadItem]] = {}
-        for item in plan.items:
-            files.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        for name, items in files.items():
-            path = Path(self.path) / name
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            rank = kwargs.get("rank")  # newer DCP falls back to per-rank metadata files
+            metadata = read_metadata(Path(self.path) / (METADATA if rank is None else f"__{rank}{METADATA}"))
+            if metadata.storage_meta is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+            return metadata
+
+        def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+            files: dict[str, list[ReadItem]] = {}
+            for item in plan.items:
+                files.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+            for name, items in files.items():
+                path = Path(self.path) / name
+                try:
+                    with open(path, "rb") as f:
+                        for item in sorted(items, key=lambda it: self.storage_data[it.storage_index].offset):
+                            self._read_item(f, item, planner)
+                except Exception as e:
+                    raise _FileError(f"{path}: {unreadable(e)}") from e
+            done: Future = Future()
+            done.set_result(None)
+            return done
+
+        def _read_item(self, f: Any, item: ReadItem, planner: LoadPlanner) -> None:
+            where = self.storage_data[item.storage_index]
+            if getattr(where, "transform_descriptors", None):  # compression etc.: never written by igpt
+                raise ValueError(f"item {item.storage_index.fqn} is stored with transforms "
+                                 f"{list(where.transform_descriptors)}, which igpt does not read")
+            f.seek(where.offset)
+            blob = f.read(where.length)
+            if len(blob) != where.length:
+                raise EOFError
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(blob))
+                return
+            tensor = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"item {item.storage_index.fqn} holds a {type(tensor).__name__}, not a tensor")
+            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                tensor = tensor.narrow(dim, start, length)  # the part of the stored chunk this rank needs
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != tensor.size():
+                raise ValueError(f"item {item.storage_index.fqn} has shape {tuple(tensor.size())} where "
+                                 f"{tuple(target.size())} is needed")
+            why = nonfinite(item.storage_index.fqn, tensor)  # weights or optimizer moments: NaN in either is lost
+            if why is not None:
+                raise ValueError(why)
+            target.copy_(tensor)
+            planner.commit_tensor(item, target)
+
+
+    class Planner(DefaultLoadPlanner):
+        """DefaultLoadPlanner, but a byte item (a non-tensor value: the optimizer's learning rate, betas, flags and
+        parameter names) is read by torch's restricted unpickler instead of ``torch.load(weights_only=False)``."""
+
+        def load_bytes(self, read_item: ReadItem, value: Any) -> None:
             try:
-                with open(path, "rb") as f:
-                    for item in sorted(items, key=lambda it: self.storage_data[it.storage_index].offset):
-                        self._read_item(f, item, planner)
+                obj = torch.load(value, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise _FileError(f"{path}: {unreadable(e)}") from e
-        done: Future = Future()
-        done.set_result(None)
-        return done
+                raise ValueError(f"item {read_item.dest_index.fqn}: {unreadable(e)}") from e
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
 
-    def _read_item(self, f: Any, item: ReadItem, planner: LoadPlanner) -> None:
-        where = self.storage_data[item.storage_index]
-        if getattr(where, "transform_descriptors", None):  # compression etc.: never written by igpt
-            raise ValueError(f"item {item.storage_index.fqn} is stored with transforms "
-                             f"{list(where.transform_descriptors)}, which igpt does not read")
-        f.seek(where.offset)
-        blob = f.read(where.length)
-        if len(blob) != where.length:
-            raise EOFError
-        if item.type == LoadItemType.BYTE_IO:
-            planner.load_bytes(item, io.BytesIO(blob))
-            return
-        tensor = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"item {item.storage_index.fqn} holds a {type(tensor).__name__}, not a tensor")
-        for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
-            tensor = tensor.narrow(dim, start, length)  # the part of the stored chunk this rank needs
-        target = planner.resolve_tensor(item).detach()
-        if target.size() != tensor.size():
-            raise ValueError(f"item {item.storage_index.fqn} has shape {tuple(tensor.size())} where "
-                             f"{tuple(target.size())} is needed")
-        why = nonfinite(item.storage_index.fqn, tensor)  # weights or optimizer moments: NaN in either is lost
-        if why is not None:
-            raise ValueError(why)
-        target.copy_(tensor)
-        planner.commit_tensor(item, target)
-
-
-class _Planner(DefaultLoadPlanner):
-    """DefaultLoadPlanner, but a byte item (a non-tensor value: the optimizer's learning rate, betas, flags and
-    parameter names) is read by torch's restricted unpickler instead of ``torch.load(weights_only=False)``."""
-
-    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
-        try:
-            obj = torch.load(value, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"item {read_item.dest_index.fqn}: {unreadable(e)}") from e
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+    return SimpleNamespace(
+        dcp=dcp, CheckpointException=CheckpointException, Metadata=Metadata, StorageMeta=StorageMeta,
+        MetadataIndex=MetadataIndex, StorageInfo=_StorageInfo, TensorStorageMetadata=TensorStorageMetadata,
+        BytesStorageMetadata=BytesStorageMetadata, Reader=Reader, Planner=Planner,
+        get_model_state_dict=get_model_state_dict, get_optimizer_state_dict=get_optimizer_state_dict,
+        set_model_state_dict=set_model_state_dict, set_optimizer_state_dict=set_optimizer_state_dict)
 
 
 def _failure(e: BaseException) -> BaseException:
     """The exception inside DCP's CheckpointException (the first failing rank's), or ``e`` itself."""
-    if isinstance(e, CheckpointException) and e.failures:
+    if isinstance(e, _dcp().CheckpointException) and e.failures:
         return next(iter(e.failures.values()))[0]
     return e
 
@@ -232,7 +252,7 @@ def model_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
     the shard files hold is refused, so that no model is built to a size the files cannot fill."""
     root = Path(ckpt_dir) / SHARDS
     metadata = read_metadata(root / METADATA)
-    tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, _dcp().TensorStorageMetadata)}
     try:
         shapes = {k: tuple(int(n) for n in m.size) for k, m in tensors.items()}
         claimed = sum(math.prod(shapes[k]) * m.properties.dtype.itemsize for k, m in tensors.items())
@@ -250,15 +270,16 @@ def load_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
     checkpoint written by any number of processes. A tensor missing from the checkpoint is an error."""
     root = Path(ckpt_dir) / SHARDS
     read_metadata(root / METADATA)  # a bad index fails here in one line, before DCP logs its own retries
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    d = _dcp()
+    state: dict[str, Any] = {"model": d.get_model_state_dict(model)}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = d.get_optimizer_state_dict(model, optimizer)
     try:
         with warnings.catch_warnings():  # DCP warns that a single process is assumed, which is the point
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(state, storage_reader=_Reader(root), planner=_Planner(), no_dist=_no_dist())
+            d.dcp.load(state, storage_reader=d.Reader(root), planner=d.Planner(), no_dist=_no_dist())
     # CheckpointException derives from BaseException, so it is named: DCP wraps every rank's failure in it
-    except (Exception, CheckpointException) as e:
+    except (Exception, d.CheckpointException) as e:
         cause = _failure(e)
         if not isinstance(cause, Exception):  # a KeyboardInterrupt or SystemExit inside DCP stays one
             raise cause from e
@@ -266,6 +287,6 @@ def load_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
             raise ValueError(str(cause)) from e
         raise ValueError(f"{root}: cannot load this sharded checkpoint into the model: "
                          f"{unreadable(cause)}") from e
-    set_model_state_dict(model, state["model"])
+    d.set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        d.set_optimizer_state_dict(model, optimizer, state["optim"])
