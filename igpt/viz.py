@@ -14,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
-from matplotlib.figure import Figure
-from matplotlib.font_manager import FontProperties
 from PIL import Image
 
 from igpt.atomic import replacing
@@ -53,6 +50,11 @@ def enlarge(pixels: np.ndarray, scale: int) -> np.ndarray:
 def _text_px(text: str, pt: float, weight: str = "normal") -> tuple[int, int]:
     """(width, line height) in pixels of ``text`` set in matplotlib's default font at ``pt`` points. The
     height is that of "Ag" whatever the text, so a layout depends on the lengths of its texts only."""
+    # matplotlib is imported where a picture is drawn: it takes a second, which sampling, loading weights and
+    # every command that imports this module for its sizes would otherwise pay
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
     renderer, font = RendererAgg(1, 1, DPI), FontProperties(size=pt, weight=weight)
     w, _, _ = renderer.get_text_width_height_descent(text, font, ismath=False)
     _, h, _ = renderer.get_text_width_height_descent("Ag", font, ismath=False)
@@ -62,6 +64,9 @@ def _text_px(text: str, pt: float, weight: str = "normal") -> tuple[int, int]:
 def _render(canvas: np.ndarray, texts: list[tuple[float, float, str, float, str]]) -> Image.Image:
     """The canvas (H, W, 3) uint8, pasted unresampled, with ``texts`` (x, y from the top-left in pixels,
     string, points, weight) centred on their points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     H, W, _ = canvas.shape
     fig = Figure(figsize=(W / DPI, H / DPI), dpi=DPI, facecolor="white")
     fig.figimage(canvas, xo=0, yo=0, origin="upper")
@@ -214,6 +219,9 @@ def completion_figure(originals: np.ndarray, kept: np.ndarray, completions: np.n
 def curves_plot(records: Sequence[dict[str, Any]], title: str, loss_label: str = "loss (nats)") -> Image.Image:
     """Training curves from metrics records (``igpt.train.rundir`` schema): loss against step for each
     split, and a second panel of validation accuracy when the records hold ``acc``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     splits = {}
     for rec in records:
         if isinstance(rec.get("loss"), (int, float)):
