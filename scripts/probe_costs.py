@@ -11,7 +11,7 @@ the pack: costs depend on the shapes, not the weights. The data is a pack of ids
 
 A small run on a CPU (about two minutes), to try it:
 
-    igpt bench quality pack --data ../shared/data/cifar10-small.npz --n-px 8 --palette-k 16 --out small8.tar.xz
+    igpt bench quality pack --data ../shared/data/cifar10-small.npz --n-px 8 --vocab-size 16 --out small8.tar.xz
     python scripts/probe_costs.py --ids small8.tar.xz --out costs --device cpu --preset igpt-nano --batch-size 64
 
 The four commands, in order (features are cached by the first and read by the others):

@@ -151,7 +151,7 @@ def test_every_bench_train_flag_has_help():
 def test_bench_loader_cli_times_the_training_stream(tmp_path):
     out = tmp_path / "loader.json"
     assert main(["-q", "bench", "loader", "--data", "digits", "--n-px", "8", "--batch-size", "16", "--batches", "3",
-                 "--palette-k", "16", "--device", "cpu", "--augment", "cifar", "--json", str(out)]) == 0
+                 "--vocab-size", "16", "--device", "cpu", "--augment", "cifar", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["setup"]["stream"] == "BatchStream" and result["setup"]["augment"] == "cifar"
     assert result["loader"]["images_per_s"] > 0 and result["loader"]["last_shape"] == [16, 64]

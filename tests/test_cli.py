@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from igpt.cli import main, make_parser
+from igpt.tokenizers import Palette
 
 
 def test_help_lists_every_command_and_every_flag_has_help():
@@ -27,11 +28,11 @@ def test_module_entry_point_runs():
 
 def test_palette_prepare_pretrain_resume_end_to_end(tmp_path, capsys):
     pal, cache, run = tmp_path / "pal.npz", tmp_path / "cache", tmp_path / "run"
-    assert main(["palette", "fit", "--data", "digits", "--palette-k", "16", "--n-px", "8", "--out", str(pal)]) == 0
-    assert main(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(pal), "--out", str(cache)]) == 0
+    assert main(["palette", "fit", "--data", "digits", "--vocab-size", "16", "--n-px", "8", "--out", str(pal)]) == 0
+    assert main(["prepare", "--data", "digits", "--n-px", "8", "--tokenizer", str(pal), "--out", str(cache)]) == 0
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["kind"] == "ids" and set(meta["splits"]) >= {"train", "val", "test"}
-    args = ["pretrain", "--preset", "igpt-nano", "--data", str(cache), "--palette", str(pal), "--out", str(run),
+    args = ["pretrain", "--preset", "igpt-nano", "--data", str(cache), "--tokenizer", str(pal), "--out", str(run),
             "--max-steps", "4", "--batch-size", "16", "--eval-every", "2", "--ckpt-every", "2", "--device", "cpu"]
     assert main(args) == 0
     assert "checkpoint" in capsys.readouterr().out
@@ -48,12 +49,12 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "nope" in err
     other = tmp_path / "other.npz"
-    assert main(["palette", "fit", "--data", "digits", "--palette-k", "8", "--n-px", "8", "--out", str(other)]) == 0
-    assert main(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(other), "--out", str(tmp_path / "c")]) == 0
+    assert main(["palette", "fit", "--data", "digits", "--vocab-size", "8", "--n-px", "8", "--out", str(other)]) == 0
+    assert main(["prepare", "--data", "digits", "--n-px", "8", "--tokenizer", str(other), "--out", str(tmp_path / "c")]) == 0
     pal16 = tmp_path / "p16.npz"
-    assert main(["palette", "fit", "--data", "digits", "--palette-k", "16", "--n-px", "8", "--out", str(pal16)]) == 0
+    assert main(["palette", "fit", "--data", "digits", "--vocab-size", "16", "--n-px", "8", "--out", str(pal16)]) == 0
     capsys.readouterr()
-    code = main(["pretrain", "--preset", "igpt-nano", "--data", str(tmp_path / "c"), "--palette", str(pal16),
+    code = main(["pretrain", "--preset", "igpt-nano", "--data", str(tmp_path / "c"), "--tokenizer", str(pal16),
                  "--out", str(tmp_path / "r2"), "--max-steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "palette" in err
@@ -118,3 +119,34 @@ def test_int_flags_take_whole_numbers_in_float_notation_and_refuse_fractions():
     for bad in ("2.5", "inf", "nan", "x"):
         with pytest.raises(ValueError):
             integer(bad)
+
+
+def test_old_flag_names_answer_for_one_release(tmp_path):
+    """Release 0.1 called every tokenizer a palette: its flags still work, and each help says which is old."""
+    pal, cache = tmp_path / "pal.npz", tmp_path / "cache"
+    assert main(["palette", "fit", "--data", "digits", "--palette-k", "4", "--n-px", "8", "--out", str(pal)]) == 0
+    assert main(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(pal), "--out", str(cache)]) == 0
+    palette = Palette.load(pal)
+    meta = json.loads((cache / "meta.json").read_text())
+    assert palette.k == 4 and meta["tokenizer_fingerprint"] == palette.fingerprint()
+    args = make_parser().parse_args(["tokenizer", "fit", "--data", "digits", "--codebook-size", "8"])
+    assert args.vocab_size == 8
+    for command, old in ((["pretrain"], "--palette"), (["prepare"], "--palette"), (["pretrain"], "--palette-k"),
+                         (["tokenizer", "fit"], "--codebook-size"), (["bench", "loader"], "--palette")):
+        out = subprocess.run([sys.executable, "-m", "igpt", *command, "--help"], capture_output=True, text=True)
+        assert f"({old} is its old name, kept for one release)" in " ".join(out.stdout.split()), (command, old)
+
+
+@pytest.mark.parametrize("argv", [
+    ["prepare", "--data", "digits", "--n-px", "8", "--palette", "a.npz", "--tokenizer", "b.npz", "--out", "c"],
+    ["pretrain", "--tokenizer", "a.npz", "--palette", "a.npz"],
+    ["tokenizer", "fit", "--data", "digits", "--vocab-size", "8", "--codebook-size", "16"],
+])
+def test_a_flag_under_its_new_and_old_name_at_once_is_one_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    new, old = ("--vocab-size", "--codebook-size") if "--vocab-size" in argv else ("--tokenizer", "--palette")
+    first, second = sorted((new, old), key=argv.index)
+    assert last.endswith(f"error: {first} and {second} are one flag ({old} is the old name of {new}); give it once")

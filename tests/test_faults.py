@@ -26,7 +26,7 @@ from igpt.stop import EXIT_STOPPED
 from igpt.train import pretrain
 
 STEPS = 12
-FLAGS = ["--preset", "igpt-nano", "--palette-k", "16", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "2",
+FLAGS = ["--preset", "igpt-nano", "--vocab-size", "16", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "2",
          "--eval-every", "0", "--log-every", "1", "--ckpt-every", "4", "--keep-last", "5", "--device", "cpu",
          "--workers", "0"]
 SIGNAL_STEPS = 400  # long enough that a signal sent after the first steps always arrives mid-run
@@ -341,7 +341,7 @@ def test_a_bad_flag_is_one_line_naming_it_and_leaves_nothing_behind(tmp_path, st
 def test_outputs_are_not_replaced_silently(tmp_path, straight):
     palette = tmp_path / "palette.npz"
     palette.write_bytes(b"precious")
-    last = error_line(igpt_cli("palette", "fit", "--data", "digits", "--palette-k", "4", "--out", str(palette)),
+    last = error_line(igpt_cli("palette", "fit", "--data", "digits", "--vocab-size", "4", "--out", str(palette)),
                       "palette")
     assert "already exists; pass --overwrite" in last and palette.read_bytes() == b"precious"
     mine = tmp_path / "mine"

@@ -55,7 +55,7 @@ def test_a_diverging_tokenizer_fit_stops_in_one_line_and_keeps_the_last_good_tok
     out = tmp_path / "fit"
     code = main(["tokenizer", "fit", "--data", str(npz), "--out", str(out), "--steps", "4", "--batch-size", "16",
                  "--eval-every", "4", "--ckpt-every", "1", "--val-images", "8", "--device", "cpu", "--lr", "1e10",
-                 "--input-side", "8", "--factor", "2", "--codebook-size", "8", "--code-dim", "4", "--hidden", "8",
+                 "--input-side", "8", "--factor", "2", "--vocab-size", "8", "--code-dim", "4", "--hidden", "8",
                  "--res-blocks", "1", "--kmeans-iters", "2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err and "Traceback" not in "\n".join(err), err

@@ -102,7 +102,7 @@ def test_overwrite_refuses_a_directory_a_live_process_holds_naming_it(run, tmp_p
     with held_by_another_process(training) as pid:
         for argv in (sample_args(run, training),
                      ["prepare", "--data", "digits", "--n-px", "8", "--out", str(training)],
-                     ["palette", "fit", "--data", "digits", "--palette-k", "4",
+                     ["palette", "fit", "--data", "digits", "--vocab-size", "4",
                       "--out", str(training / "palette.npz")]):
             err = refused(argv + ["--overwrite"], capsys)
             assert f"{training} is in use by process {pid}" in err, err

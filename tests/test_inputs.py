@@ -300,7 +300,7 @@ DATA_CASES = {
 def test_a_bad_data_file_is_one_line_naming_it(case, tmp_path, workdir, capsys):
     make, needle = DATA_CASES[case]
     data = make(tmp_path)
-    argv = (["palette", "fit", "--data", data, "--n-px", "8", "--palette-k", "2", "--out", "p.npz"]
+    argv = (["palette", "fit", "--data", data, "--n-px", "8", "--vocab-size", "2", "--out", "p.npz"]
             if "cache" in case else ["prepare", "--data", data, "--n-px", "8", "--out", "cache"])
     refuse(argv, needle, workdir, capsys)
     assert not any(workdir.iterdir())
@@ -308,7 +308,7 @@ def test_a_bad_data_file_is_one_line_naming_it(case, tmp_path, workdir, capsys):
 
 def test_an_object_array_palette_and_lossless_mask_are_named(tmp_path, workdir, capsys):
     np.save(tmp_path / "kmeans_centers.npy", OBJECTS, allow_pickle=True)
-    refuse(["prepare", "--data", "digits", "--n-px", "8", "--palette", str(tmp_path / "kmeans_centers.npy"),
+    refuse(["prepare", "--data", "digits", "--n-px", "8", "--tokenizer", str(tmp_path / "kmeans_centers.npy"),
             "--out", "cache"], "kmeans_centers.npy could not be read", workdir, capsys)
     data = _npz(tmp_path / "l.npz", x_test=rand_images(3, 8, 8), test_lossless=OBJECTS)
     with pytest.raises(ValueError, match="l.npz: array 'test_lossless' cannot be read"):
@@ -339,10 +339,10 @@ def openai_files(tmp_path) -> dict[str, str]:
 
 def test_openai_ids_past_a_small_palette_name_the_data_and_the_palette(openai_files, workdir, capsys):
     f = openai_files
-    err = refuse(["prepare", "--data", f["wide"], "--n-px", "4", "--palette", f["p16"], "--out", "cache"],
+    err = refuse(["prepare", "--data", f["wide"], "--n-px", "4", "--tokenizer", f["p16"], "--out", "cache"],
                  "past the 16 colours (ids 0..15) of palette", workdir, capsys)
     assert f["wide"] in err and "p16.npy" in err and not any(workdir.iterdir())
-    refuse(["bench", "loader", "--data", f["wide"], "--n-px", "4", "--palette", f["p16"], "--batch-size", "2",
+    refuse(["bench", "loader", "--data", f["wide"], "--n-px", "4", "--tokenizer", f["p16"], "--batch-size", "2",
             "--device", "cpu"], "past the 16 colours", workdir, capsys)
 
 
@@ -361,10 +361,10 @@ def test_a_validation_split_past_the_palette_is_refused_before_the_first_step(tm
 def test_openai_ids_need_openai_palette_or_any_palette(command, openai_files, ckpt, workdir, capsys):
     f = openai_files
     argv, ok = {
-        "prepare": (["prepare", "--data", f["wide"], "--n-px", "4", "--palette", f["fitted"], "--out", "cache"],
-                    ["prepare", "--data", f["wide"], "--n-px", "4", "--palette", f["openai"], "--out", "cache"]),
+        "prepare": (["prepare", "--data", f["wide"], "--n-px", "4", "--tokenizer", f["fitted"], "--out", "cache"],
+                    ["prepare", "--data", f["wide"], "--n-px", "4", "--tokenizer", f["openai"], "--out", "cache"]),
         "score": (["score", "--checkpoint", str(ckpt), "--data", f["narrow"], "--device", "cpu"], None),
-        "bench loader": (["bench", "loader", "--data", f["wide"], "--n-px", "4", "--palette", f["fitted"],
+        "bench loader": (["bench", "loader", "--data", f["wide"], "--n-px", "4", "--tokenizer", f["fitted"],
                           "--batch-size", "2", "--batches", "1", "--warmup", "0", "--device", "cpu"], None),
     }[command]
     err = refuse(argv, "is not OpenAI's kmeans_centers.npy", workdir, capsys)
@@ -378,7 +378,7 @@ def test_openai_ids_need_openai_palette_or_any_palette(command, openai_files, ck
 def test_pretraining_on_openai_ids_refuses_a_fitted_palette(openai_files, workdir, capsys):
     f = openai_files
     capsys.readouterr()
-    assert main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", f["wide"], "--palette", f["fitted"],
+    assert main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", f["wide"], "--tokenizer", f["fitted"],
                  "--out", "run", "--batch-size", "2", "--max-steps", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fitted.npz" in err and "is not OpenAI's kmeans_centers.npy" in err

@@ -306,7 +306,7 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
     script = _script("cifar_quality")
     npz = _tiny_cifar(tmp_path / "tiny.npz", 120, 8)
     packed = tmp_path / "packs" / "tiny.tar.xz"  # a folder not made yet: pack makes it
-    assert script.main(["pack", "--data", str(npz), "--out", str(packed), "--n-px", "8", "--palette-k", "8",
+    assert script.main(["pack", "--data", str(npz), "--out", str(packed), "--n-px", "8", "--vocab-size", "8",
                         "--device", "cpu"]) == 0
     out = tmp_path / "run"
     args = ["run", "--ids", str(packed), "--out", str(out), "--preset", "igpt-nano", "--steps", "3",

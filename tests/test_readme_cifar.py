@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # what makes the run tiny: the README's text -> the test's (each must be found in the README)
 SMALLER = {"--preset igpt-bench": "--preset igpt-nano", "--n-px 32": "--n-px 8", "--max-steps 20000": "--max-steps 2",
            "--batch-size 64": "--batch-size 4", "--sample-every 1000": "--sample-every 2",
-           "--out cifar-palette.npz": "--out cifar-palette.npz --palette-k 16"}
+           "--out cifar-palette.npz": "--out cifar-palette.npz --vocab-size 16"}
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_the_readmes_typical_cifar_run_works_on_a_torchvision_folder(cifar_folde
 def test_quality_pack_reads_a_torchvision_folder_with_every_test_image_exact(cifar_folder, tmp_path):
     out = tmp_path / "ids.tar.xz"
     assert main(["bench", "quality", "pack", "--data", str(cifar_folder), "--out", str(out), "--n-px", "8",
-                 "--palette-k", "8", "--device", "cpu"]) == 0
+                 "--vocab-size", "8", "--device", "cpu"]) == 0
     with tarfile.open(out) as tar:
         mask = np.load(io.BytesIO(tar.extractfile("cifar-ids/test_lossless.npy").read()))
     assert mask.dtype == bool and mask.shape == (4,) and mask.all()

@@ -90,3 +90,14 @@ def test_an_old_run_resumes(old):
 def test_an_old_vq_fit_resumes(old):
     assert main(["-q", "tokenizer", "fit", "--resume", "vq", "--steps", "3"]) == 0
     assert load_tokenizer(old / "vq/tokenizer.safetensors").fingerprint() != EXPECTED["vq_fingerprint"]
+
+
+def test_the_python_api_keeps_the_old_name_of_the_tokenizer(tmp_path):
+    loaded = igpt.load(OLD / "run")
+    assert loaded.palette is loaded.tokenizer is loaded.model.tokenizer
+    model = igpt.GPT(loaded.model.config)  # built, not loaded: it knows no tokenizer
+    model.load_state_dict(loaded.model.state_dict())
+    model.save_pretrained(tmp_path / "saved", palette=loaded.tokenizer)  # the old keyword
+    assert igpt.load(tmp_path / "saved").tokenizer.fingerprint() == EXPECTED["palette_fingerprint"]
+    with pytest.raises(ValueError, match="not both"):
+        model.save_pretrained(tmp_path / "again", tokenizer=loaded.tokenizer, palette=loaded.tokenizer)

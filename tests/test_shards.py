@@ -105,7 +105,7 @@ def test_prepare_shards_writes_what_shards_json_says(tmp_path):
     back = open_split(str(out), "val", n_px=8)  # the other commands decode a split into memory
     assert np.array_equal(back.pixels, x[keys["val"]]) and np.array_equal(back.labels, y[keys["val"]])
     assert main(["-q", "prepare", "--data", str(tmp_path / "src.npz"), "--n-px", "8", "--shards", "16",
-                 "--palette", "p.npz", "--out", str(tmp_path / "o")]) == 2  # ids are not images
+                 "--tokenizer", "p.npz", "--out", str(tmp_path / "o")]) == 2  # ids are not images
 
 
 def test_interrupted_write_is_not_a_dataset(tmp_path, monkeypatch):
@@ -289,7 +289,7 @@ def test_external_webdataset_tars(tmp_path):
 def test_two_processes_match_one_on_shards(tmp_path):
     """torchrun, 2 processes (gloo, CPU), each with a loader worker, gives the 1-process loss curve."""
     prepare("digits", tmp_path / "s", n_px=8, shards=200, progress=False)
-    args = ["-q", "pretrain", "--preset", "igpt-nano", "--data", str(tmp_path / "s"), "--palette-k", "16",
+    args = ["-q", "pretrain", "--preset", "igpt-nano", "--data", str(tmp_path / "s"), "--vocab-size", "16",
             "--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1", "--eval-every", "3",
             "--eval-batches", "1", "--log-every", "1", "--device", "cpu", "--augment", "cifar"]
     curves = []

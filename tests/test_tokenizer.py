@@ -146,7 +146,7 @@ def test_mismatched_tokenizer_is_refused_by_fingerprint(tiny, tmp_path, capsys):
     prepare(tiny["npz"], cache, n_px=8, tokenizer=load_tokenizer(tiny["tok"]), progress=False)
     other = tmp_path / "other"
     fit_tokenizer(str(tiny["npz"]), other, TINY, TokenizerFitConfig(**{**FIT.to_dict(), "seed": 1}), progress=False)
-    code = main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", str(cache), "--palette",
+    code = main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", str(cache), "--tokenizer",
                  str(other / "tokenizer.safetensors"), "--out", str(tmp_path / "run"), "--max-steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and load_tokenizer(tiny["tok"]).fingerprint() in err and len(err.strip().splitlines()) == 1
@@ -181,14 +181,14 @@ def test_checkpoints_and_caches_written_before_tokenizers_still_load(tmp_path, n
 def test_chain_end_to_end_on_vq_codes(tiny, tmp_path, capsys):
     tok, npz = str(tiny["tok"]), str(tiny["npz"])
     report = tmp_path / "report"
-    assert main(["tokenizer", "report", "--palette", tok, "--data", npz, "--out", str(report), "--palette-k",
+    assert main(["tokenizer", "report", "--tokenizer", tok, "--data", npz, "--out", str(report), "--vocab-size",
                  "8"]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["tokens_per_image"] == 16 and {"mse", "psnr", "perplexity", "dead_codes"} <= set(metrics["vqvae"])
     assert metrics["palette"]["colours"] == 8 and (report / "reconstructions.png").is_file()
     cache, run = tmp_path / "cache", tmp_path / "run"
-    assert main(["prepare", "--data", npz, "--n-px", "8", "--palette", tok, "--out", str(cache)]) == 0
-    assert main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", str(cache), "--palette", tok,
+    assert main(["prepare", "--data", npz, "--n-px", "8", "--tokenizer", tok, "--out", str(cache)]) == 0
+    assert main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", str(cache), "--tokenizer", tok,
                  "--out", str(run), "--max-steps", "2", "--batch-size", "8", "--eval-every", "2",
                  "--sample-every", "2", "--device", "cpu"]) == 0
     assert (run / "tokenizer.safetensors").is_file() and (run / "samples" / "step-0000002.png").is_file()
@@ -215,11 +215,11 @@ def test_chain_end_to_end_on_vq_codes(tiny, tmp_path, capsys):
 def test_complete_infill_finetune_and_classify_on_vq_codes(tiny, tmp_path, capsys):
     tok, npz = str(tiny["tok"]), str(tiny["npz"])
     cache = tmp_path / "cache"
-    assert main(["prepare", "--data", npz, "--n-px", "8", "--palette", tok, "--out", str(cache)]) == 0
+    assert main(["prepare", "--data", npz, "--n-px", "8", "--tokenizer", tok, "--out", str(cache)]) == 0
     Image.fromarray(flat_pictures(1, 3)[0]).save(tmp_path / "x.png")
     for objective in ("ar", "bert"):
         run = tmp_path / objective
-        assert main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", str(cache), "--palette", tok,
+        assert main(["pretrain", "--preset", "igpt-nano", "--n-px", "4", "--data", str(cache), "--tokenizer", tok,
                      "--objective", objective, "--out", str(run), "--max-steps", "2", "--batch-size", "8",
                      "--eval-every", "2", "--device", "cpu"]) == 0
         out = tmp_path / f"complete-{objective}"

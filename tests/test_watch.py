@@ -80,7 +80,7 @@ def test_tensorboard_without_the_package_is_refused_in_one_line_before_any_work(
     with pytest.raises(ValueError, match="pip install"):
         pretrain(MODEL, _cfg(tensorboard=True), DATA, tmp_path / "api", progress=False)
     assert not (tmp_path / "api").exists()
-    args = ["pretrain", "--preset", "igpt-nano", "--data", "digits", "--palette-k", "16", "--max-steps", "1",
+    args = ["pretrain", "--preset", "igpt-nano", "--data", "digits", "--vocab-size", "16", "--max-steps", "1",
             "--device", "cpu", "--tensorboard", "--out", str(tmp_path / "cli")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
