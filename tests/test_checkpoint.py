@@ -64,7 +64,7 @@ def test_strict_loading_names_the_tensor(tmp_path, nano_model, palette16):
 def test_palette_mismatch_and_bad_paths(tmp_path, nano_model, palette16):
     save_checkpoint(tmp_path / "ckpt", nano_model, palette16, rec(nano_model, palette16))
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    config["palette_fingerprint"] = "0" * 16
+    config["tokenizer_fingerprint"] = "0" * 16
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="fingerprint"):
         load_checkpoint(tmp_path / "ckpt")

@@ -110,7 +110,7 @@ def test_prepare_roundtrip_ids(npz_file, tmp_path):
     path, _ = npz_file
     palette = TinyPalette(8, seed=0)
     meta = prepare(str(path), str(tmp_path / "cache"), n_px=4, tokenizer=palette, progress=False)
-    assert meta["kind"] == "ids" and meta["palette_fingerprint"] == palette.fingerprint()
+    assert meta["kind"] == "ids" and meta["tokenizer_fingerprint"] == palette.fingerprint()
     for split in ("train", "val", "train_all"):
         cached = open_split(str(tmp_path / "cache"), split, n_px=4)
         direct = open_split(str(path), split, n_px=4)
@@ -125,7 +125,7 @@ def test_prepare_roundtrip_ids(npz_file, tmp_path):
 def test_prepare_openai_and_real_palette(tmp_path):
     write_openai(tmp_path / "cifar10", {"tr": 6, "te": 2}, t=16)
     meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "cache"), n_px=4, val_fraction=0.5, progress=False)
-    assert meta["kind"] == "ids" and meta["palette_fingerprint"] is None
+    assert meta["kind"] == "ids" and meta["tokenizer_fingerprint"] is None
     for split in ("train", "val", "test", "train_all"):
         assert_same(open_split(str(tmp_path / "cache"), split, n_px=4),
                     open_split(str(tmp_path / "cifar10"), split, n_px=4, val_fraction=0.5))
@@ -142,7 +142,7 @@ def test_prepare_openai_and_real_palette(tmp_path):
         check_palette(ids, fitted)
     check_palette(ids, fitted, any_palette=True)
     meta = prepare(str(tmp_path / "cifar10"), str(tmp_path / "c2"), n_px=4, tokenizer=openai, progress=False)
-    assert meta["palette_fingerprint"] == openai.fingerprint()
+    assert meta["tokenizer_fingerprint"] == openai.fingerprint()
     with pytest.raises(ValueError, match="--any-palette"):
         prepare(str(tmp_path / "cifar10"), str(tmp_path / "c3"), n_px=4, tokenizer=fitted, progress=False)
     assert not (tmp_path / "c3").exists()

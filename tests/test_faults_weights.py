@@ -302,7 +302,7 @@ def test_an_hf_config_claiming_other_sizes_is_refused_before_anything_is_built(f
 
 
 @pytest.mark.parametrize("field,value", [("hidden", 300), ("res_blocks", 20000), ("code_dim", 4096),
-                                         ("codebook_size", 1 << 20), ("factor", 64)])
+                                         ("vocab_size", 1 << 20), ("factor", 64)])
 def test_a_vq_tokenizer_header_claiming_other_sizes_is_refused_before_a_network_is_built(field, value, tmp_path,
                                                                                          no_big_builds):
     _, path, _ = vq_checkpoint(tmp_path)

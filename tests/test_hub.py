@@ -137,7 +137,7 @@ def test_save_mirrors_load_and_save_pretrained_writes_the_palette(tmp_path):
     with pytest.raises(ValueError, match="already exists"):
         igpt.save(model, palette, out)
     igpt.save(back, pal, out, overwrite=True)
-    # the Hub's shape: from_pretrained returns the model with its palette, save_pretrained writes both
+    # the Hub's shape: from_pretrained returns the model with its tokenizer, save_pretrained writes both
     hubbed = igpt.GPT.from_pretrained(out)
     hubbed.save_pretrained(tmp_path / "again")
     again = igpt.GPT.from_pretrained(tmp_path / "again")
@@ -145,7 +145,7 @@ def test_save_mirrors_load_and_save_pretrained_writes_the_palette(tmp_path):
     assert again.record.model == CFG
     card = (tmp_path / "again" / "README.md").read_text()
     assert "library_name: igpt" in card and palette.fingerprint() in card
-    with pytest.raises(ValueError, match="pass palette="):
+    with pytest.raises(ValueError, match="pass tokenizer="):
         igpt.GPT(CFG).save_pretrained(tmp_path / "fresh")
     igpt.GPT(CFG).save_pretrained(tmp_path / "fresh", tokenizer=palette)
     assert igpt.load(tmp_path / "fresh").model.config == CFG

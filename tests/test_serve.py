@@ -160,7 +160,7 @@ def test_model_card_names_the_checkpoint_and_its_validation_loss(ar_run):
     engine = Engine(ar_run, ServeConfig(), CPU)
     card = engine.card()
     assert card["preset"] == "igpt-nano"
-    assert (card["n_layer"], card["n_px"], card["palette_k"], card["objective"], card["step"]) == (2, 8, K, "ar", 7)
+    assert (card["n_layer"], card["n_px"], card["vocab_size"], card["objective"], card["step"]) == (2, 8, K, "ar", 7)
     assert card["params"] == engine.model.config.num_params()
     assert card["val"] == {"step": 7, "loss": 2.5, "bits": 3.6}
     swatch = engine.swatch(ncol=8, scale=3)

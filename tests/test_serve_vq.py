@@ -102,7 +102,7 @@ def test_card_swatch_and_page_speak_of_codes(vq):
 
     engine = Engine(vq["ar"], ServeConfig(), CPU)
     card = engine.card()
-    assert (card["tokenizer"], card["side"], card["n_px"], card["palette_k"]) == ("vqvae", SIDE, GRID, K)
+    assert (card["tokenizer"], card["side"], card["n_px"], card["vocab_size"]) == ("vqvae", SIDE, GRID, K)
     assert "4x4 grid of codes" in _card_markdown(engine) and "colours" not in _card_markdown(engine)
     swatch = engine.swatch(ncol=4, scale=4)  # 8 codes in 2 rows of 4, each a 2x2 patch drawn 2x: 4 px + 1
     assert swatch.shape == (2 * 5 + 1, 4 * 5 + 1, 3)

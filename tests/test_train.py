@@ -50,7 +50,7 @@ def on_step(step, metrics):
     if step == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind, as a crash or OOM kill
 model = ModelConfig.from_preset("igpt-nano", dropout={dropout})
-pretrain(model, cfg, DataConfig(data="digits", palette_k=16), sys.argv[1], progress=False, on_step=on_step)
+pretrain(model, cfg, DataConfig(data="digits", vocab_size=16), sys.argv[1], progress=False, on_step=on_step)
 """
 
 
