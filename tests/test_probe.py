@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from igpt.cli import main
-from igpt.config import DataConfig, FeatureConfig, ModelConfig, ProbeConfig, TrainConfig
+from igpt.config import FeatureConfig, ProbeConfig
 from igpt.data.imageset import ImageSet
-from igpt.data.open import lossless_mask, open_labelled, open_split, prepare
+from igpt.data.open import lossless_mask, open_labelled
 from igpt.data.splits import balanced_subset, stratified_carve
 from igpt.eval.features import cached_extract, extract
 from igpt.eval.probe import concat_layers, fit_logistic, logistic_probe, probe_features
@@ -23,7 +23,6 @@ from igpt.objectives import sample_keep_mask
 from igpt.palette import Palette
 from igpt.record import CheckpointRecord
 from igpt.runtime import derived_generator
-from igpt.train.pretrain import pretrain
 from igpt.weights.checkpoint import save_checkpoint
 from igpt.weights.convert import load as load_checkpoint
 
@@ -178,22 +177,6 @@ def test_feature_cache_is_reused_and_keyed_by_content(tmp_path, nano_model, nano
 
 
 # ---------------------------------------------------------------------------------------------- real data
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A 2-layer model pretrained briefly on the digits (16-colour palette, ids cache), and its cache."""
-    root = tmp_path_factory.mktemp("digits")
-    train = open_split("digits", "train", n_px=8, val_fraction=0.0)
-    palette = Palette.fit(train.pixels, k=16, seed=0, device="cpu")
-    palette.save(root / "palette.npz")
-    prepare("digits", str(root / "cache"), n_px=8, palette=palette, progress=False)
-    model_cfg = ModelConfig.from_preset("igpt-nano")  # 2 layers, 32 wide
-    cfg = TrainConfig(batch_size=32, max_steps=100, lr=1e-2, eval_every=0, ckpt_every=100, log_every=50,
-                      device="cpu")
-    pretrain(model_cfg, cfg, DataConfig(data=str(root / "cache"), palette=str(root / "palette.npz")), root / "run",
-             progress=False)
-    return root
 
 
 def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
