@@ -20,6 +20,7 @@ def test_help_lists_every_command_and_every_flag_has_help():
             assert action.help, f"igpt {name} {action.option_strings} has no help"
 
 
+@pytest.mark.slow  # runs the command line in a subprocess
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "igpt", "pretrain", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--objective" in out.stdout and "--n-layer" in out.stdout
@@ -61,6 +62,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
         main(["pretrain", "--objective", "gan"])
 
 
+@pytest.mark.slow  # the whole demo: palette, pretraining, probe and samples
 def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "6"]) == 0
     out = capsys.readouterr().out

@@ -35,6 +35,7 @@ def _small_cfg(**kw) -> FinetuneConfig:
     return FinetuneConfig(**{**base, **kw})
 
 
+@pytest.mark.slow  # 300 fine-tuning steps and 3 probes
 def test_finetuning_improves_over_the_probe_on_a_small_labelled_set(digits_run, tmp_path):
     data = str(digits_run / "cache")
     model, palette, _ = load_checkpoint(digits_run / "run")

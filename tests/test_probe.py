@@ -179,6 +179,7 @@ def test_feature_cache_is_reused_and_keyed_by_content(tmp_path, nano_model, nano
 # ---------------------------------------------------------------------------------------------- real data
 
 
+@pytest.mark.slow  # two probes over every layer
 def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
     cfg = ProbeConfig(l2_grid="1e-4,1e-3,1e-2,1e-1", max_iter=200)
     trained = probe_checkpoint(digits_run / "run", str(digits_run / "cache"), tmp_path / "trained", cfg, progress=False)
@@ -191,6 +192,7 @@ def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
     assert (tmp_path / "trained" / "probe.png").exists()
 
 
+@pytest.mark.slow  # three probes and a fine-tune
 def test_probe_and_finetune_read_a_hugging_face_folder_holding_only_pytorch_model_bin(digits_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -217,6 +219,7 @@ def test_probe_and_finetune_read_a_hugging_face_folder_holding_only_pytorch_mode
     assert tuned["base_checkpoint"] == str(hf)
 
 
+@pytest.mark.slow  # probes with repeats
 def test_cli_probe_writes_metrics_table_and_low_data(digits_run, tmp_path, capsys):
     out = tmp_path / "p"
     args = ["probe", "--checkpoint", str(digits_run / "run"), "--data", str(digits_run / "cache"), "--out", str(out),
@@ -303,6 +306,7 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
     assert script.main(["run", "--ids", str(npz), "--out", str(tmp_path / "bad"), "--steps", "1"]) == 2
 
 
+@pytest.mark.slow  # times every probe
 def test_probe_costs_script_times_each_probe_on_a_random_model(tmp_path, capsys):
     """scripts/probe_costs.py at toy scale: four `igpt probe` commands on a random model, a row each."""
     from igpt.bench.quality import pack
