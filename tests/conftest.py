@@ -16,8 +16,9 @@ import loguru  # noqa: F401,E402
 
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data import sources
-from igpt.data.open import resolve
+from igpt.data.open import open_split, prepare, resolve
 from igpt.model import GPT
+from igpt.tokenizer import Palette
 from igpt.train.pretrain import pretrain
 
 # One thread per test process, and for the commands tests start: `make test` runs one pytest worker per core
@@ -158,6 +159,23 @@ def sharded_run(tmp_path_factory) -> Path:
                       device="cpu", sharded_checkpoint=True)
     pretrain(ModelConfig.from_preset("igpt-nano"), cfg, DataConfig(data="digits", vocab_size=16), run, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """A 2-layer model (igpt-nano, 32 wide) pretrained for 100 steps on the digits: ``palette.npz`` (16
+    colours), the ids ``cache`` and the ``run``, for the probe and fine-tuning tests. Built once per test
+    process and only read by the tests, which write under their own ``tmp_path``."""
+    root = tmp_path_factory.mktemp("digits")
+    train = open_split("digits", "train", n_px=8, val_fraction=0.0)
+    palette = Palette.fit(train.pixels, k=16, seed=0, device="cpu")
+    palette.save(root / "palette.npz")
+    prepare("digits", str(root / "cache"), n_px=8, tokenizer=palette, progress=False)
+    cfg = TrainConfig(batch_size=32, max_steps=100, lr=1e-2, eval_every=0, ckpt_every=100, log_every=50,
+                      device="cpu")
+    pretrain(ModelConfig.from_preset("igpt-nano"), cfg,
+             DataConfig(data=str(root / "cache"), tokenizer=str(root / "palette.npz")), root / "run", progress=False)
+    return root
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ def _check_rows(rows: list[dict]) -> None:
             assert row["figure"] == "-"
 
 
+@pytest.mark.slow  # the smoke report runs every part
 def test_smoke_report_fills_every_row_and_names_machine_versions_command(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["bench", "report", "--smoke", "--out", str(out)]) == 0
@@ -57,6 +58,7 @@ def test_smoke_report_fills_every_row_and_names_machine_versions_command(tmp_pat
     assert len(err.splitlines()) == 1 and "--out" in err and "--overwrite" in err
 
 
+@pytest.mark.slow  # the smoke report runs every part
 def test_a_failing_part_is_a_row_and_the_others_still_run(tmp_path, monkeypatch):
     def broken(cfg, show=True):
         raise RuntimeError("CUDA error: an illegal memory access\nwith a traceback's worth of detail")
@@ -113,6 +115,7 @@ def test_bad_report_flags_are_one_line(tmp_path, argv, needle, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # pretrains, then probes twice
 def test_smoke_quality_row_probes_trained_and_init_on_packed_ids(tmp_path, capsys, monkeypatch):
     """--smoke --quality: the protocol at 8x8 and 16 colours on the small CIFAR-10 file, end to end. The
     budget is lifted: on a loaded machine the two-minute promise would time the rows out, and this test

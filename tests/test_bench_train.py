@@ -26,6 +26,7 @@ def _losses(config: ModelConfig, compile: bool, lr: float = 1e-3, n_steps: int =
     return [step(ids, i) for i in range(n_steps)]
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_and_eager_training_give_the_same_losses():
     # one small block keeps inductor's CPU compile (forward and backward) to about 20 s on two cores
     config = ModelConfig(n_layer=1, n_embd=16, n_head=2, n_px=4, n_vocab=16)
@@ -115,6 +116,7 @@ def fake_cuda_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
 
+@pytest.mark.slow  # times training at each batch size tried
 @pytest.mark.parametrize("start, tried", [
     (8, [8, 16, 32, 64, 48, 40, 36, 38, 37]),  # double until it fails, then bisect
     (64, [64, 32, 48, 40, 36, 38, 37]),  # a start that does not fit bisects down from it

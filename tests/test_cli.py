@@ -21,6 +21,7 @@ def test_help_lists_every_command_and_every_flag_has_help():
             assert action.help, f"igpt {name} {action.option_strings} has no help"
 
 
+@pytest.mark.slow  # runs the command line in a subprocess
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "igpt", "pretrain", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--objective" in out.stdout and "--n-layer" in out.stdout
@@ -62,6 +63,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
         main(["pretrain", "--objective", "gan"])
 
 
+@pytest.mark.slow  # the whole demo: palette, pretraining, probe and samples
 def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "6"]) == 0
     out = capsys.readouterr().out
@@ -121,6 +123,7 @@ def test_int_flags_take_whole_numbers_in_float_notation_and_refuse_fractions():
             integer(bad)
 
 
+@pytest.mark.slow  # five help pages in subprocesses
 def test_old_flag_names_answer_for_one_release(tmp_path):
     """Release 0.1 called every tokenizer a palette: its flags still work, and each help says which is old."""
     pal, cache = tmp_path / "pal.npz", tmp_path / "cache"

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test starts two training processes (torchrun or by hand)
+
 COMMON = ["pretrain", "--preset", "igpt-nano", "--data", "digits", "--vocab-size", "16", "--max-steps", "4",
           "--batch-size", "16", "--grad-accum", "2", "--warmup-steps", "1", "--eval-every", "2",
           "--eval-batches", "2", "--ckpt-every", "2", "--log-every", "1", "--device", "cpu", "-q"]

@@ -25,6 +25,8 @@ from igpt.tokenizers import Palette
 from igpt.stop import EXIT_STOPPED
 from igpt.train import pretrain
 
+pytestmark = pytest.mark.slow  # every test runs the command line in subprocesses
+
 STEPS = 12
 FLAGS = ["--preset", "igpt-nano", "--vocab-size", "16", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "2",
          "--eval-every", "0", "--log-every", "1", "--ckpt-every", "4", "--keep-last", "5", "--device", "cpu",

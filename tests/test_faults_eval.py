@@ -14,6 +14,8 @@ import pytest
 from igpt.stop import EXIT_STOPPED
 from test_faults import FLAGS, STEPS, error_line, igpt_cli
 
+pytestmark = pytest.mark.slow  # every test runs the command line in subprocesses
+
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:

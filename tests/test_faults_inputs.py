@@ -214,6 +214,7 @@ def _image_folder(root: Path, classes: tuple[str, ...] = ("a", "b")) -> Path:
     return root
 
 
+@pytest.mark.slow  # runs the command line in a subprocess
 def test_a_named_pipe_in_an_image_folder_is_refused_in_one_line(tmp_path):
     data = _image_folder(tmp_path / "classes")
     os.mkfifo(data / "a" / "x.png")  # nothing ever writes to it: a reader would wait forever

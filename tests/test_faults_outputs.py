@@ -94,6 +94,7 @@ def test_overwrite_replaces_an_earlier_sample_and_nothing_else(run, tmp_path, ca
     assert {d: tree(d) for d in before} == before
 
 
+@pytest.mark.slow  # a second process holds the directory
 def test_overwrite_refuses_a_directory_a_live_process_holds_naming_it(run, tmp_path, capsys):
     training = tmp_path / "training"  # a run still training: its run.json, its palette and its lock
     training.mkdir()
@@ -110,6 +111,7 @@ def test_overwrite_refuses_a_directory_a_live_process_holds_naming_it(run, tmp_p
     assert (training / "palette.npz").read_bytes() == b"the run's"
 
 
+@pytest.mark.slow  # a second process holds the run
 def test_demo_never_deletes_a_run_another_process_holds(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     (out / "run").mkdir(parents=True)

@@ -73,6 +73,7 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 # ---- the page's files
 
 
+@pytest.mark.slow  # starts a server
 def test_the_page_keeps_its_files_in_a_folder_of_its_own_bounded_and_removed_on_close(ar_run, tmp_path,
                                                                                         monkeypatch):
     from gradio_client import Client

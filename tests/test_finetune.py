@@ -9,9 +9,9 @@ from conftest import randomize
 
 import igpt
 from igpt.cli import main
-from igpt.config import DataConfig, FeatureConfig, FinetuneConfig, ModelConfig, ProbeConfig, TrainConfig
+from igpt.config import FeatureConfig, FinetuneConfig, ModelConfig, ProbeConfig
 from igpt.data.imageset import ImageSet
-from igpt.data.open import open_labelled, open_split, prepare
+from igpt.data.open import open_labelled
 from igpt.data.splits import balanced_subset
 from igpt.data.streams import BatchStream, LabelledBatchStream, labelled_batches
 from igpt.eval.features import extract
@@ -20,7 +20,6 @@ from igpt.objectives import ar_loss
 from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.train.finetune import Classifier, finetune, losses
-from igpt.train.pretrain import pretrain
 from igpt.weights.checkpoint import resolve_checkpoint, save_checkpoint
 from igpt.weights.convert import load as load_checkpoint
 from igpt.weights.convert import load_classifier
@@ -30,27 +29,13 @@ from igpt.weights.convert import load_classifier
 PER_CLASS = 100
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A small model pretrained briefly on the digits (16-colour palette, ids cache)."""
-    root = tmp_path_factory.mktemp("digits-ft")
-    train = open_split("digits", "train", n_px=8, val_fraction=0.0)
-    palette = Palette.fit(train.pixels, k=16, seed=0, device="cpu")
-    palette.save(root / "palette.npz")
-    prepare("digits", str(root / "cache"), n_px=8, tokenizer=palette, progress=False)
-    cfg = TrainConfig(batch_size=32, max_steps=100, lr=1e-2, eval_every=0, ckpt_every=100, log_every=50,
-                      device="cpu")
-    pretrain(ModelConfig.from_preset("igpt-nano"), cfg,
-             DataConfig(data=str(root / "cache"), tokenizer=str(root / "palette.npz")), root / "run", progress=False)
-    return root
-
-
 def _small_cfg(**kw) -> FinetuneConfig:
     base = {"lr": 1e-2, "warmup_steps": 20, "batch_size": 32, "max_steps": 300, "eval_every": 50, "patience": 4,
             "augment": "none", "labels_per_class": PER_CLASS, "device": "cpu"}
     return FinetuneConfig(**{**base, **kw})
 
 
+@pytest.mark.slow  # 300 fine-tuning steps and 3 probes
 def test_finetuning_improves_over_the_probe_on_a_small_labelled_set(digits_run, tmp_path):
     data = str(digits_run / "cache")
     model, palette, _ = load_checkpoint(digits_run / "run")

@@ -47,6 +47,7 @@ def with_sos(ids: torch.Tensor, V: int) -> torch.Tensor:
     return torch.cat([torch.full((ids.shape[0], 1), V), ids[:, :-1]], 1)  # HF's layout of our AR input
 
 
+@pytest.mark.slow  # builds each shape in both libraries
 @pytest.mark.parametrize("shape", [dict(n_layer=1, n_embd=8, n_head=1, n_px=2, n_vocab=4),
                                    dict(n_layer=2, n_embd=32, n_head=4, n_px=4, n_vocab=16),
                                    dict(n_layer=3, n_embd=48, n_head=3, n_px=5, n_vocab=30)])

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from igpt.cli import main
-from igpt.config import DataConfig, FeatureConfig, ModelConfig, ProbeConfig, TrainConfig
+from igpt.config import FeatureConfig, ProbeConfig
 from igpt.data.imageset import ImageSet
-from igpt.data.open import lossless_mask, open_labelled, open_split, prepare
+from igpt.data.open import lossless_mask, open_labelled
 from igpt.data.splits import balanced_subset, stratified_carve
 from igpt.eval.features import cached_extract, extract
 from igpt.eval.probe import concat_layers, fit_logistic, logistic_probe, probe_features
@@ -23,7 +23,6 @@ from igpt.objectives import sample_keep_mask
 from igpt.tokenizers import Palette
 from igpt.record import CheckpointRecord
 from igpt.runtime import derived_generator
-from igpt.train.pretrain import pretrain
 from igpt.weights.checkpoint import save_checkpoint
 from igpt.weights.convert import load as load_checkpoint
 
@@ -180,22 +179,7 @@ def test_feature_cache_is_reused_and_keyed_by_content(tmp_path, nano_model, nano
 # ---------------------------------------------------------------------------------------------- real data
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A 2-layer model pretrained briefly on the digits (16-colour palette, ids cache), and its cache."""
-    root = tmp_path_factory.mktemp("digits")
-    train = open_split("digits", "train", n_px=8, val_fraction=0.0)
-    palette = Palette.fit(train.pixels, k=16, seed=0, device="cpu")
-    palette.save(root / "palette.npz")
-    prepare("digits", str(root / "cache"), n_px=8, tokenizer=palette, progress=False)
-    model_cfg = ModelConfig.from_preset("igpt-nano")  # 2 layers, 32 wide
-    cfg = TrainConfig(batch_size=32, max_steps=100, lr=1e-2, eval_every=0, ckpt_every=100, log_every=50,
-                      device="cpu")
-    pretrain(model_cfg, cfg, DataConfig(data=str(root / "cache"), tokenizer=str(root / "palette.npz")), root / "run",
-             progress=False)
-    return root
-
-
+@pytest.mark.slow  # two probes over every layer
 def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
     cfg = ProbeConfig(l2_grid="1e-4,1e-3,1e-2,1e-1", max_iter=200)
     trained = probe_checkpoint(digits_run / "run", str(digits_run / "cache"), tmp_path / "trained", cfg, progress=False)
@@ -208,6 +192,7 @@ def test_pretrained_model_beats_its_random_init_on_digits(digits_run, tmp_path):
     assert (tmp_path / "trained" / "probe.png").exists()
 
 
+@pytest.mark.slow  # three probes and a fine-tune
 def test_probe_and_finetune_read_a_hugging_face_folder_holding_only_pytorch_model_bin(digits_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -234,6 +219,7 @@ def test_probe_and_finetune_read_a_hugging_face_folder_holding_only_pytorch_mode
     assert tuned["base_checkpoint"] == str(hf)
 
 
+@pytest.mark.slow  # probes with repeats
 def test_cli_probe_writes_metrics_table_and_low_data(digits_run, tmp_path, capsys):
     out = tmp_path / "p"
     args = ["probe", "--checkpoint", str(digits_run / "run"), "--data", str(digits_run / "cache"), "--out", str(out),
@@ -320,6 +306,7 @@ def test_quality_protocol_script_packs_and_runs(tmp_path, capsys):
     assert script.main(["run", "--ids", str(npz), "--out", str(tmp_path / "bad"), "--steps", "1"]) == 2
 
 
+@pytest.mark.slow  # times every probe
 def test_probe_costs_script_times_each_probe_on_a_random_model(tmp_path, capsys):
     """scripts/probe_costs.py at toy scale: four `igpt probe` commands on a random model, a row each."""
     from igpt.bench.quality import pack

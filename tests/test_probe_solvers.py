@@ -26,6 +26,7 @@ def digits():
     return x[order].astype(np.float32), y[order]
 
 
+@pytest.mark.slow  # SGD to convergence
 def test_sgd_minimises_the_same_objective_as_lbfgs(digits):
     x, y = (torch.from_numpy(a) for a in digits)
     rows = Rows([digits[0]], torch.device("cpu"))
@@ -48,6 +49,7 @@ def test_sgd_minimises_the_same_objective_as_lbfgs(digits):
         assert agree > 0.98
 
 
+@pytest.mark.slow  # SGD to convergence
 def test_preconditioning_is_what_lets_sgd_reach_the_minimum_on_correlated_features(digits):
     # every feature a mix of a few strong directions and many weak ones, as a trained model's pooled
     # features are: standardising leaves the correlations, and plain SGD crawls along the weak directions
@@ -75,6 +77,7 @@ def test_preconditioning_is_what_lets_sgd_reach_the_minimum_on_correlated_featur
     assert wb is not None and all(torch.isfinite(t).all() for t in wb)
 
 
+@pytest.mark.slow  # SGD to convergence
 def test_sgd_and_lbfgs_probes_agree_within_one_point_on_digits(digits):
     x, y = digits
     cfg = ProbeConfig(l2_grid="1e-3,1e-2,1e-1", sgd_lr_grid="3,1,0.3")
@@ -85,6 +88,7 @@ def test_sgd_and_lbfgs_probes_agree_within_one_point_on_digits(digits):
     assert lbfgs["test_acc"] > 0.9
 
 
+@pytest.mark.slow  # SGD at each rate
 def test_the_learning_rate_is_chosen_on_the_validation_carve_not_the_training_objective(digits):
     # 60 fitting rows and almost no penalty: the largest rate drives the training objective lowest by
     # overfitting, while a moderate one generalises; the rate is chosen by the validation rows' log-loss

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import randomize
 from PIL import Image
 
@@ -28,6 +29,7 @@ def readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow  # runs the snippet in a fresh interpreter
 def test_readme_python_snippet_runs_as_written(tmp_path):
     code = readme_snippet()
     assert 'igpt.load("igpt-demo/run")' in code  # where the tiny run goes

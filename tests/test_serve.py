@@ -101,6 +101,7 @@ def test_sample_rows_yields_each_row_keeps_the_prefix_and_ends_as_sample(nano_mo
     assert torch.equal(steps[-1][1], whole) and whole.shape == (3, T)
 
 
+@pytest.mark.slow  # completes twice with two seeds
 def test_complete_keeps_the_quantized_rows_and_depends_on_the_seed(ar_run):
     engine = Engine(ar_run, ServeConfig(), CPU)
     picture = engine.decode_upload(_jpeg_bytes())
@@ -275,6 +276,7 @@ def _complete(page, seed: int) -> list[np.ndarray]:
     return images
 
 
+@pytest.mark.slow  # a server and a browser
 def test_the_page_completes_an_uploaded_photo_and_refuses_a_text_file_and_a_big_one(server, tmp_path):
     from playwright.sync_api import sync_playwright
 

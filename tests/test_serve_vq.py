@@ -116,6 +116,7 @@ def test_card_swatch_and_page_speak_of_codes(vq):
     assert sliders["rows"].maximum == GRID and "Rows of codes" in sliders["rows"].label
 
 
+@pytest.mark.slow  # a server and a browser
 def test_the_page_completes_a_dataset_picture_with_rows_of_codes(vq):
     from test_serve import CHROMIUM, CHROMIUM_ARGS, ROOT, _browser_or_skip, _free_port, _images, _wait_for_server
 

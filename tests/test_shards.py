@@ -286,6 +286,7 @@ def test_external_webdataset_tars(tmp_path):
         ShardIndex.open(root)
 
 
+@pytest.mark.slow  # starts two training processes under torchrun
 def test_two_processes_match_one_on_shards(tmp_path):
     """torchrun, 2 processes (gloo, CPU), each with a loader worker, gives the 1-process loss curve."""
     prepare("digits", tmp_path / "s", n_px=8, shards=200, progress=False)

@@ -212,6 +212,7 @@ def test_chain_end_to_end_on_vq_codes(tiny, tmp_path, capsys):
     assert load(tmp_path / "saved").tokenizer.fingerprint() == tokenizer.fingerprint()
 
 
+@pytest.mark.slow  # fine-tunes on VQ codes
 def test_complete_infill_finetune_and_classify_on_vq_codes(tiny, tmp_path, capsys):
     tok, npz = str(tiny["tok"]), str(tiny["npz"])
     cache = tmp_path / "cache"

@@ -54,6 +54,7 @@ pretrain(model, cfg, DataConfig(data="digits", vocab_size=16), sys.argv[1], prog
 """
 
 
+@pytest.mark.slow  # kills training in a subprocess, then resumes
 @pytest.mark.parametrize("objective,accum,dropout", [("ar", 1, 0.0), ("bert", 2, 0.0), ("ar", 1, 0.1)])
 def test_sigkilled_run_resumes_with_identical_loss_curve(tmp_path, objective, accum, dropout):
     cfg = train_cfg(objective=objective, grad_accum=accum)
@@ -95,6 +96,7 @@ def test_pixel_augmentation_and_bf16_autocast_run(tmp_path):
     assert math.isfinite(result["train"]["loss"]) and "val" not in result
 
 
+@pytest.mark.slow  # pretrains on real CIFAR-10 images
 def test_real_cifar_pretraining_lowers_validation_loss(tmp_path):
     """A couple of minutes of CPU pretraining on real CIFAR-10 images (16x16) takes the validation loss far
     below the uniform ln 512 = 6.24 nats/token."""
@@ -109,6 +111,7 @@ def test_real_cifar_pretraining_lowers_validation_loss(tmp_path):
     assert result["val"]["loss"] < math.log(512) - 2.0, result["val"]
 
 
+@pytest.mark.slow  # trains with loader workers
 def test_imagenet_style_augmentation_streams_an_image_folder_and_resumes(tmp_path):
     """--augment imagenet decodes and augments folder images in loader workers; the stream position is
     part of the checkpoint, so a resumed run continues with the same batches."""
@@ -159,6 +162,7 @@ def test_compile_setting_auto_is_off_on_cpu_and_old_run_files_still_read():
         TrainConfig(compile="sometimes")
 
 
+@pytest.mark.slow  # trains, then resumes
 def test_resume_on_another_device_applies_the_change_before_checking_it(tmp_path):
     run = tmp_path / "run"
     pretrain(MODEL, train_cfg(max_steps=2), DATA, run, progress=False)

@@ -25,6 +25,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, check=False)
 
 
+@pytest.mark.slow  # runs the command line in a subprocess
 @pytest.mark.parametrize("command", ["sample", "resume"])
 def test_the_cli_refuses_hostile_sharded_metadata(command, sharded_run, tmp_path):
     run = tmp_path / "run"
