@@ -41,7 +41,7 @@ def test_an_old_checkpoint_loads_with_its_tokenizer_and_the_same_logits():
     with torch.no_grad():
         logits = model(torch.arange(16).remainder(4).view(1, 16))
     assert np.allclose(logits[0, 0].numpy(), EXPECTED["logits_first_row"], atol=1e-5)
-    assert model.tokenizer is model.tokenizer is tokenizer  # the old attribute name still answers
+    assert model.tokenizer is model.palette is tokenizer  # the old attribute name still answers
 
 
 def test_an_old_record_reads_as_a_new_one_and_is_written_under_the_new_name():
@@ -94,10 +94,10 @@ def test_an_old_vq_fit_resumes(old):
 
 def test_the_python_api_keeps_the_old_name_of_the_tokenizer(tmp_path):
     loaded = igpt.load(OLD / "run")
-    assert loaded.tokenizer is loaded.tokenizer is loaded.model.tokenizer
+    assert loaded.palette is loaded.tokenizer is loaded.model.tokenizer
     model = igpt.GPT(loaded.model.config)  # built, not loaded: it knows no tokenizer
     model.load_state_dict(loaded.model.state_dict())
-    model.save_pretrained(tmp_path / "saved", tokenizer=loaded.tokenizer)  # the old keyword
+    model.save_pretrained(tmp_path / "saved", palette=loaded.tokenizer)  # the old keyword
     assert igpt.load(tmp_path / "saved").tokenizer.fingerprint() == EXPECTED["palette_fingerprint"]
     with pytest.raises(ValueError, match="not both"):
-        model.save_pretrained(tmp_path / "again", tokenizer=loaded.tokenizer, tokenizer=loaded.tokenizer)
+        model.save_pretrained(tmp_path / "again", tokenizer=loaded.tokenizer, palette=loaded.tokenizer)
