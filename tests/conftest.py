@@ -18,7 +18,7 @@ from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.data import sources
 from igpt.data.open import open_split, prepare, resolve
 from igpt.model import GPT
-from igpt.tokenizer import Palette
+from igpt.tokenizers import Palette
 from igpt.train.pretrain import pretrain
 
 # One thread per test process, and for the commands tests start: `make test` runs one pytest worker per core
