@@ -30,7 +30,7 @@ from test_inputs import tree
 import igpt
 from igpt.cli import main
 from igpt import model as core_model
-from igpt import vqvae
+from igpt.tokenizers import vqvae
 from igpt.config import DataConfig, ModelConfig, TrainConfig
 from igpt.config.tokenizer import VQConfig
 from igpt.distributed import World
