@@ -32,7 +32,7 @@ _WHERE = {
 __all__ = ["GPT", "CheckpointRecord", "DataConfig", "ModelConfig", "PRESETS", "Palette", "Reading",
            "TrainConfig", "complete", "encode_images", "finetune", "infill", "load", "load_tokenizer", "pretrain",
            "resume", "sample", "save"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:
