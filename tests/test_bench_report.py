@@ -106,7 +106,7 @@ def test_skipped_hf_rows_say_why():
 @pytest.mark.parametrize("argv, needle", [
     (["--minutes", "0"], "--minutes"),
     (["--train-batch", "0"], "--train-batch"),
-    (["--loader-palette-k", "1"], "--loader-palette-k"),
+    (["--loader-vocab-size", "1"], "--loader-vocab-size"),
 ])
 def test_bad_report_flags_are_one_line(tmp_path, argv, needle, capsys):
     assert main(["bench", "report", "--out", str(tmp_path / "r"), *argv]) == 2

@@ -66,7 +66,7 @@ def labelled_dir(tmp_path: Path) -> Path:
     rgba = np.concatenate([x[0], np.full((8, 8, 1), 255, np.uint8)], axis=2)
     rgba[0, 0, 3] = 0
     save_png(root / "dog" / "rgba.png", Image.fromarray(rgba))
-    pal = Image.fromarray(x[1]).convert("P", tokenizer=Image.Palette.ADAPTIVE, colors=8)
+    pal = Image.fromarray(x[1]).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
     save_png(root / "dog" / "sub" / "pal.png", pal)
     return root
 
