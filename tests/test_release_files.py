@@ -101,3 +101,9 @@ def test_the_python_api_keeps_the_old_name_of_the_tokenizer(tmp_path):
     assert igpt.load(tmp_path / "saved").tokenizer.fingerprint() == EXPECTED["palette_fingerprint"]
     with pytest.raises(ValueError, match="not both"):
         model.save_pretrained(tmp_path / "again", tokenizer=loaded.tokenizer, palette=loaded.tokenizer)
+
+
+def test_an_old_run_resumes_with_a_flag_under_its_old_name(old):
+    # the run's own value, given under the old name, is no change: the resume goes on
+    assert main(["-q", "pretrain", "--resume", "run", "--max-steps", "4", "--palette-k", "512"]) == 0
+    assert (old / "run/checkpoints/step-0000004").is_dir()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from igpt.cli.args import parse
 from igpt.cli.parsers import bench, convert, data, evaluate, generate, serve, tokenizer, train
 
 COMMAND_MODULES = (data, tokenizer, train, evaluate, generate, convert, bench, serve)
@@ -56,11 +57,11 @@ def _given(argv: Sequence[str] | None) -> set[str]:
             elif action.dest not in ("help", "version"):
                 action.default = argparse.SUPPRESS
         p._defaults.clear()
-    return set(vars(parser.parse_args(argv)))
+    return set(vars(parse(parser, argv)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse(make_parser(), argv)
     args.given = _given(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports that name it
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,

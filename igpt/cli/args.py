@@ -33,6 +33,18 @@ def integer(text: str) -> int:
 integer.__name__ = "int"  # argparse names the type in its error: "invalid int value: '2.5'"
 
 
+SPELLED = "_spelled_"
+
+
+def parse(parser: argparse.ArgumentParser, argv: Any) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` without the marks ``Renamed`` leaves while parsing, so that the namespace
+    holds flags only (a resume compares every flag given with the run's)."""
+    args = parser.parse_args(argv)
+    for name in [n for n in vars(args) if n.startswith(SPELLED)]:
+        delattr(args, name)
+    return args
+
+
 class Renamed(argparse.Action):
     """A flag that also answers to its old name (``--palette`` for ``--tokenizer``), kept for one release so
     that scripts keep working. Both spellings in one command would leave one of them silently unused, so
@@ -40,7 +52,7 @@ class Renamed(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        mark = f"_spelled_{self.dest}"  # which spelling came first, for this parse only
+        mark = SPELLED + self.dest  # which spelling came first, for this parse only (``parse`` drops it)
         first = getattr(namespace, mark, None)
         if first is not None and first != option_string:
             parser.error(f"{first} and {option_string} are one flag ({self.option_strings[1]} is the old name of "
