@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from igpt.config import OBJECTIVES, ModelConfig, check_types
+from igpt.config.fields import with_new_names
 
 # 3 names the tokenizer's fingerprint ``tokenizer_fingerprint``; 2 called it ``palette_fingerprint``, and
 # 1 kept a free-form dict. All three are read.
@@ -115,9 +116,7 @@ class CheckpointRecord:
                 return _from_v1(d)
             if version not in (2, FORMAT_VERSION):
                 raise ValueError(f"format_version {version!r}; this igpt reads 1 to {FORMAT_VERSION}")
-            body = {k: v for k, v in d.items() if k not in ("format", "format_version")}
-            if version == 2 and "palette_fingerprint" in body:
-                body["tokenizer_fingerprint"] = body.pop("palette_fingerprint")
+            body = with_new_names(cls, {k: v for k, v in d.items() if k not in ("format", "format_version")})
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(body) - known)
             if unknown:

@@ -60,10 +60,10 @@ def check_types(obj: Any, named: Callable[[str], str] = flag) -> None:
             raise ValueError(f"{named(f.name)} must be {what}{' or null' * optional}, got {value!r}")
 
 
-# Field names release 0.1 wrote into run.json, fit.json and tokenizer headers, and their names now: a
-# tokenizer is no longer called a palette, and the size of any fitted tokenizer is its vocab_size.
+# Field names release 0.1 wrote into config.json, run.json, fit.json and tokenizer headers, and their names
+# now: a tokenizer is no longer called a palette, and the size of any fitted tokenizer is its vocab_size.
 OLD_NAMES = {"palette": "tokenizer", "palette_k": "vocab_size", "codebook_size": "vocab_size",
-             "loader_palette_k": "loader_vocab_size"}
+             "loader_palette_k": "loader_vocab_size", "palette_fingerprint": "tokenizer_fingerprint"}
 
 
 def with_new_names(cls: type, d: dict[str, Any]) -> dict[str, Any]:
