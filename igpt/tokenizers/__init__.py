@@ -10,13 +10,13 @@
 This package sits between the core (config, model, ...) and the stages that read data and weights.
 """
 
-from igpt.tokenizers.files import (PALETTE_FILE, VQ_FILE, AnyTokenizer, Tokenizer, file_name, load_from,
+from igpt.tokenizers.files import (PALETTE_FILE, VQ_FILE, AnyTokenizer, file_name, load_from,
                                    load_tokenizer, recorded_fingerprint, require_palette, save_in, stored_in)
 from igpt.tokenizers.metrics import psnr, reconstruction, usage
 from igpt.tokenizers.palette import Palette
 from igpt.tokenizers.vq import VQ_EXTENSION, VQTokenizer, to_pixels
 from igpt.tokenizers.vqvae import VQVAE
 
-__all__ = ["PALETTE_FILE", "VQ_EXTENSION", "VQ_FILE", "VQVAE", "AnyTokenizer", "Palette", "Tokenizer",
+__all__ = ["PALETTE_FILE", "VQ_EXTENSION", "VQ_FILE", "VQVAE", "AnyTokenizer", "Palette",
            "VQTokenizer", "file_name", "load_from", "load_tokenizer", "psnr", "reconstruction",
            "recorded_fingerprint", "require_palette", "save_in", "stored_in", "to_pixels", "usage"]

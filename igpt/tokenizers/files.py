@@ -20,40 +20,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol, Union
-
-import numpy as np
-import torch
+from typing import Any, Union
 
 from igpt.tokenizers.palette import EXTENSIONS as PALETTE_EXTENSIONS
 from igpt.tokenizers.palette import Palette
 from igpt.tokenizers.vq import VQ_EXTENSION, VQTokenizer
 
 PALETTE_FILE, VQ_FILE = "palette.npz", "tokenizer.safetensors"  # the tokenizer inside a checkpoint or run
-
-
-class Tokenizer(Protocol):
-    """What every command asks of a tokenizer (``Palette`` and ``VQTokenizer`` both answer)."""
-
-    kind: str
-    meta: dict[str, Any]
-    source: str | None
-    grid: int | None
-    input_side: int | None
-
-    @property
-    def k(self) -> int: ...
-    def encode(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor: ...
-    def decode_images(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor: ...
-    def fingerprint(self) -> str: ...
-    def describe(self) -> str: ...
-    def looks_like_openai(self) -> bool: ...
-    def pixel_side(self, grid: int) -> int: ...
-    def to(self, device: str | torch.device) -> "Tokenizer": ...
-    def save(self, path: str | os.PathLike[str]) -> None: ...
-
-
-AnyTokenizer = Union[Palette, VQTokenizer]
+AnyTokenizer = Union[Palette, VQTokenizer]  # both answer the interface in the table above
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> AnyTokenizer:

@@ -150,8 +150,8 @@ class Trainer:
                 word = "palette" if tokenizer.kind == "palette" else "tokenizer"  # a VQ-VAE is no palette
                 raise ValueError(f"{path} has {word} {tokenizer.fingerprint()}, but the run trained with {expected}: "
                                  f"it was replaced; put the run's {word} back, or start a new run")
-            check_ids(self.fit_set, tokenizer, any_palette=self.data_cfg.any_palette)  # a new run checks in resolve_tokenizer
-
+            # a new run checks in resolve_tokenizer, before writing its tokenizer
+            check_ids(self.fit_set, tokenizer, any_palette=self.data_cfg.any_palette)
             return tokenizer
         if self.world.is_main:
             save_in(resolve_tokenizer(self.data_cfg, self.fit_set, self.cfg.seed, self.device), self.run_dir)
